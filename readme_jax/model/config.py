@@ -1,0 +1,134 @@
+"""Model configuration for Llama-family decoders.
+
+Dimension letters used across the project: B batch, S sequence, T tokens (flattened), L layers,
+D model width, F ffn width, E experts, C cache slots, H heads, K kv heads, G = H // K, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("llama", "LlamaForCausalLM", "MistralForCausalLM")
+
+
+class ConfigError(ValueError):
+    """A model config that cannot describe a supported checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.x ("llama3") RoPE frequency scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # parameter dtype: "float32" or "bfloat16"
+    scan_layers: bool = False  # lax.scan over stacked layers; unrolled is faster on XLA:CPU
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **kw: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **kw)
+
+    def param_count(self) -> int:
+        d, f, hd = self.dim, self.ffn_dim, self.head_dim
+        attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.n_layers * per_layer + d + head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_ids"] = tuple(d.get("eos_ids", ()))
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any] | str | Path, **overrides: Any) -> LlamaConfig:
+        """Build from a Hugging Face `config.json` (dict or path)."""
+        if not isinstance(hf, dict):
+            hf = json.loads(Path(hf).read_text())
+        archs = hf.get("architectures") or [hf.get("model_type", "?")]
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and hf.get("model_type") not in (
+            "llama",
+            "mistral",
+        ):
+            raise ConfigError(
+                f"unsupported architecture {archs}; readme_jax loads Llama-family models "
+                f"({', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        rs = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
+        rope_type = rs.get("rope_type", rs.get("type")) if rs else None
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs["low_freq_factor"]),
+                high_freq_factor=float(rs["high_freq_factor"]),
+                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+            )
+        elif rope_type not in (None, "default"):
+            raise ConfigError(f"unsupported rope_scaling type {rope_type!r}")
+        theta = hf.get("rope_theta", rs.get("rope_theta", 10000.0) if rs else 10000.0)
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        n_heads = hf["num_attention_heads"]
+        kw = dict(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            ffn_dim=hf["intermediate_size"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_id=hf.get("bos_token_id"),
+            eos_ids=eos_ids,
+        )
+        kw.update(overrides)
+        return cls(**kw)

@@ -1,0 +1,166 @@
+"""Batched generation with a jitted prefill and a jitted decode step that donates its cache.
+
+The model is abstracted as two functions so that the dense Llama and the Read-ME MoE share this
+loop: `step(params, tokens_BxS, cache, num_new_B) -> (logits_BxSxV, cache)` and
+`new_cache(batch, max_len) -> cache`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from readme_jax.model import llama
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.sampling import SamplingParams, sample_uniform
+
+
+class PromptError(ValueError):
+    """A prompt that the model cannot take (too long, empty, out-of-range token ids)."""
+
+
+def validate_tokens(ids: Sequence[int], vocab_size: int, what: str = "prompt") -> None:
+    if len(ids) == 0:
+        raise PromptError(f"{what} is empty")
+    arr = np.asarray(ids)
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise PromptError(
+            f"{what} has token id {int(arr[i])} at position {i}, outside the vocabulary "
+            f"[0, {vocab_size})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeModel:
+    """What the generation loop needs from a model."""
+
+    cfg: LlamaConfig
+    step: Callable[..., tuple[jax.Array, Any]]
+    new_cache: Callable[[int, int], Any]
+
+
+def dense_model(cfg: LlamaConfig) -> DecodeModel:
+    def step(params, tokens_BxS, cache, num_new_B):
+        logits, cache, _ = llama.forward(params, tokens_BxS, cfg, cache=cache, num_new_B=num_new_B)
+        return logits, cache
+
+    return DecodeModel(cfg, step, lambda b, t: llama.init_cache(cfg, b, t))
+
+
+def _bucket(n: int, m: int = 64) -> int:
+    return -(-n // m) * m
+
+
+class Generator:
+    """Compiles prefill/decode once per (batch, lengths bucket) and runs the decode loop."""
+
+    def __init__(self, model: DecodeModel, params: Any):
+        self.model = model
+        self.params = params
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("sp",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("sp",), donate_argnums=(1,))
+
+    def _prefill_impl(self, params, cache, tokens_BxS, n_B, key, sp):
+        logits, cache = self.model.step(params, tokens_BxS, cache, n_B)
+        last_BxV = jnp.take_along_axis(logits, (n_B - 1)[:, None, None], axis=1)[:, 0]
+        return sample_uniform(last_BxV, key, sp), cache
+
+    def _decode_impl(self, params, cache, tok_B, key, sp):
+        logits, cache = self.model.step(params, tok_B[:, None], cache, None)
+        return sample_uniform(logits[:, 0], key, sp), cache
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int = 0,
+        eos_ids: Sequence[int] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield the next token of every row ([B] int array) until all rows stop.
+
+        Rows that already hit EOS keep decoding (masked by the caller); the host reads token n
+        only after step n+1 is dispatched, so there is no per-step device stall.
+        """
+        cfg = self.model.cfg
+        if max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for i, p in enumerate(prompts):
+            validate_tokens(p, cfg.vocab_size, f"prompt {i}")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > cfg.max_seq_len:
+            raise PromptError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model "
+                f"context of {cfg.max_seq_len} tokens; shorten the prompt or generate fewer tokens"
+            )
+        B = len(prompts)
+        S = _bucket(longest, 16)
+        T = min(_bucket(longest + max_new_tokens), cfg.max_seq_len)
+        toks = np.zeros((B, S), np.int32)
+        for i, p in enumerate(prompts):
+            toks[i, : len(p)] = p
+        n_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        key = jax.random.key(seed)
+        cache = self.model.new_cache(B, T)
+        key, sub = jax.random.split(key)
+        tok, cache = self._prefill(self.params, cache, jnp.asarray(toks), n_B, sub, sampling)
+        eos = set(cfg.eos_ids if eos_ids is None else eos_ids)
+        done = np.zeros(B, bool)
+        for i in range(max_new_tokens):
+            nxt = None
+            if i + 1 < max_new_tokens:
+                key, sub = jax.random.split(key)
+                nxt, cache = self._decode(self.params, cache, tok, sub, sampling)
+            host = np.asarray(tok)
+            yield host
+            done |= np.isin(host, list(eos))
+            if done.all() or nxt is None:
+                return
+            tok = nxt
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int = 0,
+        eos_ids: Sequence[int] | None = None,
+        include_eos: bool = False,
+    ) -> list[list[int]]:
+        """New tokens per prompt, stopping at the first EOS (excluded unless include_eos)."""
+        eos = set(self.model.cfg.eos_ids if eos_ids is None else eos_ids)
+        outs: list[list[int]] = [[] for _ in prompts]
+        stopped = [False] * len(prompts)
+        for step_toks in self.stream(prompts, max_new_tokens, sampling, seed, eos_ids):
+            for b, t in enumerate(step_toks.tolist()):
+                if stopped[b]:
+                    continue
+                if t in eos:
+                    stopped[b] = True
+                    if include_eos:
+                        outs[b].append(t)
+                else:
+                    outs[b].append(t)
+        return outs
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _logits(params, tokens_BxS, cfg):
+    return llama.forward(params, tokens_BxS, cfg)[0]
+
+
+def greedy_by_reforward(params, cfg: LlamaConfig, prompt: Sequence[int], n: int) -> list[int]:
+    """Reference greedy decoding that re-runs the full forward each step (no KV cache)."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = _logits(params, jnp.asarray([ids], jnp.int32), cfg)
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    return ids[len(prompt) :]

@@ -1,0 +1,280 @@
+"""Dense Llama decoder as pure functions over a parameter pytree, plus a thin Flax NNX wrapper.
+
+Parameter tree (layers stacked on a leading L axis):
+  embed [V, D]; layers: attn_norm [L, D], wqkv [L, D, H + 2K, hd], wo [L, H, hd, D],
+  mlp_norm [L, D], w_gate_up [L, D, 2, F], w_down [L, F, D]; final_norm [D]; lm_head [D, V]
+  (absent when embeddings are tied).
+
+q/k use the Hugging Face (rotate-half) RoPE layout. The FFN is pluggable: `forward` takes an
+`ffn` callable so the MoE model (moe.py) and the activation statistics (refactor/stats.py) reuse
+this exact decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from readme_jax.model.config import LlamaConfig
+
+Params = dict[str, Any]
+# ffn(layer_params, x_BxSxD, layer_index) -> (y_BxSxD, aux pytree or None)
+FFN = Callable[[Params, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def _dtype(cfg: LlamaConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+    """Inverse frequencies [hd/2], with Llama-3 ("llama3") scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    scaled = jnp.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    mid = (1 - smooth) * inv / rs.factor + smooth * inv
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x_BxSxNxhd: jax.Array, positions_BxS: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    ang_BxSxh = positions_BxS[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(ang_BxSxh)[:, :, None, :]
+    sin = jnp.sin(ang_BxSxh)[:, :, None, :]
+    x = x_BxSxNxhd.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxSxNxhd.dtype)
+
+
+def attention(q_BxSxHxhd, k_BxTxKxhd, v_BxTxKxhd, mask_BxSxT) -> jax.Array:
+    """Grouped-query attention; softmax in f32. Returns [B, S, H, hd]."""
+    B, S, H, hd = q_BxSxHxhd.shape
+    K = k_BxTxKxhd.shape[2]
+    q = q_BxSxHxhd.reshape(B, S, K, H // K, hd)
+    s_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q, k_BxTxKxhd, preferred_element_type=jnp.float32)
+    s_BxKxGxSxT = s_BxKxGxSxT / math.sqrt(hd)
+    s_BxKxGxSxT = jnp.where(mask_BxSxT[:, None, None], s_BxKxGxSxT, -1e30)
+    p = jax.nn.softmax(s_BxKxGxSxT, axis=-1).astype(v_BxTxKxhd.dtype)
+    o = jnp.einsum("bkgst,btkd->bskgd", p, v_BxTxKxhd)
+    return o.reshape(B, S, H, hd)
+
+
+def dense_ffn(lp: Params, x_BxSxD: jax.Array, layer: Any = None) -> tuple[jax.Array, None]:
+    gu_BxSx2xF = jnp.einsum("bsd,dtf->bstf", x_BxSxD, lp["w_gate_up"])
+    h_BxSxF = jax.nn.silu(gu_BxSx2xF[:, :, 0]) * gu_BxSx2xF[:, :, 1]
+    return h_BxSxF @ lp["w_down"], None
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> Params:
+    """KV cache: k/v [L, B, T, K, hd] and the number of filled positions per row."""
+    dtype = dtype or _dtype(cfg)
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "lengths": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def _block(lp, x, ctx, kv_update, cfg: LlamaConfig, ffn: FFN, layer):
+    """One decoder layer. kv_update(k, v) writes the new keys/values into this layer's cache and
+    returns the full (k_BxTxKxhd, v_BxTxKxhd) to attend over; None means no cache."""
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+    qkv = jnp.einsum("bsd,dnh->bsnh", h, lp["wqkv"])
+    q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
+    q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
+    k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
+    k_all, v_all = (k, v) if kv_update is None else kv_update(k, v)
+    o = attention(q, k_all, v_all, ctx["mask"])
+    x = x + jnp.einsum("bshd,hdo->bso", o, lp["wo"])
+    y, aux = ffn(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), layer)
+    return x + y.astype(x.dtype), (k_all, v_all), aux
+
+
+def _context(cfg, tokens_BxS, positions, segment_ids, cache, num_new):
+    B, S = tokens_BxS.shape
+    ctx: dict[str, Any] = {"inv_freq": rope_inv_freq(cfg)}
+    if cache is None:
+        idx = jnp.arange(S)
+        mask = jnp.broadcast_to(idx[None, :] <= idx[:, None], (B, S, S))
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        ctx["positions"] = positions if positions is not None else jnp.broadcast_to(idx, (B, S))
+    else:
+        start = cache["lengths"]
+        pos = start[:, None] + jnp.arange(S)[None, :]
+        ctx["positions"] = pos if positions is None else positions
+        T = cache["k"].shape[2]
+        mask = jnp.arange(T)[None, None, :] <= pos[:, :, None]
+        ctx["write_rows"] = jnp.broadcast_to(jnp.arange(B)[:, None], (B, S))
+        ctx["write_cols"] = pos
+    ctx["mask"] = mask
+    return ctx
+
+
+def forward(
+    params: Params,
+    tokens_BxS: jax.Array,
+    cfg: LlamaConfig,
+    *,
+    positions_BxS: jax.Array | None = None,
+    segment_ids_BxS: jax.Array | None = None,
+    cache: Params | None = None,
+    num_new_B: jax.Array | None = None,
+    ffn: FFN = dense_ffn,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, Params | None, Any]:
+    """Run the decoder. Returns (logits_BxSxV or hidden_BxSxD, new cache or None, aux [L, ...]).
+
+    With a cache, the S new tokens of row b sit at positions lengths[b] + 0..S-1 and the cache
+    grows by num_new_B[b] (default S); right-padding beyond num_new is overwritten later.
+    """
+    ctx = _context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, cache, num_new_B)
+    x = params["embed"][tokens_BxS]
+    layers = params["layers"]
+    if cache is not None:
+        rows, cols = ctx["write_rows"], ctx["write_cols"]
+    if cfg.scan_layers:
+        xs = (layers, jnp.arange(cfg.n_layers))
+        if cache is not None:
+            xs = xs + ((cache["k"], cache["v"]),)
+
+        def body(x, sl):
+            upd = None
+            if cache is not None:
+                kc, vc = sl[2]
+                upd = lambda k, v: (
+                    kc.at[rows, cols].set(k.astype(kc.dtype), mode="drop"),
+                    vc.at[rows, cols].set(v.astype(vc.dtype), mode="drop"),
+                )
+            x, kv, aux = _block(sl[0], x, ctx, upd, cfg, ffn, sl[1])
+            return x, (kv if cache is not None else None, aux)
+
+        x, (new_kv, aux) = jax.lax.scan(body, x, xs)
+    else:
+        kv_state = [cache["k"], cache["v"]] if cache is not None else None
+        auxs = []
+        for i in range(cfg.n_layers):
+            lp = jax.tree.map(lambda a, i=i: a[i], layers)
+            upd = None
+            if cache is not None:
+
+                def upd(k, v, i=i):
+                    kc, vc = kv_state
+                    kv_state[0] = kc.at[i, rows, cols].set(k.astype(kc.dtype), mode="drop")
+                    kv_state[1] = vc.at[i, rows, cols].set(v.astype(vc.dtype), mode="drop")
+                    return kv_state[0][i], kv_state[1][i]
+
+            x, _, aux = _block(lp, x, ctx, upd, cfg, ffn, i)
+            auxs.append(aux)
+        aux = None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+        new_kv = tuple(kv_state) if cache is not None else None
+    new_cache = None
+    if cache is not None:
+        inc = num_new_B if num_new_B is not None else tokens_BxS.shape[1]
+        new_cache = {"k": new_kv[0], "v": new_kv[1], "lengths": cache["lengths"] + inc}
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if return_hidden:
+        return x, new_cache, aux
+    return lm_head(params, x, cfg), new_cache, aux
+
+
+def lm_head(params: Params, x_BxSxD: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("bsd,dv->bsv", x_BxSxD, w, preferred_element_type=jnp.float32)
+
+
+def param_shapes(cfg: LlamaConfig) -> dict[str, Any]:
+    L, D, F, V, hd = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    shapes = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D),
+            "wqkv": (L, D, H + 2 * K, hd),
+            "wo": (L, H, hd, D),
+            "mlp_norm": (L, D),
+            "w_gate_up": (L, D, 2, F),
+            "w_down": (L, F, D),
+        },
+        "final_norm": (D,),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
+    """Random init (normal, std 0.02; norms at 1) for tests and from-scratch work."""
+    dtype = _dtype(cfg)
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(leaves))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    out = []
+    for k, shape, path in zip(keys, leaves, paths, strict=True):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def check_params(cfg: LlamaConfig, params: Params) -> None:
+    """Raise ConfigError naming the first tensor whose shape disagrees with the config."""
+    from readme_jax.model.config import ConfigError
+
+    want = param_shapes(cfg)
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(
+        want, is_leaf=lambda s: isinstance(s, tuple))[0])
+    flat_have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, shape in flat_want.items():
+        if path not in flat_have:
+            raise ConfigError(f"parameter {jax.tree_util.keystr(path)} is missing")
+        if tuple(flat_have[path].shape) != tuple(shape):
+            raise ConfigError(
+                f"parameter {jax.tree_util.keystr(path)} has shape "
+                f"{tuple(flat_have[path].shape)} but the config implies {tuple(shape)}"
+            )
+
+
+class Llama(nnx.Module):
+    """Flax NNX wrapper: holds the parameter tree as nnx.Param leaves; calls `forward`."""
+
+    def __init__(self, cfg: LlamaConfig, params: Params | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        if params is None:
+            rngs = rngs or nnx.Rngs(0)
+            params = init_params(cfg, rngs.params())
+        check_params(cfg, params)
+        self.weights = nnx.data(jax.tree.map(nnx.Param, params))
+
+    @property
+    def params(self) -> Params:
+        return jax.tree.map(lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param))
+
+    def __call__(self, tokens_BxS: jax.Array, **kw) -> jax.Array:
+        logits, _, _ = forward(self.params, tokens_BxS, self.cfg, **kw)
+        return logits

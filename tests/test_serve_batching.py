@@ -1,0 +1,119 @@
+"""Batching policies: expert grouping, budgets, slots, fairness under bursty load."""
+
+import numpy as np
+import pytest
+
+from readme_jax.serve.batching import (
+    DECODING,
+    WAITING,
+    Request,
+    age,
+    schedule,
+    simulate_schedule,
+)
+from readme_jax.serve.trace import arrival_times
+
+E = 8
+
+
+def decoding(i, expert, arrival=0):
+    return Request(i, 4, 10, arrival, DECODING, generated=1, next_expert=expert)
+
+
+def test_expert_aware_takes_the_longest_queue_first():
+    ready = [decoding(i, e) for i, e in enumerate([0, 1, 1, 2, 1, 0, 3])]
+    b = schedule("expert", ready, 4)
+    assert b.decode == [1, 2, 4, 0] and b.experts == [0, 1] and b.tokens == 4
+    d = schedule("decode", ready, 4)
+    assert d.decode == [0, 1, 2, 3] and d.experts == [0, 1, 2]
+
+
+def test_prefill_and_decode_priorities_and_costs():
+    ready = [
+        decoding(0, 1),
+        Request(1, 5, 3, arrival_step=2, prompt_experts=[2, 2, 3, 3, 3]),
+        decoding(2, 1),
+    ]
+    assert schedule("decode", ready, 6).ids == [0, 2]  # prefill (5) no longer fits
+    p = schedule("prefill", ready, 6)
+    assert p.prefill == [1] and p.decode == [0] and p.tokens == 6 and p.experts == [1, 2, 3]
+    assert ready[1].queue_expert == 3 and ready[1].cost == 5
+    # over-budget prompt is admitted alone rather than never
+    assert schedule("decode", [Request(7, 50, 3)], 16).ids == [7]
+
+
+def test_num_slots_limits_new_prefills():
+    ready = [decoding(0, 0), Request(1, 2, 3, 1), Request(2, 2, 3, 2)]
+    assert schedule("prefill", ready, 100, num_slots=2).prefill == [1]
+    assert schedule("prefill", ready, 100, num_slots=1).prefill == []
+
+
+def test_fairness_admits_a_long_waiting_request_first():
+    ready = [decoding(i, 0) for i in range(6)] + [decoding(9, 5)]
+    assert 9 not in schedule("expert", ready, 3).ids
+    ready[-1].waiting_steps = 4
+    assert schedule("expert", ready, 3, max_wait=4).ids[0] == 9
+    b = schedule("expert", ready, 3, max_wait=4)
+    age(ready, b)
+    assert ready[-1].waiting_steps == 0 and ready[5].waiting_steps == 1
+
+
+def test_unknown_policy_and_bad_budget_are_named():
+    with pytest.raises(ValueError, match="unknown batching policy 'fifo'"):
+        schedule("fifo", [], 8)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        schedule("expert", [], 0)
+
+
+def skewed_workload(n, rng, arrival_steps):
+    p = np.array([0.4, 0.2, 0.12, 0.1, 0.08, 0.05, 0.03, 0.02])
+    reqs = [
+        Request(
+            i,
+            prompt_len=int(rng.integers(4, 24)),
+            max_new_tokens=int(rng.integers(8, 40)),
+            arrival_step=int(arrival_steps[i]),
+            prompt_experts=list(rng.choice(E, size=4, p=p)),
+        )
+        for i in range(n)
+    ]
+    router = np.random.default_rng(1)
+    return reqs, lambda r: int(router.choice(E, p=p))
+
+
+def test_expert_aware_batching_needs_fewer_experts_per_batch():
+    reqs, route = skewed_workload(60, np.random.default_rng(0), np.zeros(60))
+    kw = dict(max_batch_tokens=16, num_slots=32, max_wait=16)
+    ea = simulate_schedule("expert", reqs, route, **kw)
+    dp = simulate_schedule("decode", reqs, route, **kw)
+    pp = simulate_schedule("prefill", reqs, route, **kw)
+    assert ea.completed == dp.completed == pp.completed == 60
+    assert ea.mean_unique_experts < 0.85 * dp.mean_unique_experts
+    assert ea.mean_unique_experts < 0.85 * pp.mean_unique_experts
+
+
+@pytest.mark.parametrize("policy", ["expert", "decode", "prefill"])
+def test_no_request_starves_under_a_bursty_trace(policy):
+    rng = np.random.default_rng(2)
+    arrivals = np.floor(arrival_times(120, rate=0.5, rng=rng, cv=4.0)).astype(int)
+    reqs, route = skewed_workload(120, rng, arrivals)
+    stats = simulate_schedule(policy, reqs, route, 16, max_wait=8, num_slots=32)
+    assert stats.completed == 120 and set(stats.finish_step) == {r.id for r in reqs}
+    assert stats.max_decode_wait <= 16 and stats.max_queue_wait <= 24
+    for b in stats.batches:
+        assert b.tokens <= 16 or len(b.ids) == 1
+
+
+def test_without_the_fairness_bound_decode_priority_starves_prefills():
+    rng = np.random.default_rng(2)
+    arrivals = np.floor(arrival_times(120, rate=0.5, rng=rng, cv=4.0)).astype(int)
+    reqs, route = skewed_workload(120, rng, arrivals)
+    stats = simulate_schedule("decode", reqs, route, 16, max_wait=None, num_slots=32)
+    assert stats.max_queue_wait > 10 * 24
+
+
+def test_requests_are_not_mutated_and_prefill_then_decodes():
+    reqs = [Request(0, 3, 4, prompt_experts=[1, 1, 2])]
+    stats = simulate_schedule("expert", reqs, lambda r: 5, 8)
+    assert reqs[0].state == WAITING and reqs[0].generated == 0
+    assert stats.finish_step == {0: 3} and stats.unique_experts == [2, 1, 1, 1]
