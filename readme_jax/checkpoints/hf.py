@@ -131,10 +131,10 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
 
 def read_tensor(info: TensorInfo, f=None) -> np.ndarray:
     """Read one tensor's bytes (from the open file `f` if given) as a numpy array."""
-    buf = np.empty(info.nbytes, np.uint8)
     if f is None:
         with open(info.file, "rb") as g:
             return read_tensor(info, g)
+    buf = np.empty(info.nbytes, np.uint8)
     f.seek(info.offset)
     if f.readinto(buf) != info.nbytes:
         raise CheckpointError(f"{info.file}: truncated while reading tensor data")

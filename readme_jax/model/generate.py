@@ -64,7 +64,7 @@ class Generator:
 
     def __init__(self, model: DecodeModel, params: Any):
         self.model = model
-        self.params = params
+        self.params = params if model.cfg.scan_layers else llama.unstack_layers(params)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("sp",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("sp",), donate_argnums=(1,))
 

@@ -1,0 +1,261 @@
+"""Sliding-window perplexity, bits per byte, and distillation fidelity (KL, top-1 agreement).
+
+Windows follow the Hugging Face transformers doc "Perplexity of fixed-length models": window k
+covers tokens [k*stride, min(k*stride + max_length, T)) and scores only the tokens after the end
+of window k-1; the loop stops at the first window that reaches T. Token 0 is never scored, so
+every token 1..T-1 is scored exactly once, each with at most `max_length - 1` tokens of context.
+(The doc multiplies each window's mean loss by `valid - batch_size`, which undercounts later
+windows by one token; we sum per-token NLLs, so the total is exact.)
+
+A model is `logits_fn(params, tokens_BxS) -> logits_BxSxV`; `params` is any pytree (the MoE
+passes its experts and router together). The log-softmax over V is reduced inside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from readme_jax.model import llama
+from readme_jax.model.config import LlamaConfig
+
+LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (params, tokens_BxS) -> logits_BxSxV
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """tokens[begin:end] go in; tokens[score_from:end] are scored."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def sliding_windows(n_tokens: int, max_length: int, stride: int | None = None) -> list[Window]:
+    """The HF doc's windows over a stream of n_tokens (stride defaults to max_length)."""
+    stride = max_length if stride is None else stride
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n_tokens}")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        out.append(Window(begin, end, max(prev_end, 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def window_batches(
+    tokens_T: np.ndarray, max_length: int, stride: int | None = None, batch_size: int = 8
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (tokens_BxS, mask_BxS) with S = min(max_length, T) and a fixed B (one compile).
+
+    mask[b, j] says token j of row b is scored (predicted from logits at j-1). Short windows and
+    the final batch are right-padded with token 0 and mask 0; padding never precedes a scored
+    token, so causal attention keeps it out of every score.
+    """
+    tokens_T = np.asarray(tokens_T)
+    windows = sliding_windows(len(tokens_T), max_length, stride)
+    S = min(max_length, len(tokens_T))
+    for i in range(0, len(windows), batch_size):
+        toks = np.zeros((batch_size, S), np.int32)
+        mask = np.zeros((batch_size, S), bool)
+        for b, w in enumerate(windows[i : i + batch_size]):
+            toks[b, : w.end - w.begin] = tokens_T[w.begin : w.end]
+            mask[b, w.score_from - w.begin : w.end - w.begin] = True
+        yield toks, mask
+
+
+def n_batches(n_tokens: int, max_length: int, stride: int | None, batch_size: int) -> int:
+    return -(-len(sliding_windows(n_tokens, max_length, stride)) // batch_size)
+
+
+# ---------------------------------------------------------------- models
+@functools.cache
+def dense_logits_fn(cfg: LlamaConfig) -> LogitsFn:
+    """`logits_fn` for the dense Llama (cached per config so jit caches are shared)."""
+
+    def logits_fn(params, tokens_BxS):
+        return llama.forward(params, tokens_BxS, cfg)[0]
+
+    return logits_fn
+
+
+def _token_logprobs(logits_BxSxV, tokens_BxS):
+    """log p(token j | < j) for j = 1..S-1, as [B, S-1] in f32."""
+    logp = jax.nn.log_softmax(logits_BxSxV[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
+
+
+@functools.cache
+def make_nll_fn(logits_fn: LogitsFn) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """jit(params, tokens_BxS, mask_BxS) -> (sum of NLL over masked tokens, their count)."""
+
+    @jax.jit
+    def nll_fn(params, tokens_BxS, mask_BxS):
+        lp = _token_logprobs(logits_fn(params, tokens_BxS), tokens_BxS)
+        m = mask_BxS[:, 1:]
+        return -jnp.sum(jnp.where(m, lp, 0.0)), jnp.sum(m)
+
+    return nll_fn
+
+
+@functools.cache
+def make_fidelity_fn(teacher_fn: LogitsFn, student_fn: LogitsFn):
+    """jit(t_params, s_params, tokens_BxS, mask_BxS) -> (KL(t||s) sum, top-1 agreements, count)."""
+
+    @jax.jit
+    def fid_fn(t_params, s_params, tokens_BxS, mask_BxS):
+        t_lp = jax.nn.log_softmax(teacher_fn(t_params, tokens_BxS)[:, :-1].astype(jnp.float32))
+        s_lp = jax.nn.log_softmax(student_fn(s_params, tokens_BxS)[:, :-1].astype(jnp.float32))
+        kl_BxS = jnp.sum(jnp.exp(t_lp) * (t_lp - s_lp), axis=-1)
+        agree_BxS = jnp.argmax(t_lp, -1) == jnp.argmax(s_lp, -1)
+        m = mask_BxS[:, 1:]
+        return jnp.sum(jnp.where(m, kl_BxS, 0.0)), jnp.sum(m & agree_BxS), jnp.sum(m)
+
+    return fid_fn
+
+
+# ---------------------------------------------------------------- results
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    nll_sum: float  # nats
+    n_tokens: int
+    n_bytes: int | None = None
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.n_tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def bpb(self) -> float | None:
+        """Bits per UTF-8 byte of the scored text (None without a byte count)."""
+        return None if not self.n_bytes else self.nll_sum / math.log(2) / self.n_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ppl": self.ppl,
+            "bpb": self.bpb,
+            "mean_nll": self.mean_nll,
+            "nll_sum": self.nll_sum,
+            "n_tokens": self.n_tokens,
+            "n_bytes": self.n_bytes,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelityResult:
+    kl_sum: float  # nats
+    n_agree: int
+    n_tokens: int
+
+    @property
+    def kl(self) -> float:
+        """Mean KL(teacher || model) per scored token, nats."""
+        return self.kl_sum / self.n_tokens
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.n_agree / self.n_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kl": self.kl,
+            "top1_agreement": self.top1_agreement,
+            "kl_sum": self.kl_sum,
+            "n_agree": self.n_agree,
+            "n_tokens": self.n_tokens,
+        }
+
+
+def _check_tokens(tokens_T, vocab_size: int | None) -> np.ndarray:
+    tokens_T = np.asarray(tokens_T)
+    if tokens_T.ndim != 1:
+        raise ValueError(f"expected a 1-D token stream, got shape {tokens_T.shape}")
+    if vocab_size is not None and tokens_T.size and int(tokens_T.max()) >= vocab_size:
+        raise ValueError(
+            f"token id {int(tokens_T.max())} is outside the vocabulary [0, {vocab_size})"
+        )
+    return tokens_T
+
+
+def perplexity(
+    logits_fn: LogitsFn,
+    params: Any,
+    tokens_T: np.ndarray,
+    *,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    n_bytes: int | None = None,
+    vocab_size: int | None = None,
+    progress: bool | str = True,
+) -> PerplexityResult:
+    """Sliding-window perplexity of one token stream. `n_bytes` (UTF-8 bytes of the text) adds
+    bits per byte; `progress` may be a label for the bar."""
+    tokens_T = _check_tokens(tokens_T, vocab_size)
+    nll_fn = make_nll_fn(logits_fn)
+    total = n_batches(len(tokens_T), max_length, stride, batch_size)
+    bar = tqdm(
+        window_batches(tokens_T, max_length, stride, batch_size),
+        total=total,
+        desc=progress if isinstance(progress, str) else "perplexity",
+        disable=not progress,
+        unit="batch",
+    )
+    nll_sum, count = 0.0, 0
+    for toks, mask in bar:
+        s, c = nll_fn(params, toks, mask)
+        nll_sum += float(s)
+        count += int(c)
+        bar.set_postfix(ppl=f"{math.exp(nll_sum / max(count, 1)):.3f}")
+    return PerplexityResult(nll_sum, count, n_bytes)
+
+
+def fidelity(
+    teacher_fn: LogitsFn,
+    teacher_params: Any,
+    student_fn: LogitsFn,
+    student_params: Any,
+    tokens_T: np.ndarray,
+    *,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool | str = True,
+) -> FidelityResult:
+    """Mean KL(teacher || student) per token and top-1 agreement over the same windows and
+    scored tokens as `perplexity`."""
+    tokens_T = _check_tokens(tokens_T, None)
+    fid_fn = make_fidelity_fn(teacher_fn, student_fn)
+    total = n_batches(len(tokens_T), max_length, stride, batch_size)
+    bar = tqdm(
+        window_batches(tokens_T, max_length, stride, batch_size),
+        total=total,
+        desc=progress if isinstance(progress, str) else "fidelity",
+        disable=not progress,
+        unit="batch",
+    )
+    kl_sum, agree, count = 0.0, 0, 0
+    for toks, mask in bar:
+        k, a, c = fid_fn(teacher_params, student_params, toks, mask)
+        kl_sum, agree, count = kl_sum + float(k), agree + int(a), count + int(c)
+        bar.set_postfix(kl=f"{kl_sum / max(count, 1):.4f}", agree=f"{agree / max(count, 1):.3f}")
+    return FidelityResult(kl_sum, agree, count)

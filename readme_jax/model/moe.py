@@ -1,0 +1,197 @@
+"""Read-ME MoE decoder: the Llama backbone with FFN = always-on shared expert + routed experts.
+
+MoE layer parameters replace `w_gate_up`/`w_down` with
+  shared_gate_up [L, D, 2, Fs], shared_down [L, Fs, D],
+  expert_gate_up [L, E, D, 2, Fe], expert_down [L, E, Fe, D]
+(zero-padded widths: silu(0) * 0 = 0, so padding is exact), and for the layer-wise baseline a
+gate [L, D, E]. One routing decision per token (experts [B, S, K], weights [B, S, K]) holds in
+every layer (Read-ME); the layer-wise baseline instead routes per layer from the hidden state.
+
+Dispatch modes:
+  ragged  sort tokens by expert, grouped matmul with `jax.lax.ragged_dot` (GPU/TPU grouped GEMM;
+          on XLA:CPU it lowers to a masked dense product over all experts).
+  select  per expert, `lax.cond` on whether any token uses it: reads only the needed experts'
+          bytes, which is what makes batch-1 decode faster than dense on CPU.
+  masked  every expert on every token, weighted by the one-hot routing (simple reference).
+Expert parallelism: `shard_map` over the `expert` mesh axis; tokens replicated, each shard runs
+its local experts with ragged_dot, results combined with `psum`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from readme_jax.model import llama
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.router import top_k_routing
+
+Params = dict[str, Any]
+DISPATCH_MODES = ("ragged", "select", "masked")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int
+    top_k: int = 1
+    gate_scaling: bool = False
+    dispatch: str = "ragged"
+    layerwise: bool = False  # baseline: a gate per layer instead of the pre-gating router
+
+    def __post_init__(self):
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+
+
+def _swiglu(x_TxD, gu_Dx2xF, down_FxD):
+    gu_Tx2xF = jnp.einsum("td,dgf->tgf", x_TxD, gu_Dx2xF)
+    return (jax.nn.silu(gu_Tx2xF[:, 0]) * gu_Tx2xF[:, 1]) @ down_FxD
+
+
+def shared_ffn(lp: Params, x_TxD: jax.Array) -> jax.Array:
+    return _swiglu(x_TxD, lp["shared_gate_up"], lp["shared_down"])
+
+
+def ragged_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, first_expert=0):
+    """Tokens sorted by expert, grouped matmuls with ragged_dot. Only experts
+    first_expert .. first_expert + E_local - 1 are computed (the rest contribute 0), which is
+    how each expert-parallel shard handles its local experts."""
+    T, K = experts_TxK.shape
+    E_loc, D, _, F = gu_Ex.shape
+    local_TK = experts_TxK.reshape(-1) - first_expert
+    in_range = (local_TK >= 0) & (local_TK < E_loc)
+    key_TK = jnp.where(in_range, local_TK, E_loc)  # out-of-shard tokens sort last
+    order = jnp.argsort(key_TK, stable=True)
+    tok = order // K
+    group_sizes = jnp.bincount(key_TK, length=E_loc + 1)[:E_loc].astype(jnp.int32)
+    xs = x_TxD[tok]
+    gu = jax.lax.ragged_dot(xs, gu_Ex.reshape(E_loc, D, 2 * F), group_sizes)
+    h = jax.nn.silu(gu[:, :F]) * gu[:, F:]
+    y = jax.lax.ragged_dot(h.astype(down_ExFxD.dtype), down_ExFxD, group_sizes)
+    w = jnp.where(in_range, weights_TxK.reshape(-1), 0.0)[order]
+    return jnp.zeros((T, D), y.dtype).at[tok].add(y * w[:, None].astype(y.dtype))
+
+
+def select_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
+    """Per expert, run it (on all T tokens) only if some token picked it. Reads only the needed
+    experts' weights: the CPU decode path. gu_Ex/down may be stacked arrays or lists of E."""
+    E = len(gu_Ex) if isinstance(gu_Ex, list) else gu_Ex.shape[0]
+    out = jnp.zeros_like(x_TxD)
+    for e in range(E):
+        w_T = jnp.sum(jnp.where(experts_TxK == e, weights_TxK, 0.0), axis=-1)
+        out = jax.lax.cond(
+            jnp.any(w_T != 0),
+            lambda o, e=e, w_T=w_T: o + (_swiglu(x_TxD, gu_Ex[e], down_ExFxD[e]) * w_T[:, None]).astype(o.dtype),
+            lambda o: o,
+            out,
+        )
+    return out
+
+
+def masked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
+    """Every expert on every token, weighted by the (one-hot) routing: the simple reference."""
+    E = gu_Ex.shape[0]
+    w_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, E) * weights_TxK[..., None], axis=1)
+    gu = jnp.einsum("td,edgf->tegf", x_TxD, gu_Ex)
+    h_TxExF = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+    return jnp.einsum("tef,efd,te->td", h_TxExF, down_ExFxD, w_TxE.astype(h_TxExF.dtype))
+
+
+def expert_parallel(fn, mesh, expert_axis: str = "expert"):
+    """Wrap ragged dispatch in shard_map over `expert_axis`: expert weights sharded on E, tokens
+    replicated over that axis, partial outputs summed with psum."""
+
+    def body(x, e, w, gu, down):
+        first = jax.lax.axis_index(expert_axis) * gu.shape[0]
+        return jax.lax.psum(fn(x, e, w, gu, down, first_expert=first), expert_axis)
+
+    rep = P()
+    ex = P(expert_axis)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(rep, rep, rep, ex, ex), out_specs=rep, check_vma=False
+    )
+
+
+def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
+    """The FFN callable for `llama.forward`: shared expert + routed experts.
+
+    routing: (experts_BxSxK, weights_BxSxK) from the pre-gating router (same in every layer);
+    None with mcfg.layerwise: route per layer from that layer's normed hidden state.
+    aux per layer: the layer-wise gate logits [B, S, E] (None for Read-ME)."""
+
+    def ffn(lp: Params, x_BxSxD: jax.Array, layer: Any):
+        B, S, D = x_BxSxD.shape
+        x = x_BxSxD.reshape(B * S, D)
+        aux = None
+        if mcfg.layerwise:
+            logits = jnp.einsum("bsd,de->bse", x_BxSxD, lp["gate"], preferred_element_type=jnp.float32)
+            experts, weights = top_k_routing(logits, mcfg.top_k, mcfg.gate_scaling)
+            aux = logits
+        else:
+            experts, weights = routing
+        e_TxK = experts.reshape(B * S, -1)
+        w_TxK = weights.reshape(B * S, -1)
+        gu, down = lp["expert_gate_up"], lp["expert_down"]
+        if mesh is not None:
+            y = expert_parallel(ragged_experts, mesh)(x, e_TxK, w_TxK, gu, down)
+        elif mcfg.dispatch == "ragged":
+            y = ragged_experts(x, e_TxK, w_TxK, gu, down)
+        elif mcfg.dispatch == "select":
+            y = select_experts(x, e_TxK, w_TxK, gu, down)
+        else:
+            y = masked_experts(x, e_TxK, w_TxK, gu, down)
+        y = y + shared_ffn(lp, x)
+        return y.reshape(B, S, D), aux
+
+    return ffn
+
+
+def moe_forward(
+    params: Params,
+    tokens_BxS: jax.Array,
+    cfg: LlamaConfig,
+    mcfg: MoEConfig,
+    routing=None,
+    *,
+    mesh=None,
+    **kw,
+):
+    """`llama.forward` with the MoE FFN. Returns (logits or hidden, cache, aux)."""
+    return llama.forward(params, tokens_BxS, cfg, ffn=moe_ffn(mcfg, routing, mesh), **kw)
+
+
+def unstack_experts(params: Params) -> Params:
+    """Decode layout: per-layer trees (see llama.unstack_layers) whose experts are lists of E
+    arrays, so the select dispatch reads one expert without slicing a stacked array."""
+    params = llama.unstack_layers(params)
+    layers = []
+    for lp in params["layers"]:
+        lp = dict(lp)
+        for k in ("expert_gate_up", "expert_down"):
+            if not isinstance(lp[k], list):
+                lp[k] = [lp[k][e] for e in range(lp[k].shape[0])]
+        layers.append(lp)
+    return {**params, "layers": layers}
+
+
+def active_param_count(cfg: LlamaConfig, shared_widths_L, expert_widths_LxE, top_k: int = 1):
+    """Parameters touched per token: everything but the FFN, plus the shared expert and k
+    average experts at their real (unpadded) widths."""
+    total_dense = cfg.param_count()
+    dense_ffn = cfg.n_layers * 3 * cfg.dim * cfg.ffn_dim
+    width = float(jnp.sum(jnp.asarray(shared_widths_L))) + top_k * float(
+        jnp.sum(jnp.mean(jnp.asarray(expert_widths_LxE, jnp.float32), axis=-1))
+    )
+    active_ffn = int(3 * cfg.dim * width)
+    return {
+        "total_dense": total_dense,
+        "active": total_dense - dense_ffn + active_ffn,
+        "active_ffn": active_ffn,
+        "dense_ffn": dense_ffn,
+    }

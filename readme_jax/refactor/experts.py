@@ -1,0 +1,198 @@
+"""Expert construction from activation statistics (Read-ME section 1.1), and MoE parameters.
+
+Per domain d and layer l, M_d = top `remain_rate` channels by mean |act|. Shared expert =
+intersection over domains; expert d = M_d minus shared. Channel index lists are padded with -1
+to common widths; padded channels get zero weights, which is exact (silu(0) * 0 = 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class ExpertSpec:
+    """Which dense FFN channels each expert owns, per layer. Saved with every MoE checkpoint."""
+
+    domains: list[str]
+    remain_rate: float
+    domain_masks_ExLxF: np.ndarray  # bool
+    shared_idx_LxFs: np.ndarray  # int32, -1 = padding
+    expert_idx_LxExFe: np.ndarray  # int32, -1 = padding
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.domains)
+
+    @property
+    def shared_widths(self) -> np.ndarray:
+        return (self.shared_idx_LxFs >= 0).sum(-1)
+
+    @property
+    def expert_widths(self) -> np.ndarray:  # [L, E]
+        return (self.expert_idx_LxExFe >= 0).sum(-1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domains": self.domains,
+            "remain_rate": self.remain_rate,
+            "shared_widths": self.shared_widths.tolist(),
+            "expert_widths": self.expert_widths.tolist(),
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            path / "experts.npz",
+            domain_masks=self.domain_masks_ExLxF,
+            shared_idx=self.shared_idx_LxFs,
+            expert_idx=self.expert_idx_LxExFe,
+        )
+        (path / "experts.json").write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertSpec:
+        path = Path(path)
+        meta = json.loads((path / "experts.json").read_text())
+        z = np.load(path / "experts.npz")
+        return cls(
+            meta["domains"], meta["remain_rate"], z["domain_masks"], z["shared_idx"], z["expert_idx"]
+        )
+
+
+def top_channel_masks(scores_ExLxF: np.ndarray, remain_rate: float) -> np.ndarray:
+    """Boolean masks of the top `remain_rate` fraction of channels per (domain, layer)."""
+    if not 0.0 < remain_rate <= 1.0:
+        raise ValueError(f"remain_rate must be in (0, 1], got {remain_rate}")
+    E, L, F = scores_ExLxF.shape
+    k = max(1, int(round(remain_rate * F)))
+    top = np.argsort(-scores_ExLxF, axis=-1, kind="stable")[..., :k]
+    masks = np.zeros((E, L, F), bool)
+    np.put_along_axis(masks, top, True, axis=-1)
+    return masks
+
+
+def _pad_indices(lists: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.full((len(lists), width), -1, np.int32)
+    for i, idx in enumerate(lists):
+        out[i, : len(idx)] = idx
+    return out
+
+
+def build_expert_spec(
+    scores_ExLxF: np.ndarray, remain_rate: float, domains: list[str]
+) -> ExpertSpec:
+    masks = top_channel_masks(np.asarray(scores_ExLxF), remain_rate)
+    E, L, F = masks.shape
+    if len(domains) != E:
+        raise ValueError(f"{len(domains)} domain names for {E} statistics rows")
+    shared = masks.all(axis=0)  # [L, F]
+    private = masks & ~shared[None]
+    Fs = int(shared.sum(-1).max())
+    Fe = int(private.sum(-1).max())
+    shared_idx = _pad_indices([np.flatnonzero(shared[l]) for l in range(L)], Fs)
+    expert_idx = np.stack(
+        [_pad_indices([np.flatnonzero(private[e, l]) for e in range(E)], Fe) for l in range(L)]
+    )
+    return ExpertSpec(list(domains), float(remain_rate), masks, shared_idx, expert_idx)
+
+
+def _gather_channels(w_gu_Dx2xF, w_down_FxD, idx):
+    """Select FFN channels (idx -1 -> zero channel)."""
+    valid = (idx >= 0).astype(w_gu_Dx2xF.dtype)
+    safe = np.maximum(idx, 0)
+    gu = w_gu_Dx2xF[..., safe] * valid
+    down = w_down_FxD[safe] * valid[:, None]
+    return gu, down
+
+
+def build_moe_params(
+    dense: Params, spec: ExpertSpec, gates_LxDxE: jax.Array | None = None
+) -> Params:
+    """Replace each layer's dense FFN by the shared expert plus E zero-padded routed experts."""
+    layers = dense["layers"]
+    wgu = np.asarray(layers["w_gate_up"])  # [L, D, 2, F]
+    wdn = np.asarray(layers["w_down"])  # [L, F, D]
+    L = wgu.shape[0]
+    sh_gu, sh_dn, ex_gu, ex_dn = [], [], [], []
+    for l in range(L):
+        g, d = _gather_channels(wgu[l], wdn[l], spec.shared_idx_LxFs[l])
+        sh_gu.append(g)
+        sh_dn.append(d)
+        eg, ed = zip(
+            *[_gather_channels(wgu[l], wdn[l], spec.expert_idx_LxExFe[l, e])
+              for e in range(spec.num_experts)],
+            strict=True,
+        )
+        ex_gu.append(np.stack(eg))
+        ex_dn.append(np.stack(ed))
+    dt = layers["w_gate_up"].dtype
+    new_layers = {k: v for k, v in layers.items() if k not in ("w_gate_up", "w_down")}
+    new_layers.update(
+        shared_gate_up=jnp.asarray(np.stack(sh_gu), dt),
+        shared_down=jnp.asarray(np.stack(sh_dn), dt),
+        expert_gate_up=jnp.asarray(np.stack(ex_gu), dt),
+        expert_down=jnp.asarray(np.stack(ex_dn), dt),
+    )
+    if gates_LxDxE is not None:
+        new_layers["gate"] = jnp.asarray(gates_LxDxE, dt)
+    return {**dense, "layers": new_layers}
+
+
+def expert_channel_masks(spec: ExpertSpec, F: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shared mask [L, F], expert masks [L, E, F]) as float arrays."""
+    L = spec.shared_idx_LxFs.shape[0]
+    shared = np.zeros((L, F), np.float32)
+    experts = np.zeros((L, spec.num_experts, F), np.float32)
+    for l in range(L):
+        s = spec.shared_idx_LxFs[l]
+        shared[l, s[s >= 0]] = 1
+        for e in range(spec.num_experts):
+            x = spec.expert_idx_LxExFe[l, e]
+            experts[l, e, x[x >= 0]] = 1
+    return shared, experts
+
+
+def dense_masked_ffn(shared_mask_F, expert_masks_ExF, routing):
+    """Reference FFN: the dense FFN with each token's channel mask (shared + weighted experts)."""
+    experts_BxSxK, weights_BxSxK = routing
+
+    def ffn(lp, x_BxSxD, layer):
+        gu = jnp.einsum("bsd,dgf->bsgf", x_BxSxD, lp["w_gate_up"])
+        h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        em = jnp.asarray(expert_masks_ExF)[layer][experts_BxSxK]  # [B, S, K, F]
+        m = jnp.asarray(shared_mask_F)[layer] + jnp.einsum("bskf,bsk->bsf", em, weights_BxSxK)
+        return (h * m.astype(h.dtype)) @ lp["w_down"], None
+
+    return ffn
+
+
+def static_pruned_params(dense: Params, scores_ExLxF: np.ndarray, remain_rate: float):
+    """Baseline: a dense model keeping the top channels of the domain-averaged statistics.
+    Returns (params, ffn_width); use with cfg.replace(ffn_dim=ffn_width)."""
+    avg = np.asarray(scores_ExLxF).mean(0, keepdims=True)
+    mask = top_channel_masks(avg, remain_rate)[0]  # [L, F]
+    layers = dense["layers"]
+    wgu, wdn = np.asarray(layers["w_gate_up"]), np.asarray(layers["w_down"])
+    idx = np.stack([np.flatnonzero(m) for m in mask])  # [L, k]
+    gu = np.stack([wgu[l][..., idx[l]] for l in range(len(idx))])
+    dn = np.stack([wdn[l][idx[l]] for l in range(len(idx))])
+    dt = layers["w_gate_up"].dtype
+    new_layers = {**layers, "w_gate_up": jnp.asarray(gu, dt), "w_down": jnp.asarray(dn, dt)}
+    return {**dense, "layers": new_layers}, idx.shape[1]
+
+
+def active_ffn_fraction(spec: ExpertSpec, F: int, top_k: int = 1) -> float:
+    """Mean fraction of FFN channels active per token (shared + k average experts)."""
+    per_layer = spec.shared_widths + top_k * spec.expert_widths.mean(-1)
+    return float(per_layer.mean() / F)
