@@ -101,6 +101,7 @@ class MCResult:
     per_subject: dict[str, dict[str, float]]  # subject -> {"correct", "n", "acc"}
     predictions: list[int]  # chosen choice per scored question, in input order
     answers: list[int]
+    scores: list[list[float]]  # log-likelihood of each continuation, per question
 
     @property
     def n(self) -> int:
@@ -195,4 +196,4 @@ def score_multiple_choice(
         s["n"] += 1
     for s in per.values():
         s["acc"] = s["correct"] / s["n"]
-    return MCResult(dict(per), preds, answers)
+    return MCResult(dict(per), preds, answers, scores.tolist())

@@ -2,10 +2,12 @@
 
 Windows follow the Hugging Face transformers doc "Perplexity of fixed-length models": window k
 covers tokens [k*stride, min(k*stride + max_length, T)) and scores only the tokens after the end
-of window k-1; the loop stops at the first window that reaches T. Token 0 is never scored, so
-every token 1..T-1 is scored exactly once, each with at most `max_length - 1` tokens of context.
-(The doc multiplies each window's mean loss by `valid - batch_size`, which undercounts later
-windows by one token; we sum per-token NLLs, so the total is exact.)
+of window k-1; the loop stops at the first window that reaches T. A window's first token has no
+context and is never scored: with stride < max_length every token 1..T-1 is scored once (with at
+least max_length - stride tokens of context after the first window); with stride == max_length
+the windows are disjoint and each window's first token goes unscored, as in the doc. (The doc
+multiplies each window's mean loss by `valid - batch_size`, one token short for overlapping
+windows; we sum per-token NLLs, so totals are exact.)
 
 A model is `logits_fn(params, tokens_BxS) -> logits_BxSxV`; `params` is any pytree (the MoE
 passes its experts and router together). The log-softmax over V is reduced inside jit.
@@ -51,7 +53,7 @@ def sliding_windows(n_tokens: int, max_length: int, stride: int | None = None) -
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + max_length, n_tokens)
-        out.append(Window(begin, end, max(prev_end, 1)))
+        out.append(Window(begin, end, max(prev_end, begin + 1)))
         prev_end = end
         if end == n_tokens:
             break
