@@ -24,7 +24,7 @@ CFG = LlamaConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, f
 
 @pytest.fixture(scope="module")
 def params():
-    return llama.init_params(CFG, jax.random.key(0))
+    return jax.jit(llama.init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,12 @@ def tokens():
     return np.random.default_rng(0).integers(0, CFG.vocab_size, size=61).astype(np.int32)
 
 
+_forward = jax.jit(llama.forward, static_argnames=("cfg",))
+
+
 def _np_logits(params, ids) -> np.ndarray:
-    logits, _, _ = llama.forward(params, np.asarray(ids, np.int32)[None], CFG)
+    """The model's logits for one sequence, unbatched (the reference scores them in NumPy)."""
+    logits, _, _ = _forward(params, np.asarray(ids, np.int32)[None], CFG)
     return np.asarray(logits[0], np.float64)
 
 
@@ -133,7 +137,7 @@ def test_fidelity_of_identical_models_is_perfect(params, tokens):
 
 
 def test_fidelity_matches_numpy_kl_for_different_models(params, tokens):
-    other = llama.init_params(CFG, jax.random.key(1))
+    other = jax.jit(llama.init_params, static_argnums=0)(CFG, jax.random.key(1))
     other = jax.tree.map(lambda a: a * 3.0, other)  # sharper logits, so the models disagree
     f = dense_logits_fn(CFG)
     ids = tokens[:30]

@@ -29,9 +29,14 @@ def _abs_act_ffn(lp, x_BxSxD, layer):
 
 @partial(jax.jit, static_argnames=("cfg",))
 def _batch_sum(params, tokens_BxS, mask_BxS, cfg: LlamaConfig):
-    """Sum over unmasked tokens of |h| per layer: [L, F]."""
-    _, _, a_LxBxSxF = llama.forward(params, tokens_BxS, cfg, ffn=_abs_act_ffn, return_hidden=True)
-    return jnp.einsum("lbsf,bs->lf", a_LxBxSxF, mask_BxS.astype(jnp.float32))
+    """Sum over unmasked tokens of |h| per layer: [L, F] (reduced inside each layer)."""
+    m = mask_BxS.astype(jnp.float32)
+
+    def ffn(lp, x, layer):
+        y, a_BxSxF = _abs_act_ffn(lp, x, layer)
+        return y, jnp.einsum("bsf,bs->f", a_BxSxF, m)
+
+    return llama.forward(params, tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2]
 
 
 @partial(jax.jit, static_argnames=("cfg",))

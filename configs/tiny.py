@@ -1,0 +1,19 @@
+"""Tiny random-weight config for tests: the whole pipeline in seconds."""
+
+from configs.smollm2_135m import get_config as _base
+
+
+def get_config():
+    c = _base()
+    c.name = "tiny"
+    c.run_dir = "runs/tiny"
+    c.model.checkpoint = "random:vocab=49152,dim=32,layers=2,heads=4,kv_heads=2,ffn=64"
+    c.calib.num_sequences = 2
+    c.calib.seq_len = 64
+    c.data.seq_len = 64
+    c.router.dim = 16
+    c.router.n_heads = 2
+    c.router.ffn_dim = 32
+    c.eval.seq_len = 64
+    c.eval.max_tokens_per_domain = 256
+    return c
