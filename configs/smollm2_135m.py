@@ -3,7 +3,7 @@
   python launch/train.py --config configs/smollm2_135m.py [--config.key=value ...]
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config() -> ConfigDict:
@@ -50,4 +50,51 @@ def get_config() -> ConfigDict:
     c.eval.seq_len = 512
     c.eval.max_tokens_per_domain = 16384
     c.eval.batch_size = 4
+    # Training (readme_jax/train): keys left at None come from train.presets[c.preset].
+    c.train = ConfigDict()
+    c.train.rounds = config_dict.placeholder(int)
+    c.train.router_steps = config_dict.placeholder(int)  # paper: 100 (batch 64 x 4096)
+    c.train.expert_steps = config_dict.placeholder(int)  # paper: 200 (batch 128 x 4096)
+    c.train.batch_size = config_dict.placeholder(int)  # global sequences per expert step
+    c.train.router_batch_size = config_dict.placeholder(int)  # 0 = batch_size
+    c.train.seq_len = config_dict.placeholder(int)
+    c.train.router_lr = config_dict.placeholder(float)  # paper: 5e-4
+    c.train.expert_lr = config_dict.placeholder(float)  # paper: 5e-5
+    c.train.save_every = config_dict.placeholder(int)  # checkpoint every N steps (and phase ends)
+    c.train.baselines = config_dict.placeholder(str)  # "layerwise,static" (same data and tokens)
+    c.train.micro_batch = config_dict.placeholder(int)  # grad accumulation; 0 = whole batch
+    c.train.lr_decay = 0.8  # peak LR x0.8 per round
+    c.train.warmup_frac = 0.0
+    c.train.min_lr_frac = 0.1
+    c.train.weight_decay = 0.01
+    c.train.clip_norm = 1.0
+    c.train.expert_params = "ffn"  # "ffn" or "backbone" (everything but the router)
+    c.train.lm_weight = 1.0  # expert phase: lm_weight * CE + kd_weight * KL(teacher || student)
+    c.train.kd_weight = 1.0
+    c.train.temperature = 1.0
+    c.train.target_top_frac = 0.5  # routing target: a token's top-50% dense channels (Eq. 4)
+    c.train.target_shared = True  # count the shared expert's channels too (shared ∪ private)
+    c.train.head_chunk = 512  # tokens per LM-head chunk (the [T, V] logits never exist at once)
+    c.train.compute_dtype = "float32"  # or "bfloat16" (f32 master weights)
+    c.train.dispatch = ""  # MoE dispatch while training ("" = the model's)
+    c.train.remat = False
+    c.train.keep = 3
+    c.train.stop_after = 0  # debug: end after N steps as if killed
+    c.train.save_router_snapshot = True
+    c.train.num_threads = 2
+    c.train.presets = ConfigDict({
+        # ~4 min of training on 2 CPU cores: 2 rounds x (4 router + 8 expert) x 1024 tokens
+        "demo": dict(rounds=2, router_steps=4, expert_steps=8, batch_size=4, seq_len=256,
+                     router_lr=2e-3, expert_lr=2e-4, save_every=4, baselines="",
+                     router_batch_size=0, micro_batch=0),
+        # real results (hours on CPU): 4 rounds x (25 + 50 steps) x 4096 tokens = 1.2M tokens
+        "full": dict(rounds=4, router_steps=25, expert_steps=50, batch_size=8, seq_len=512,
+                     router_lr=1e-3, expert_lr=1e-4, save_every=10, baselines="layerwise,static",
+                     router_batch_size=0, micro_batch=0),
+    })
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp/expert
+    c.mesh.fsdp = 1
+    c.mesh.expert = 1
     return c

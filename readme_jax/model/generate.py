@@ -160,7 +160,10 @@ def _logits(params, tokens_BxS, cfg):
 def greedy_by_reforward(params, cfg: LlamaConfig, prompt: Sequence[int], n: int) -> list[int]:
     """Reference greedy decoding that re-runs the full forward each step (no KV cache)."""
     ids = list(prompt)
+    width = _bucket(len(prompt) + n, 16)  # one shape: causal masking makes right-padding inert
     for _ in range(n):
-        logits = _logits(params, jnp.asarray([ids], jnp.int32), cfg)
-        ids.append(int(jnp.argmax(logits[0, -1])))
+        row = np.zeros((1, width), np.int32)
+        row[0, : len(ids)] = ids
+        logits = _logits(params, jnp.asarray(row), cfg)
+        ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
     return ids[len(prompt) :]

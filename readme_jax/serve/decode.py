@@ -1,0 +1,282 @@
+"""Jitted prefill and decode steps of the Read-ME MoE over a fixed set of request slots.
+
+Dimension letters: N request slots, Q prefill chunk, T context, L layers, D width, E experts,
+C expert slots, K experts per token (top-k), V vocab.
+
+The backbone's routed experts are not part of the step's parameters: every step reads them from
+an expert slot buffer (`OffloadedExpertStore.slots`, a list over L of {"gate_up": [C, D, 2, Fe],
+"down": [C, Fe, D]}) through a per-token slot index that the host maps from the expert cache.
+The all-resident server is the same code with C = E slots holding experts 0..E-1.
+
+Steps (both donate the backbone KV cache and the router KV cache):
+  prefill  one request, one chunk of at most Q consecutive prompt tokens, shape [1, Q]; the row
+           of the request slot is cut out of the caches, extended, and written back.
+  decode   every slot, one token each, shape [N, 1]; inactive rows do not advance.
+Both then sample the next token (per-row temperature / top-k / top-p, per-request key
+fold_in(key(seed), index of the token)) and run the router on it at once, so each step returns
+the next token *and its expert*: the host knows every request's next expert before the next step.
+
+Exactness: on XLA:CPU a row of a matmul depends on the matmul's shape but not on the other rows,
+and shapes here never depend on the batch or the cache: decode is always [N, 1], prefill always
+[1, Q] whatever the chunking, a request's key depends on the request alone. So a request's
+tokens do not depend on batching, cache policy, capacity or chunking (tested bitwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from readme_jax.model import llama, moe
+from readme_jax.model.readme import ReadMEConfig
+from readme_jax.model.router import router_logits, top_k_routing
+from readme_jax.model.sampling import SamplingParams, sample
+
+Params = dict[str, Any]
+EXPERT_KEYS = ("expert_gate_up", "expert_down")
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclasses.dataclass
+class ServeParams:
+    """A Read-ME model split for serving.
+
+    backbone: decode layout (per-layer list) without routed experts or layer-wise gates.
+    router: pre-gating router params. experts: host NumPy {"gate_up": [E, L, D, 2, Fe],
+    "down": [E, L, Fe, D]}, expert-major so that one expert is one contiguous slice.
+    """
+
+    rc: ReadMEConfig
+    backbone: Params
+    router: Params
+    experts: dict[str, np.ndarray]
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts["gate_up"].shape[0]
+
+
+def split_params(rc: ReadMEConfig, params: Params) -> ServeParams:
+    """{"backbone", "router"} Read-ME params -> `ServeParams` (experts moved to host)."""
+    if rc.moe.layerwise or "router" not in params:
+        raise ValueError("serving needs a pre-gating (router-decoupled) Read-ME model")
+    bb = llama.stack_layers(params["backbone"])
+    layers = bb["layers"]
+    experts = {
+        "gate_up": np.ascontiguousarray(np.moveaxis(np.asarray(layers["expert_gate_up"]), 1, 0)),
+        "down": np.ascontiguousarray(np.moveaxis(np.asarray(layers["expert_down"]), 1, 0)),
+    }
+    rest = {k: v for k, v in layers.items() if k not in (*EXPERT_KEYS, "gate")}
+    backbone = llama.unstack_layers({**bb, "layers": rest})
+    return ServeParams(rc.replace(model=rc.model.replace(scan_layers=False)), backbone,
+                       params["router"], experts)  # fmt: skip
+
+
+def resident_slots(experts: dict[str, np.ndarray]) -> list[Params]:
+    """All E experts as slot buffers (slot e = expert e): the no-offload layout."""
+    L = experts["gate_up"].shape[1]
+    return [{k: jnp.asarray(v[:, l]) for k, v in experts.items()} for l in range(L)]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def slot_ffn(slots_L: list[Params], slot_BxSxK: jax.Array, weights_BxSxK: jax.Array):
+    """FFN for `llama.forward`: shared expert + the routed experts read from slot buffers.
+
+    Weight-0 tokens (inactive rows, padding) trigger no expert; per slot, the expert runs only
+    when some token uses it (`moe.select_experts`), so only the needed slots are read."""
+
+    def ffn(lp: Params, x_BxSxD: jax.Array, layer: int):
+        B, S, D = x_BxSxD.shape
+        x_TxD = x_BxSxD.reshape(B * S, D)
+        sl = slots_L[layer]
+        y = moe.select_experts(
+            x_TxD,
+            slot_BxSxK.reshape(B * S, -1),
+            weights_BxSxK.reshape(B * S, -1),
+            sl["gate_up"],
+            sl["down"],
+        )
+        return (y + moe.shared_ffn(lp, x_TxD)).reshape(B, S, D), None
+
+    return ffn
+
+
+def sample_rows(logits_BxV, temp_B, top_k_B, top_p_B, seed_B, count_B) -> jax.Array:
+    """Next token per row; row b's randomness is key fold_in(key(seed_b), count_b) alone."""
+    greedy = jnp.argmax(logits_BxV.astype(jnp.float32), axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed_B, count_B)
+        one = lambda l, k, t, tk, tp: sample(l[None], k, t[None], tk[None], tp[None])[0]
+        return jax.vmap(one)(logits_BxV, keys, temp_B, top_k_B, top_p_B)
+
+    return jax.lax.cond(jnp.any(temp_B > 0), sampled, lambda _: greedy, None)
+
+
+def _route(router, tok_BxS, rc: ReadMEConfig, rcache, n_B):
+    logits, rcache = router_logits(router, tok_BxS, rc.router, rc.model, cache=rcache, num_new_B=n_B)
+    experts, weights = top_k_routing(logits, rc.moe.top_k, rc.moe.gate_scaling)
+    return experts, weights, rcache
+
+
+def _row(cache: Params, row: jax.Array, start: jax.Array) -> Params:
+    """Row `row` of a slot cache as a batch-1 cache whose length is reset to `start`."""
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1)
+    return {"k": take(cache["k"]), "v": take(cache["v"]), "lengths": start[None]}
+
+
+def _put_row(cache: Params, rc1: Params, row: jax.Array) -> Params:
+    put = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, row, axis=1)
+    lengths = jax.lax.dynamic_update_slice_in_dim(cache["lengths"], rc1["lengths"], row, axis=0)
+    return {"k": put(cache["k"], rc1["k"]), "v": put(cache["v"], rc1["v"]), "lengths": lengths}
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def prefill_step(
+    backbone, router, slots, cache, rcache, row, start, tok_Q, n, slot_QxK, w_QxK, is_last,
+    sp_row, *, rc: ReadMEConfig,
+):  # fmt: skip
+    """Extend slot `row` (already holding `start` tokens) by prompt tokens tok_Q[:n].
+
+    sp_row: (temperature, top_k, top_p, seed, count) scalars of the request. Returns (next token,
+    its experts [K], weights [K], cache, rcache); the next token and its router KV only count
+    when `is_last` (the chunk ends the prompt)."""
+    cfg = rc.model
+    Q = tok_Q.shape[0]
+    w_QxK = jnp.where((jnp.arange(Q) < n)[:, None], w_QxK, 0.0)
+    ffn = slot_ffn(slots, slot_QxK[None], w_QxK[None])
+    c1 = _row(cache, row, start)
+    h_1xQxD, c1, _ = llama.forward(
+        backbone, tok_Q[None], cfg, cache=c1, num_new_B=n[None], ffn=ffn, return_hidden=True
+    )
+    last_1x1xD = jax.lax.dynamic_slice_in_dim(h_1xQxD, n - 1, 1, axis=1)
+    logits_1xV = llama.lm_head(backbone, last_1x1xD, cfg)[:, 0]
+    nxt_1 = sample_rows(logits_1xV, *(jnp.asarray(x)[None] for x in sp_row))
+    r1 = _row(rcache, row, start)
+    _, r1 = router_logits(router, tok_Q[None], rc.router, cfg, cache=r1, num_new_B=n[None])
+    experts, weights, r1 = _route(router, nxt_1[:, None], rc, r1, is_last[None])
+    cache, rcache = _put_row(cache, c1, row), _put_row(rcache, r1, row)
+    return nxt_1[0], experts[0, 0], weights[0, 0], cache, rcache
+
+
+def decode_step(
+    backbone, router, slots, cache, rcache, tok_N, slot_NxK, w_NxK, active_N, sp_N,
+    *, rc: ReadMEConfig,
+):  # fmt: skip
+    """One token for every active slot. sp_N: (temperature, top_k, top_p, seed, count) [N].
+
+    Returns (next tokens [N], their experts [N, K], weights [N, K], cache, rcache)."""
+    cfg = rc.model
+    n_N = active_N.astype(jnp.int32)
+    w_NxK = jnp.where(active_N[:, None], w_NxK, 0.0)
+    ffn = slot_ffn(slots, slot_NxK[:, None], w_NxK[:, None])
+    h_Nx1xD, cache, _ = llama.forward(
+        backbone, tok_N[:, None], cfg, cache=cache, num_new_B=n_N, ffn=ffn, return_hidden=True
+    )
+    nxt_N = sample_rows(llama.lm_head(backbone, h_Nx1xD, cfg)[:, 0], *sp_N)
+    experts, weights, rcache = _route(router, nxt_N[:, None], rc, rcache, n_N)
+    return nxt_N, experts[:, 0], weights[:, 0], cache, rcache
+
+
+def route_prompt_fn(router, tok_1xS, *, rc: ReadMEConfig):
+    """Experts and weights [1, S, K] of prompt tokens (no cache: at arrival)."""
+    logits, _ = router_logits(router, tok_1xS, rc.router, rc.model)
+    return top_k_routing(logits, rc.moe.top_k, rc.moe.gate_scaling)
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+def _bucket(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+class SlotDecoder:
+    """Compiled steps over `num_slots` request slots with a context of `max_len` tokens.
+
+    Holds the KV caches; the caller owns the expert slot buffers and the slot index maps."""
+
+    def __init__(self, sp: ServeParams, num_slots: int, max_len: int, prefill_chunk: int = 32):
+        cfg = sp.rc.model
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model context {cfg.max_seq_len}")
+        self.sp, self.rc = sp, sp.rc
+        self.num_slots, self.max_len, self.chunk = num_slots, max_len, prefill_chunk
+        self.top_k = sp.rc.moe.top_k
+        self._prefill = jax.jit(partial(prefill_step, rc=self.rc), donate_argnums=(3, 4))
+        self._decode = jax.jit(partial(decode_step, rc=self.rc), donate_argnums=(3, 4))
+        self._route = jax.jit(partial(route_prompt_fn, rc=self.rc))
+        self.reset()
+
+    def reset(self) -> None:
+        from readme_jax.model.router import init_router_cache
+
+        # committed like the step outputs, so the second call does not recompile
+        dev = jax.devices()[0]
+        self.cache = jax.device_put(
+            llama.init_cache(self.rc.model, self.num_slots, self.max_len), dev
+        )
+        self.rcache = jax.device_put(
+            init_router_cache(self.rc.router, self.rc.model, self.num_slots, self.max_len), dev
+        )
+
+    def route_prompt(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(experts [S, K] int, weights [S, K]) of a prompt."""
+        S = len(tokens)
+        buf = np.zeros((1, _bucket(S)), np.int32)
+        buf[0, :S] = tokens
+        e, w = self._route(self.sp.router, jnp.asarray(buf))
+        return np.asarray(e[0, :S]), np.asarray(w[0, :S])
+
+    def prefill(self, slots, row, start, tokens, slot_ids, weights, is_last, sp_row):
+        """Dispatch one prefill chunk (len <= chunk); returns device (tok, experts, weights)."""
+        n = len(tokens)
+        Q, K = self.chunk, self.top_k
+        tok = np.zeros(Q, np.int32)
+        tok[:n] = tokens
+        sl = np.zeros((Q, K), np.int32)
+        sl[:n] = slot_ids
+        w = np.zeros((Q, K), np.float32)
+        w[:n] = weights
+        out = self._prefill(
+            self.sp.backbone, self.sp.router, slots, self.cache, self.rcache,
+            np.int32(row), np.int32(start), tok, np.int32(n), sl, w, np.int32(is_last),
+            _sp_arrays(sp_row),
+        )  # fmt: skip
+        nxt, e, wt, self.cache, self.rcache = out
+        return nxt, e, wt
+
+    def decode(self, slots, tok_N, slot_NxK, w_NxK, active_N, sp_N):
+        """Dispatch one decode step over all slots; returns device (tok [N], experts, weights)."""
+        nxt, e, w, self.cache, self.rcache = self._decode(
+            self.sp.backbone, self.sp.router, slots, self.cache, self.rcache,
+            np.asarray(tok_N, np.int32), np.asarray(slot_NxK, np.int32),
+            np.asarray(w_NxK, np.float32), np.asarray(active_N, bool), _sp_arrays(sp_N),
+        )  # fmt: skip
+        return nxt, e, w
+
+
+def _sp_arrays(sp) -> tuple:
+    t, k, p, seed, count = sp
+    return (
+        np.asarray(t, np.float32),
+        np.asarray(k, np.int32),
+        np.asarray(p, np.float32),
+        np.asarray(seed, np.uint32),
+        np.asarray(count, np.int32),
+    )
+
+
+def sampling_tuple(sp: SamplingParams, seed: int, count: int) -> tuple:
+    return (sp.temperature, sp.top_k, sp.top_p, seed, count)

@@ -1,0 +1,223 @@
+"""Training losses: routing distillation (paper Eq. 4), LM cross-entropy, KL to the teacher.
+
+Routing target: in layer l, a token's own top `top_frac` dense FFN channels (by |h|, the input
+of down_proj) are counted inside each expert's channel set shared_l ∪ private_{l,e}; the counts
+are summed over layers and normalised over experts. The router is trained with
+KL(target ‖ softmax(router logits)). The counts are computed inside the frozen teacher's forward
+(`coverage_ffn`), so the [L, B, S, F] activations are never materialised.
+
+The LM head over a large vocabulary dominates the step, so `head_loss` computes CE and KL in
+token chunks and forms the gradients in the same pass (a custom VJP): [T, V] logits exist one
+chunk at a time, and the student head costs three matmuls, not four (no recompute).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+
+# ---------------------------------------------------------------- routing targets
+def top_channel_mask(abs_h_XxF: jax.Array, top_frac: float) -> jax.Array:
+    """1.0 where a channel is among the token's top `top_frac` by |h| (ties at the threshold
+    count as in), float [..., F]."""
+    F = abs_h_XxF.shape[-1]
+    k = max(1, int(round(top_frac * F)))
+    thr = jnp.sort(abs_h_XxF, axis=-1)[..., F - k : F - k + 1]
+    return (abs_h_XxF >= thr).astype(jnp.float32)
+
+
+def layer_coverage(abs_h_BxSxF: jax.Array, union_FxE: jax.Array, top_frac: float) -> jax.Array:
+    """How many of each token's top channels each expert covers in one layer: [B, S, E]."""
+    m = top_channel_mask(abs_h_BxSxF.astype(jnp.float32), top_frac)
+    return jnp.einsum("bsf,fe->bse", m, union_FxE.astype(jnp.float32))
+
+
+def union_masks(shared_LxF, experts_LxExF) -> jax.Array:
+    """Channels a token routed to expert e uses: shared ∪ private_e, float [L, F, E]."""
+    u = jnp.maximum(jnp.asarray(shared_LxF)[:, None, :], jnp.asarray(experts_LxExF))
+    return jnp.swapaxes(u, 1, 2).astype(jnp.float32)
+
+
+def normalize_counts(counts_XxE: jax.Array) -> jax.Array:
+    return counts_XxE / jnp.maximum(jnp.sum(counts_XxE, axis=-1, keepdims=True), 1e-9)
+
+
+def routing_targets(abs_act_LxBxSxF, union_LxFxE, top_frac: float = 0.5) -> jax.Array:
+    """Eq. 4 from materialised activations (reference; training uses `coverage_ffn`): [B, S, E]."""
+    cov = jax.vmap(lambda a, u: layer_coverage(a, u, top_frac))(abs_act_LxBxSxF, union_LxFxE)
+    return normalize_counts(jnp.sum(cov, axis=0))
+
+
+def coverage_ffn(union_LxFxE: jax.Array, top_frac: float):
+    """A dense FFN for `llama.forward` whose per-layer aux is the coverage counts [B, S, E]."""
+
+    def ffn(lp: Params, x_BxSxD: jax.Array, layer):
+        gu = jnp.einsum("bsd,dgf->bsgf", x_BxSxD, lp["w_gate_up"])
+        h_BxSxF = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        cov = layer_coverage(jnp.abs(h_BxSxF), union_LxFxE[layer], top_frac)
+        return h_BxSxF @ lp["w_down"], cov
+
+    return ffn
+
+
+# ---------------------------------------------------------------- routing losses and metrics
+def routing_kl(target_BxSxE, logits_BxSxE, mask_BxS) -> jax.Array:
+    """Mean over unmasked tokens of KL(target ‖ softmax(logits))."""
+    logq = jax.nn.log_softmax(logits_BxSxE.astype(jnp.float32), axis=-1)
+    p = target_BxSxE.astype(jnp.float32)
+    kl = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0), -1)
+    m = mask_BxS.astype(jnp.float32)
+    return jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def routing_metrics(experts_BxS, domain_BxS, mask_BxS, n_domains: int, n_experts: int,
+                    logits_BxSxE=None, target_BxSxE=None) -> dict[str, jax.Array]:  # fmt: skip
+    """Sums (divide by "tokens" on the host): router entropy, accuracy against the target's
+    argmax, and the expert load per domain [n_domains, E] (token counts)."""
+    m = mask_BxS.astype(jnp.float32)
+    out = {"tokens": jnp.sum(m)}
+    if logits_BxSxE is not None:
+        logp = jax.nn.log_softmax(logits_BxSxE.astype(jnp.float32), axis=-1)
+        out["entropy"] = jnp.sum(-jnp.sum(jnp.exp(logp) * logp, -1) * m)
+    if target_BxSxE is not None:
+        hit = experts_BxS == jnp.argmax(target_BxSxE, axis=-1)
+        out["router_acc"] = jnp.sum(hit * m)
+    oh_e = jax.nn.one_hot(experts_BxS, n_experts) * m[..., None]
+    oh_d = jax.nn.one_hot(domain_BxS, n_domains)
+    out["load"] = jnp.einsum("bsd,bse->de", oh_d, oh_e)
+    return out
+
+
+# ---------------------------------------------------------------- LM head losses
+def _chunks(x, n, c):
+    pad = n * c - x.shape[0]
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(n, c, *x.shape[1:])
+
+
+def _logits(h_CxD, w, transposed):
+    spec = "cd,dv->cv" if transposed else "cd,vd->cv"
+    return jnp.einsum(spec, h_CxD, w, preferred_element_type=jnp.float32)
+
+
+def _chunk_terms(h, w, th, tw, y, wt, cfg):
+    """Per-chunk loss sums and dL/dlogits (already weighted), for CE and/or KL to teacher."""
+    lm_w, kd_w, temp, transposed = cfg
+    z = _logits(h, w, transposed)
+    ls = jax.nn.log_softmax(z, axis=-1)
+    ce = -jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0]
+    onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]
+    gz = lm_w * (jnp.exp(ls) - onehot)
+    sums = {"ce": jnp.sum(ce * wt)}
+    if kd_w:
+        zt = _logits(th, tw, transposed)
+        lt = jax.nn.log_softmax(zt / temp, axis=-1)
+        lsT = jax.nn.log_softmax(z / temp, axis=-1) if temp != 1.0 else ls
+        pt = jnp.exp(lt)
+        kl = jnp.sum(pt * (lt - lsT), axis=-1) * temp**2
+        gz = gz + kd_w * temp * (jnp.exp(lsT) - pt)
+        sums["kl"] = jnp.sum(kl * wt)
+        agree = jnp.argmax(z, -1) == jnp.argmax(zt, -1)
+        sums["top1_agree"] = jnp.sum(agree * wt)
+    sums["loss"] = lm_w * sums["ce"] + kd_w * sums.get("kl", 0.0)
+    return sums, gz * wt[:, None]
+
+
+def _head_scan(h, w, th, tw, y, wt, chunk, cfg, with_grads, need_w_grad):
+    T, D = h.shape
+    n = -(-T // chunk)
+    xs = tuple(_chunks(a, n, chunk) for a in (h, th, y, wt))
+    w32 = w.astype(jnp.float32)
+
+    def body(dw, x):
+        hc, thc, yc, wc = x
+        sums, gz = _chunk_terms(hc, w, thc, tw, yc, wc, cfg)
+        if not with_grads:
+            return dw, (sums, None)
+        transposed = cfg[3]
+        dh = (gz @ w32.T if transposed else gz @ w32).astype(h.dtype)
+        if need_w_grad:
+            hc32 = hc.astype(jnp.float32)
+            dw = dw + (hc32.T @ gz if transposed else gz.T @ hc32)
+        return dw, (sums, dh)
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if (with_grads and need_w_grad) else None
+    dw, (sums, dh) = jax.lax.scan(body, dw0, xs)
+    sums = jax.tree.map(jnp.sum, sums)
+    if with_grads:
+        dh = dh.reshape(n * chunk, D)[:T]
+    return sums, dh, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _head_loss(h, w, th, tw, y, wt, chunk, cfg, need_w_grad):
+    sums, _, _ = _head_scan(h, w, th, tw, y, wt, chunk, cfg, False, need_w_grad)
+    return sums["loss"], sums
+
+
+def _head_fwd(h, w, th, tw, y, wt, chunk, cfg, need_w_grad):
+    sums, dh, dw = _head_scan(h, w, th, tw, y, wt, chunk, cfg, True, need_w_grad)
+    return (sums["loss"], sums), (dh, dw, w)
+
+
+def _head_bwd(chunk, cfg, need_w_grad, res, ct):
+    dh, dw, w = res
+    g = ct[0]
+    dw_out = (dw * g).astype(w.dtype) if need_w_grad else jnp.zeros_like(w)
+    return ((dh * g.astype(dh.dtype)), dw_out, None, None, None, None)
+
+
+_head_loss.defvjp(_head_fwd, _head_bwd)
+
+
+def head_loss(
+    h_TxD: jax.Array,
+    w_head: jax.Array,
+    targets_T: jax.Array,
+    weight_T: jax.Array,
+    *,
+    teacher_h_TxD: jax.Array | None = None,
+    teacher_w_head: jax.Array | None = None,
+    lm_weight: float = 1.0,
+    kd_weight: float = 0.0,
+    temperature: float = 1.0,
+    transposed: bool = False,
+    chunk: int = 512,
+    need_w_grad: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """sum_t weight_t * (lm_weight * CE_t + kd_weight * T^2 * KL(teacher_t ‖ student_t) at
+    temperature T), and the weighted sums of "ce", "kl", "top1_agree" (student vs teacher argmax).
+
+    w_head is [V, D] (tied embedding) or [D, V] with transposed=True. Differentiable in h_TxD and
+    w_head (w_head's gradient is skipped, and reported as zero, with need_w_grad=False)."""
+    kd = float(kd_weight) if teacher_h_TxD is not None else 0.0
+    th = teacher_h_TxD if teacher_h_TxD is not None else h_TxD
+    tw = teacher_w_head if teacher_w_head is not None else w_head
+    cfg = (float(lm_weight), kd, float(temperature), bool(transposed))
+    chunk = int(min(chunk, h_TxD.shape[0]))
+    return _head_loss(
+        h_TxD, w_head, jax.lax.stop_gradient(th), jax.lax.stop_gradient(tw),
+        targets_T.astype(jnp.int32), weight_T.astype(jnp.float32), chunk, cfg, bool(need_w_grad),
+    )
+
+
+def reference_head_loss(h_TxD, w_head, targets_T, weight_T, *, teacher_h_TxD=None,
+                        teacher_w_head=None, lm_weight=1.0, kd_weight=0.0, temperature=1.0,
+                        transposed=False):  # fmt: skip
+    """The same loss with full [T, V] logits and plain autodiff (tests)."""
+    z = _logits(h_TxD, w_head, transposed)
+    ls = jax.nn.log_softmax(z, -1)
+    ce = -jnp.take_along_axis(ls, targets_T[:, None], -1)[:, 0]
+    loss = lm_weight * jnp.sum(ce * weight_T)
+    if teacher_h_TxD is not None and kd_weight:
+        lt = jax.nn.log_softmax(_logits(teacher_h_TxD, teacher_w_head, transposed) / temperature)
+        lsT = jax.nn.log_softmax(z / temperature, -1)
+        kl = jnp.sum(jnp.exp(lt) * (lt - lsT), -1) * temperature**2
+        loss = loss + kd_weight * jnp.sum(kl * weight_T)
+    return loss

@@ -1,0 +1,102 @@
+"""Shared setup for the training tests: a tiny random teacher, four real-text domains from
+tests/data/corpus tokenized to bytes, and the refactored Read-ME model in a run directory.
+(No tests here; the other test_train_* modules import it.)"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+from ml_collections import ConfigDict
+
+from readme_jax.model import llama
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.moe import MoEConfig
+from readme_jax.model.readme import ReadMEConfig
+from readme_jax.model.router import RouterConfig
+from readme_jax.refactor import convert as cv
+
+CORPUS = Path(__file__).parent / "data" / "corpus"
+SEQ = 32
+
+
+class ByteTokenizer:
+    """UTF-8 bytes; id 0 is EOS (text never contains NUL)."""
+
+    name = "bytes-test"
+    eos_id = 0
+    vocab_size = 256
+
+    def encode(self, text: str, add_bos=None) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def _domains(root: Path) -> dict[str, str]:
+    austen = sorted((CORPUS / "austen").glob("*.txt"))
+    out = {}
+    for name, prefix in (("pride", "prideprejudice"), ("persuasion", "persuasion")):
+        d = root / "src" / name
+        d.mkdir(parents=True, exist_ok=True)
+        for f in austen:
+            if f.name.startswith(prefix):
+                shutil.copy(f, d / f.name)
+        out[name] = str(d)
+    out["drama"] = str(CORPUS / "shakespeare")
+    out["whaling"] = str(CORPUS / "melville.jsonl")
+    return out
+
+
+def teacher_cfg() -> LlamaConfig:
+    return LlamaConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                       tie_embeddings=True, max_seq_len=256, eos_ids=(0,))  # fmt: skip
+
+
+def make_config(root: Path, domains: dict[str, str]) -> ConfigDict:
+    from configs.tiny import get_config
+
+    c = get_config()
+    c.run_dir = str(root / "run")
+    c.model.checkpoint = "random:test"  # the teacher is passed in
+    c.data.domains = ",".join(f"{k}={v}" for k, v in domains.items())
+    c.data.cache = str(root / "cache")
+    c.train.rounds = 2
+    c.train.router_steps = 2
+    c.train.expert_steps = 2
+    c.train.batch_size = 4
+    c.train.seq_len = SEQ
+    c.train.save_every = 1
+    c.train.head_chunk = 64
+    c.train.router_lr = 1e-2
+    c.train.expert_lr = 1e-2
+    c.train.save_router_snapshot = False
+    c.train.num_threads = 1
+    return c
+
+
+def build(root: Path):
+    """(config, tokenizer, (teacher cfg, params)) with RUN/moe_init written under root/run."""
+    tok = ByteTokenizer()
+    domains = _domains(root)
+    c = make_config(root, domains)
+    cfg = teacher_cfg()
+    dense = llama.init_params(cfg, jax.random.key(0))
+    recipe = {"test": True}
+    batches = cv.calibration_batches(domains, tok, 4, SEQ, "train", c.data.cache, seed=0)
+    stats = cv.calibrate(cfg, dense, batches, recipe, Path(c.run_dir) / "calib")
+    mcfg = MoEConfig(len(domains), 1, False, "ragged")
+    rcfg = RouterConfig(16, 2, 32)
+    params, spec = cv.refactor(dense, cfg, stats, 0.5, mcfg, rcfg, 0)
+    cv.save_readme(Path(c.run_dir) / "moe_init", params, ReadMEConfig(cfg, mcfg, rcfg), spec,
+                   {"recipe": recipe})  # fmt: skip
+    return c, tok, (cfg, dense)
+
+
+def copy_run(c: ConfigDict, dest: Path) -> ConfigDict:
+    """A fresh run directory holding the same moe_init and calib."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for sub in ("moe_init", "calib"):
+        shutil.copytree(Path(c.run_dir) / sub, dest / sub)
+    c2 = ConfigDict(c.to_dict())
+    c2.run_dir = str(dest)
+    return c2
