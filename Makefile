@@ -18,7 +18,7 @@ for c in "$(PYTHON)" python3.13 python3.12 python3 \
 done; exit 1
 endef
 
-.PHONY: help setup test test-all demo bench lint format fixtures clean
+.PHONY: help setup test demo bench peer lint format fixtures clean data
 
 help:
 	@echo "make demo   - set up and run the default Read-ME pipeline on SmolLM2-135M"
@@ -48,13 +48,26 @@ test: setup
 demo: setup
 	$(PY) launch/generate.py --prompt "What is the capital of France?" --chat --max_new_tokens 48
 
+# The PyTorch peer (parity fixtures, benchmarks) lives in its own Python 3.11 venv: the CPU torch
+# 2.13 wheel on this machine is built for 3.11, and torch is never a runtime dependency.
+PEER := .venv-peer
+$(PEER)/.installed:
+	@py="$$(for c in python3.11 "$$(pyenv prefix 3.11.7 2>/dev/null)/bin/python"; do \
+	  command -v "$$c" >/dev/null 2>&1 && "$$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+	  && echo "$$c" && break; done)"; \
+	[ -n "$$py" ] || { echo "no Python 3.11 for the torch peer"; exit 1; }; \
+	[ -x $(PEER)/bin/python ] || $$py -m venv $(PEER)
+	$(PEER)/bin/pip install -q torch==2.13.0 transformers safetensors numpy
+	touch $@
+
+peer: $(PEER)/.installed
+
 bench: setup
-	$(PY) -m pip install -q torch==2.13.0 || echo "torch unavailable: peer columns will be skipped"
+	@$(MAKE) --no-print-directory peer || echo "WARNING: PyTorch peer unavailable; peer columns will read n/a"
 	$(PY) tools/bench.py --out docs/benchmarks.md
 
-fixtures: setup
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) tools/make_fixtures.py
+fixtures: peer
+	$(PEER)/bin/python tools/make_fixtures.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check readme_jax launch tests tools configs

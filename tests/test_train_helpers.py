@@ -4,7 +4,9 @@ tests/data/corpus tokenized to bytes, and the refactored Read-ME model in a run 
 
 from __future__ import annotations
 
+import copy
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -17,7 +19,10 @@ from readme_jax.model.readme import ReadMEConfig
 from readme_jax.model.router import RouterConfig
 from readme_jax.refactor import convert as cv
 
-CORPUS = Path(__file__).parent / "data" / "corpus"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # configs/ is a top-level package of the repository
+    sys.path.insert(0, str(ROOT))
+CORPUS = ROOT / "tests" / "data" / "corpus"
 SEQ = 32
 
 
@@ -33,18 +38,23 @@ class ByteTokenizer:
 
 
 def _domains(root: Path) -> dict[str, str]:
-    austen = sorted((CORPUS / "austen").glob("*.txt"))
-    out = {}
-    for name, prefix in (("pride", "prideprejudice"), ("persuasion", "persuasion")):
-        d = root / "src" / name
-        d.mkdir(parents=True, exist_ok=True)
-        for f in austen:
-            if f.name.startswith(prefix):
-                shutil.copy(f, d / f.name)
-        out[name] = str(d)
-    out["drama"] = str(CORPUS / "shakespeare")
-    out["whaling"] = str(CORPUS / "melville.jsonl")
-    return out
+    """pride, persuasion (its two chapters cut into six documents), drama, whaling."""
+    src = root / "src"
+    (src / "pride").mkdir(parents=True, exist_ok=True)
+    (src / "persuasion").mkdir(parents=True, exist_ok=True)
+    for f in sorted((CORPUS / "austen").glob("prideprejudice*.txt")):
+        shutil.copy(f, src / "pride" / f.name)
+    for f in sorted((CORPUS / "austen").glob("persuasion*.txt")):
+        text = f.read_text()
+        cut = len(text) // 3
+        for i in range(3):
+            (src / "persuasion" / f"{f.stem}_{i}.txt").write_text(text[i * cut : (i + 1) * cut])
+    return {
+        "pride": str(src / "pride"),
+        "persuasion": str(src / "persuasion"),
+        "drama": str(CORPUS / "shakespeare"),
+        "whaling": str(CORPUS / "melville.jsonl"),
+    }
 
 
 def teacher_cfg() -> LlamaConfig:
@@ -71,6 +81,7 @@ def make_config(root: Path, domains: dict[str, str]) -> ConfigDict:
     c.train.expert_lr = 1e-2
     c.train.save_router_snapshot = False
     c.train.num_threads = 1
+    c.mesh.data = 1  # one device (tests run with 8 fake ones)
     return c
 
 
@@ -97,6 +108,6 @@ def copy_run(c: ConfigDict, dest: Path) -> ConfigDict:
     dest.mkdir(parents=True, exist_ok=True)
     for sub in ("moe_init", "calib"):
         shutil.copytree(Path(c.run_dir) / sub, dest / sub)
-    c2 = ConfigDict(c.to_dict())
+    c2 = copy.deepcopy(c)
     c2.run_dir = str(dest)
     return c2

@@ -45,6 +45,7 @@ class DecodeModel:
     cfg: LlamaConfig
     step: Callable[..., tuple[jax.Array, Any]]
     new_cache: Callable[[int, int], Any]
+    prepare: Callable[[Any], Any] = llama.unstack_layers  # params -> decode layout
 
 
 def dense_model(cfg: LlamaConfig) -> DecodeModel:
@@ -64,7 +65,7 @@ class Generator:
 
     def __init__(self, model: DecodeModel, params: Any):
         self.model = model
-        self.params = params if model.cfg.scan_layers else llama.unstack_layers(params)
+        self.params = params if model.cfg.scan_layers else model.prepare(params)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("sp",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("sp",), donate_argnums=(1,))
 

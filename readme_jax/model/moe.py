@@ -138,6 +138,8 @@ def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
         e_TxK = experts.reshape(B * S, -1)
         w_TxK = weights.reshape(B * S, -1)
         gu, down = lp["expert_gate_up"], lp["expert_down"]
+        if isinstance(gu, list) and (mcfg.dispatch != "select" or mesh is not None):
+            gu, down = jnp.stack(gu), jnp.stack(down)
         if mesh is not None:
             y = expert_parallel(ragged_experts, mesh)(x, e_TxK, w_TxK, gu, down)
         elif mcfg.dispatch == "ragged":

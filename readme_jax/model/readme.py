@@ -11,10 +11,15 @@ from typing import Any
 
 import jax
 
-from readme_jax.model import moe
+from readme_jax.model import llama, moe
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.moe import MoEConfig
-from readme_jax.model.router import RouterConfig, router_logits, top_k_routing
+from readme_jax.model.router import (
+    RouterConfig,
+    init_router_cache,
+    router_logits,
+    top_k_routing,
+)
 
 Params = dict[str, Any]
 
@@ -81,3 +86,38 @@ def readme_forward(
     )
     aux["layer_logits"] = layer_aux
     return out, aux
+
+
+def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
+    """A `generate.DecodeModel` for Read-ME: each step the router routes the new tokens (with its
+    own KV cache), then the MoE backbone runs them. `select` dispatch reads only the experts
+    that the step's tokens use."""
+    from readme_jax.model.generate import DecodeModel
+
+    mcfg = dataclasses.replace(rc.moe, dispatch=dispatch)
+
+    def step(params, tokens_BxS, cache, num_new_B):
+        rlog, rcache = router_logits(
+            params["router"], tokens_BxS, rc.router, rc.model, cache=cache["router"],
+            num_new_B=num_new_B,
+        )
+        routing = top_k_routing(rlog, mcfg.top_k, mcfg.gate_scaling)
+        logits, bcache, _ = moe.moe_forward(
+            params["backbone"], tokens_BxS, rc.model, mcfg, routing, cache=cache["backbone"],
+            num_new_B=num_new_B,
+        )
+        return logits, {"backbone": bcache, "router": rcache}
+
+    def new_cache(batch, max_len):
+        return {
+            "backbone": llama.init_cache(rc.model, batch, max_len),
+            "router": init_router_cache(rc.router, rc.model, batch, max_len),
+        }
+
+    def prepare(params):
+        return {
+            "backbone": moe.unstack_experts(params["backbone"]),
+            "router": llama.unstack_layers(params["router"]),
+        }
+
+    return DecodeModel(rc.model, step, new_cache, prepare)

@@ -98,8 +98,20 @@ def build_context(c: Any, run: Path, tc: TrainConfig, tokenizer=None, teacher=No
     from readme_jax.data import prepare_domains
 
     cache = c.data.cache or None
-    prepare_domains(dict(domains), cache=cache)
+    _, errors = prepare_domains(dict(domains), cache=cache)
+    if errors:
+        raise TrainingError("training data unavailable: " + "; ".join(
+            f"{k}: {v}" for k, v in errors.items()))  # fmt: skip
     mesh = meshlib.mesh_from_config(c)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for phase in ("router", "expert"):
+        rows = tc.phase_batch(phase) // tc.accum(phase)
+        if rows % shards:
+            raise TrainingError(
+                f"the {phase} phase's (micro-)batch of {rows} sequences cannot be split over "
+                f"data x fsdp = {shards} devices; change train.batch_size / train.micro_batch or "
+                f"--config.mesh.*"
+            )
     return Context(c, run, tc, mesh, model, tcfg, llama.stack_layers(dense), tokenizer,
                    list(domains), cache)  # fmt: skip
 

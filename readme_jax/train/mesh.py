@@ -48,9 +48,12 @@ PARAM_AXES: dict[str, tuple] = {
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, expert) mesh over all devices; data=-1 takes what is left."""
+    """A (data, fsdp, expert) mesh; data=-1 takes all devices left, explicit sizes may use fewer
+    devices than there are (the first ones)."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    if data != -1 and data * fsdp * expert < n:
+        devices, n = devices[: data * fsdp * expert], data * fsdp * expert
     if data == -1:
         if n % (fsdp * expert):
             raise ValueError(f"{n} devices are not divisible by fsdp*expert = {fsdp * expert}")

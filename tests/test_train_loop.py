@@ -1,0 +1,125 @@
+"""The training loop on a tiny model and real text: frozen parameters, exact resume, damaged
+checkpoints, non-finite losses."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train_helpers import build, copy_run
+
+from readme_jax.checkpoints import store
+from readme_jax.train import loop
+from readme_jax.train import mesh as meshlib
+from readme_jax.train.config import resolve
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jaxcache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return build(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    """The uninterrupted reference run: 2 rounds x (2 router + 2 expert) steps."""
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path_factory.mktemp("full"))
+    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    return c
+
+
+def _losses(c) -> dict[int, float]:
+    path = Path(c.run_dir) / "train" / "readme" / "metrics.jsonl"
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _params(c):
+    return store.load_params(Path(c.run_dir) / "moe_trained")
+
+
+def _leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_phases_leave_frozen_parameters_bit_identical_with_no_optimizer_state(tiny, tmp_path):
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    ctx = loop.build_context(c, Path(c.run_dir), resolve(c), tok, teacher)
+    var = loop.make_variant(ctx, "readme")
+    params = loop._place(var.params, ctx.mesh)
+    p_abs = jax.eval_shape(lambda p: p, params)
+    consts = {"teacher": loop._place(loop._layout(ctx.teacher, False), ctx.mesh),
+              "union": loop._union(ctx)}  # fmt: skip
+    from readme_jax.data import make_iterator
+
+    it = make_iterator(loop._pipeline_cfg(ctx), tok, ctx.cache)
+    before = _leaves(params)
+    for phase in ("router", "expert"):
+        ph = loop._Phase(ctx, var, phase, p_abs)
+        state = ph.fresh_state(params)
+        opt_shapes = [tuple(x.shape) for x in jax.tree.leaves(state["opt"]) if x.ndim]
+        n_train = [tuple(x.shape) for x, l in zip(jax.tree.leaves(params), jax.tree.leaves(ph.labels),
+                                                  strict=True) if l == "train"]  # fmt: skip
+        assert sorted(opt_shapes) == sorted(n_train * 2)  # Adam mu and nu, trainable leaves only
+        batch = meshlib.global_batch(next(it), ctx.mesh)
+        state, _ = ph.step(state, consts, batch, jnp.float32(1e-2))
+        after = _leaves(state["params"])
+        trained = {k for k in before if "router" in k} if phase == "router" else {
+            k for k in before if any(f in k for f in ("shared_", "expert_gate_up", "expert_down"))}
+        for k in before:
+            if k in trained:
+                assert not np.array_equal(before[k], after[k]), f"{phase}: {k} did not change"
+            else:
+                assert np.array_equal(before[k], after[k]), f"{phase}: frozen {k} changed"
+        params = jax.tree.map(jnp.copy, state["params"])
+        before = _leaves(params)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(full_run, tiny, tmp_path):
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    c.train.save_every = 2
+    c.train.stop_after = 5  # steps 1-5 run; checkpoint at 4 (and phase ends 2, 4); 5 is lost
+    res = loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    assert res["stopped"] and not (Path(c.run_dir) / "moe_trained").exists()
+    c.train.stop_after = 0
+    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    want, got = _losses(full_run), _losses(c)
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    assert got == want  # bit-exact
+    a, b = _leaves(_params(full_run)), _leaves(_params(c))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(full_run, tiny, tmp_path):
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    c.train.stop_after = 3
+    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    ckdir = Path(c.run_dir) / "train" / "readme" / "ckpt"
+    assert (ckdir / "3").exists()
+    for f in (ckdir / "3" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    c.train.stop_after = 0
+    with pytest.warns(UserWarning, match=r"ckpt/3 could not be restored"):
+        loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    assert _losses(c) == _losses(full_run)
+
+
+def test_a_nan_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(tiny, tmp_path):
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    c.train.router_lr = 1e30  # the router's logits overflow on the step after the first
+    with pytest.raises(loop.TrainingError, match=r"loss is nan at step 2 .*resume=True"):
+        loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    run = Path(c.run_dir)
+    assert sorted(int(p.name) for p in (run / "train/readme/ckpt").iterdir() if p.name.isdigit()) == [1]
+    assert list(_losses(c)) == [1] and np.isfinite(_losses(c)[1])
+    assert not (run / "moe_trained").exists()
+    shutil.rmtree(run)
