@@ -92,7 +92,9 @@ def test_scores_are_exact_continuation_loglikelihoods(params, letters):
         for cont_text in CONTINUATIONS:
             cont = tok.encode(cont_text)
             assert len(cont) == (1 if letters else 2)
-            logits = np.asarray(fwd(params, np.array([ctx + cont], np.int32), CFG)[0][0], np.float64)
+            padded = np.zeros((1, CFG.max_seq_len), np.int32)  # one shape, one compile
+            padded[0, : len(ctx + cont)] = ctx + cont
+            logits = np.asarray(fwd(params, padded, CFG)[0][0], np.float64)
             logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
             want.append(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

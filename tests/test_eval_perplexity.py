@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from readme_jax.eval.domains import domain_stream, evaluate_domains
 from readme_jax.eval.perplexity import (
     PerplexityResult,
     dense_logits_fn,
@@ -36,9 +37,12 @@ _forward = jax.jit(llama.forward, static_argnames=("cfg",))
 
 
 def _np_logits(params, ids) -> np.ndarray:
-    """The model's logits for one sequence, unbatched (the reference scores them in NumPy)."""
-    logits, _, _ = _forward(params, np.asarray(ids, np.int32)[None], CFG)
-    return np.asarray(logits[0], np.float64)
+    """The model's logits for one sequence (the reference scores them in NumPy). Right-padded
+    to one length so jit compiles once; causal attention keeps padding out of real positions."""
+    padded = np.zeros((1, CFG.max_seq_len), np.int32)
+    padded[0, : len(ids)] = ids
+    logits, _, _ = _forward(params, padded, CFG)
+    return np.asarray(logits[0, : len(ids)], np.float64)
 
 
 def _np_log_softmax(x: np.ndarray) -> np.ndarray:
@@ -149,3 +153,32 @@ def test_fidelity_matches_numpy_kl_for_different_models(params, tokens):
     np.testing.assert_allclose(r.kl, kl.mean(), rtol=1e-4)
     assert r.n_agree == agree.sum()
     assert r.kl > 1e-3
+
+
+def test_evaluate_domains_fills_the_report_layout(params, tokens):
+    streams = {"a": (tokens[:30], 120), "b": (tokens[30:], None)}
+    f = dense_logits_fn(CFG)
+    out = evaluate_domains(f, params, streams, max_length=16, stride=8, teacher=(f, params),
+                           progress=False)  # fmt: skip
+    assert set(out) == {"perplexity", "fidelity"} and set(out["perplexity"]) == {"a", "b"}
+    direct = perplexity(f, params, tokens[:30], max_length=16, stride=8, progress=False)
+    assert out["perplexity"]["a"]["ppl"] == pytest.approx(direct.ppl)
+    assert out["perplexity"]["a"]["bpb"] == pytest.approx(direct.nll_sum / math.log(2) / 120)
+    assert out["perplexity"]["b"]["bpb"] is None
+    assert out["fidelity"]["b"]["top1_agreement"] == 1.0
+
+
+def test_domain_stream_counts_bytes_of_a_cut_stream(monkeypatch):
+    from readme_jax.data import pipeline
+
+    class ByteTok:
+        def decode(self, ids, skip_special=False):
+            return "".join("é" if i == 1 else "a" for i in ids)  # "é" is 2 UTF-8 bytes
+
+    stream = np.array([1, 2, 1, 2, 2, 2], np.uint32)
+    monkeypatch.setattr(pipeline, "load_tokens", lambda *a, **k: stream)
+    monkeypatch.setattr(pipeline, "token_stats", lambda *a, **k: {"bytes": 999})
+    toks, n_bytes = domain_stream("x", "test", ByteTok())
+    assert n_bytes == 999 and len(toks) == 6
+    toks, n_bytes = domain_stream("x", "test", ByteTok(), max_tokens=3)
+    assert toks.tolist() == [1, 2, 1] and n_bytes == 5

@@ -1,5 +1,6 @@
 """Evaluation: perplexity and distillation fidelity, multiple choice, routing analysis, report."""
 
+from readme_jax.eval.domains import domain_stream, evaluate_domains
 from readme_jax.eval.multiple_choice import (
     CONTINUATIONS,
     MCResult,
@@ -38,7 +39,9 @@ __all__ = [
     "PerplexityResult",
     "Usage",
     "dense_logits_fn",
+    "domain_stream",
     "encode_pair",
+    "evaluate_domains",
     "expert_usage",
     "fidelity",
     "headline_table",

@@ -93,7 +93,14 @@ def make_loglik_fn(logits_fn: LogitsFn):
 
 
 def _bucket(n: int, m: int) -> int:
-    return -(-n // m) * m
+    """Smallest m * 2^k or 1.5 * m * 2^k >= n: at most ~1.5x padding, two compiles per octave."""
+    b = m
+    while True:
+        if n <= b:
+            return b
+        if n <= b * 3 // 2:
+            return b * 3 // 2
+        b *= 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +163,8 @@ def score_multiple_choice(
     """Accuracy per subject of argmax log-likelihood over `continuations`.
 
     Prompts longer than `max_len` keep their last `max_len` tokens (lm-eval truncates on the
-    left too). Rows are sorted by length and right-padded to a multiple of `pad_multiple` so few
-    shapes compile.
+    left too). Rows are sorted by length and right-padded to `pad_multiple` times 1, 1.5, 2, 3,
+    4, 6, ... so that few shapes compile.
     """
     qs = select(questions, limit)
     if not qs:

@@ -97,9 +97,10 @@ def dense_logits_fn(cfg: LlamaConfig) -> LogitsFn:
 
 
 def _token_logprobs(logits_BxSxV, tokens_BxS):
-    """log p(token j | < j) for j = 1..S-1, as [B, S-1] in f32."""
-    logp = jax.nn.log_softmax(logits_BxSxV[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
+    """log p(token j | < j) for j = 1..S-1, as [B, S-1] in f32 (no [B, S, V] log-softmax)."""
+    logits = logits_BxSxV[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 @functools.cache

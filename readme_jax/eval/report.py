@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 NA = "–"
+RUN_CAP = 20  # locality histogram: longer runs are pooled
 
 
 # ---------------------------------------------------------------- formatting
@@ -206,7 +207,12 @@ def _figure(ncols: int = 1, size=(6.0, 4.0)):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, integer_x: bool = False) -> Path:
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in fig.axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.savefig(path, dpi=110)
     return path
 
@@ -247,7 +253,8 @@ def plot_usage(usage: Mapping[str, Any], experts: list[str] | None, path: Path) 
     frac = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     domains = usage.get("domains") or [f"D{i}" for i in range(counts.shape[0])]
     experts = experts or [f"E{i}" for i in range(counts.shape[1])]
-    fig, (ax,) = _figure(size=(1.0 + 0.8 * counts.shape[1], 1.2 + 0.5 * counts.shape[0]))
+    D, E = counts.shape
+    fig, (ax,) = _figure(size=(max(4.5, 1.5 + 0.8 * E), max(2.5, 1.2 + 0.5 * D)))
     im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=max(frac.max(), 1e-9), aspect="auto")
     ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right")
     ax.set_yticks(range(len(domains)), domains)
@@ -277,13 +284,16 @@ def plot_locality(locality: Mapping[str, Mapping[str, Any]], path: Path) -> Path
     fig, (ax,) = _figure()
     width = 0.8 / len(items)
     for i, (name, hist) in enumerate(items.items()):
-        tokens = hist * np.arange(hist.size)  # share of tokens sitting in runs of length l
-        ls = np.arange(1, hist.size)
+        tokens = hist * np.arange(hist.size)  # tokens sitting in runs of length l
+        binned = np.zeros(RUN_CAP + 1)  # runs of RUN_CAP or more share the last bar
+        binned[: min(hist.size, RUN_CAP)] = tokens[:RUN_CAP]
+        binned[RUN_CAP] = tokens[RUN_CAP:].sum()
+        ls = np.arange(1, RUN_CAP + 1)
         kf = locality[name].get("keep_fraction")
         label = f"{name} (keep {_pct(kf)})" if kf is not None else name
-        ax.bar(
-            ls + (i - (len(items) - 1) / 2) * width, tokens[1:] / tokens.sum(), width, label=label
-        )
+        offset = (i - (len(items) - 1) / 2) * width
+        ax.bar(ls + offset, binned[1:] / binned.sum(), width, label=label)
+    ax.set_xticks([1, 5, 10, 15, RUN_CAP], ["1", "5", "10", "15", f"≥{RUN_CAP}"])
     ax.set(
         title="temporal locality: tokens by same-expert run length",
         xlabel="run length",
@@ -308,7 +318,7 @@ def plot_layer_mi(layerwise: Mapping[str, Any], path: Path) -> Path | None:
         ylim=(0, None),
     )
     ax.legend()
-    return _save(fig, path)
+    return _save(fig, path, integer_x=True)
 
 
 def plot_hit_ratio(hit: Mapping[str, Mapping[Any, float]], path: Path) -> Path | None:
@@ -323,7 +333,7 @@ def plot_hit_ratio(hit: Mapping[str, Mapping[Any, float]], path: Path) -> Path |
     )
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save(fig, path, integer_x=True)
 
 
 def plot_latency_cdf(latency: Mapping[str, list[float]], path: Path) -> Path | None:
@@ -435,7 +445,7 @@ def _routing_md(routing: Mapping[str, Any], plots: Mapping[str, Path]) -> list[s
         ]
         out += [
             "### Layer-wise routers: mutual information between adjacent layers\n",
-            f"log E = {_fmt(lw.get('log_n_experts'), 4)} nats (identical choices).\n\n",
+            f"log E = {_fmt(lw.get('log_n_experts'), 4)} nats (identical choices).\n",
             md_table(["layers", "MI (nats)", "normalized MI"], rows),
         ]
     if "layer_mi" in plots:
@@ -465,7 +475,7 @@ def _serving_md(serving: Mapping[str, Any], plots: Mapping[str, Path]) -> list[s
     if "latency_cdf" in plots:
         out.append("![latency CDF](latency_cdf.png)\n")
     if serving.get("summary"):
-        out += ["### Serving summary\n", _generic_table(serving["summary"], "")]
+        out += ["### Serving summary\n", _generic_table(serving["summary"], "run")]
     return out
 
 

@@ -25,7 +25,6 @@ tokens do not depend on batching, cache policy, capacity or chunking (tested bit
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
 import jax
@@ -123,7 +122,9 @@ def sample_rows(logits_BxV, temp_B, top_k_B, top_p_B, seed_B, count_B) -> jax.Ar
 
 
 def _route(router, tok_BxS, rc: ReadMEConfig, rcache, n_B):
-    logits, rcache = router_logits(router, tok_BxS, rc.router, rc.model, cache=rcache, num_new_B=n_B)
+    logits, rcache = router_logits(
+        router, tok_BxS, rc.router, rc.model, cache=rcache, num_new_B=n_B
+    )
     experts, weights = top_k_routing(logits, rc.moe.top_k, rc.moe.gate_scaling)
     return experts, weights, rcache
 
@@ -195,6 +196,11 @@ def route_prompt_fn(router, tok_1xS, *, rc: ReadMEConfig):
     return top_k_routing(logits, rc.moe.top_k, rc.moe.gate_scaling)
 
 
+# module-level, so every SlotDecoder of the same config shares the compiled steps
+_prefill_jit = jax.jit(prefill_step, static_argnames=("rc",), donate_argnums=(3, 4))
+_decode_jit = jax.jit(decode_step, static_argnames=("rc",), donate_argnums=(3, 4))
+_route_jit = jax.jit(route_prompt_fn, static_argnames=("rc",))
+
 # ----------------------------------------------------------------------------- decoder
 
 
@@ -214,9 +220,6 @@ class SlotDecoder:
         self.sp, self.rc = sp, sp.rc
         self.num_slots, self.max_len, self.chunk = num_slots, max_len, prefill_chunk
         self.top_k = sp.rc.moe.top_k
-        self._prefill = jax.jit(partial(prefill_step, rc=self.rc), donate_argnums=(3, 4))
-        self._decode = jax.jit(partial(decode_step, rc=self.rc), donate_argnums=(3, 4))
-        self._route = jax.jit(partial(route_prompt_fn, rc=self.rc))
         self.reset()
 
     def reset(self) -> None:
@@ -236,7 +239,7 @@ class SlotDecoder:
         S = len(tokens)
         buf = np.zeros((1, _bucket(S)), np.int32)
         buf[0, :S] = tokens
-        e, w = self._route(self.sp.router, jnp.asarray(buf))
+        e, w = _route_jit(self.sp.router, jnp.asarray(buf), rc=self.rc)
         return np.asarray(e[0, :S]), np.asarray(w[0, :S])
 
     def prefill(self, slots, row, start, tokens, slot_ids, weights, is_last, sp_row):
@@ -249,20 +252,20 @@ class SlotDecoder:
         sl[:n] = slot_ids
         w = np.zeros((Q, K), np.float32)
         w[:n] = weights
-        out = self._prefill(
+        out = _prefill_jit(
             self.sp.backbone, self.sp.router, slots, self.cache, self.rcache,
             np.int32(row), np.int32(start), tok, np.int32(n), sl, w, np.int32(is_last),
-            _sp_arrays(sp_row),
+            _sp_arrays(sp_row), rc=self.rc,
         )  # fmt: skip
         nxt, e, wt, self.cache, self.rcache = out
         return nxt, e, wt
 
     def decode(self, slots, tok_N, slot_NxK, w_NxK, active_N, sp_N):
         """Dispatch one decode step over all slots; returns device (tok [N], experts, weights)."""
-        nxt, e, w, self.cache, self.rcache = self._decode(
+        nxt, e, w, self.cache, self.rcache = _decode_jit(
             self.sp.backbone, self.sp.router, slots, self.cache, self.rcache,
             np.asarray(tok_N, np.int32), np.asarray(slot_NxK, np.int32),
-            np.asarray(w_NxK, np.float32), np.asarray(active_N, bool), _sp_arrays(sp_N),
+            np.asarray(w_NxK, np.float32), np.asarray(active_N, bool), _sp_arrays(sp_N), rc=self.rc,
         )  # fmt: skip
         return nxt, e, w
 

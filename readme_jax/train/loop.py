@@ -255,7 +255,9 @@ def train_variant(ctx: Context, kind: str) -> dict:
     mesh = ctx.mesh
     params = _place(var.params, mesh)
     p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
-    consts = {"teacher": _place(_layout(ctx.teacher, ctx.model.rc.model.scan_layers), mesh),
+    teacher = steplib.cast_params(_layout(ctx.teacher, ctx.model.rc.model.scan_layers),
+                                  tc.compute_dtype)  # stored once in the compute dtype
+    consts = {"teacher": _place(teacher, mesh),
               "union": jax.device_put(_union(ctx), meshlib.replicated(mesh))}  # fmt: skip
     sched = tc.schedule()
     phases: dict[str, _Phase] = {}

@@ -48,24 +48,28 @@ PARAM_AXES: dict[str, tuple] = {
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, expert) mesh; data=-1 takes all devices left, explicit sizes may use fewer
-    devices than there are (the first ones)."""
+    """A (data, fsdp, expert) mesh. One axis may be -1: it takes all devices the others leave.
+    With every size given, the mesh may use fewer devices than there are (the first ones)."""
     devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
     n = len(devices)
-    if data != -1 and data * fsdp * expert < n:
-        devices, n = devices[: data * fsdp * expert], data * fsdp * expert
-    if data == -1:
-        if n % (fsdp * expert):
-            raise ValueError(f"{n} devices are not divisible by fsdp*expert = {fsdp * expert}")
-        data = n // (fsdp * expert)
-    if data * fsdp * expert != n:
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if free:
+        if n % fixed:
+            raise ValueError(f"{n} devices are not divisible by the fixed mesh axes {sizes}")
+        sizes[free[0]] = n // fixed
+    elif fixed < n:
+        devices, n = devices[:fixed], fixed
+    if int(np.prod(list(sizes.values()))) != n:
         raise ValueError(
-            f"mesh data={data} x fsdp={fsdp} x expert={expert} needs {data * fsdp * expert} "
-            f"devices, found {n} (set --config.mesh.data=-1 to fill)"
+            f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, found {n} "
+            "(set one of --config.mesh.{data,fsdp,expert}=-1 to fill)"
         )
-    return jax.make_mesh(
-        (data, fsdp, expert), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    shape = tuple(sizes[a] for a in AXES)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def mesh_from_config(c: Any) -> Mesh:

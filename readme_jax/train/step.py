@@ -111,7 +111,8 @@ def init_state(params: Params, tx: optax.GradientTransformation, label_tree: Par
 
 
 # ---------------------------------------------------------------- forward pieces
-def _cast(tree, dtype: str):
+def cast_params(tree, dtype: str):
+    """Matrices to bf16 for dtype='bfloat16' (norms and vectors stay f32)."""
     if dtype == "float32":
         return tree
     return jax.tree.map(
@@ -134,7 +135,7 @@ def teacher_pass(s: Setup, consts: Params, b: Params):
         ffn = llama.dense_ffn
     else:
         ffn = losses.coverage_ffn(consts["union"], s.tc.target_top_frac)
-    teacher = _cast(consts["teacher"], s.tc.compute_dtype)
+    teacher = cast_params(consts["teacher"], s.tc.compute_dtype)
     h, _, cov = llama.forward(
         teacher, b["tokens"], s.teacher_cfg, ffn=ffn, segment_ids_BxS=b["segment_ids"],
         positions_BxS=b["positions"], return_hidden=True,
@@ -142,25 +143,49 @@ def teacher_pass(s: Setup, consts: Params, b: Params):
     return jax.lax.stop_gradient(h), (None if cov is None else jax.lax.stop_gradient(cov))
 
 
-def _maybe_remat(ffn, on: bool):
-    if not on:
-        return ffn
-    return lambda lp, x, layer: jax.checkpoint(lambda lp, x: ffn(lp, x, layer))(lp, x)
+def remat_forward(params: Params, tokens_BxS, cfg: LlamaConfig, ffn, segment_ids_BxS,
+                  positions_BxS):  # fmt: skip
+    """`llama.forward(..., return_hidden=True)` with each layer under `jax.checkpoint`: only layer
+    inputs are kept for the backward pass (attention scores are [B, H, S, S] per layer).
+    Built from llama's layer pieces because llama.forward has no remat option."""
+    ctx = llama._context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, None, None)
+    x = params["embed"][tokens_BxS]
+
+    @jax.checkpoint
+    def block(lp, x, layer):
+        x, _, aux = llama._block(lp, x, ctx, None, cfg, ffn, layer)
+        return x, aux
+
+    layers = params["layers"]
+    if isinstance(layers, list):
+        auxs = []
+        for i, lp in enumerate(layers):
+            x, aux = block(lp, x, i)
+            auxs.append(aux)
+        aux = None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+    else:
+        x, aux = jax.lax.scan(lambda x, sl: block(sl[0], x, sl[1]), x,
+                              (layers, jnp.arange(cfg.n_layers)))  # fmt: skip
+    return llama.rms_norm(x, params["final_norm"], cfg.norm_eps), aux
+
+
+def _decoder(s: Setup, params: Params, b: Params, ffn):
+    if s.tc.remat:
+        return remat_forward(params, b["tokens"], s.cfg, ffn, b["segment_ids"], b["positions"])
+    h, _, aux = llama.forward(params, b["tokens"], s.cfg, ffn=ffn, segment_ids_BxS=b["segment_ids"],
+                              positions_BxS=b["positions"], return_hidden=True)  # fmt: skip
+    return h, aux
 
 
 def student_hidden(s: Setup, params: Params, b: Params, routing, mesh):
     """Student final hidden [B, S, D] and per-layer aux (layer-wise gate logits or None)."""
-    kw = dict(segment_ids_BxS=b["segment_ids"], positions_BxS=b["positions"], return_hidden=True)
     if s.kind == "static":
-        ffn = _maybe_remat(llama.dense_ffn, s.tc.remat)
-        h, _, aux = llama.forward(params, b["tokens"], s.cfg, ffn=ffn, **kw)
-        return h, aux
+        return _decoder(s, params, b, llama.dense_ffn)
     mcfg = s.mcfg
     if s.tc.dispatch:
         mcfg = dataclasses.replace(mcfg, dispatch=s.tc.dispatch)
     ffn = moe.moe_ffn(mcfg, routing, mesh if s.expert_parallel else None)
-    h, _, aux = llama.forward(params["backbone"], b["tokens"], s.cfg, ffn=_maybe_remat(ffn, s.tc.remat), **kw)
-    return h, aux
+    return _decoder(s, params["backbone"], b, ffn)
 
 
 def _route(s: Setup, params: Params, b: Params):
@@ -206,7 +231,7 @@ def expert_loss(s: Setup, params: Params, b: Params, teacher: Params, t_hidden, 
     h, layer_logits = student_hidden(s, params, b, routing, mesh)
     student = params if s.kind == "static" else params["backbone"]
     w, transposed, _ = _head(student, s.cfg)
-    tw, _, _ = _head(_cast(teacher, tc.compute_dtype), s.teacher_cfg)
+    tw, _, _ = _head(cast_params(teacher, tc.compute_dtype), s.teacher_cfg)
     B, S, D = h.shape
     lm = b["loss_mask"].reshape(-1).astype(jnp.float32)
     wt = lm / jnp.maximum(jnp.sum(lm), 1.0)
@@ -253,7 +278,7 @@ def make_step(s: Setup, tx: optax.GradientTransformation, label_tree: Params, me
             r_logits, routing = _route(s, params, b)
 
         def loss_fn(v):
-            full = _cast(merge(v, params), tc.compute_dtype)
+            full = cast_params(merge(v, params), tc.compute_dtype)
             if s.phase == "router":
                 return router_loss(s, full, b, cov, mesh)
             return expert_loss(s, full, b, consts["teacher"], t_hidden, cov, routing, r_logits,
@@ -279,7 +304,7 @@ def make_step(s: Setup, tx: optax.GradientTransformation, label_tree: Params, me
             (grads, met), _ = jax.lax.scan(acc, zeros, mb)
             grads = jax.tree.map(lambda x: x / A, grads)
             met = {k: (v / A if k in MEAN_KEYS else v) for k, v in met.items()}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt = tx.update(grads, state["opt"], view)
         lr = jnp.asarray(lr_peak, jnp.float32)
         new_params = jax.tree.map(

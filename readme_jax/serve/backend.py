@@ -1,0 +1,162 @@
+"""Compute backends of the serving engine.
+
+`ModelBackend`: the jitted steps of `decode.py` over an `OffloadedExpertStore` whose C device
+slots mirror the engine's `ExpertCache` (every load the cache decides is a real host->device copy).
+`ReplayBackend`: the tokens and experts of a recorded run, for re-timing a schedule under a cost
+model without running the model.
+
+Both expose: num_experts, top_k, eos_ids, vocab_size, bytes_per_expert, num_slots;
+reset(cache), route_prompt(req), load(expert, slot), prefill(...), decode(...), fetch(handle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from readme_jax.serve.decode import ServeParams, SlotDecoder
+from readme_jax.serve.store import OffloadedExpertStore
+
+
+def _sampling(lives) -> tuple:
+    """(temperature, top_k, top_p, seed, count) arrays for rows (None = inactive)."""
+    cols = [[], [], [], [], []]
+    for l in lives:
+        sp = l.req.sampling if l is not None else None
+        vals = (0.0, 0, 1.0, 0, 0) if l is None else (
+            sp.temperature, sp.top_k, sp.top_p, l.req.seed, len(l.tokens)
+        )  # fmt: skip
+        for c, v in zip(cols, vals, strict=True):
+            c.append(v)
+    return tuple(np.asarray(c) for c in cols)
+
+
+class ModelBackend:
+    """The real model: `SlotDecoder` steps reading expert weights from the store's slots."""
+
+    def __init__(
+        self,
+        sp: ServeParams,
+        num_slots: int = 8,
+        max_len: int = 512,
+        prefill_chunk: int = 32,
+        *,
+        host_memory_kind: str | None = "pinned_host",
+    ):
+        self.sp = sp
+        self.decoder = SlotDecoder(sp, num_slots, max_len, prefill_chunk)
+        self.num_slots, self.max_len, self.prefill_chunk = num_slots, max_len, prefill_chunk
+        cfg = sp.rc.model
+        self.num_experts, self.top_k = sp.num_experts, sp.rc.moe.top_k
+        self.eos_ids, self.vocab_size = tuple(cfg.eos_ids), cfg.vocab_size
+        self.bytes_per_expert = sum(v[0].nbytes for v in sp.experts.values())
+        self.host_memory_kind = host_memory_kind
+        self.store: OffloadedExpertStore | None = None
+
+    @classmethod
+    def for_config(cls, sp: ServeParams, cfg, **kw) -> ModelBackend:
+        return cls(sp, cfg.num_slots, cfg.max_len, cfg.prefill_chunk, **kw)
+
+    def reset(self, cache) -> None:
+        """Fresh KV caches; a store of the cache's capacity holding what the cache preloaded."""
+        if self.store is None or self.store.capacity != cache.capacity:
+            self.store = None  # free the old slots first
+            self.store = OffloadedExpertStore(
+                self.sp.experts, cache.capacity, layer_axis=1,
+                host_memory_kind=self.host_memory_kind,
+            )  # fmt: skip
+        for rec in cache.log:
+            if rec["kind"] == "preload" and self.store.expert_in(rec["slot"]) != rec["expert"]:
+                self.store.load(rec["expert"], rec["slot"])
+        self.store.wait()
+        self.decoder.reset()
+
+    def route_prompt(self, req) -> tuple[np.ndarray, np.ndarray]:
+        return self.decoder.route_prompt(list(req.prompt))
+
+    def load(self, expert: int, slot: int) -> None:
+        self.store.load(expert, slot)
+
+    def prefill(self, live, start, n, slot_ids, weights, is_last):
+        toks = list(live.req.prompt[start : start + n])
+        sp = _sampling([live])
+        return self.decoder.prefill(
+            self.store.slots, live.row, start, toks, slot_ids, weights, is_last,
+            tuple(c[0] for c in sp),
+        )  # fmt: skip
+
+    def decode(self, rows, slot_NxK, w_NxK):
+        tok = np.asarray([0 if l is None else l.tokens[-1] for l in rows], np.int32)
+        active = np.asarray([l is not None for l in rows])
+        return self.decoder.decode(self.store.slots, tok, slot_NxK, w_NxK, active, _sampling(rows))
+
+    @staticmethod
+    def fetch(handle):
+        return tuple(np.asarray(x) for x in handle)
+
+
+class ReplayBackend:
+    """Returns a recorded run's outputs: request id -> RequestResult (tokens, experts, ...).
+
+    Valid for any batching, cache policy and clock, since those never change a request's
+    tokens; EOS is replayed where the recorded request stopped at EOS."""
+
+    def __init__(
+        self,
+        records: Mapping[int, object],
+        *,
+        num_experts: int,
+        top_k: int = 1,
+        eos_ids=(),
+        vocab_size: int = 1 << 31,
+        bytes_per_expert: int = 0,
+        num_slots: int = 8,
+    ):
+        self.records = dict(records)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.eos_ids, self.vocab_size = tuple(eos_ids), vocab_size
+        self.bytes_per_expert, self.num_slots = bytes_per_expert, num_slots
+
+    def reset(self, cache) -> None:
+        pass
+
+    def load(self, expert: int, slot: int) -> None:
+        pass
+
+    def route_prompt(self, req):
+        r = self._rec(req.id)
+        pe = np.asarray(r.prompt_experts, np.int32).reshape(len(req.prompt), self.top_k)
+        pw = np.asarray(r.prompt_weights, np.float32).reshape(len(req.prompt), self.top_k)
+        return pe, pw
+
+    def _rec(self, rid):
+        if rid not in self.records:
+            raise KeyError(f"request {rid} is not in the recorded run")
+        return self.records[rid]
+
+    def _token(self, rid: int, i: int):
+        r = self._rec(rid)
+        if i < len(r.tokens):
+            return r.tokens[i], r.experts[i], r.weights[i]
+        if r.finish_reason == "eos" and self.eos_ids:
+            return self.eos_ids[0], [0] * self.top_k, [0.0] * self.top_k
+        raise ValueError(f"request {rid}: the recorded run has no token {i}")
+
+    def prefill(self, live, start, n, slot_ids, weights, is_last):
+        if not is_last:
+            return 0, np.zeros(self.top_k, np.int32), np.zeros(self.top_k, np.float32)
+        tok, e, w = self._token(live.req.id, 0)
+        return tok, np.asarray(e, np.int32), np.asarray(w, np.float32)
+
+    def decode(self, rows, slot_NxK, w_NxK):
+        N, K = len(rows), self.top_k
+        tok, e, w = np.zeros(N, np.int32), np.zeros((N, K), np.int32), np.zeros((N, K), np.float32)
+        for b, l in enumerate(rows):
+            if l is not None:
+                tok[b], e[b], w[b] = self._token(l.req.id, len(l.tokens))
+        return tok, e, w
+
+    @staticmethod
+    def fetch(handle):
+        return handle

@@ -1,0 +1,489 @@
+"""The serving engine: request queue, admission, prefill, decode, completion, expert cache.
+
+Dimension letters: N request slots, E experts, C expert cache slots, K experts per token.
+
+Each engine *step* runs one batch chosen by `batching.schedule`. The step is cut into *waves*,
+each needing at most C distinct experts (all resident during its compute):
+  decode   rows of decoding requests grouped by their next token's experts; one wave is one
+           decode call over all N slots with only its rows active (rows are independent).
+  prefill  per admitted request, runs of consecutive prompt tokens (at most `prefill_chunk`)
+           whose experts fit in C; one wave is one prefill call.
+Before a wave's compute, `ExpertCache.access` decides hits, misses and evictions (Belady's
+future: the step's later waves, then each decoding request's current expert, then the queued
+prompts' experts), and the backend loads the misses into the store's device slots. With
+`prefetch`, after the step is dispatched the cache plans loads for the predicted next step
+(decoding requests keep their expert; the oldest queued prompt) so they overlap the compute.
+
+Time: the engine clock advances by each step's duration; requests arrive when the clock passes
+their `arrival_s`; an idle engine jumps to the next arrival. The duration comes from a `clock`:
+measured wall time by default, or a cost model (`costmodel.CostClock`: simulated accelerator).
+
+The backend computes: `ModelBackend` runs the jitted steps of `decode.py` on an
+`OffloadedExpertStore`; `ReplayBackend` returns the tokens and experts of a recorded run, so a
+schedule can be re-timed under a cost model without the model (outputs do not depend on
+batching or cache policy, which the tests check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from readme_jax.model.generate import PromptError, validate_tokens
+from readme_jax.model.sampling import SamplingParams
+from readme_jax.serve import batching
+from readme_jax.serve.cache import ExpertCache, Future, dedup, make_policy
+
+OK, ERROR = "ok", "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 8  # N request slots of the decode step
+    max_len: int = 512  # context per slot: prompt + max_new_tokens must fit
+    prefill_chunk: int = 32  # Q: prompt tokens per prefill call
+    max_batch_tokens: int = 128  # scheduler budget: prefill tokens + decode rows
+    batching: str = "expert"  # expert | decode | prefill
+    cache_policy: str = "all"  # all | belady | lru | lfu | random
+    capacity: int | None = None  # C expert slots; None: E (all resident)
+    prefetch: bool = False
+    max_wait: int | None = 32  # fairness bound in steps
+    belady_window: int | None = None
+    policy_seed: int = 0
+    include_eos: bool = False
+
+    def __post_init__(self):
+        if self.batching not in batching.POLICIES:
+            raise ValueError(f"batching must be one of {batching.POLICIES}, got {self.batching!r}")
+        if self.num_slots < 1 or self.prefill_chunk < 1 or self.max_len < 2:
+            raise ValueError("num_slots, prefill_chunk must be >= 1 and max_len >= 2")
+
+
+@dataclasses.dataclass
+class ServeRequest:
+    id: int
+    prompt: Sequence[int]
+    max_new_tokens: int
+    arrival_s: float = 0.0
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RequestResult:
+    id: int
+    prompt_len: int
+    status: str = OK  # ok | error
+    error: str | None = None
+    finish_reason: str | None = None  # eos | length
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    experts: list[list[int]] = dataclasses.field(default_factory=list)  # per generated token
+    weights: list[list[float]] = dataclasses.field(default_factory=list)
+    prompt_experts: list[list[int]] = dataclasses.field(default_factory=list)  # [S][K]
+    prompt_weights: list[list[float]] = dataclasses.field(default_factory=list)
+    arrival_s: float = 0.0
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    arrival_step: int = 0
+    first_token_step: int | None = None
+    finish_step: int | None = None
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finish_s is None else self.finish_s - self.arrival_s
+
+    @property
+    def normalized_latency(self) -> float | None:
+        """End-to-end latency / generated tokens (the paper's metric)."""
+        if self.status != OK or not self.tokens and self.finish_reason != "eos":
+            return None
+        return self.latency_s / max(1, len(self.tokens))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Live:
+    req: ServeRequest
+    sched: batching.Request
+    prompt_experts: np.ndarray  # [S, K]
+    prompt_weights: np.ndarray  # [S, K]
+    res: RequestResult
+    row: int | None = None
+    done: int = 0  # prompt tokens prefilled
+    next_experts: tuple[int, ...] = ()
+    next_weights: tuple[float, ...] = ()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.res.tokens
+
+
+@dataclasses.dataclass
+class Wave:
+    kind: str  # decode | prefill
+    experts: list[int]
+    rows: list[_Live]  # decode: the active rows; prefill: [the request]
+    start: int = 0  # prefill: first prompt position
+    n: int = 0  # prefill: tokens in the chunk
+    is_last: bool = False
+
+    def record(self) -> dict:
+        if self.kind == "decode":
+            ctx = sum(r.sched.prompt_len + len(r.tokens) for r in self.rows)
+            toks = len(self.rows)
+        else:
+            ctx, toks = self.start + self.n, self.n
+        return {"kind": self.kind, "experts": self.experts, "tokens": toks, "context": ctx}
+
+
+@dataclasses.dataclass
+class RunResult:
+    config: EngineConfig
+    results: list[RequestResult]
+    steps: list[dict]
+    cache_stats: Any
+    cache_log: list[dict]
+    makespan_s: float
+    num_experts: int
+
+    def summary(self) -> dict:
+        ok = [r for r in self.results if r.status == OK]
+        lat = [r.normalized_latency for r in ok if r.normalized_latency is not None]
+        gen = sum(len(r.tokens) for r in ok)
+        uniq = [len(s["batch_experts"]) for s in self.steps]
+        ttft = [r.first_token_s - r.arrival_s for r in ok if r.first_token_s is not None]
+        st = self.cache_stats
+        return {
+            "requests": len(self.results),
+            "completed": len(ok),
+            "errors": len(self.results) - len(ok),
+            "generated_tokens": gen,
+            "steps": len(self.steps),
+            "waves_per_step": float(np.mean([len(s["waves"]) for s in self.steps])) if uniq else 0,
+            "makespan_s": self.makespan_s,
+            "throughput_tok_s": gen / self.makespan_s if self.makespan_s > 0 else 0.0,
+            "mean_norm_latency_s": float(np.mean(lat)) if lat else float("nan"),
+            "p95_norm_latency_s": float(np.percentile(lat, 95)) if lat else float("nan"),
+            "mean_ttft_s": float(np.mean(ttft)) if ttft else float("nan"),
+            "unique_experts_per_batch": float(np.mean(uniq)) if uniq else 0.0,
+            "hit_ratio": st.hit_ratio,
+            "hits": st.hits,
+            "misses": st.misses,
+            "loads": st.loads,
+            "bytes_moved": st.bytes_moved,
+            "bytes_per_token": st.bytes_moved / gen if gen else 0.0,
+            "wasted_prefetches": st.wasted_prefetches,
+        }
+
+
+class WallClock:
+    """Step duration = measured wall time of the step (host work, loads, compute)."""
+
+    name = "wall"
+
+    def reset(self) -> None:
+        pass
+
+    def duration(self, step: dict, wall_s: float, t_start: float) -> float:
+        return wall_s
+
+
+class StepClock:
+    """Every step lasts `step_s`: a deterministic schedule (tests, step-count latencies)."""
+
+    name = "step"
+
+    def __init__(self, step_s: float = 1.0):
+        self.step_s = step_s
+
+    def reset(self) -> None:
+        pass
+
+    def duration(self, step: dict, wall_s: float, t_start: float) -> float:
+        return self.step_s
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Serves requests on a backend (ModelBackend or ReplayBackend) under an EngineConfig."""
+
+    def __init__(self, backend, cfg: EngineConfig = EngineConfig(), clock=None):
+        self.backend, self.cfg = backend, cfg
+        for k in ("num_slots", "max_len", "prefill_chunk"):
+            if getattr(backend, k, getattr(cfg, k)) != getattr(cfg, k):
+                raise ValueError(
+                    f"backend {k}={getattr(backend, k)} but EngineConfig {k}="
+                    f"{getattr(cfg, k)}; build the backend for this config"
+                )
+        self.clock = clock or WallClock()
+        self.E = backend.num_experts
+        C = cfg.capacity if cfg.capacity is not None else self.E
+        if cfg.cache_policy == "all":
+            C = max(C, self.E)
+        if not 1 <= C:
+            raise ValueError(f"capacity must be >= 1, got {C}")
+        if C < backend.top_k:
+            raise ValueError(f"capacity {C} is below top_k={backend.top_k}")
+        self.C = min(C, self.E)
+
+    def _new_cache(self) -> ExpertCache:
+        kw = {}
+        if self.cfg.cache_policy == "belady":
+            kw["window"] = self.cfg.belady_window
+        elif self.cfg.cache_policy == "random":
+            kw["seed"] = self.cfg.policy_seed
+        policy = make_policy(self.cfg.cache_policy, **kw)
+        return ExpertCache(self.C, self.E, policy, bytes_per_expert=self.backend.bytes_per_expert)
+
+    # ------------------------------------------------------------------ arrival
+
+    def _arrive(self, req: ServeRequest, step: int) -> _Live | RequestResult:
+        n = len(req.prompt)
+        res = RequestResult(req.id, n, arrival_s=req.arrival_s, arrival_step=step)
+        T = self.cfg.max_len
+        try:
+            if req.max_new_tokens < 1:
+                raise PromptError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+            validate_tokens(req.prompt, self.backend.vocab_size, f"request {req.id} prompt")
+            if n + req.max_new_tokens > T:
+                raise PromptError(
+                    f"request {req.id}: prompt of {n} tokens + max_new_tokens="
+                    f"{req.max_new_tokens} = {n + req.max_new_tokens} exceeds the serving context "
+                    f"of {T} tokens (EngineConfig.max_len); shorten the prompt, lower "
+                    "max_new_tokens or raise max_len"
+                )
+        except PromptError as err:
+            res.status, res.error = ERROR, str(err)
+            res.finish_s, res.finish_step = req.arrival_s, step
+            return res
+        pe, pw = self.backend.route_prompt(req)
+        res.prompt_experts, res.prompt_weights = pe.tolist(), pw.tolist()
+        sched = batching.Request(
+            req.id, n, req.max_new_tokens, arrival_step=step, prompt_experts=pe[:, 0].tolist()
+        )
+        return _Live(req, sched, pe, pw, res)
+
+    # ------------------------------------------------------------------ waves
+
+    def _decode_waves(self, rows: list[_Live], cache: ExpertCache) -> list[Wave]:
+        # resident experts first: the first wave then needs no load when it can
+        res = cache.resident
+        rows = sorted(rows, key=lambda r: (not set(r.next_experts) <= res, r.next_experts))
+        waves: list[Wave] = []
+        for r in rows:
+            need = set(r.next_experts)
+            for w in waves:
+                if len(set(w.experts) | need) <= self.C:
+                    w.experts = dedup([*w.experts, *r.next_experts])
+                    w.rows.append(r)
+                    break
+            else:
+                waves.append(Wave("decode", dedup(r.next_experts), [r]))
+        return waves
+
+    def _prefill_waves(self, live: _Live) -> list[Wave]:
+        waves, S, Q = [], live.sched.prompt_len, self.cfg.prefill_chunk
+        pos = 0
+        while pos < S:
+            experts, end = [], pos
+            while end < S and end - pos < Q:
+                nxt = dedup([*experts, *live.prompt_experts[end].tolist()])
+                if len(nxt) > self.C:
+                    break
+                experts, end = nxt, end + 1
+            waves.append(Wave("prefill", experts, [live], pos, end - pos, end == S))
+            pos = end
+        return waves
+
+    def _known_future(self, live: dict[int, _Live], batch: batching.Batch) -> list[int]:
+        """Accesses expected after this step: decoding requests keep their expert (temporal
+        locality), then queued prompts in arrival order."""
+        chosen = set(batch.prefill)
+        guess = dedup(
+            e for l in live.values() if l.sched.state == batching.DECODING for e in l.next_experts
+        )
+        queued = sorted(
+            (
+                l
+                for l in live.values()
+                if l.sched.state == batching.WAITING and l.req.id not in chosen
+            ),
+            key=lambda l: (l.req.arrival_s, l.req.id),
+        )
+        return guess + [int(e) for l in queued for e in l.prompt_experts.reshape(-1)]
+
+    # ------------------------------------------------------------------ step
+
+    def _step(self, batch, live, cache, free_rows, step) -> tuple[dict, list]:
+        dec = [live[i] for i in batch.decode]
+        pre = [live[i] for i in batch.prefill]
+        for l in pre:
+            l.row = free_rows.pop(0)
+        waves = self._decode_waves(dec, cache)
+        for l in pre:
+            waves += self._prefill_waves(l)
+        future = self._known_future(live, batch)
+        flat = [e for w in waves for e in w.experts]
+        fut, pos = Future(flat + future), 0
+        records, handles = [], []
+        for i, w in enumerate(waves):
+            pos += len(w.experts)
+            decisions = cache.access(w.experts, fut.at(pos), step=step, wave_index=i)
+            for d in decisions:
+                if d.needs_load:
+                    self.backend.load(d.expert, d.slot)
+            slot_of = {e: cache.slot_of(e) for e in w.experts}
+            handles.append(self._dispatch(w, slot_of))
+            rec = w.record()
+            rec["hits"] = sum(d.hit for d in decisions)
+            rec["loads"] = sum(d.needs_load for d in decisions)
+            rec["prefetched"] = sum(d.prefetched for d in decisions)
+            records.append(rec)
+        prefetch = []
+        if self.cfg.prefetch and waves:
+            nxt, rest = self._predict_next(live, batch, future)
+            for ld in cache.prefetch(waves[-1].experts, nxt, rest, step=step):
+                self.backend.load(ld.expert, ld.slot)
+                prefetch.append([ld.expert, ld.slot])
+        outs = [(w, self.backend.fetch(h)) for w, h in zip(waves, handles, strict=True)]
+        rec = {
+            "step": step,
+            "prefill": list(batch.prefill),
+            "decode": list(batch.decode),
+            "batch_tokens": batch.tokens,
+            "batch_experts": list(batch.experts),
+            "waves": records,
+            "prefetch": prefetch,
+        }
+        return rec, outs
+
+    def _predict_next(self, live, batch, future):
+        """Next step's experts if decoding requests keep their expert, plus the oldest queued
+        prompt (as the scheduler will most likely admit it); and the accesses after it."""
+        chosen = set(batch.prefill)
+        queued = sorted(
+            (
+                l
+                for l in live.values()
+                if l.sched.state == batching.WAITING and l.req.id not in chosen
+            ),
+            key=lambda l: (l.req.arrival_s, l.req.id),
+        )
+        nxt = [e for l in live.values() if l.req.id in batch.ids for e in l.next_experts]
+        if queued:
+            nxt += [int(e) for e in queued[0].prompt_experts.reshape(-1)]
+        return dedup(nxt), future
+
+    def _dispatch(self, w: Wave, slot_of: dict[int, int]):
+        if w.kind == "prefill":
+            l = w.rows[0]
+            pe = l.prompt_experts[w.start : w.start + w.n]
+            slots = np.vectorize(slot_of.__getitem__, otypes=[np.int32])(pe)
+            pw = l.prompt_weights[w.start : w.start + w.n]
+            return self.backend.prefill(l, w.start, w.n, slots, pw, w.is_last)
+        N, K = self.cfg.num_slots, self.backend.top_k
+        slot_NxK, w_NxK = np.zeros((N, K), np.int32), np.zeros((N, K), np.float32)
+        rows: list[_Live | None] = [None] * N
+        for l in w.rows:
+            rows[l.row] = l
+            slot_NxK[l.row] = [slot_of[e] for e in l.next_experts]
+            w_NxK[l.row] = l.next_weights
+        return self.backend.decode(rows, slot_NxK, w_NxK)
+
+    # ------------------------------------------------------------------ run
+
+    def run(
+        self,
+        requests: Sequence[ServeRequest],
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> RunResult:
+        """Serve `requests` (any order; each enters at its arrival_s) to completion."""
+        cfg = self.cfg
+        ids = [r.id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique")
+        cache = self._new_cache()
+        self.backend.reset(cache)
+        self.clock.reset()
+        pending = sorted(requests, key=lambda r: (r.arrival_s, r.id))
+        live: dict[int, _Live] = {}
+        done: dict[int, RequestResult] = {}
+        free_rows, steps, t, step = list(range(cfg.num_slots)), [], 0.0, 0
+        while pending or live:
+            t0 = time.perf_counter()
+            while pending and pending[0].arrival_s <= t:
+                got = self._arrive(pending.pop(0), step)
+                if isinstance(got, RequestResult):
+                    done[got.id] = got
+                else:
+                    live[got.req.id] = got
+            if not live:
+                if pending:
+                    t = max(t, pending[0].arrival_s)
+                continue
+            ready = [l.sched for l in live.values()]
+            batch = batching.schedule(
+                cfg.batching, ready, cfg.max_batch_tokens, step=step, max_wait=cfg.max_wait,
+                num_slots=cfg.num_slots,
+            )  # fmt: skip
+            if not batch.ids:
+                raise RuntimeError(f"step {step}: the scheduler chose an empty batch")
+            batching.age(ready, batch)
+            rec, outs = self._step(batch, live, cache, free_rows, step)
+            wall = time.perf_counter() - t0
+            rec["time_s"], rec["wall_s"] = t, wall
+            rec["duration_s"] = dur = self.clock.duration(rec, wall, t)
+            t += dur
+            for l in self._complete(outs, step, t, on_token):
+                done[l.req.id] = l.res
+                free_rows.append(l.row)
+                free_rows.sort()
+                del live[l.req.id]
+            steps.append(rec)
+            step += 1
+        return RunResult(
+            cfg, [done[i] for i in sorted(done)], steps, cache.stats, cache.log, t, self.E
+        )
+
+    def _complete(self, outs, step, t, on_token) -> list[_Live]:
+        """Apply a step's sampled tokens; returns the requests that finished."""
+        eos = set(self.backend.eos_ids)
+        finished = []
+        for w, (tok, experts, weights) in outs:
+            if w.kind == "prefill":
+                l = w.rows[0]
+                l.done = w.start + w.n
+                if not w.is_last:
+                    continue
+                got = [(l, int(tok), experts, weights)]
+                l.sched.state = batching.DECODING
+                l.res.first_token_s, l.res.first_token_step = t, step
+            else:
+                got = [(l, int(tok[l.row]), experts[l.row], weights[l.row]) for l in w.rows]
+            for l, tk, ex, wt in got:
+                l.sched.generated += 1
+                stop = tk in eos
+                if not stop or self.cfg.include_eos:
+                    l.res.tokens.append(tk)
+                    l.res.experts.append([int(e) for e in ex])
+                    l.res.weights.append([float(x) for x in wt])
+                    if on_token is not None:
+                        on_token(l.req.id, tk)
+                if stop or len(l.res.tokens) >= l.req.max_new_tokens:
+                    l.res.finish_reason = "eos" if stop else "length"
+                    l.res.finish_s, l.res.finish_step = t, step
+                    l.sched.state = batching.DONE
+                    finished.append(l)
+                else:
+                    l.next_experts = tuple(int(e) for e in ex)
+                    l.next_weights = tuple(float(x) for x in wt)
+                    l.sched.next_expert = l.next_experts[0]
+        return finished
