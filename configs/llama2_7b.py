@@ -34,7 +34,9 @@ def get_config():
     c = _base()
     c.name = "llama2_7b"
     c.run_dir = "runs/llama2_7b"
-    c.model.checkpoint = "/data/models/Llama-2-7b-chat-hf"  # HF directory (config.json, *.safetensors)
+    c.model.checkpoint = (
+        "/data/models/Llama-2-7b-chat-hf"  # HF directory (config.json, *.safetensors)
+    )
     c.model.hf_config = HF_SHAPE  # the shape, for --config.dry_run without the checkpoint
     c.model.dtype = "float32"  # f32 master weights; the step computes in bf16 (train.compute_dtype)
     c.model.scan_layers = True  # one compiled layer body; unrolled 32 layers compile slowly
@@ -51,8 +53,16 @@ def get_config():
 
     c.preset = "paper"
     c.train.presets.paper = dict(
-        rounds=8, router_steps=100, expert_steps=200, batch_size=128, router_batch_size=64,
-        seq_len=4096, micro_batch=8, router_lr=5e-4, expert_lr=5e-5, save_every=50,
+        rounds=8,
+        router_steps=100,
+        expert_steps=200,
+        batch_size=128,
+        router_batch_size=64,
+        seq_len=4096,
+        micro_batch=8,
+        router_lr=5e-4,
+        expert_lr=5e-5,
+        save_every=50,
         baselines="layerwise,static",
     )  # ~1.04B tokens: 8 x (100 x 64 + 200 x 128) x 4096
     c.train.expert_params = "backbone"

@@ -50,6 +50,8 @@ def get_config() -> ConfigDict:
     c.eval.seq_len = 512
     c.eval.max_tokens_per_domain = 16384
     c.eval.batch_size = 4
+    c.eval.mmlu_limit = 2  # questions per subject (57 subjects); 0 = skip MMLU
+    c.eval.mmlu_shots = "0"  # e.g. "0,5"
     # Training (readme_jax/train): keys left at None come from train.presets[c.preset].
     c.train = ConfigDict()
     c.train.rounds = config_dict.placeholder(int)
@@ -82,6 +84,7 @@ def get_config() -> ConfigDict:
     c.train.stop_after = 0  # debug: end after N steps as if killed
     c.train.save_router_snapshot = True
     c.train.num_threads = 2
+    # fmt: off
     c.train.presets = ConfigDict({
         # ~4 min of training on 2 CPU cores: 2 rounds x (4 router + 8 expert) x 1024 tokens
         "demo": dict(rounds=2, router_steps=4, expert_steps=8, batch_size=4, seq_len=256,
@@ -92,6 +95,7 @@ def get_config() -> ConfigDict:
                      router_lr=1e-3, expert_lr=1e-4, save_every=10, baselines="layerwise,static",
                      router_batch_size=0, micro_batch=0),
     })
+    # fmt: on
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp/expert

@@ -16,9 +16,18 @@ def get_config():
     c.router.ffn_dim = 32
     c.eval.seq_len = 64
     c.eval.max_tokens_per_domain = 256
+    c.eval.mmlu_limit = 0
     c.train.head_chunk = 128
-    tiny = dict(rounds=2, router_steps=2, expert_steps=2, batch_size=4, seq_len=64,
-                router_lr=1e-2, expert_lr=1e-3, save_every=2)
+    tiny = dict(
+        rounds=2,
+        router_steps=2,
+        expert_steps=2,
+        batch_size=4,
+        seq_len=64,
+        router_lr=1e-2,
+        expert_lr=1e-3,
+        save_every=2,
+    )
     c.train.presets.demo.update(tiny)
     c.train.presets.full.update(tiny)
     return c

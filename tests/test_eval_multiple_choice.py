@@ -79,6 +79,16 @@ def test_prompt_matches_the_data_tasks_formatter():
     assert tasks.kshot_prompt(q, [q], k=0) == lm_eval_prompt(q) == EXAMPLE_PROMPT
 
 
+def test_encode_pair_moves_trailing_space_to_the_continuation_as_lm_eval_does():
+    tok = CharTokenizer(letters=True)
+    assert encode_pair(tok, "Answer: ", "A") == (tok.encode("Answer:"), [120])
+    assert encode_pair(tok, "Answer:", " B") == (tok.encode("Answer:"), [121])
+    assert encode_pair(CharTokenizer(letters=False), "Answer:", " C") == (
+        tok.encode("Answer:"),
+        [ord(" ") % 110, ord("C") % 110],
+    )
+
+
 @pytest.mark.parametrize("letters", [True, False], ids=["single-token", "multi-token"])
 def test_scores_are_exact_continuation_loglikelihoods(params, letters):
     tok = CharTokenizer(letters)

@@ -75,7 +75,7 @@ def make_config(root: Path, domains: dict[str, str]) -> ConfigDict:
     c.train.expert_steps = 2
     c.train.batch_size = 4
     c.train.seq_len = SEQ
-    c.train.save_every = 1
+    c.train.save_every = 2
     c.train.head_chunk = 64
     c.train.router_lr = 1e-2
     c.train.expert_lr = 1e-2

@@ -20,8 +20,6 @@ from readme_jax.train.config import resolve
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jaxcache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return build(tmp_path_factory.mktemp("tiny"))
 
 
@@ -44,7 +42,9 @@ def _params(c):
 
 
 def _leaves(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def test_phases_leave_frozen_parameters_bit_identical_with_no_optimizer_state(tiny, tmp_path):
@@ -64,14 +64,21 @@ def test_phases_leave_frozen_parameters_bit_identical_with_no_optimizer_state(ti
         ph = loop._Phase(ctx, var, phase, p_abs)
         state = ph.fresh_state(params)
         opt_shapes = [tuple(x.shape) for x in jax.tree.leaves(state["opt"]) if x.ndim]
-        n_train = [tuple(x.shape) for x, l in zip(jax.tree.leaves(params), jax.tree.leaves(ph.labels),
-                                                  strict=True) if l == "train"]  # fmt: skip
+        pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ph.labels), strict=True)
+        n_train = [tuple(x.shape) for x, lab in pairs if lab == "train"]
         assert sorted(opt_shapes) == sorted(n_train * 2)  # Adam mu and nu, trainable leaves only
         batch = meshlib.global_batch(next(it), ctx.mesh)
         state, _ = ph.step(state, consts, batch, jnp.float32(1e-2))
         after = _leaves(state["params"])
-        trained = {k for k in before if "router" in k} if phase == "router" else {
-            k for k in before if any(f in k for f in ("shared_", "expert_gate_up", "expert_down"))}
+        trained = (
+            {k for k in before if "router" in k}
+            if phase == "router"
+            else {
+                k
+                for k in before
+                if any(f in k for f in ("shared_", "expert_gate_up", "expert_down"))
+            }
+        )
         for k in before:
             if k in trained:
                 assert not np.array_equal(before[k], after[k]), f"{phase}: {k} did not change"

@@ -49,7 +49,9 @@ def test_routing_kl_is_zero_at_the_target_and_positive_elsewhere():
     assert float(losses.routing_kl(p, jnp.zeros_like(p), mask)) > 0.01
 
 
-@pytest.mark.parametrize("transposed,kd,temp", [(False, 0.0, 1.0), (False, 1.0, 2.0), (True, 1.0, 1.0)])
+@pytest.mark.parametrize(
+    "transposed,kd,temp", [(False, 0.0, 1.0), (False, 1.0, 2.0), (True, 1.0, 1.0)]
+)
 def test_chunked_head_loss_and_grads_equal_full_logits(transposed, kd, temp):
     k = jax.random.split(jax.random.key(0), 6)
     T, D, V = 37, 8, 50
@@ -62,9 +64,11 @@ def test_chunked_head_loss_and_grads_equal_full_logits(transposed, kd, temp):
     kw = dict(teacher_h_TxD=th, teacher_w_head=tw, lm_weight=0.7, kd_weight=kd,
               temperature=temp, transposed=transposed)  # fmt: skip
     got, g_got = jax.value_and_grad(
-        lambda h, w: losses.head_loss(h, w, y, wt, chunk=8, **kw)[0], argnums=(0, 1))(h, w)
+        lambda h, w: losses.head_loss(h, w, y, wt, chunk=8, **kw)[0], argnums=(0, 1)
+    )(h, w)
     want, g_want = jax.value_and_grad(
-        lambda h, w: losses.reference_head_loss(h, w, y, wt, **kw), argnums=(0, 1))(h, w)
+        lambda h, w: losses.reference_head_loss(h, w, y, wt, **kw), argnums=(0, 1)
+    )(h, w)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(g_got[0], g_want[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(g_got[1], g_want[1], rtol=1e-4, atol=1e-5)

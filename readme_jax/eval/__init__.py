@@ -4,6 +4,7 @@ from readme_jax.eval.domains import domain_stream, evaluate_domains
 from readme_jax.eval.multiple_choice import (
     CONTINUATIONS,
     MCResult,
+    encode_choices,
     encode_pair,
     lm_eval_prompt,
     score_multiple_choice,
@@ -40,6 +41,7 @@ __all__ = [
     "Usage",
     "dense_logits_fn",
     "domain_stream",
+    "encode_choices",
     "encode_pair",
     "evaluate_domains",
     "expert_usage",

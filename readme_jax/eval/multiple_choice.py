@@ -44,16 +44,33 @@ def lm_eval_prompt(q: Any) -> str:
     return head + "\n".join(lines) + "\nAnswer:"
 
 
+def _split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    n = len(context) - len(context.rstrip(" "))  # lm-eval moves trailing spaces to the answer
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
+
+
+def encode_choices(
+    tokenizer: Any, context: str, continuations: Sequence[str]
+) -> tuple[list[int], list[list[int]]]:
+    """(context ids, continuation ids per choice) as lm-eval-harness's `_encode_pair` splits
+    them: encode(context + continuation) minus the context's own tokens."""
+    ctx_text, _ = _split_trailing_space(context, "")
+    ctx = tokenizer.encode(ctx_text)
+    conts = []
+    for c in continuations:
+        _, cont_text = _split_trailing_space(context, c)
+        whole = tokenizer.encode(ctx_text + cont_text)
+        if whole[: len(ctx)] != ctx:  # BPE merged across the boundary; score the plain split
+            conts.append(tokenizer.encode(cont_text, add_bos=False))
+        else:
+            conts.append(whole[len(ctx) :])
+    return ctx, conts
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval-harness splits them."""
-    n_space = len(context) - len(context.rstrip(" "))
-    if n_space:  # trailing spaces belong to the continuation, as in lm-eval
-        context, continuation = context[:-n_space], context[-n_space:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
-    if whole[: len(ctx)] != ctx:  # BPE merged across the boundary; score the plain split
-        return ctx, tokenizer.encode(continuation, add_bos=False)
-    return ctx, whole[len(ctx) :]
+    """(context ids, continuation ids) for one continuation, as `encode_choices`."""
+    ctx, (cont,) = encode_choices(tokenizer, context, [continuation])
+    return ctx, cont
 
 
 @dataclasses.dataclass
@@ -101,6 +118,31 @@ def _bucket(n: int, m: int) -> int:
         if n <= b * 3 // 2:
             return b * 3 // 2
         b *= 2
+
+
+def _score_rows(
+    loglik, params, rows: list[_Row], shape, batch_size, max_len, pad_multiple, tqdm_kw
+) -> np.ndarray:
+    """Summed log-likelihood per (question, choice), batching rows of similar length."""
+    scores = np.zeros(shape)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
+    n_pairs = max(len(r.targets) for r in rows)
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, **tqdm_kw):
+        S = min(_bucket(max(len(rows[i].tokens) for i in chunk), pad_multiple), max_len)
+        toks = np.zeros((batch_size, S), np.int32)
+        pos = np.zeros((batch_size, n_pairs), np.int32)
+        tgt = np.zeros((batch_size, n_pairs), np.int32)
+        for b, i in enumerate(chunk):
+            r = rows[i]
+            toks[b, : len(r.tokens)] = r.tokens
+            pos[b, : len(r.positions)] = r.positions
+            tgt[b, : len(r.targets)] = r.targets
+        lp = np.asarray(loglik(params, toks, pos, tgt))
+        for b, i in enumerate(chunk):
+            r = rows[i]
+            np.add.at(scores[r.question], r.choice, lp[b, : len(r.targets)])
+    return scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,29 +213,19 @@ def score_multiple_choice(
         raise ValueError("no questions to score")
     rows: list[_Row] = []
     for qi, q in enumerate(qs):
-        prompt = prompt_fn(q)
-        pairs = [encode_pair(tokenizer, prompt, c) for c in continuations]
-        rows += _rows_for(qi, pairs[0][0], [c for _, c in pairs], max_len)
-    loglik = make_loglik_fn(logits_fn)
-    scores = np.zeros((len(qs), len(continuations)))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
-    n_pairs = max(len(r.targets) for r in rows)
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rows += _rows_for(qi, *encode_choices(tokenizer, prompt_fn(q), continuations), max_len)
     desc = progress if isinstance(progress, str) else "multiple choice"
-    for chunk in tqdm(chunks, desc=desc, disable=not progress, unit="batch"):
-        S = min(_bucket(max(len(rows[i].tokens) for i in chunk), pad_multiple), max_len)
-        toks = np.zeros((batch_size, S), np.int32)
-        pos = np.zeros((batch_size, n_pairs), np.int32)
-        tgt = np.zeros((batch_size, n_pairs), np.int32)
-        for b, i in enumerate(chunk):
-            r = rows[i]
-            toks[b, : len(r.tokens)] = r.tokens
-            pos[b, : len(r.positions)] = r.positions
-            tgt[b, : len(r.targets)] = r.targets
-        lp = np.asarray(loglik(params, toks, pos, tgt))
-        for b, i in enumerate(chunk):
-            r = rows[i]
-            np.add.at(scores[r.question], r.choice, lp[b, : len(r.targets)])
+    shape = (len(qs), len(continuations))
+    scores = _score_rows(
+        make_loglik_fn(logits_fn),
+        params,
+        rows,
+        shape,
+        batch_size,
+        max_len,
+        pad_multiple,
+        tqdm_kw={"desc": desc, "disable": not progress, "unit": "batch"},
+    )
     preds = [int(p) for p in scores.argmax(-1)]
     answers = [int(_field(q, "answer")) for q in qs]
     per: dict[str, dict[str, float]] = defaultdict(lambda: {"correct": 0, "n": 0, "acc": 0.0})

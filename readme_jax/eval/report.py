@@ -1,7 +1,8 @@
 """Markdown report with PNG plots from one JSON-able results dict.
 
 `write_report(results, out_dir)` writes `results.json`, `report.md` and the plots whose data is
-present. Every key is optional; tables keep only the columns some row has. Schema:
+present. Every key is optional; tables keep only the columns some row has, and "mean ppl" /
+"mean bpb" / KL / agreement in the summary are plain means over the model's domains. Schema:
 
     {
       "meta": {"title": str, "command": str, "checkpoint": str, "created": str,
@@ -22,7 +23,7 @@ present. Every key is optional; tables keep only the columns some row has. Schem
         "layerwise": LayerRedundancy.to_dict(),    # "mutual_information" [L-1], ...
       },
       "serving": {
-        "hit_ratio": {POLICY: {C: ratio}},         # C = cache slots (JSON keys may be str)
+        "hit_ratio": {POLICY: {C: ratio}},         # C = cache slots; ratio in [0, 1]
         "latency": {POLICY: [normalized latency per request]},
         "summary": {ROW: {COLUMN: number}},        # any further serve_bench table
       },

@@ -24,9 +24,11 @@ def _sampling(lives) -> tuple:
     cols = [[], [], [], [], []]
     for l in lives:
         sp = l.req.sampling if l is not None else None
-        vals = (0.0, 0, 1.0, 0, 0) if l is None else (
-            sp.temperature, sp.top_k, sp.top_p, l.req.seed, len(l.tokens)
-        )  # fmt: skip
+        vals = (
+            (0.0, 0, 1.0, 0, 0)
+            if l is None
+            else (sp.temperature, sp.top_k, sp.top_p, l.req.seed, len(l.tokens))
+        )
         for c, v in zip(cols, vals, strict=True):
             c.append(v)
     return tuple(np.asarray(c) for c in cols)
@@ -63,9 +65,11 @@ class ModelBackend:
         if self.store is None or self.store.capacity != cache.capacity:
             self.store = None  # free the old slots first
             self.store = OffloadedExpertStore(
-                self.sp.experts, cache.capacity, layer_axis=1,
+                self.sp.experts,
+                cache.capacity,
+                layer_axis=1,
                 host_memory_kind=self.host_memory_kind,
-            )  # fmt: skip
+            )
         for rec in cache.log:
             if rec["kind"] == "preload" and self.store.expert_in(rec["slot"]) != rec["expert"]:
                 self.store.load(rec["expert"], rec["slot"])
@@ -82,9 +86,15 @@ class ModelBackend:
         toks = list(live.req.prompt[start : start + n])
         sp = _sampling([live])
         return self.decoder.prefill(
-            self.store.slots, live.row, start, toks, slot_ids, weights, is_last,
+            self.store.slots,
+            live.row,
+            start,
+            toks,
+            slot_ids,
+            weights,
+            is_last,
             tuple(c[0] for c in sp),
-        )  # fmt: skip
+        )
 
     def decode(self, rows, slot_NxK, w_NxK):
         tok = np.asarray([0 if l is None else l.tokens[-1] for l in rows], np.int32)

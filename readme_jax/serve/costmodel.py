@@ -40,6 +40,7 @@ class Hardware:
     launch_s: float  # fixed cost per forward call (kernel launches, per model)
     mem_eff: float = 0.7
     flop_eff: float = 0.5
+    step_s: float = 0.0  # fixed host cost per engine step (scheduling, dispatch)
 
 
 def a100_pcie4(layers: int) -> Hardware:
@@ -125,25 +126,43 @@ def model_cost(sp, name: str = "served model") -> ModelCost:
     cfg = sp.rc.model
     router = sum(int(np.size(x)) for x in _leaves(sp.router))
     return ModelCost(
-        name, cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
-        ffn=cfg.ffn_dim, shared_width=int(sp.backbone["layers"][0]["shared_down"].shape[0]),
+        name,
+        cfg.n_layers,
+        cfg.dim,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        ffn=cfg.ffn_dim,
+        shared_width=int(sp.backbone["layers"][0]["shared_down"].shape[0]),
         expert_width=int(sp.experts["down"].shape[2]),
-        dtype_bytes=sp.experts["gate_up"].dtype.itemsize, top_k=sp.rc.moe.top_k,
+        dtype_bytes=sp.experts["gate_up"].dtype.itemsize,
+        top_k=sp.rc.moe.top_k,
         other_params=router,
-    )  # fmt: skip
+    )
 
 
-def scaled_cost(base: ModelCost, name: str, *, layers, dim, ffn, heads, kv_heads, vocab,
-                dtype_bytes=2) -> ModelCost:  # fmt: skip
+def scaled_cost(
+    base: ModelCost, name: str, *, layers, dim, ffn, heads, kv_heads, vocab, dtype_bytes=2
+) -> ModelCost:
     """The same expert construction (shared and private fractions of the FFN) on other
     dimensions, e.g. `LLAMA2_7B` in bf16 for the paper's scale."""
     frac = ffn / base.ffn
     return dataclasses.replace(
-        base, name=name, layers=layers, dim=dim, heads=heads, kv_heads=kv_heads,
-        head_dim=dim // heads, vocab=vocab, ffn=ffn,
-        shared_width=round(base.shared_width * frac), expert_width=round(base.expert_width * frac),
-        dtype_bytes=dtype_bytes, other_params=0,
-    )  # fmt: skip
+        base,
+        name=name,
+        layers=layers,
+        dim=dim,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=dim // heads,
+        vocab=vocab,
+        ffn=ffn,
+        shared_width=round(base.shared_width * frac),
+        expert_width=round(base.expert_width * frac),
+        dtype_bytes=dtype_bytes,
+        other_params=0,
+    )
 
 
 LLAMA2_7B = dict(layers=32, dim=4096, ffn=11008, heads=32, kv_heads=32, vocab=32000)
@@ -184,7 +203,7 @@ class CostClock:
 
     def duration(self, step: dict, wall_s: float, t_start: float) -> float:
         hw, mc, L = self.hw, self.mc, self.mc.layers
-        t, link_end = 0.0, 0.0
+        t, link_end = hw.step_s, 0.0
         for w in step["waves"]:
             comp = compute_s(hw, mc, w)
             load = w["loads"] * mc.bytes_per_expert / hw.link_bw
@@ -207,10 +226,11 @@ class CostClock:
 
 
 def step_features(step: dict, mc: ModelCost) -> np.ndarray:
-    """[calls, bytes read, flops, bytes loaded] of one step record."""
+    """[1, calls, bytes read, flops, bytes loaded] of one step record."""
     waves = step["waves"]
     return np.asarray(
         [
+            1.0,
             len(waves),
             sum(mc.wave_bytes(w) for w in waves),
             sum(mc.wave_flops(w) for w in waves),
@@ -221,13 +241,16 @@ def step_features(step: dict, mc: ModelCost) -> np.ndarray:
 
 
 def fit_cpu(steps: list[dict], mc: ModelCost) -> dict:
-    """Fit wall_s ~ a*calls + bytes/bw + flops/F + loaded/link (all >= 0) to measured steps.
+    """Fit wall_s ~ h + a*calls + bytes/bw + flops/F + loaded/link (all >= 0) to measured
+    steps (steps slower than 20x the median, e.g. a stray compile, are left out).
 
     Returns the constants, R^2, and a `Hardware` profile of this CPU."""
     from scipy.optimize import nnls
 
-    X = np.stack([step_features(s, mc) for s in steps])
     y = np.asarray([s["wall_s"] for s in steps], np.float64)
+    keep = y <= 20 * np.median(y)
+    steps, y = [s for s, k in zip(steps, keep, strict=True) if k], y[keep]
+    X = np.stack([step_features(s, mc) for s in steps])
     scale = np.maximum(X.max(0), 1e-30)
     coef, _ = nnls(X / scale, y)
     coef = coef / scale
@@ -235,10 +258,11 @@ def fit_cpu(steps: list[dict], mc: ModelCost) -> dict:
     r2 = 1 - np.sum((y - pred) ** 2) / max(np.sum((y - y.mean()) ** 2), 1e-30)
     inv = lambda c: float(1 / c) if c > 0 else float("inf")
     fit = {
-        "launch_s": float(coef[0]),
-        "bandwidth_Bps": inv(coef[1]),
-        "flops": inv(coef[2]),
-        "link_Bps": inv(coef[3]),
+        "step_s": float(coef[0]),
+        "launch_s": float(coef[1]),
+        "bandwidth_Bps": inv(coef[2]),
+        "flops": inv(coef[3]),
+        "link_Bps": inv(coef[4]),
         "r2": float(r2),
         "mean_abs_error_s": float(np.mean(np.abs(y - pred))),
         "steps": len(steps),
@@ -252,5 +276,6 @@ def fit_cpu(steps: list[dict], mc: ModelCost) -> dict:
         fit["launch_s"],
         1.0,
         1.0,
+        fit["step_s"],
     )
     return fit

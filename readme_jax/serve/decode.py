@@ -74,8 +74,9 @@ def split_params(rc: ReadMEConfig, params: Params) -> ServeParams:
     }
     rest = {k: v for k, v in layers.items() if k not in (*EXPERT_KEYS, "gate")}
     backbone = llama.unstack_layers({**bb, "layers": rest})
-    return ServeParams(rc.replace(model=rc.model.replace(scan_layers=False)), backbone,
-                       params["router"], experts)  # fmt: skip
+    return ServeParams(
+        rc.replace(model=rc.model.replace(scan_layers=False)), backbone, params["router"], experts
+    )
 
 
 def resident_slots(experts: dict[str, np.ndarray]) -> list[Params]:
@@ -145,9 +146,22 @@ def _put_row(cache: Params, rc1: Params, row: jax.Array) -> Params:
 
 
 def prefill_step(
-    backbone, router, slots, cache, rcache, row, start, tok_Q, n, slot_QxK, w_QxK, is_last,
-    sp_row, *, rc: ReadMEConfig,
-):  # fmt: skip
+    backbone,
+    router,
+    slots,
+    cache,
+    rcache,
+    row,
+    start,
+    tok_Q,
+    n,
+    slot_QxK,
+    w_QxK,
+    is_last,
+    sp_row,
+    *,
+    rc: ReadMEConfig,
+):
     """Extend slot `row` (already holding `start` tokens) by prompt tokens tok_Q[:n].
 
     sp_row: (temperature, top_k, top_p, seed, count) scalars of the request. Returns (next token,
@@ -172,9 +186,19 @@ def prefill_step(
 
 
 def decode_step(
-    backbone, router, slots, cache, rcache, tok_N, slot_NxK, w_NxK, active_N, sp_N,
-    *, rc: ReadMEConfig,
-):  # fmt: skip
+    backbone,
+    router,
+    slots,
+    cache,
+    rcache,
+    tok_N,
+    slot_NxK,
+    w_NxK,
+    active_N,
+    sp_N,
+    *,
+    rc: ReadMEConfig,
+):
     """One token for every active slot. sp_N: (temperature, top_k, top_p, seed, count) [N].
 
     Returns (next tokens [N], their experts [N, K], weights [N, K], cache, rcache)."""
@@ -202,10 +226,6 @@ _decode_jit = jax.jit(decode_step, static_argnames=("rc",), donate_argnums=(3, 4
 _route_jit = jax.jit(route_prompt_fn, static_argnames=("rc",))
 
 # ----------------------------------------------------------------------------- decoder
-
-
-def _bucket(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
 
 
 class SlotDecoder:
@@ -237,7 +257,7 @@ class SlotDecoder:
     def route_prompt(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(experts [S, K] int, weights [S, K]) of a prompt."""
         S = len(tokens)
-        buf = np.zeros((1, _bucket(S)), np.int32)
+        buf = np.zeros((1, self.max_len), np.int32)  # one shape: one compile, one rounding
         buf[0, :S] = tokens
         e, w = _route_jit(self.sp.router, jnp.asarray(buf), rc=self.rc)
         return np.asarray(e[0, :S]), np.asarray(w[0, :S])
@@ -253,20 +273,39 @@ class SlotDecoder:
         w = np.zeros((Q, K), np.float32)
         w[:n] = weights
         out = _prefill_jit(
-            self.sp.backbone, self.sp.router, slots, self.cache, self.rcache,
-            np.int32(row), np.int32(start), tok, np.int32(n), sl, w, np.int32(is_last),
-            _sp_arrays(sp_row), rc=self.rc,
-        )  # fmt: skip
+            self.sp.backbone,
+            self.sp.router,
+            slots,
+            self.cache,
+            self.rcache,
+            np.int32(row),
+            np.int32(start),
+            tok,
+            np.int32(n),
+            sl,
+            w,
+            np.int32(is_last),
+            _sp_arrays(sp_row),
+            rc=self.rc,
+        )
         nxt, e, wt, self.cache, self.rcache = out
         return nxt, e, wt
 
     def decode(self, slots, tok_N, slot_NxK, w_NxK, active_N, sp_N):
         """Dispatch one decode step over all slots; returns device (tok [N], experts, weights)."""
         nxt, e, w, self.cache, self.rcache = _decode_jit(
-            self.sp.backbone, self.sp.router, slots, self.cache, self.rcache,
-            np.asarray(tok_N, np.int32), np.asarray(slot_NxK, np.int32),
-            np.asarray(w_NxK, np.float32), np.asarray(active_N, bool), _sp_arrays(sp_N), rc=self.rc,
-        )  # fmt: skip
+            self.sp.backbone,
+            self.sp.router,
+            slots,
+            self.cache,
+            self.rcache,
+            np.asarray(tok_N, np.int32),
+            np.asarray(slot_NxK, np.int32),
+            np.asarray(w_NxK, np.float32),
+            np.asarray(active_N, bool),
+            _sp_arrays(sp_N),
+            rc=self.rc,
+        )
         return nxt, e, w
 
 

@@ -431,9 +431,13 @@ class Engine:
                 continue
             ready = [l.sched for l in live.values()]
             batch = batching.schedule(
-                cfg.batching, ready, cfg.max_batch_tokens, step=step, max_wait=cfg.max_wait,
+                cfg.batching,
+                ready,
+                cfg.max_batch_tokens,
+                step=step,
+                max_wait=cfg.max_wait,
                 num_slots=cfg.num_slots,
-            )  # fmt: skip
+            )
             if not batch.ids:
                 raise RuntimeError(f"step {step}: the scheduler chose an empty batch")
             batching.age(ready, batch)

@@ -25,6 +25,7 @@ from readme_jax.serve.decode import ServeParams, split_params
 from readme_jax.serve.engine import Engine, EngineConfig, RequestResult, ServeRequest
 
 DEFAULT_DOMAINS = "fiction,drama,code_docs,manual"
+GREEDY = SamplingParams()
 
 
 @dataclasses.dataclass
@@ -105,13 +106,15 @@ def generate_moe(
     sp: ServeParams,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
+    sampling: SamplingParams = GREEDY,
     *,
     capacity: int | None = None,
     cache_policy: str = "belady",
     prefetch: bool = False,
     seed: int = 0,
     max_len: int | None = None,
+    num_slots: int | None = None,
+    prefill_chunk: int = 32,
     on_token: Callable[[int, int], None] | None = None,
     backend: ModelBackend | None = None,
 ) -> MoEGeneration:
@@ -125,8 +128,9 @@ def generate_moe(
     if max_len is None:
         max_len = min(sp.rc.model.max_seq_len, -(-(longest + max_new_tokens) // 64) * 64)
     cfg = EngineConfig(
-        num_slots=min(8, len(prompts)),
+        num_slots=num_slots or min(8, len(prompts)),
         max_len=max_len,
+        prefill_chunk=prefill_chunk,
         max_batch_tokens=max(128, longest),
         cache_policy=cache_policy,
         capacity=capacity,
@@ -159,3 +163,36 @@ def format_stats(stats: dict) -> str:
         f"loads = {mb:.1f} MB moved ({stats['bytes_per_token'] / 1e6:.2f} MB/token); "
         f"{stats['steps']} steps, decode {stats['decode_tok_s']:.1f} tok/s]"
     )
+
+
+def tiny_serve_model(num_experts: int = 4, seed: int = 0, *, vocab: int = 97) -> ServeModel:
+    """A random tiny Read-ME model (2 layers, width 32) for tests and smoke runs."""
+    import jax
+    import numpy as np
+
+    from readme_jax.model import llama
+    from readme_jax.model.config import LlamaConfig
+    from readme_jax.model.moe import MoEConfig
+    from readme_jax.model.readme import ReadMEConfig
+    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.refactor import experts as ex
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=48,
+        max_seq_len=256,
+        tie_embeddings=True,
+        eos_ids=(2,),
+        bos_id=1,
+    )
+    rc = ReadMEConfig(cfg, MoEConfig(num_experts, dispatch="select"), RouterConfig(16, 2, 32))
+    dense = llama.init_params(cfg, jax.random.key(seed))
+    scores = np.random.default_rng(seed).random((num_experts, cfg.n_layers, cfg.ffn_dim))
+    spec = ex.build_expert_spec(scores, 0.5, [f"d{i}" for i in range(num_experts)])
+    router = init_router(rc.router, cfg, num_experts, jax.random.key(seed + 1), dense["embed"])
+    params = {"backbone": ex.build_moe_params(dense, spec), "router": router}
+    return ServeModel(split_params(rc, params), None, f"random tiny model (seed {seed})", spec)

@@ -10,6 +10,7 @@ private experts of remain_rate x F minus that (the active width is remain_rate x
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ def abstract_params(cfg: LlamaConfig, E: int, rcfg: RouterConfig, remain: float,
 
 
 def _with_shardings(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
 
 
 def _per_device_bytes(tree) -> int:
@@ -103,7 +106,9 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
     remain = float(c.refactor.remain_rate)
     params, teacher = abstract_params(cfg, E, rcfg, remain, shared_frac)
     if not cfg.scan_layers:
-        params = jax.eval_shape(lambda p: {**p, "backbone": llama.unstack_layers(p["backbone"])}, params)
+        params = jax.eval_shape(
+            lambda p: {**p, "backbone": llama.unstack_layers(p["backbone"])}, params
+        )
         teacher = jax.eval_shape(llama.unstack_layers, teacher)
     params = _with_shardings(params, meshlib.param_shardings(params, mesh))
     teacher = jax.eval_shape(lambda t: steplib.cast_params(t, tc.compute_dtype), teacher)
@@ -121,7 +126,9 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
                           expert_parallel=mesh.shape["expert"] > 1)  # fmt: skip
         label_tree = steplib.labels(params, "readme", phase, tc.expert_params)
         tx = steplib.make_optimizer(tc, phase, label_tree)
-        st = jax.eval_shape(lambda p: steplib.init_state(p, tx, label_tree), params)
+        st = jax.eval_shape(
+            functools.partial(steplib.init_state, tx=tx, label_tree=label_tree), params
+        )
         st = _with_shardings(st, meshlib.state_shardings(st, mesh))
         B, S = tc.phase_batch(phase), tc.seq_len
         bsh = meshlib.batch_sharding(mesh)
@@ -131,7 +138,8 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
         t0 = time.time()
         shardings = jax.tree.map(lambda a: a.sharding, st)
         lowered = jax.jit(fn, donate_argnums=(0,), out_shardings=(shardings, None)).lower(
-            st, consts, batch, jax.ShapeDtypeStruct((), jnp.float32))
+            st, consts, batch, jax.ShapeDtypeStruct((), jnp.float32)
+        )
         compiled = lowered.compile()
         m = compiled.memory_analysis()
         rec = {
@@ -146,9 +154,10 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
         rec["peak_bytes"] = (rec["argument_bytes"] + rec["output_bytes"] - rec["alias_bytes"]
                              + rec["temp_bytes"])  # fmt: skip
         out[phase] = rec
-        print(f"[dry run] {phase} step: batch {B} x {S} ({tc.accum(phase)} micro-batches), "
-              f"compiled in {rec['compile_s']:.1f}s; per device: params+optimizer "
-              f"{_gib(rec['params_opt_bytes'])}, teacher {_gib(rec['teacher_bytes'])}, "
-              f"temporaries {_gib(rec['temp_bytes'])}, estimated peak {_gib(rec['peak_bytes'])}")
+        print(
+            f"[dry run] {phase} step: batch {B} x {S} ({tc.accum(phase)} micro-batches), "
+            f"compiled in {rec['compile_s']:.1f}s; per device: params+optimizer "
+            f"{_gib(rec['params_opt_bytes'])}, teacher {_gib(rec['teacher_bytes'])}, "
+            f"temporaries {_gib(rec['temp_bytes'])}, estimated peak {_gib(rec['peak_bytes'])}"
+        )
     return out
-

@@ -7,6 +7,7 @@ over the full S x S (the implementation does not skip masked blocks).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -16,8 +17,10 @@ from readme_jax.model.config import LlamaConfig
 from readme_jax.model.router import RouterConfig
 
 
+@functools.cache
 def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, reps: int = 5) -> float:
-    """Best-of-reps FLOP/s of an n x n x n matmul on the default device."""
+    """Best-of-reps FLOP/s of an n x n x n matmul on the default device (measured once per
+    process)."""
     a = jnp.ones((n, n), dtype)
     b = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a, b: a @ b)
@@ -32,7 +35,10 @@ def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, reps: int = 5) -> flo
 
 def _attn_macs(cfg: LlamaConfig) -> int:
     """Per token per layer: q/k/v/o projections."""
-    return cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
+    return (
+        cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        + cfg.n_heads * cfg.head_dim * cfg.dim
+    )
 
 
 def _score_macs(cfg: LlamaConfig, seq_len: int) -> int:

@@ -174,6 +174,19 @@ def _pipeline_cfg(ctx: Context):
 
 
 # ---------------------------------------------------------------- one variant
+_STEPS: dict[Any, Any] = {}
+# TrainConfig fields that do not change the compiled step (the LR peak is an argument)
+_HOST_ONLY = ("rounds", "router_lr", "expert_lr", "lr_decay", "save_every", "keep", "baselines",
+              "stop_after", "save_router_snapshot", "num_threads")  # fmt: skip
+
+
+def _step_key(setup: steplib.Setup, mesh, abstract_state) -> Any:
+    tc = dataclasses.replace(setup.tc, **{k: getattr(TrainConfig(), k) for k in _HOST_ONLY})
+    leaves, treedef = jax.tree.flatten(abstract_state)
+    shapes = tuple((a.shape, str(a.dtype), a.sharding.spec) for a in leaves)
+    return dataclasses.replace(setup, tc=tc), mesh, treedef, shapes
+
+
 class _Phase:
     """A phase's compiled step, labels and optimizer (one compile per kind x phase)."""
 
@@ -184,10 +197,13 @@ class _Phase:
         self.setup = steplib.Setup(kind=var.kind, phase=phase, expert_parallel=ep, **var.setup_kw)
         self.labels = steplib.labels(params_abstract, var.kind, phase, tc.expert_params)
         self.tx = steplib.make_optimizer(tc, phase, self.labels)
-        fn = steplib.make_step(self.setup, self.tx, self.labels, ctx.mesh)
         abstract = self.abstract_state(params_abstract, ctx.mesh)
         self.shardings = jax.tree.map(lambda a: a.sharding, abstract)
-        self.step = jax.jit(fn, donate_argnums=(0,), out_shardings=(self.shardings, None))
+        key = _step_key(self.setup, ctx.mesh, abstract)
+        if key not in _STEPS:  # runs in one process (baselines, tests) share compiled steps
+            fn = steplib.make_step(self.setup, self.tx, self.labels, ctx.mesh)
+            _STEPS[key] = jax.jit(fn, donate_argnums=(0,), out_shardings=(self.shardings, None))
+        self.step = _STEPS[key]
         s = self.setup
         self.flops_per_token = flops.step_flops_per_token(
             phase, var.kind, s.cfg, s.teacher_cfg, var.active_ffn_width, tc.seq_len,
@@ -254,9 +270,12 @@ def train_variant(ctx: Context, kind: str) -> dict:
     var = make_variant(ctx, kind)
     mesh = ctx.mesh
     params = _place(var.params, mesh)
-    p_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
-    teacher = steplib.cast_params(_layout(ctx.teacher, ctx.model.rc.model.scan_layers),
-                                  tc.compute_dtype)  # stored once in the compute dtype
+    p_abs = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params
+    )
+    teacher = steplib.cast_params(
+        _layout(ctx.teacher, ctx.model.rc.model.scan_layers), tc.compute_dtype
+    )  # stored once in the compute dtype
     consts = {"teacher": _place(teacher, mesh),
               "union": jax.device_put(_union(ctx), meshlib.replicated(mesh))}  # fmt: skip
     sched = tc.schedule()
@@ -357,7 +376,9 @@ def _save(ctx: Context, kind: str, params: dict, out: Path, stage: str) -> None:
     extra = {"stage": stage, "train": dataclasses.asdict(ctx.tc),
              "recipe": ctx.model.meta.get("recipe")}  # fmt: skip
     if kind == "static":
-        cfg = ctx.teacher_cfg.replace(ffn_dim=int(jax.tree.leaves(params["layers"]["w_down"])[0].shape[1]))
+        cfg = ctx.teacher_cfg.replace(
+            ffn_dim=int(jax.tree.leaves(params["layers"]["w_down"])[0].shape[1])
+        )
         store.save_model(out, params, {"kind": "dense_llama", "config": cfg.to_dict(), **extra})
     else:
         rc = ctx.model.rc
@@ -399,17 +420,18 @@ def summarize(metrics_path: Path, ctx: Context) -> dict:
 
 
 def _table(summary: dict, peak: float) -> str:
-    lines = [f"Training summary (f32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s)", "",
-             "| model | phase | steps | tokens | tokens/s | GFLOP/s | of peak | loss first -> last |",
+    head = "| model | phase | steps | tokens | tokens/s | GFLOP/s | of peak | loss first -> last |"
+    lines = [f"Training summary (f32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s)", "", head,
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind, s in summary.items():
         for phase, p in s.items():
             if not isinstance(p, dict):
                 continue
             frac = f"{p['flops_frac']:.0%}" if p.get("flops_frac") else "-"
+            loss = f"{p['loss_first']:.4f} -> {p['loss_last']:.4f}"
             lines.append(
                 f"| {kind} | {phase} | {p['steps']} | {p['tokens']} | {p['tok_s']:.0f} | "
-                f"{p['flops_s'] / 1e9:.1f} | {frac} | {p['loss_first']:.4f} -> {p['loss_last']:.4f} |"
+                f"{p['flops_s'] / 1e9:.1f} | {frac} | {loss} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -421,8 +443,10 @@ def run_training(c: Any, run_dir: Path, *, tokenizer=None, teacher=None) -> dict
     ctx = build_context(c, run_dir, tc, tokenizer, teacher)
     ctx.peak_flops = flops.measure_matmul_flops()
     kinds = ["readme", *tc.baselines]
-    budget = tc.rounds * (tc.router_steps * tc.tokens_per_step("router")
-                          + tc.expert_steps * tc.tokens_per_step("expert"))
+    budget = tc.rounds * (
+        tc.router_steps * tc.tokens_per_step("router")
+        + tc.expert_steps * tc.tokens_per_step("expert")
+    )
     print(f"[train] {', '.join(kinds)}: {tc.rounds} rounds x (router {tc.router_steps} x "
           f"{tc.tokens_per_step('router')} + expert {tc.expert_steps} x "
           f"{tc.tokens_per_step('expert')} tokens) = {budget} tokens per model; "

@@ -202,8 +202,15 @@ def head_loss(
     cfg = (float(lm_weight), kd, float(temperature), bool(transposed))
     chunk = int(min(chunk, h_TxD.shape[0]))
     return _head_loss(
-        h_TxD, w_head, jax.lax.stop_gradient(th), jax.lax.stop_gradient(tw),
-        targets_T.astype(jnp.int32), weight_T.astype(jnp.float32), chunk, cfg, bool(need_w_grad),
+        h_TxD,
+        w_head,
+        jax.lax.stop_gradient(th),
+        jax.lax.stop_gradient(tw),
+        targets_T.astype(jnp.int32),
+        weight_T.astype(jnp.float32),
+        chunk,
+        cfg,
+        bool(need_w_grad),
     )
 
 

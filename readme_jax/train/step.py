@@ -299,7 +299,9 @@ def make_step(s: Setup, tx: optax.GradientTransformation, label_tree: Params, me
                 g, m = one(view, params, consts, b)
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
-            zeros = jax.eval_shape(lambda b: one(view, params, consts, b), jax.tree.map(lambda x: x[0], mb))
+            zeros = jax.eval_shape(
+                lambda b: one(view, params, consts, b), jax.tree.map(lambda x: x[0], mb)
+            )
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
             (grads, met), _ = jax.lax.scan(acc, zeros, mb)
             grads = jax.tree.map(lambda x: x / A, grads)

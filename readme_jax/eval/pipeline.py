@@ -1,0 +1,188 @@
+"""The eval stage: every model in a run directory, scored the same way, into one report.
+
+Models found under RUN (any subdirectory with a model.json): the untrained and trained Read-ME
+MoEs and the baselines; plus the dense teacher (the run's source checkpoint). For each:
+perplexity and bits per byte per domain on the held-out split, KL(teacher || model) and top-1
+agreement, MMLU (0-shot, optional 5-shot, `eval.mmlu_limit` questions per subject), active
+parameters. For Read-ME: expert usage by domain and temporal locality; for the layer-wise
+baseline: mutual information between adjacent layers' choices.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from readme_jax.checkpoints import store
+from readme_jax.eval import routing as rt
+from readme_jax.eval.domains import domain_stream, evaluate_domains
+from readme_jax.eval.perplexity import dense_logits_fn
+from readme_jax.model import llama, moe
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.readme import ReadMEConfig, readme_forward, route
+
+NICE = {
+    "moe_init": "Read-ME (before training)",
+    "moe_router": "Read-ME (after router phases)",
+    "moe_trained": "Read-ME (trained)",
+}
+
+
+@functools.cache
+def readme_logits_fn(rc: ReadMEConfig):
+    def fn(params, tokens_BxS):
+        return readme_forward(params, tokens_BxS, rc)[0]
+
+    return fn
+
+
+def load_any(path: Path) -> tuple[str, Any, Any, dict]:
+    """(kind, config, params, meta) for a model directory of this project."""
+    meta = store.read_meta(path)
+    params = store.load_params(path)
+    if meta["kind"] == "readme_moe":
+        return "readme_moe", ReadMEConfig.from_dict(meta["config"]), params, meta
+    if meta["kind"] == "dense":
+        return "dense", LlamaConfig.from_dict(meta["config"]), params, meta
+    raise ValueError(f"{path}: unknown model kind {meta['kind']!r}")
+
+
+def discover(run: Path) -> list[Path]:
+    order = ["moe_init", "moe_router", "moe_trained"]
+    found = [p.parent for p in sorted(run.glob("*/model.json"))]
+    return sorted(found, key=lambda p: (order.index(p.name) if p.name in order else 99, p.name))
+
+
+def _active_params(kind: str, cfg, meta: dict, params) -> tuple[int, int]:
+    if kind == "dense":
+        return cfg.param_count(), cfg.param_count()
+    from readme_jax.refactor.experts import ExpertSpec
+
+    spec_dir = Path(meta["_path"]) / "experts"
+    m = cfg.model
+    spec = ExpertSpec.load(spec_dir)
+    a = moe.active_param_count(m, spec.shared_widths, spec.expert_widths, cfg.moe.top_k)
+    total = m.param_count() - a["dense_ffn"] + int(
+        3 * m.dim * (spec.shared_widths.sum() + spec.expert_widths.sum())
+    )
+    router = 0 if "router" not in params else sum(x.size for x in jax.tree.leaves(params["router"]))
+    # the router's embedding is a table lookup: one row per token is touched, not the table
+    r_active = router - (params["router"]["embed"].size - m.dim if router else 0) if router else 0
+    return total + router, a["active"] + r_active
+
+
+def routing_analysis(rc: ReadMEConfig, params, streams: dict[str, tuple], domains, window: int):
+    """Expert usage by domain and temporal locality of the pre-gating router."""
+    route_fn = jax.jit(lambda p, t: route(p, t, rc)[1][0][..., 0])
+    ids = {}
+    for d, (toks, _) in streams.items():
+        n = (len(toks) // window) * window
+        rows = np.asarray(toks[:n]).reshape(-1, window)[:8]
+        ids[d] = np.asarray(route_fn(params, jnp.asarray(rows, jnp.int32)))
+    E = rc.moe.num_experts
+    usage = rt.expert_usage({d: v.ravel() for d, v in ids.items()}, E)
+    loc = rt.temporal_locality([row for v in ids.values() for row in v])
+    return {"experts": list(domains), "usage": usage.to_dict(), "locality": {"Read-ME": loc.to_dict()}}
+
+
+def layerwise_analysis(rc: ReadMEConfig, params, streams, window: int):
+    fn = jax.jit(lambda p, t: readme_forward(p, t, rc)[1]["layer_logits"])
+    choices = []
+    for toks, _ in streams.values():
+        n = (len(toks) // window) * window
+        rows = jnp.asarray(np.asarray(toks[:n]).reshape(-1, window)[:2], jnp.int32)
+        choices.append(np.asarray(jnp.argmax(fn(params, rows), -1)).reshape(rc.model.n_layers, -1))
+    red = rt.layer_redundancy(np.concatenate(choices, 1), rc.moe.num_experts)
+    loc = rt.temporal_locality(list(np.concatenate(choices, 1)[0:1]))
+    return red.to_dict(), loc.to_dict()
+
+
+def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
+    from readme_jax.data.tasks import by_subject, kshot_prompt, load_mmlu
+    from readme_jax.eval.multiple_choice import score_multiple_choice
+
+    qs = load_mmlu()
+    out = {}
+    shots = [int(s) for s in str(c.eval.mmlu_shots).split(",") if s.strip()]
+    pool = by_subject(qs)
+    for k in shots:
+        res = score_multiple_choice(
+            logits_fn, params, tok, qs, prompt_fn=lambda q, k=k: kshot_prompt(q, pool, k),
+            limit=c.eval.mmlu_limit, batch_size=c.eval.batch_size, max_len=cfg.max_seq_len,
+            progress=f"MMLU {k}-shot",
+        )
+        out[f"{k}-shot"] = res.to_dict()
+    return out
+
+
+def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, Any]:
+    """Evaluate the dense teacher and every model in `run`; write run/eval/{results.json,report.md}."""
+    from readme_jax.eval.report import headline_table, write_report
+    from readme_jax.refactor.convert import load_dense, parse_domains
+
+    t0 = time.time()
+    cfg, dense, tok = load_dense(c.model.checkpoint, c.model.dtype, False, c.seed)
+    domains = list(parse_domains(c.data.domains))
+    streams = {
+        d: domain_stream(d, c.eval.split, tok, max_tokens=c.eval.max_tokens_per_domain,
+                         cache=c.data.cache or None)
+        for d in domains
+    }
+    kw = dict(max_length=c.eval.seq_len, stride=None, batch_size=c.eval.batch_size)
+    teacher = (dense_logits_fn(cfg), llama.unstack_layers(dense))
+    results: dict[str, Any] = {
+        "meta": {
+            "title": f"Read-ME evaluation: {c.name}",
+            "command": f"python launch/train.py --config configs/{c.name}.py (stage eval)",
+            "checkpoint": c.model.checkpoint or "SmolLM2-135M-Instruct (bundled GGUF)",
+            "created": time.strftime("%Y-%m-%d %H:%M"),
+            "notes": [f"held-out split '{c.eval.split}', first {c.eval.max_tokens_per_domain} "
+                      f"tokens per domain, windows of {c.eval.seq_len}"],
+        },
+        "models": {},
+    }
+    do_mmlu = c.eval.mmlu_limit > 0
+    row = evaluate_domains(teacher[0], teacher[1], streams, **kw)
+    row.update(kind="dense", total_params=cfg.param_count(), active_params=cfg.param_count())
+    if do_mmlu:
+        row["mmlu"] = _mmlu(teacher[0], teacher[1], tok, cfg, c)
+    results["models"]["dense teacher"] = row
+    for path in checkpoints if checkpoints is not None else discover(run):
+        kind, mc, params, meta = load_any(path)
+        meta["_path"] = str(path)
+        name = NICE.get(path.name, meta.get("label", path.name))
+        if kind == "dense":
+            fn, p = dense_logits_fn(mc), llama.unstack_layers(params)
+        else:
+            if mc.moe.layerwise:
+                name = meta.get("label", "layer-wise MoE")
+            fn, p = readme_logits_fn(mc), params
+        row = evaluate_domains(fn, p, streams, teacher=teacher, **kw)
+        row["kind"] = kind
+        row["total_params"], row["active_params"] = _active_params(kind, mc, meta, params)
+        if do_mmlu:
+            row["mmlu"] = _mmlu(fn, p, tok, cfg, c)
+        results["models"][name] = row
+        if kind == "readme_moe" and not mc.moe.layerwise:
+            results["routing"] = routing_analysis(mc, params, streams, domains, c.eval.seq_len)
+        elif kind == "readme_moe":
+            red, loc = layerwise_analysis(mc, params, streams, c.eval.seq_len)
+            results.setdefault("routing", {})["layerwise"] = red
+        jax.clear_caches()
+    if (run / "metrics.jsonl").exists():
+        results["training"] = {"metrics": str(run / "metrics.jsonl"), "keys": ["loss"]}
+    serve = run / "serve" / "results.json"
+    if serve.exists():
+        s = json.loads(serve.read_text())
+        results["serving"] = {k: s[k] for k in ("hit_ratio", "latency", "summary") if k in s}
+    out = write_report(results, run / "eval")
+    print(headline_table(results))
+    print(f"[eval] {len(results['models'])} models in {time.time() - t0:.0f}s -> {out['report']}")
+    return results

@@ -1,0 +1,181 @@
+"""Jitted slot prefill/decode of the Read-ME MoE: equal to full recompute, chunking- and
+offload-invariant (bitwise), per-request sampling."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from readme_jax.model.readme import readme_forward
+from readme_jax.serve import decode as dec
+from readme_jax.serve.moe_generate import tiny_serve_model
+from readme_jax.serve.store import OffloadedExpertStore
+
+N, T, Q = 4, 64, 8  # shared by the serve tests, so the compiled steps are reused
+GREEDY = (0.0, 0, 1.0, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_serve_model(num_experts=4, seed=0)
+
+
+def _full_params(sm):
+    """The {"backbone", "router"} params of a ServeParams, for the reference forward."""
+    from readme_jax.model import llama
+
+    sp = sm.params
+    layers = [
+        {
+            **lp,
+            "expert_gate_up": jnp.asarray(sp.experts["gate_up"][:, l]),
+            "expert_down": jnp.asarray(sp.experts["down"][:, l]),
+        }
+        for l, lp in enumerate(sp.backbone["layers"])
+    ]
+    return {"backbone": llama.stack_layers({**sp.backbone, "layers": layers}), "router": sp.router}
+
+
+def _prefill(d, slots, row, prompt, experts, weights, cuts, slot_map=None):
+    """Prefill `prompt` into `row` in chunks ending at `cuts`; returns the last step's output."""
+    slot_map = slot_map or (lambda e: e)
+    start = 0
+    for end in [*cuts, len(prompt)]:
+        if end <= start:
+            continue
+        sl = np.vectorize(slot_map)(experts[start:end])
+        out = d.prefill(
+            slots, row, start, prompt[start:end], sl, weights[start:end], end == len(prompt), GREEDY
+        )
+        start = end
+    return [np.asarray(x) for x in out]
+
+
+def _greedy(d, slots, row, prompt, n, cuts=(), slot_map=None):
+    """Greedy tokens and their experts for one request in slot `row`."""
+    slot_map = slot_map or (lambda e: e)
+    pe, pw = d.route_prompt(prompt)
+    tok, e, w = _prefill(d, slots, row, prompt, pe, pw, cuts, slot_map)
+    toks, exps = [int(tok)], [int(e[0])]
+    for i in range(1, n):
+        tk, sl = np.zeros(N, np.int32), np.zeros((N, 1), np.int32)
+        wt, act = np.zeros((N, 1), np.float32), np.zeros(N, bool)
+        tk[row], sl[row, 0], wt[row], act[row] = toks[-1], slot_map(exps[-1]), w, True
+        sp = (np.zeros(N), np.zeros(N), np.ones(N), np.zeros(N), np.full(N, i))
+        t, e, w = (np.asarray(x) for x in d.decode(slots, tk, sl, wt, act, sp))
+        toks.append(int(t[row]))
+        exps.append(int(e[row, 0]))
+        w = w[row]
+    return toks, exps
+
+
+def test_decode_with_kv_cache_equals_full_recompute(model):
+    d = dec.SlotDecoder(model.params, N, T, Q)
+    prompt = list(np.random.default_rng(1).integers(3, 97, 13))
+    toks, exps = _greedy(d, dec.resident_slots(model.params.experts), 2, prompt, 10, cuts=(8,))
+    params, ids = _full_params(model), list(prompt)
+    rc = model.params.rc
+    for _ in range(10):
+        logits, aux = readme_forward(params, jnp.asarray([ids]), rc)
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    assert toks == ids[len(prompt) :]
+    # each returned expert is the router's choice for that token, given the whole sequence
+    _, aux = readme_forward(params, jnp.asarray([ids]), rc)
+    want = np.asarray(aux["routing"][0][0, len(prompt) :, 0])
+    assert exps == want.tolist()
+
+
+def test_prefill_chunking_and_slot_row_do_not_change_a_bit(model):
+    sp = model.params
+    slots = dec.resident_slots(sp.experts)
+    prompt = list(np.random.default_rng(2).integers(3, 97, 20))
+    a, b = dec.SlotDecoder(sp, N, T, Q), dec.SlotDecoder(sp, N, T, Q)
+    pe, pw = a.route_prompt(prompt)
+    _prefill(a, slots, 1, prompt, pe, pw, cuts=(8, 16))
+    _prefill(b, slots, 3, prompt, pe, pw, cuts=(1, 2, 7, 11, 13, 19))
+    for key in ("k", "v"):
+        np.testing.assert_array_equal(
+            np.asarray(a.cache[key][:, 1, :20]), np.asarray(b.cache[key][:, 3, :20])
+        )
+        np.testing.assert_array_equal(
+            np.asarray(a.rcache[key][:, 1, :21]), np.asarray(b.rcache[key][:, 3, :21])
+        )
+    assert int(a.cache["lengths"][1]) == int(b.cache["lengths"][3]) == 20
+    assert int(a.rcache["lengths"][1]) == 21  # the router is one token ahead
+    assert int(a.cache["lengths"][0]) == 0  # other slots untouched
+
+
+def test_offloaded_slot_decode_equals_all_resident(model):
+    sp = model.params
+    prompt = list(np.random.default_rng(3).integers(3, 97, 11))
+    want = _greedy(dec.SlotDecoder(sp, N, T, Q), dec.resident_slots(sp.experts), 0, prompt, 8)
+    # C = 2 slots in a store; hand it exactly the experts the request needs, per call
+    store = OffloadedExpertStore(sp.experts, 2, layer_axis=1)
+    d = dec.SlotDecoder(sp, N, T, Q)
+    pe, pw = d.route_prompt(prompt)
+    order = list(dict.fromkeys(pe[:, 0].tolist()))
+    start, toks = 0, None
+    while start < len(prompt):  # chunks of at most 2 distinct experts, loaded reversed
+        end, seen = start, []
+        while end < len(prompt) and len(set(seen) | {int(pe[end, 0])}) <= 2:
+            seen.append(int(pe[end, 0]))
+            end += 1
+        need = list(dict.fromkeys(seen))[::-1]
+        for s, e in enumerate(need):
+            store.load(e, s)
+        sl = np.vectorize(store.slot_of)(pe[start:end])
+        toks = d.prefill(
+            store.slots, 0, start, prompt[start:end], sl, pw[start:end], end == len(prompt), GREEDY
+        )
+        start = end
+    assert len(order) >= 2
+    tok, e, w = (np.asarray(x) for x in toks)
+    out, exps = [int(tok)], [int(e[0])]
+    for i in range(1, 8):
+        store.load(exps[-1], 1)
+        tk, sl = np.zeros(N, np.int32), np.zeros((N, 1), np.int32)
+        tk[0], sl[0, 0] = out[-1], 1
+        wt, act = np.zeros((N, 1), np.float32), np.zeros(N, bool)
+        wt[0], act[0] = w, True
+        sp_n = (np.zeros(N), np.zeros(N), np.ones(N), np.zeros(N), np.full(N, i))
+        t, e, w = (np.asarray(x) for x in d.decode(store.slots, tk, sl, wt, act, sp_n))
+        out.append(int(t[0]))
+        exps.append(int(e[0, 0]))
+        w = w[0]
+    assert (out, exps) == want
+
+
+def test_per_request_sampling_depends_only_on_the_request():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+    temp = jnp.asarray([0.0, 1.0, 1.0, 1.0])
+    topk = jnp.asarray([0, 0, 1, 5])
+    topp = jnp.asarray([1.0, 1.0, 1.0, 0.9])
+    seed = jnp.asarray([0, 7, 7, 7], jnp.uint32)
+    draws = [
+        np.asarray(dec.sample_rows(logits, temp, topk, topp, seed, jnp.full(4, c)))
+        for c in range(30)
+    ]
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    assert all(d[0] == greedy[0] and d[2] == greedy[2] for d in draws)  # temp 0, top_k 1
+    assert len({int(d[1]) for d in draws}) > 3  # really samples
+    # row 1 alone, same seed and counter: the same tokens
+    alone = [
+        int(
+            dec.sample_rows(
+                logits[1:2], temp[1:2], topk[1:2], topp[1:2], seed[1:2], jnp.full(1, c)
+            )[0]
+        )
+        for c in range(30)
+    ]
+    assert alone == [int(d[1]) for d in draws]
+    top5 = set(np.argsort(-np.asarray(logits[3]))[:5].tolist())
+    assert all(int(d[3]) in top5 for d in draws)
+
+
+def test_split_params_rejects_layerwise_models(model):
+    rc = model.params.rc
+    rc = rc.replace(moe=dataclasses.replace(rc.moe, layerwise=True))
+    with pytest.raises(ValueError, match="pre-gating"):
+        dec.split_params(rc, {"backbone": {}, "router": {}})

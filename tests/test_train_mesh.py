@@ -1,0 +1,100 @@
+"""The train step on a (data, fsdp, expert) mesh of 8 fake CPU devices, and the dry run."""
+
+import copy
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train_helpers import build
+
+from readme_jax.data import make_iterator
+from readme_jax.train import loop
+from readme_jax.train import mesh as meshlib
+from readme_jax.train.config import resolve
+from readme_jax.train.dry_run import dry_run
+
+pytestmark = pytest.mark.multidevice
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    return build(tmp_path_factory.mktemp("tiny"))
+
+
+def _one_step_each_phase(c, tok, teacher, data, fsdp, expert):
+    c = copy.deepcopy(c)
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert = data, fsdp, expert
+    ctx = loop.build_context(c, Path(c.run_dir), resolve(c), tok, teacher)
+    var = loop.make_variant(ctx, "readme")
+    params = loop._place(var.params, ctx.mesh)
+    p_abs = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params
+    )
+    consts = {"teacher": loop._place(loop._layout(ctx.teacher, False), ctx.mesh),
+              "union": jax.device_put(loop._union(ctx), meshlib.replicated(ctx.mesh))}  # fmt: skip
+    it = make_iterator(loop._pipeline_cfg(ctx), tok, ctx.cache)
+    losses, out = [], None
+    for phase in ("router", "expert"):
+        ph = loop._Phase(ctx, var, phase, p_abs)
+        state = ph.fresh_state(params if out is None else out)
+        state, met = ph.step(
+            state, consts, meshlib.global_batch(next(it), ctx.mesh), jnp.float32(1e-2)
+        )
+        losses.append(float(met["loss"]))
+        out = state["params"]
+    return losses, jax.device_get(out), ctx.mesh
+
+
+def test_step_on_8_devices_data2_expert4_matches_one_device(tiny):
+    c, tok, teacher = tiny
+    one, p1, m1 = _one_step_each_phase(c, tok, teacher, 1, 1, 1)
+    eight, p8, m8 = _one_step_each_phase(c, tok, teacher, 2, 1, 4)
+    assert m1.devices.size == 1 and dict(m8.shape) == {"data": 2, "fsdp": 1, "expert": 4}
+    np.testing.assert_allclose(eight, one, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_expert_weights_and_batches_are_sharded_by_the_rules(tiny):
+    mesh = meshlib.make_mesh(2, 2, 2)
+    from jax.sharding import PartitionSpec as P
+
+    layers = {
+        "expert_gate_up": jnp.zeros((2, 4, 32, 2, 16)),
+        "wqkv": jnp.zeros((2, 32, 8, 8)),
+        "attn_norm": jnp.zeros((2, 32)),
+    }
+    tree = {"backbone": {"layers": layers, "embed": jnp.zeros((256, 32))}}
+    sh = meshlib.param_shardings(tree, mesh)
+    assert sh["backbone"]["layers"]["expert_gate_up"].spec == P(None, "expert", "fsdp", None, None)
+    assert sh["backbone"]["layers"]["wqkv"].spec == P(None, "fsdp", None, None)
+    assert sh["backbone"]["layers"]["attn_norm"].spec == P(None, None)
+    assert sh["backbone"]["embed"].spec == P(None, "fsdp")
+    assert meshlib.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+
+
+def test_dry_run_compiles_the_tiny_steps_on_a_3d_mesh(tiny, capsys):
+    c = copy.deepcopy(tiny[0])
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 2, 4
+    c.model.checkpoint = "random:vocab=256,dim=32,layers=2,heads=4,kv_heads=2,ffn=64"
+    out = dry_run(c)
+    assert set(out) == {"router", "expert"}
+    assert all(r["peak_bytes"] > r["params_opt_bytes"] > 0 for r in out.values())
+    assert "estimated peak" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_llama2_7b_dry_run_compiles_on_8_fake_devices(capsys):
+    from configs.llama2_7b import get_config
+
+    c = get_config()
+    out = dry_run(c)
+    exp = out["expert"]
+    # 6.7B teacher in bf16 sharded 8 ways ~ 1.6 GiB per device; training state is larger
+    assert 1.4 * 2**30 < exp["teacher_bytes"] < 1.8 * 2**30
+    assert exp["params_opt_bytes"] > exp["teacher_bytes"]
+    assert "llama2_7b" in capsys.readouterr().out
