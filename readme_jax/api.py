@@ -21,16 +21,29 @@ class LoadedModel:
     cfg: LlamaConfig
     params: Any
     tokenizer: Tokenizer
+    readme: Any = None  # ReadMEConfig for a Read-ME MoE checkpoint, else None (dense)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.readme is not None
 
     def logits(self, token_ids) -> jax.Array:
         """Logits [B, S, V] for equal-length rows of token ids."""
         for i, row in enumerate(token_ids):
             validate_tokens(row, self.cfg.vocab_size, f"row {i}")
-        return _forward(self.params, jnp.asarray(token_ids, jnp.int32), self.cfg)
+        toks = jnp.asarray(token_ids, jnp.int32)
+        if self.is_moe:
+            return _moe_forward(self.params, toks, self.readme)
+        return _forward(self.params, toks, self.cfg)
 
     def generator(self) -> Generator:
         if not hasattr(self, "_gen"):
-            self._gen = Generator(dense_model(self.cfg), self.params)
+            if self.is_moe:
+                from readme_jax.model.readme import decode_model
+
+                self._gen = Generator(decode_model(self.readme), self.params)
+            else:
+                self._gen = Generator(dense_model(self.cfg), self.params)
         return self._gen
 
     def generate(
@@ -46,8 +59,20 @@ class LoadedModel:
 _forward = jax.jit(lambda p, t, cfg: llama.forward(p, t, cfg)[0], static_argnums=2)
 
 
+def _moe_impl(p, t, rc):
+    from readme_jax.model.readme import readme_forward
+
+    return readme_forward(p, t, rc)[0]
+
+
+_moe_forward = jax.jit(_moe_impl, static_argnums=2)
+
+
 def load(path: str | Path | None = None, dtype: str = "float32", **cfg_overrides) -> LoadedModel:
-    """Load a dense model: None = bundled SmolLM2 GGUF; a .gguf file; or an HF directory."""
+    """Load a model: None = bundled SmolLM2 GGUF; a .gguf file; a Hugging Face directory; or a
+    readme_jax model directory (a Read-ME MoE written by launch/train.py)."""
+    if path is not None and (Path(path) / "model.json").exists():
+        return _load_project(Path(path))
     if path is None or Path(path).suffix == ".gguf":
         from readme_jax.checkpoints.gguf import load_gguf
 
@@ -57,3 +82,19 @@ def load(path: str | Path | None = None, dtype: str = "float32", **cfg_overrides
 
         cfg, params = load_hf(path, dtype=dtype, cfg_overrides=cfg_overrides or None)
     return LoadedModel(cfg, params, load_tokenizer(path))
+
+
+def _load_project(path: Path) -> LoadedModel:
+    from readme_jax.checkpoints import store
+
+    meta = store.read_meta(path)
+    params = store.load_params(path)
+    src = meta.get("recipe", {}).get("checkpoint", "")
+    tok = load_tokenizer(None if src.startswith("bundled:") or not src or src.startswith("random:")
+                         else src)
+    if meta["kind"] == "readme_moe":
+        from readme_jax.model.readme import ReadMEConfig
+
+        rc = ReadMEConfig.from_dict(meta["config"])
+        return LoadedModel(rc.model, params, tok, rc)
+    return LoadedModel(LlamaConfig.from_dict(meta["config"]), params, tok)
