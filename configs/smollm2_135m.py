@@ -34,6 +34,8 @@ def get_config() -> ConfigDict:
 
     c.refactor = ConfigDict()
     c.refactor.remain_rate = 0.5
+    c.refactor.clustering = False  # True: experts from k-means clusters of token activations
+    c.refactor.num_clusters = 0  # 0 = as many as domains
 
     c.moe = ConfigDict()
     c.moe.top_k = 1

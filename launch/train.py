@@ -53,9 +53,6 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     from readme_jax.refactor import convert as cv
 
     moe_dir = run / "moe_init"
-    if c.resume and (moe_dir / "model.json").exists() and "calibrate" not in stages[:1]:
-        print(f"[refactor] {moe_dir} exists; skipping (resume)")
-        return
     if c.resume and (moe_dir / "model.json").exists():
         print(f"[calibrate/refactor] {moe_dir} exists; skipping (resume)")
         return
@@ -77,11 +74,27 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
         domains, tok, c.calib.num_sequences, c.calib.seq_len, c.calib.split,
         c.data.cache or None, seed=c.seed,
     )
-    stats = cv.calibrate(cfg, dense, batches, recipe, run / "calib")
-    print(f"[calibrate] {len(stats.domains)} domains x {stats.n_tokens[0]} tokens -> {run / 'calib'}")
+    if c.refactor.clustering:
+        from readme_jax.refactor.cluster import cluster_stats
+        from readme_jax.refactor.stats import ActivationStats
+
+        k = c.refactor.num_clusters or len(domains)
+        recipe["clusters"] = k
+        if (run / "calib" / "stats.json").exists() and ActivationStats.load(run / "calib").recipe.get(
+            "clusters"
+        ) == k:
+            stats = ActivationStats.load(run / "calib")
+        else:
+            pooled = [b for bs in batches.values() for b in bs]
+            stats = cluster_stats(dense, cfg, pooled, k, recipe, seed=c.seed)
+            stats.save(run / "calib")
+    else:
+        stats = cv.calibrate(cfg, dense, batches, recipe, run / "calib")
+    print(f"[calibrate] experts from {', '.join(stats.domains)}; tokens {stats.n_tokens} -> "
+          f"{run / 'calib'}")
     if "refactor" not in stages:
         return
-    mcfg = MoEConfig(len(domains), c.moe.top_k, c.moe.gate_scaling, c.moe.dispatch)
+    mcfg = MoEConfig(len(stats.domains), c.moe.top_k, c.moe.gate_scaling, c.moe.dispatch)
     rcfg = RouterConfig(c.router.dim, c.router.n_heads, c.router.ffn_dim)
     params, spec = cv.refactor(dense, cfg, stats, c.refactor.remain_rate, mcfg, rcfg, c.seed)
     rc = ReadMEConfig(cfg.replace(scan_layers=c.model.scan_layers), mcfg, rcfg)

@@ -13,6 +13,7 @@ import pytest
 from test_train_helpers import build, copy_run
 
 from readme_jax.checkpoints import store
+from readme_jax.refactor import convert as cv
 from readme_jax.train import loop
 from readme_jax.train import mesh as meshlib
 from readme_jax.train.config import resolve
@@ -134,3 +135,25 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(tiny, tm
     assert all(np.isfinite(v) for v in _losses(c).values())
     assert not (run / "moe_trained").exists()
     shutil.rmtree(run)
+
+
+def test_baselines_train_on_the_same_batches_and_save_loadable_models(tiny, tmp_path):
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    c.train.rounds, c.train.router_steps, c.train.expert_steps = 1, 1, 1
+    c.train.baselines = "layerwise,static"
+    summary = loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    run = Path(c.run_dir)
+    assert set(summary) >= {"readme", "layerwise", "static"}
+    lw = cv.load_readme(run / "baseline_layerwise")
+    assert lw.rc.moe.layerwise and "router" not in lw.params
+    meta = store.read_meta(run / "baseline_static")
+    assert meta["kind"] == "dense_llama" and meta["config"]["ffn_dim"] == 32  # half of 64
+    recs = {}
+    for kind in ("readme", "layerwise", "static"):
+        path = run / "train" / kind / "metrics.jsonl"
+        recs[kind] = [json.loads(x) for x in path.read_text().splitlines()]
+    # the static model has no router phase but trains its expert phase on the same batch
+    assert [r["step"] for r in recs["static"]] == [2]
+    assert [r["phase"] for r in recs["layerwise"]] == ["router", "expert"]
+    assert 0 < recs["layerwise"][0]["router_acc"] <= 1

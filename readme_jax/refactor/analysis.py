@@ -39,7 +39,7 @@ VARIANTS = ("dense", "oracle", "wrong", "static_pruned", "shared_only")
 def fixed_route_logits_fn(cfg: LlamaConfig, num_experts: int):
     """logits_fn over {"backbone", "expert", "weight"}: every token to one expert (weight 0 =
     shared expert only). One compilation serves every domain and variant."""
-    mcfg = MoEConfig(num_experts, dispatch="ragged")
+    mcfg = MoEConfig(num_experts, dispatch="select")  # one expert per call: compute only it
 
     def fn(p, tokens_BxS):
         shape = tokens_BxS.shape + (1,)

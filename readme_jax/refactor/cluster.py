@@ -1,0 +1,108 @@
+"""Experts without domain labels: cluster calibration tokens by their FFN activation patterns.
+
+Each token's feature is its |act| pattern in every layer, compressed by a fixed random projection
+per layer (F -> `proj` dims) and L2-normalised; k-means (k-means++ init) splits the tokens into E
+clusters; each cluster then plays the role of a domain: its mean |act| per layer and channel feeds
+`build_expert_spec` unchanged. Two streaming passes over the calibration batches, no [T, L, F]
+array is ever held.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from readme_jax.model import llama
+from readme_jax.model.config import LlamaConfig
+from readme_jax.refactor.stats import ActivationStats, _abs_act_ffn
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _features(params, tokens_BxS, proj_LxFxP, cfg: LlamaConfig):
+    """Per-token features [B, S, L*P] and |act| [L, B, S, F] is never returned whole."""
+
+    def ffn(lp, x, layer):
+        y, a_BxSxF = _abs_act_ffn(lp, x, layer)
+        return y, a_BxSxF @ proj_LxFxP[layer]
+
+    f_LxBxSxP = llama.forward(params, tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2]
+    f = jnp.moveaxis(f_LxBxSxP, 0, 2).reshape(*tokens_BxS.shape, -1)
+    return f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-6)
+
+
+@partial(jax.jit, static_argnames=("cfg", "E"))
+def _cluster_sums(params, tokens_BxS, mask_BxS, proj_LxFxP, centroids_ExLP, cfg, E):
+    """Sum of |act| per cluster [E, L, F] and token counts [E], assigning by nearest centroid."""
+    feats = _features(params, tokens_BxS, proj_LxFxP, cfg)
+    assign_BxS = jnp.argmax(feats @ centroids_ExLP.T, axis=-1)
+    onehot_BxSxE = jax.nn.one_hot(assign_BxS, E) * mask_BxS[..., None]
+
+    def ffn(lp, x, layer):
+        y, a_BxSxF = _abs_act_ffn(lp, x, layer)
+        return y, jnp.einsum("bsf,bse->ef", a_BxSxF, onehot_BxSxE)
+
+    sums_LxExF = llama.forward(params, tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2]
+    return jnp.moveaxis(sums_LxExF, 0, 1), onehot_BxSxE.sum((0, 1))
+
+
+def kmeans(x_NxP: np.ndarray, k: int, seed: int = 0, iters: int = 30) -> np.ndarray:
+    """Spherical k-means with k-means++ init; returns unit-norm centroids [k, P]."""
+    rng = np.random.default_rng(seed)
+    n = len(x_NxP)
+    if n < k:
+        raise ValueError(f"{n} calibration tokens cannot form {k} clusters")
+    cent = [x_NxP[rng.integers(n)]]
+    for _ in range(1, k):
+        d = 1.0 - np.max(x_NxP @ np.stack(cent).T, axis=1)
+        p = np.maximum(d, 0) + 1e-12
+        cent.append(x_NxP[rng.choice(n, p=p / p.sum())])
+    c = np.stack(cent)
+    for _ in range(iters):
+        a = np.argmax(x_NxP @ c.T, axis=1)
+        for j in range(k):
+            members = x_NxP[a == j]
+            if len(members):
+                v = members.sum(0)
+                c[j] = v / (np.linalg.norm(v) + 1e-12)
+    return c
+
+
+def cluster_stats(
+    params: Any,
+    cfg: LlamaConfig,
+    batches: list[np.ndarray],
+    num_experts: int,
+    recipe: dict[str, Any],
+    proj: int = 8,
+    seed: int = 0,
+) -> ActivationStats:
+    """ActivationStats whose "domains" are k-means clusters of the calibration tokens."""
+    params = llama.unstack_layers(params)
+    key = jax.random.key(seed)
+    proj_LxFxP = jax.random.normal(key, (cfg.n_layers, cfg.ffn_dim, proj)) / np.sqrt(cfg.ffn_dim)
+    feats = []
+    for toks in batches:
+        toks = np.asarray(toks)
+        f = np.asarray(_features(params, jnp.asarray(np.maximum(toks, 0), jnp.int32), proj_LxFxP, cfg))
+        feats.append(f[toks >= 0])
+    cent = kmeans(np.concatenate(feats), num_experts, seed)
+    sums = np.zeros((num_experts, cfg.n_layers, cfg.ffn_dim))
+    counts = np.zeros(num_experts)
+    for toks in batches:
+        toks = np.asarray(toks)
+        s, n = _cluster_sums(
+            params, jnp.asarray(np.maximum(toks, 0), jnp.int32), jnp.asarray(toks >= 0, jnp.float32),
+            proj_LxFxP, jnp.asarray(cent, jnp.float32), cfg, num_experts,
+        )
+        sums += np.asarray(s)
+        counts += np.asarray(n)
+    if (counts == 0).any():
+        raise ValueError(f"k-means left an empty cluster (sizes {counts.tolist()}); use fewer experts")
+    names = [f"cluster{j}" for j in range(num_experts)]
+    rec = {**recipe, "clustering": {"method": "spherical k-means", "proj_per_layer": proj,
+                                    "seed": seed, "sizes": counts.astype(int).tolist()}}
+    return ActivationStats(names, sums / counts[:, None, None], counts.astype(int).tolist(), rec)
