@@ -58,8 +58,10 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
         return
     t0 = time.time()
     cfg, dense, tok = cv.load_dense(c.model.checkpoint, c.model.dtype, c.model.scan_layers, c.seed)
-    print(f"[load] {c.model.checkpoint or 'SmolLM2-135M-Instruct (bundled GGUF)'}: "
-          f"{cfg.param_count() / 1e6:.1f}M params, {time.time() - t0:.1f}s")
+    print(
+        f"[load] {c.model.checkpoint or 'SmolLM2-135M-Instruct (bundled GGUF)'}: "
+        f"{cfg.param_count() / 1e6:.1f}M params, {time.time() - t0:.1f}s"
+    )
     domains = cv.parse_domains(c.data.domains)
     recipe = {
         "checkpoint": c.model.checkpoint or "bundled:SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -71,8 +73,13 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
         "tokenizer": tok.name,
     }
     batches = cv.calibration_batches(
-        domains, tok, c.calib.num_sequences, c.calib.seq_len, c.calib.split,
-        c.data.cache or None, seed=c.seed,
+        domains,
+        tok,
+        c.calib.num_sequences,
+        c.calib.seq_len,
+        c.calib.split,
+        c.data.cache or None,
+        seed=c.seed,
     )
     if c.refactor.clustering:
         from readme_jax.refactor.cluster import cluster_stats
@@ -80,9 +87,9 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
 
         k = c.refactor.num_clusters or len(domains)
         recipe["clusters"] = k
-        if (run / "calib" / "stats.json").exists() and ActivationStats.load(run / "calib").recipe.get(
-            "clusters"
-        ) == k:
+        if (run / "calib" / "stats.json").exists() and ActivationStats.load(
+            run / "calib"
+        ).recipe.get("clusters") == k:
             stats = ActivationStats.load(run / "calib")
         else:
             pooled = [b for bs in batches.values() for b in bs]
@@ -90,8 +97,10 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
             stats.save(run / "calib")
     else:
         stats = cv.calibrate(cfg, dense, batches, recipe, run / "calib")
-    print(f"[calibrate] experts from {', '.join(stats.domains)}; tokens {stats.n_tokens} -> "
-          f"{run / 'calib'}")
+    print(
+        f"[calibrate] experts from {', '.join(stats.domains)}; tokens {stats.n_tokens} -> "
+        f"{run / 'calib'}"
+    )
     if "refactor" not in stages:
         return
     mcfg = MoEConfig(len(stats.domains), c.moe.top_k, c.moe.gate_scaling, c.moe.dispatch)
@@ -101,8 +110,10 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     cv.save_readme(moe_dir, params, rc, spec, {"recipe": recipe, "stage": "refactor"})
     rep = cv.write_refactor_report(run / "reports", spec, stats, cfg.ffn_dim)
     sw = rep["shared_widths"]
-    print(f"[refactor] shared channels per layer {min(sw)}-{max(sw)} of {cfg.ffn_dim}; active FFN "
-          f"fraction {rep['active_ffn_fraction']:.3f}; MoE checkpoint -> {moe_dir}")
+    print(
+        f"[refactor] shared channels per layer {min(sw)}-{max(sw)} of {cfg.ffn_dim}; active FFN "
+        f"fraction {rep['active_ffn_fraction']:.3f}; MoE checkpoint -> {moe_dir}"
+    )
 
 
 def main(argv):

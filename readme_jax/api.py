@@ -90,8 +90,9 @@ def _load_project(path: Path) -> LoadedModel:
     meta = store.read_meta(path)
     params = store.load_params(path)
     src = meta.get("recipe", {}).get("checkpoint", "")
-    tok = load_tokenizer(None if src.startswith("bundled:") or not src or src.startswith("random:")
-                         else src)
+    tok = load_tokenizer(
+        None if src.startswith("bundled:") or not src or src.startswith("random:") else src
+    )
     if meta["kind"] == "readme_moe":
         from readme_jax.model.readme import ReadMEConfig
 

@@ -1,6 +1,5 @@
 """GGUF loading: q/k un-permutation and clear errors for bad files."""
 
-
 import numpy as np
 import pytest
 

@@ -53,8 +53,13 @@ def test_padding_changes_nothing():
     base, _, _ = moe.moe_forward(mp, toks, CFG, mcfg, routing)
     # widen every expert and the shared part with extra zero-padded channels
     pad = lambda idx: np.concatenate([idx, -np.ones(idx.shape[:-1] + (5,), np.int32)], -1)
-    spec2 = ex.ExpertSpec(spec.domains, spec.remain_rate, spec.domain_masks_ExLxF,
-                          pad(spec.shared_idx_LxFs), pad(spec.expert_idx_LxExFe))
+    spec2 = ex.ExpertSpec(
+        spec.domains,
+        spec.remain_rate,
+        spec.domain_masks_ExLxF,
+        pad(spec.shared_idx_LxFs),
+        pad(spec.expert_idx_LxExFe),
+    )
     mp2 = ex.build_moe_params(dense, spec2)
     assert mp2["layers"]["expert_down"].shape[-2] == mp["layers"]["expert_down"].shape[-2] + 5
     wide, _, _ = moe.moe_forward(mp2, toks, CFG, mcfg, routing)
@@ -76,8 +81,9 @@ def test_select_dispatch_on_unstacked_decode_layout():
     routing = _routing(1, 3, 1)
     toks = jnp.arange(3)[None]
     a, _, _ = moe.moe_forward(mp, toks, CFG, moe.MoEConfig(E), routing)
-    b, _, _ = moe.moe_forward(moe.unstack_experts(mp), toks, CFG,
-                              moe.MoEConfig(E, dispatch="select"), routing)
+    b, _, _ = moe.moe_forward(
+        moe.unstack_experts(mp), toks, CFG, moe.MoEConfig(E, dispatch="select"), routing
+    )
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -101,7 +107,10 @@ def test_expert_parallel_equals_single_device_forward_and_grad():
     (l1, y1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, None), has_aux=True))(mp)
     with jax.set_mesh(mesh):
         shard = lambda path, a: jax.device_put(
-            a, NamedSharding(mesh, P(None, "expert") if "expert_" in jax.tree_util.keystr(path) else P())
+            a,
+            NamedSharding(
+                mesh, P(None, "expert") if "expert_" in jax.tree_util.keystr(path) else P()
+            ),
         )
         mps = jax.tree_util.tree_map_with_path(shard, mp)
         (l2, y2), g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, mesh), has_aux=True))(mps)

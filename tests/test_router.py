@@ -1,4 +1,4 @@
-"""Pre-gating router: causal, cached decode equals recompute; layer-wise baseline routes per layer."""
+"""Router: causal; cached decode equals recompute. Layer-wise baseline routes per layer."""
 
 import jax
 import jax.numpy as jnp

@@ -1,10 +1,9 @@
-"""The real default model (SmolLM2-135M-Instruct, f32): sane perplexity, cached decode, tokenizer."""
+"""The real default model (SmolLM2-135M-Instruct, f32): perplexity, cached decode, tokenizer."""
 
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import readme_jax as rj

@@ -108,7 +108,8 @@ def run_peer(cfg, params) -> dict | None:
         out = Path(d) / "peer.json"
         r = subprocess.run(
             [py, str(ROOT / "tools" / "peer_bench.py"), str(Path(d) / "model"), str(out)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if r.returncode != 0:
             print(f"[bench] peer failed:\n{r.stderr[-2000:]}")
@@ -152,7 +153,9 @@ def bench_moe(cfg, dense, tok, moe_ckpt: str | None, dense_res: dict) -> dict:
     fs, fe = lp["shared_down"].shape[-2], lp["expert_down"].shape[-2]
     res["ffn_bytes_dense"] = L * 3 * D * cfg.ffn_dim * 4
     res["ffn_bytes_moe_padded"] = L * 3 * D * (fs + fe) * 4
-    res["ffn_bytes_moe_real"] = int(3 * D * 4 * (spec.shared_widths.sum() + spec.expert_widths.mean(-1).sum()))
+    res["ffn_bytes_moe_real"] = int(
+        3 * D * 4 * (spec.shared_widths.sum() + spec.expert_widths.mean(-1).sum())
+    )
     res["router_bytes"] = bytes_of(params["router"]) - params["router"]["embed"].size * 4
     other = dense_res["weight_bytes"] - res["ffn_bytes_dense"]
     res["bytes_per_token_dense"] = dense_res["weight_bytes"]
@@ -175,9 +178,11 @@ def render(dense: dict, moe: dict | None, cmd: str) -> str:
         "| metric | readme_jax | transformers/PyTorch | ratio (ours/peer) |",
         "|---|---|---|---|",
     ]
-    for k, name in [("prefill_512_tok_s", "prefill tok/s (512-token prompt)"),
-                    ("decode_b1_tok_s", "decode tok/s, batch 1"),
-                    ("decode_b8_tok_s", "decode tok/s, batch 8")]:
+    for k, name in [
+        ("prefill_512_tok_s", "prefill tok/s (512-token prompt)"),
+        ("decode_b1_tok_s", "decode tok/s, batch 1"),
+        ("decode_b8_tok_s", "decode tok/s, batch 8"),
+    ]:
         pv = f"{p[k]:.1f}" if p.get(k) else "n/a"
         lines.append(f"| {name} | {dense[k]:.1f} | {pv} | {r(k)} |")
     lines += [
@@ -194,15 +199,18 @@ def render(dense: dict, moe: dict | None, cmd: str) -> str:
             "| metric | dense | Read-ME MoE | ratio (MoE/dense) |",
             "|---|---|---|---|",
         ]
-        for k, name in [("prefill_512_tok_s", "prefill tok/s (512, ragged dispatch)"),
-                        ("decode_b1_tok_s", "decode tok/s, batch 1 (select dispatch)"),
-                        ("decode_b8_tok_s", "decode tok/s, batch 8 (select dispatch)")]:
+        for k, name in [
+            ("prefill_512_tok_s", "prefill tok/s (512, ragged dispatch)"),
+            ("decode_b1_tok_s", "decode tok/s, batch 1 (select dispatch)"),
+            ("decode_b8_tok_s", "decode tok/s, batch 8 (select dispatch)"),
+        ]:
             lines.append(f"| {name} | {dense[k]:.1f} | {moe[k]:.1f} | {moe[k] / dense[k]:.2f}x |")
+        mb = {k: moe[k] / 1e6 for k in moe if k.startswith(("bytes", "ffn_bytes"))}
         lines += [
             "",
-            f"Bytes read per decoded token (batch 1): dense {moe['bytes_per_token_dense'] / 1e6:.0f} MB, "
-            f"MoE {moe['bytes_per_token_moe'] / 1e6:.0f} MB (FFN {moe['ffn_bytes_dense'] / 1e6:.0f} -> "
-            f"{moe['ffn_bytes_moe_padded'] / 1e6:.0f} MB padded, {moe['ffn_bytes_moe_real'] / 1e6:.0f} MB "
+            f"Bytes read per decoded token (batch 1): dense {mb['bytes_per_token_dense']:.0f} MB, "
+            f"MoE {mb['bytes_per_token_moe']:.0f} MB (FFN {mb['ffn_bytes_dense']:.0f} -> "
+            f"{mb['ffn_bytes_moe_padded']:.0f} MB padded, {mb['ffn_bytes_moe_real']:.0f} MB "
             f"real channels); proportional speedup {moe['expected_speedup']:.2f}x, measured "
             f"{moe['decode_b1_tok_s'] / dense['decode_b1_tok_s']:.2f}x.",
         ]

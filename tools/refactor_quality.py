@@ -26,9 +26,13 @@ def main():
     from readme_jax.refactor.stats import ActivationStats
 
     stats = ActivationStats.load(Path(a.run) / "calib")
-    cfg, dense, tok = load_dense(stats.recipe.get("checkpoint", "").replace("bundled:SmolLM2-135M-Instruct.Q4_1.gguf", ""))
+    cfg, dense, tok = load_dense(
+        stats.recipe.get("checkpoint", "").replace("bundled:SmolLM2-135M-Instruct.Q4_1.gguf", "")
+    )
     toks = {d: load_tokens(d, a.split, tok)[: a.tokens].astype("int32") for d in stats.domains}
-    q = analysis.refactor_quality(cfg, dense, stats, toks, tuple(float(r) for r in a.rates.split(",")))
+    q = analysis.refactor_quality(
+        cfg, dense, stats, toks, tuple(float(r) for r in a.rates.split(","))
+    )
     q["tokens_per_domain"] = a.tokens
     q["split"] = a.split
     analysis.save_quality(q, Path(a.run) / "reports")

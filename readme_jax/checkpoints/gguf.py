@@ -105,7 +105,8 @@ def _dequant(t) -> np.ndarray:
             arr = quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise CheckpointError(
-                f"tensor {t.name}: quantization {t.tensor_type.name} is not supported by gguf.quants"
+                f"tensor {t.name}: quantization {t.tensor_type.name} is not supported by "
+                "gguf.quants"
             ) from e
     if arr.size != int(np.prod(shape)):
         raise CheckpointError(
@@ -159,12 +160,18 @@ def load_gguf(path: str | Path | None = None, dtype: str = "float32", **cfg_over
         layers["wo"][i] = o.T.reshape(H, hd, D)
         layers["attn_norm"][i] = get(b + "attn_norm.weight")
         layers["mlp_norm"][i] = get(b + "ffn_norm.weight")
-        layers["w_gate_up"][i, :, 0] = expect(b + "ffn_gate.weight", get(b + "ffn_gate.weight"), (F, D)).T
-        layers["w_gate_up"][i, :, 1] = expect(b + "ffn_up.weight", get(b + "ffn_up.weight"), (F, D)).T
+        layers["w_gate_up"][i, :, 0] = expect(
+            b + "ffn_gate.weight", get(b + "ffn_gate.weight"), (F, D)
+        ).T
+        layers["w_gate_up"][i, :, 1] = expect(
+            b + "ffn_up.weight", get(b + "ffn_up.weight"), (F, D)
+        ).T
         layers["w_down"][i] = expect(b + "ffn_down.weight", get(b + "ffn_down.weight"), (D, F)).T
     jdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     params = {
-        "embed": jnp.asarray(expect("token_embd.weight", get("token_embd.weight"), (cfg.vocab_size, D)), jdt),
+        "embed": jnp.asarray(
+            expect("token_embd.weight", get("token_embd.weight"), (cfg.vocab_size, D)), jdt
+        ),
         "layers": {k: jnp.asarray(v, jdt) for k, v in layers.items()},
         "final_norm": jnp.asarray(get("output_norm.weight"), jdt),
     }

@@ -70,7 +70,9 @@ def load_params(path: str | Path, abstract: Any | None = None) -> Any:
     try:
         restored = ck.restore(path / "params")
     except Exception as e:
-        raise CheckpointError(f"could not restore {path / 'params'}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"could not restore {path / 'params'}: {type(e).__name__}: {e}"
+        ) from e
     if abstract is not None:
         want = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
         have = dict(jax.tree_util.tree_flatten_with_path(restored)[0])

@@ -66,7 +66,9 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt=True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt=True
+    ) -> str:
         """Render messages as a prompt string (ChatML for SmolLM2-Instruct)."""
         if self._hf and getattr(self._tok, "chat_template", None):
             return self._tok.apply_chat_template(
@@ -107,8 +109,11 @@ def _gguf_backend(reader, pre: str):
         raise CheckpointError(f"unsupported GGUF pre-tokenizer {pre!r}")
     tok.decoder = decoders.ByteLevel()
     if types is not None:  # 3 = control tokens (<|im_start|> etc.): never split by BPE
-        special = [AddedToken(tokens[i], special=True, normalized=False)
-                   for i, ty in enumerate(types) if int(ty) == 3]
+        special = [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i, ty in enumerate(types)
+            if int(ty) == 3
+        ]
         tok.add_special_tokens(special)
     return tok
 
@@ -124,7 +129,9 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     f = reader.fields
     model = f["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in f else None
     if model != "gpt2":
-        raise CheckpointError(f"{path.name}: unsupported GGUF tokenizer model {model!r} (need gpt2 BPE)")
+        raise CheckpointError(
+            f"{path.name}: unsupported GGUF tokenizer model {model!r} (need gpt2 BPE)"
+        )
     pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
 
     def val(k, d=None):

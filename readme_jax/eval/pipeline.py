@@ -69,8 +69,10 @@ def _active_params(kind: str, cfg, meta: dict, params) -> tuple[int, int]:
     m = cfg.model
     spec = ExpertSpec.load(spec_dir)
     a = moe.active_param_count(m, spec.shared_widths, spec.expert_widths, cfg.moe.top_k)
-    total = m.param_count() - a["dense_ffn"] + int(
-        3 * m.dim * (spec.shared_widths.sum() + spec.expert_widths.sum())
+    total = (
+        m.param_count()
+        - a["dense_ffn"]
+        + int(3 * m.dim * (spec.shared_widths.sum() + spec.expert_widths.sum()))
     )
     router = 0 if "router" not in params else sum(x.size for x in jax.tree.leaves(params["router"]))
     # the router's embedding is a table lookup: one row per token is touched, not the table
@@ -89,7 +91,11 @@ def routing_analysis(rc: ReadMEConfig, params, streams: dict[str, tuple], domain
     E = rc.moe.num_experts
     usage = rt.expert_usage({d: v.ravel() for d, v in ids.items()}, E)
     loc = rt.temporal_locality([row for v in ids.values() for row in v])
-    return {"experts": list(domains), "usage": usage.to_dict(), "locality": {"Read-ME": loc.to_dict()}}
+    return {
+        "experts": list(domains),
+        "usage": usage.to_dict(),
+        "locality": {"Read-ME": loc.to_dict()},
+    }
 
 
 def layerwise_analysis(rc: ReadMEConfig, params, streams, window: int):
@@ -114,8 +120,14 @@ def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
     pool = by_subject(qs)
     for k in shots:
         res = score_multiple_choice(
-            logits_fn, params, tok, qs, prompt_fn=lambda q, k=k: kshot_prompt(q, pool, k),
-            limit=c.eval.mmlu_limit, batch_size=c.eval.batch_size, max_len=cfg.max_seq_len,
+            logits_fn,
+            params,
+            tok,
+            qs,
+            prompt_fn=lambda q, k=k: kshot_prompt(q, pool, k),
+            limit=c.eval.mmlu_limit,
+            batch_size=c.eval.batch_size,
+            max_len=cfg.max_seq_len,
             progress=f"MMLU {k}-shot",
         )
         out[f"{k}-shot"] = res.to_dict()
@@ -123,7 +135,7 @@ def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
 
 
 def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, Any]:
-    """Evaluate the dense teacher and every model in `run`; write run/eval/{results.json,report.md}."""
+    """Evaluate the dense teacher and every model in `run` into run/eval/ (JSON + report)."""
     from readme_jax.eval.report import headline_table, write_report
     from readme_jax.refactor.convert import load_dense, parse_domains
 
@@ -131,8 +143,13 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     cfg, dense, tok = load_dense(c.model.checkpoint, c.model.dtype, False, c.seed)
     domains = list(parse_domains(c.data.domains))
     streams = {
-        d: domain_stream(d, c.eval.split, tok, max_tokens=c.eval.max_tokens_per_domain,
-                         cache=c.data.cache or None)
+        d: domain_stream(
+            d,
+            c.eval.split,
+            tok,
+            max_tokens=c.eval.max_tokens_per_domain,
+            cache=c.data.cache or None,
+        )
         for d in domains
     }
     kw = dict(max_length=c.eval.seq_len, stride=None, batch_size=c.eval.batch_size)
@@ -143,8 +160,10 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
             "command": f"python launch/train.py --config configs/{c.name}.py (stage eval)",
             "checkpoint": c.model.checkpoint or "SmolLM2-135M-Instruct (bundled GGUF)",
             "created": time.strftime("%Y-%m-%d %H:%M"),
-            "notes": [f"held-out split '{c.eval.split}', first {c.eval.max_tokens_per_domain} "
-                      f"tokens per domain, windows of {c.eval.seq_len}"],
+            "notes": [
+                f"held-out split '{c.eval.split}', first {c.eval.max_tokens_per_domain} "
+                f"tokens per domain, windows of {c.eval.seq_len}"
+            ],
         },
         "models": {},
     }

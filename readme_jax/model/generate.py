@@ -20,6 +20,8 @@ from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.sampling import SamplingParams, sample_uniform
 
+GREEDY = SamplingParams()
+
 
 class PromptError(ValueError):
     """A prompt that the model cannot take (too long, empty, out-of-range token ids)."""
@@ -82,7 +84,7 @@ class Generator:
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = GREEDY,
         seed: int = 0,
         eos_ids: Sequence[int] | None = None,
     ) -> Iterator[np.ndarray]:
@@ -131,7 +133,7 @@ class Generator:
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = GREEDY,
         seed: int = 0,
         eos_ids: Sequence[int] | None = None,
         include_eos: bool = False,

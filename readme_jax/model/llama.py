@@ -176,7 +176,9 @@ def forward(
         kv_state = [cache["k"], cache["v"]] if cache is not None else None
         auxs = []
         for i in range(cfg.n_layers):
-            lp = layers[i] if isinstance(layers, list) else jax.tree.map(lambda a, i=i: a[i], layers)
+            lp = (
+                layers[i] if isinstance(layers, list) else jax.tree.map(lambda a, i=i: a[i], layers)
+            )
             upd = None
             if cache is not None:
 
@@ -202,7 +204,9 @@ def forward(
 
 def lm_head(params: Params, x_BxSxD: jax.Array, cfg: LlamaConfig) -> jax.Array:
     if cfg.tie_embeddings:  # contract against [V, D] directly: a transposed copy costs 8x here
-        return jnp.einsum("bsd,vd->bsv", x_BxSxD, params["embed"], preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "bsd,vd->bsv", x_BxSxD, params["embed"], preferred_element_type=jnp.float32
+        )
     return jnp.einsum("bsd,dv->bsv", x_BxSxD, params["lm_head"], preferred_element_type=jnp.float32)
 
 
@@ -249,8 +253,12 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
     keys = jax.random.split(key, len(leaves))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(
+            shapes, is_leaf=lambda s: isinstance(s, tuple)
+        )[0]
+    ]
     out = []
     for k, shape, path in zip(keys, leaves, paths, strict=True):
         if "norm" in path:
@@ -265,8 +273,9 @@ def check_params(cfg: LlamaConfig, params: Params) -> None:
     from readme_jax.model.config import ConfigError
 
     want = param_shapes(cfg)
-    flat_want = dict(jax.tree_util.tree_flatten_with_path(
-        want, is_leaf=lambda s: isinstance(s, tuple))[0])
+    flat_want = dict(
+        jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda s: isinstance(s, tuple))[0]
+    )
     flat_have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for path, shape in flat_want.items():
         if path not in flat_have:
@@ -281,7 +290,9 @@ def check_params(cfg: LlamaConfig, params: Params) -> None:
 class Llama(nnx.Module):
     """Flax NNX wrapper: holds the parameter tree as nnx.Param leaves; calls `forward`."""
 
-    def __init__(self, cfg: LlamaConfig, params: Params | None = None, *, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self, cfg: LlamaConfig, params: Params | None = None, *, rngs: nnx.Rngs | None = None
+    ):
         self.cfg = cfg
         if params is None:
             rngs = rngs or nnx.Rngs(0)
@@ -291,7 +302,9 @@ class Llama(nnx.Module):
 
     @property
     def params(self) -> Params:
-        return jax.tree.map(lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param))
+        return jax.tree.map(
+            lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param)
+        )
 
     def __call__(self, tokens_BxS: jax.Array, **kw) -> jax.Array:
         logits, _, _ = forward(self.params, tokens_BxS, self.cfg, **kw)

@@ -87,7 +87,9 @@ def select_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
         w_T = jnp.sum(jnp.where(experts_TxK == e, weights_TxK, 0.0), axis=-1)
         out = jax.lax.cond(
             jnp.any(w_T != 0),
-            lambda o, e=e, w_T=w_T: o + (_swiglu(x_TxD, gu_Ex[e], down_ExFxD[e]) * w_T[:, None]).astype(o.dtype),
+            lambda o, e=e, w_T=w_T: (
+                o + (_swiglu(x_TxD, gu_Ex[e], down_ExFxD[e]) * w_T[:, None]).astype(o.dtype)
+            ),
             lambda o: o,
             out,
         )
@@ -130,7 +132,9 @@ def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
         x = x_BxSxD.reshape(B * S, D)
         aux = None
         if mcfg.layerwise:
-            logits = jnp.einsum("bsd,de->bse", x_BxSxD, lp["gate"], preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "bsd,de->bse", x_BxSxD, lp["gate"], preferred_element_type=jnp.float32
+            )
             experts, weights = top_k_routing(logits, mcfg.top_k, mcfg.gate_scaling)
             aux = logits
         else:

@@ -98,12 +98,21 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
 
     def step(params, tokens_BxS, cache, num_new_B):
         rlog, rcache = router_logits(
-            params["router"], tokens_BxS, rc.router, rc.model, cache=cache["router"],
+            params["router"],
+            tokens_BxS,
+            rc.router,
+            rc.model,
+            cache=cache["router"],
             num_new_B=num_new_B,
         )
         routing = top_k_routing(rlog, mcfg.top_k, mcfg.gate_scaling)
         logits, bcache, _ = moe.moe_forward(
-            params["backbone"], tokens_BxS, rc.model, mcfg, routing, cache=cache["backbone"],
+            params["backbone"],
+            tokens_BxS,
+            rc.model,
+            mcfg,
+            routing,
+            cache=cache["backbone"],
             num_new_B=num_new_B,
         )
         return logits, {"backbone": bcache, "router": rcache}

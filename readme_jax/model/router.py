@@ -101,7 +101,9 @@ def router_param_count(rcfg: RouterConfig, cfg: LlamaConfig, num_experts: int) -
     return rcfg.backbone(cfg).param_count() + rcfg.dim * num_experts
 
 
-def top_k_routing(logits_BxSxE: jax.Array, k: int, gate_scaling: bool) -> tuple[jax.Array, jax.Array]:
+def top_k_routing(
+    logits_BxSxE: jax.Array, k: int, gate_scaling: bool
+) -> tuple[jax.Array, jax.Array]:
     """(experts [B, S, k] int32, weights [B, S, k]). Without gate scaling every weight is 1,
     as in the official Read-ME code; with it, softmax over the chosen k logits."""
     vals, idx = jax.lax.top_k(logits_BxSxE, k)
@@ -113,6 +115,6 @@ def top_k_routing(logits_BxSxE: jax.Array, k: int, gate_scaling: bool) -> tuple[
 
 
 def init_layerwise_gates(cfg: LlamaConfig, num_experts: int, key: jax.Array) -> jax.Array:
-    """Layer-wise router baseline: one linear gate per layer on that layer's FFN input, [L, D, E]."""
+    """Layer-wise baseline: one linear gate per layer on that layer's FFN input, [L, D, E]."""
     w = 0.02 * jax.random.normal(key, (cfg.n_layers, cfg.dim, num_experts), jnp.float32)
     return w.astype(jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)

@@ -43,7 +43,10 @@ def fixed_route_logits_fn(cfg: LlamaConfig, num_experts: int):
 
     def fn(p, tokens_BxS):
         shape = tokens_BxS.shape + (1,)
-        routing = (jnp.full(shape, p["expert"], jnp.int32), jnp.full(shape, p["weight"], jnp.float32))
+        routing = (
+            jnp.full(shape, p["expert"], jnp.int32),
+            jnp.full(shape, p["weight"], jnp.float32),
+        )
         return moe.moe_forward(p["backbone"], tokens_BxS, cfg, mcfg, routing)[0]
 
     return fn
@@ -68,7 +71,9 @@ def refactor_quality(
         return r.ppl
 
     out: dict[str, Any] = {"domains": list(eval_tokens), "window": window}
-    out["dense"] = {d: ppl(dense_logits_fn(cfg), dense_u, t, f"dense {d}") for d, t in eval_tokens.items()}
+    out["dense"] = {
+        d: ppl(dense_logits_fn(cfg), dense_u, t, f"dense {d}") for d, t in eval_tokens.items()
+    }
     for rr in remain_rates:
         spec = build_expert_spec(stats.mean_abs_ExLxF, rr, stats.domains)
         backbone = llama.unstack_layers(build_moe_params(llama.stack_layers(dense), spec))
@@ -79,10 +84,16 @@ def refactor_quality(
         pruned = llama.unstack_layers(pruned)
         for d, toks in eval_tokens.items():
             e = idx[d]
-            for name, ex, w in (("oracle", e, 1.0), ("wrong", (e + 1) % E, 1.0), ("shared_only", e, 0.0)):
+            for name, ex, w in (
+                ("oracle", e, 1.0),
+                ("wrong", (e + 1) % E, 1.0),
+                ("shared_only", e, 0.0),
+            ):
                 p = {"backbone": backbone, "expert": jnp.int32(ex), "weight": jnp.float32(w)}
                 res[name][d] = ppl(fn, p, toks, f"rr={rr} {name} {d}")
-            res["static_pruned"][d] = ppl(dense_logits_fn(pcfg), pruned, toks, f"rr={rr} pruned {d}")
+            res["static_pruned"][d] = ppl(
+                dense_logits_fn(pcfg), pruned, toks, f"rr={rr} pruned {d}"
+            )
         res["shared_widths"] = spec.shared_widths.tolist()
         res["expert_widths"] = spec.expert_widths.tolist()
         res["active_ffn_fraction"] = active_ffn_fraction(spec, cfg.ffn_dim)
@@ -112,7 +123,9 @@ def render_quality(q: dict[str, Any]) -> str:
         ]
         for v in VARIANTS[1:]:
             ratio = np.mean([r[v][d] / q["dense"][d] for d in doms])
-            lines.append(f"| {v} | " + " | ".join(f"{r[v][d]:.1f}" for d in doms) + f" | {ratio:.2f} |")
+            lines.append(
+                f"| {v} | " + " | ".join(f"{r[v][d]:.1f}" for d in doms) + f" | {ratio:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

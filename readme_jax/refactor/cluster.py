@@ -87,7 +87,9 @@ def cluster_stats(
     feats = []
     for toks in batches:
         toks = np.asarray(toks)
-        f = np.asarray(_features(params, jnp.asarray(np.maximum(toks, 0), jnp.int32), proj_LxFxP, cfg))
+        f = np.asarray(
+            _features(params, jnp.asarray(np.maximum(toks, 0), jnp.int32), proj_LxFxP, cfg)
+        )
         feats.append(f[toks >= 0])
     cent = kmeans(np.concatenate(feats), num_experts, seed)
     sums = np.zeros((num_experts, cfg.n_layers, cfg.ffn_dim))
@@ -95,14 +97,28 @@ def cluster_stats(
     for toks in batches:
         toks = np.asarray(toks)
         s, n = _cluster_sums(
-            params, jnp.asarray(np.maximum(toks, 0), jnp.int32), jnp.asarray(toks >= 0, jnp.float32),
-            proj_LxFxP, jnp.asarray(cent, jnp.float32), cfg, num_experts,
+            params,
+            jnp.asarray(np.maximum(toks, 0), jnp.int32),
+            jnp.asarray(toks >= 0, jnp.float32),
+            proj_LxFxP,
+            jnp.asarray(cent, jnp.float32),
+            cfg,
+            num_experts,
         )
         sums += np.asarray(s)
         counts += np.asarray(n)
     if (counts == 0).any():
-        raise ValueError(f"k-means left an empty cluster (sizes {counts.tolist()}); use fewer experts")
+        raise ValueError(
+            f"k-means left an empty cluster (sizes {counts.tolist()}); use fewer experts"
+        )
     names = [f"cluster{j}" for j in range(num_experts)]
-    rec = {**recipe, "clustering": {"method": "spherical k-means", "proj_per_layer": proj,
-                                    "seed": seed, "sizes": counts.astype(int).tolist()}}
+    rec = {
+        **recipe,
+        "clustering": {
+            "method": "spherical k-means",
+            "proj_per_layer": proj,
+            "seed": seed,
+            "sizes": counts.astype(int).tolist(),
+        },
+    }
     return ActivationStats(names, sums / counts[:, None, None], counts.astype(int).tolist(), rec)

@@ -38,9 +38,18 @@ def load_dense(checkpoint: str = "", dtype: str = "float32", scan_layers: bool =
     if checkpoint.startswith("random:"):
         r = _parse_random(checkpoint)
         cfg = LlamaConfig(
-            vocab_size=r["vocab"], dim=r["dim"], n_layers=r["layers"], n_heads=r["heads"],
-            n_kv_heads=r["kv_heads"], ffn_dim=r["ffn"], dtype=dtype, scan_layers=scan_layers,
-            max_seq_len=r.get("ctx", 2048), tie_embeddings=True, eos_ids=(2,), bos_id=1,
+            vocab_size=r["vocab"],
+            dim=r["dim"],
+            n_layers=r["layers"],
+            n_heads=r["heads"],
+            n_kv_heads=r["kv_heads"],
+            ffn_dim=r["ffn"],
+            dtype=dtype,
+            scan_layers=scan_layers,
+            max_seq_len=r.get("ctx", 2048),
+            tie_embeddings=True,
+            eos_ids=(2,),
+            bos_id=1,
         )
         return cfg, llama.init_params(cfg, jax.random.key(seed)), load_tokenizer()
     path = checkpoint or None
@@ -56,7 +65,7 @@ def load_dense(checkpoint: str = "", dtype: str = "float32", scan_layers: bool =
 
 
 def parse_domains(spec: str) -> dict[str, str | None]:
-    """"fiction,legal=/data/legal.jsonl" -> {"fiction": None, "legal": "/data/legal.jsonl"}."""
+    """ "fiction,legal=/data/legal.jsonl" -> {"fiction": None, "legal": "/data/legal.jsonl"}."""
     out: dict[str, str | None] = {}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, path = part.partition("=")
@@ -67,8 +76,14 @@ def parse_domains(spec: str) -> dict[str, str | None]:
 
 
 def calibration_batches(
-    domains: dict[str, str | None], tokenizer: Tokenizer, num_sequences: int, seq_len: int,
-    split: str = "train", cache: str | None = None, batch_size: int = 4, seed: int = 0,
+    domains: dict[str, str | None],
+    tokenizer: Tokenizer,
+    num_sequences: int,
+    seq_len: int,
+    split: str = "train",
+    cache: str | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
 ) -> dict[str, list[np.ndarray]]:
     """Per domain, [b, S] token batches for statistics (positions across documents masked -1)."""
     from readme_jax.data import calibration_batch, prepare_domains
@@ -76,15 +91,20 @@ def calibration_batches(
     prepare_domains({k: v for k, v in domains.items()}, cache=cache)
     out = {}
     for name in domains:
-        b = calibration_batch(name, split, tokenizer, num_sequences, seq_len, seed=seed, cache=cache)
+        b = calibration_batch(
+            name, split, tokenizer, num_sequences, seq_len, seed=seed, cache=cache
+        )
         toks = b["tokens"].astype(np.int64)
         out[name] = [toks[i : i + batch_size] for i in range(0, len(toks), batch_size)]
     return out
 
 
 def calibrate(
-    cfg: LlamaConfig, params: Any, domain_batches: dict[str, list[np.ndarray]],
-    recipe: dict[str, Any], out_dir: str | Path | None = None,
+    cfg: LlamaConfig,
+    params: Any,
+    domain_batches: dict[str, list[np.ndarray]],
+    recipe: dict[str, Any],
+    out_dir: str | Path | None = None,
 ) -> ActivationStats:
     if out_dir is not None and (Path(out_dir) / "stats.json").exists():
         st = ActivationStats.load(out_dir)
@@ -97,8 +117,13 @@ def calibrate(
 
 
 def refactor(
-    dense: Any, cfg: LlamaConfig, stats: ActivationStats, remain_rate: float,
-    mcfg: MoEConfig, rcfg: RouterConfig, seed: int = 0,
+    dense: Any,
+    cfg: LlamaConfig,
+    stats: ActivationStats,
+    remain_rate: float,
+    mcfg: MoEConfig,
+    rcfg: RouterConfig,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], ExpertSpec]:
     """Read-ME params {"backbone", "router"} (and layer-wise gates for the baseline)."""
     spec = build_expert_spec(stats.mean_abs_ExLxF, remain_rate, stats.domains)
@@ -110,7 +135,10 @@ def refactor(
 
 
 def save_readme(
-    path: str | Path, params: dict[str, Any], rc: ReadMEConfig, spec: ExpertSpec,
+    path: str | Path,
+    params: dict[str, Any],
+    rc: ReadMEConfig,
+    spec: ExpertSpec,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     path = Path(path)
@@ -170,6 +198,8 @@ def write_refactor_report(path: Path, spec: ExpertSpec, stats: ActivationStats, 
         "|---|---|" + "---|" * len(spec.domains),
     ]
     for l in range(len(sw)):
-        lines.append(f"| {l} | {sw[l]} | " + " | ".join(str(w) for w in spec.expert_widths[l]) + " |")
+        lines.append(
+            f"| {l} | {sw[l]} | " + " | ".join(str(w) for w in spec.expert_widths[l]) + " |"
+        )
     (path / "refactor.md").write_text("\n".join(lines) + "\n")
     return rep

@@ -66,7 +66,11 @@ class ExpertSpec:
         meta = json.loads((path / "experts.json").read_text())
         z = np.load(path / "experts.npz")
         return cls(
-            meta["domains"], meta["remain_rate"], z["domain_masks"], z["shared_idx"], z["expert_idx"]
+            meta["domains"],
+            meta["remain_rate"],
+            z["domain_masks"],
+            z["shared_idx"],
+            z["expert_idx"],
         )
 
 
@@ -130,8 +134,10 @@ def build_moe_params(
         sh_gu.append(g)
         sh_dn.append(d)
         eg, ed = zip(
-            *[_gather_channels(wgu[l], wdn[l], spec.expert_idx_LxExFe[l, e])
-              for e in range(spec.num_experts)],
+            *[
+                _gather_channels(wgu[l], wdn[l], spec.expert_idx_LxExFe[l, e])
+                for e in range(spec.num_experts)
+            ],
             strict=True,
         )
         ex_gu.append(np.stack(eg))

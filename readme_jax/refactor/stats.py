@@ -65,7 +65,9 @@ class ActivationStats:
     def load(cls, path: str | Path) -> ActivationStats:
         path = Path(path)
         meta = json.loads((path / "stats.json").read_text())
-        return cls(meta["domains"], np.load(path / "mean_abs.npy"), meta["n_tokens"], meta["recipe"])
+        return cls(
+            meta["domains"], np.load(path / "mean_abs.npy"), meta["n_tokens"], meta["recipe"]
+        )
 
 
 def domain_stats(
@@ -77,7 +79,9 @@ def domain_stats(
     for toks in tqdm(list(batches), desc=desc, leave=False):
         toks = np.asarray(toks)
         mask = toks >= 0
-        s = _batch_sum(params, jnp.asarray(np.where(mask, toks, 0), jnp.int32), jnp.asarray(mask), cfg)
+        s = _batch_sum(
+            params, jnp.asarray(np.where(mask, toks, 0), jnp.int32), jnp.asarray(mask), cfg
+        )
         total = s if total is None else total + s
         n += int(mask.sum())
     if total is None or n == 0:

@@ -63,26 +63,33 @@ class ServeParams:
 
 
 def split_params(rc: ReadMEConfig, params: Params) -> ServeParams:
-    """{"backbone", "router"} Read-ME params -> `ServeParams` (experts moved to host)."""
+    """{"backbone", "router"} Read-ME params -> `ServeParams` (experts moved to host).
+
+    Works in NumPy (no per-shape compiles), then places the backbone and router on device."""
     if rc.moe.layerwise or "router" not in params:
         raise ValueError("serving needs a pre-gating (router-decoupled) Read-ME model")
-    bb = llama.stack_layers(params["backbone"])
+    bb = params["backbone"]
     layers = bb["layers"]
+    if isinstance(layers, list):
+        per_layer = [{k: np.asarray(v) for k, v in lp.items()} for lp in layers]
+    else:
+        host = {k: np.asarray(v) for k, v in layers.items()}
+        per_layer = [{k: v[l] for k, v in host.items()} for l in range(rc.model.n_layers)]
     experts = {
-        "gate_up": np.ascontiguousarray(np.moveaxis(np.asarray(layers["expert_gate_up"]), 1, 0)),
-        "down": np.ascontiguousarray(np.moveaxis(np.asarray(layers["expert_down"]), 1, 0)),
+        "gate_up": np.stack([lp["expert_gate_up"] for lp in per_layer], axis=1),  # [E, L, ...]
+        "down": np.stack([lp["expert_down"] for lp in per_layer], axis=1),
     }
-    rest = {k: v for k, v in layers.items() if k not in (*EXPERT_KEYS, "gate")}
-    backbone = llama.unstack_layers({**bb, "layers": rest})
-    return ServeParams(
-        rc.replace(model=rc.model.replace(scan_layers=False)), backbone, params["router"], experts
-    )
+    keep = [{k: v for k, v in lp.items() if k not in (*EXPERT_KEYS, "gate")} for lp in per_layer]
+    backbone = jax.device_put({**{k: v for k, v in bb.items() if k != "layers"}, "layers": keep})
+    rc = rc.replace(model=rc.model.replace(scan_layers=False))
+    return ServeParams(rc, backbone, jax.device_put(params["router"]), experts)
 
 
 def resident_slots(experts: dict[str, np.ndarray]) -> list[Params]:
     """All E experts as slot buffers (slot e = expert e): the no-offload layout."""
     L = experts["gate_up"].shape[1]
-    return [{k: jnp.asarray(v[:, l]) for k, v in experts.items()} for l in range(L)]
+    dev = jax.devices()[0]  # committed, like the store's slots: the same compiled steps
+    return [{k: jax.device_put(v[:, l], dev) for k, v in experts.items()} for l in range(L)]
 
 
 # ----------------------------------------------------------------------------- pieces

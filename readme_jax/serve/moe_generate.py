@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve.backend import ModelBackend
 from readme_jax.serve.decode import ServeParams, split_params
@@ -165,16 +167,26 @@ def format_stats(stats: dict) -> str:
     )
 
 
+def _np_init(shapes: dict, rng) -> dict:
+    """Random params in NumPy (normal, std 0.02; norms at 1): no per-shape XLA compiles."""
+    out = {}
+    for k, v in shapes.items():
+        if isinstance(v, dict):
+            out[k] = _np_init(v, rng)
+        elif "norm" in k:
+            out[k] = np.ones(v, np.float32)
+        else:
+            out[k] = (0.02 * rng.standard_normal(v)).astype(np.float32)
+    return out
+
+
 def tiny_serve_model(num_experts: int = 4, seed: int = 0, *, vocab: int = 97) -> ServeModel:
     """A random tiny Read-ME model (2 layers, width 32) for tests and smoke runs."""
-    import jax
-    import numpy as np
-
     from readme_jax.model import llama
     from readme_jax.model.config import LlamaConfig
     from readme_jax.model.moe import MoEConfig
     from readme_jax.model.readme import ReadMEConfig
-    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.model.router import RouterConfig
     from readme_jax.refactor import experts as ex
 
     cfg = LlamaConfig(
@@ -190,9 +202,11 @@ def tiny_serve_model(num_experts: int = 4, seed: int = 0, *, vocab: int = 97) ->
         bos_id=1,
     )
     rc = ReadMEConfig(cfg, MoEConfig(num_experts, dispatch="select"), RouterConfig(16, 2, 32))
-    dense = llama.init_params(cfg, jax.random.key(seed))
-    scores = np.random.default_rng(seed).random((num_experts, cfg.n_layers, cfg.ffn_dim))
+    rng = np.random.default_rng(seed)
+    dense = _np_init(llama.param_shapes(cfg), rng)
+    router = _np_init(llama.param_shapes(rc.router.backbone(cfg)), rng)
+    router["head"] = (0.3 * rng.standard_normal((rc.router.dim, num_experts))).astype(np.float32)
+    scores = rng.random((num_experts, cfg.n_layers, cfg.ffn_dim))
     spec = ex.build_expert_spec(scores, 0.5, [f"d{i}" for i in range(num_experts)])
-    router = init_router(rc.router, cfg, num_experts, jax.random.key(seed + 1), dense["embed"])
     params = {"backbone": ex.build_moe_params(dense, spec), "router": router}
     return ServeModel(split_params(rc, params), None, f"random tiny model (seed {seed})", spec)

@@ -25,11 +25,25 @@ Params = dict[str, Any]
 # ---------------------------------------------------------------- routing targets
 def top_channel_mask(abs_h_XxF: jax.Array, top_frac: float) -> jax.Array:
     """1.0 where a channel is among the token's top `top_frac` by |h| (ties at the threshold
-    count as in), float [..., F]."""
+    count as in), float [..., F].
+
+    The threshold is the k-th largest value, found exactly by bisection on the float32 bit
+    pattern (monotonic for values >= 0): 31 compare-and-count passes, ~9x faster than a sort
+    of [T, F] on XLA:CPU."""
     F = abs_h_XxF.shape[-1]
     k = max(1, int(round(top_frac * F)))
-    thr = jnp.sort(abs_h_XxF, axis=-1)[..., F - k : F - k + 1]
-    return (abs_h_XxF >= thr).astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.maximum(abs_h_XxF.astype(jnp.float32), 0.0), jnp.int32)
+    lo = jnp.zeros((*bits.shape[:-1], 1), jnp.int32)  # invariant: count(bits >= lo) >= k
+    hi = jnp.max(bits, axis=-1, keepdims=True)  # the answer lies in [lo, hi]
+
+    def body(_, lh):
+        lo, hi = lh
+        mid = lo + (hi - lo + 1) // 2
+        ok = jnp.sum(bits >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 31, body, (lo, hi))
+    return (bits >= lo).astype(jnp.float32)
 
 
 def layer_coverage(abs_h_BxSxF: jax.Array, union_FxE: jax.Array, top_frac: float) -> jax.Array:

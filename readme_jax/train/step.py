@@ -131,7 +131,7 @@ def _head(params: Params, cfg: LlamaConfig):
 def teacher_pass(s: Setup, consts: Params, b: Params):
     """Frozen dense teacher: final hidden [B, S, D] and per-layer coverage counts [L, B, S, E]
     (None for the static baseline, which has no experts)."""
-    if s.kind == "static":
+    if s.kind == "static" or s.phase == "expert":  # targets are only needed to train routers
         ffn = llama.dense_ffn
     else:
         ffn = losses.coverage_ffn(consts["union"], s.tc.target_top_frac)
@@ -242,16 +242,15 @@ def expert_loss(s: Setup, params: Params, b: Params, teacher: Params, t_hidden, 
         chunk=tc.head_chunk, need_w_grad=need_w,
     )  # fmt: skip
     met = {k: v for k, v in sums.items() if k != "loss"}
-    if s.kind != "static":
+    if s.kind != "static":  # routing load and entropy (accuracy is a router-phase metric)
         mask = b["segment_ids"] > 0
-        target = losses.normalize_counts(jnp.sum(cov, axis=0))
         if s.kind == "readme":
             experts, logits = routing[0][..., 0], router_logits_BxSxE
         else:  # layer-wise: report layer 0's routing
             logits = layer_logits[0]
             experts = jnp.argmax(logits, -1)
         met.update(losses.routing_metrics(
-            experts, b["domain"], mask, s.n_domains, cov.shape[-1], logits, target
+            experts, b["domain"], mask, s.n_domains, logits.shape[-1], logits
         ))  # fmt: skip
     return loss, met
 
