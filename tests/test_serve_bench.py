@@ -37,6 +37,7 @@ def test_serve_bench_runs_end_to_end_and_its_logs_replay(tmp_path):
         "--batching=expert,decode",
         "--profiles=a100",
         "--scales=served,llama2-7b",
+        "--real_grid=full",
         "--sim_logs",
     ]
     res = _serve_bench().main(argv)
@@ -70,7 +71,7 @@ def test_serve_bench_runs_end_to_end_and_its_logs_replay(tmp_path):
             .read_text()
             .splitlines()
         ]
-        assert len(steps) == r["steps"] and all("waves" in s for s in steps)
+        assert len(steps) == r["steps"] and all(s["calls"] for s in steps)
     sims = res["serve_bench"]["sim"]["runs"]
     assert len(sims) == 2 * (2 + 2 * 2 * 2)  # 2 scales x (all-resident + policy x batching x mode)
     assert all(r["completed"] == 6 for r in sims)
@@ -97,8 +98,8 @@ MC = cm.ModelCost(
 
 
 def _step(loads, prefetch=()):
-    wave = {"kind": "decode", "experts": [0, 1], "tokens": 4, "context": 40, "loads": loads}
-    return {"waves": [wave, dict(wave, experts=[2])], "prefetch": list(prefetch)}
+    call = {"kind": "decode", "experts": [0, 1], "tokens": 4, "context": 40, "loads": loads}
+    return {"calls": [call, dict(call, experts=[2])], "prefetch": list(prefetch)}
 
 
 def test_prefetch_pipelining_never_slower_than_on_demand():
@@ -129,7 +130,7 @@ def test_fit_cpu_recovers_known_constants():
             }
             for _ in range(int(rng.integers(1, 4)))
         ]
-        s = {"waves": waves, "prefetch": []}
+        s = {"calls": waves, "prefetch": []}
         s["wall_s"] = cm.CostClock(truth, MC, pipelined=False).duration(s, 0, 0)
         steps.append(s)
     fit = cm.fit_cpu(steps, MC)

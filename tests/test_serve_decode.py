@@ -37,26 +37,35 @@ def _full_params(sm):
     return {"backbone": {**sp.backbone, "layers": stacked}, "router": sp.router}
 
 
-def _prefill(d, slots, row, prompt, experts, weights, cuts, slot_map=None):
-    """Prefill `prompt` into `row` in chunks ending at `cuts`; returns the last step's output."""
-    slot_map = slot_map or (lambda e: e)
+def _waves(experts, weights, groups, slot_of=lambda e: e, loads=()):
+    """Per wave: slot ids, weights zeroed outside the wave, and its loads."""
+    out = []
+    for i, g in enumerate(groups):
+        inside = np.isin(experts, g)
+        sl = np.asarray([[slot_of(e) if e in g else 0 for e in row] for row in experts])
+        out.append((sl, np.where(inside, weights, 0.0), loads[i] if loads else []))
+    return out
+
+
+def _prefill(d, slots, row, prompt, experts, weights, cuts, split=False):
+    """Prefill `prompt` into `row` in chunks ending at `cuts` (all experts resident); with
+    `split`, one wave per expert. Returns the last chunk's output."""
     start = 0
     for end in [*cuts, len(prompt)]:
         if end <= start:
             continue
-        sl = np.vectorize(slot_map)(experts[start:end])
-        out = d.prefill(
-            slots, row, start, prompt[start:end], sl, weights[start:end], end == len(prompt), GREEDY
-        )
+        e, w = experts[start:end], weights[start:end]
+        groups = [[x] for x in np.unique(e)] if split else [np.unique(e).tolist()]
+        last = end == len(prompt)
+        out = d.prefill(slots, row, start, prompt[start:end], _waves(e, w, groups), last, GREEDY)
         start = end
     return [np.asarray(x) for x in out]
 
 
-def _greedy(d, slots, row, prompt, n, cuts=(), slot_map=None):
-    """Greedy tokens and their experts for one request in slot `row`."""
-    slot_map = slot_map or (lambda e: e)
+def _greedy(d, slots, row, prompt, n, cuts=(), slot_map=lambda e: e):
+    """Greedy tokens and their experts for one request in slot `row` (all experts resident)."""
     pe, pw = d.route_prompt(prompt)
-    tok, e, w = _prefill(d, slots, row, prompt, pe, pw, cuts, slot_map)
+    tok, e, w = _prefill(d, slots, row, prompt, pe, pw, cuts)
     toks, exps = [int(tok)], [int(e[0])]
     for i in range(1, n):
         tk, sl = np.zeros(N, np.int32), np.zeros((N, 1), np.int32)
@@ -89,14 +98,14 @@ def test_decode_with_kv_cache_equals_full_recompute(model):
     assert exps == want.tolist()
 
 
-def test_prefill_chunking_and_slot_row_do_not_change_a_bit(model):
+def test_prefill_chunking_waves_and_slot_row_do_not_change_a_bit(model):
     sp = model.params
     slots = dec.resident_slots(sp.experts)
     prompt = list(np.random.default_rng(2).integers(3, 97, 20))
     a, b = dec.SlotDecoder(sp, N, T, Q), dec.SlotDecoder(sp, N, T, Q)
     pe, pw = a.route_prompt(prompt)
     _prefill(a, slots, 1, prompt, pe, pw, cuts=(8, 16))
-    _prefill(b, slots, 3, prompt, pe, pw, cuts=(1, 2, 7, 11, 13, 19))
+    _prefill(b, slots, 3, prompt, pe, pw, cuts=(1, 2, 7, 11, 13, 19), split=True)
     for key in ("k", "v"):
         np.testing.assert_array_equal(
             np.asarray(a.cache[key][:, 1, :20]), np.asarray(b.cache[key][:, 3, :20])
@@ -115,26 +124,27 @@ def test_offloaded_slot_decode_equals_all_resident(model):
     want = _greedy(
         dec.SlotDecoder(sp, N, T, Q), dec.resident_slots(sp.experts), 0, prompt, 8, cuts=(8,)
     )
-    # C = 2 slots in a store; hand it exactly the experts the request needs, per call
+    # C = 2 slots in a store: every chunk streams its experts in waves of 2, layer by layer
     store = OffloadedExpertStore(sp.experts, 2, layer_axis=1)
     d = dec.SlotDecoder(sp, N, T, Q)
     pe, pw = d.route_prompt(prompt)
-    order = list(dict.fromkeys(pe[:, 0].tolist()))
-    start, toks = 0, None
-    while start < len(prompt):  # chunks of at most 2 distinct experts, loaded reversed
-        end, seen = start, []
-        while end < len(prompt) and end - start < Q and len(set(seen) | {int(pe[end, 0])}) <= 2:
-            seen.append(int(pe[end, 0]))
-            end += 1
-        need = list(dict.fromkeys(seen))[::-1]
-        for s, e in enumerate(need):
-            store.load(e, s)
-        sl = np.vectorize(store.slot_of)(pe[start:end])
+    for start, end in ((0, 8), (8, len(prompt))):
+        e, w = pe[start:end], pw[start:end]
+        groups = [list(g) for g in np.array_split(np.unique(e)[::-1], -(-len(np.unique(e)) // 2))]
+        loads = [[(x, s) for s, x in enumerate(g)] for g in groups]
+        slot_of = {x: s for g in groups for s, x in enumerate(g)}.__getitem__
         toks = d.prefill(
-            store.slots, 0, start, prompt[start:end], sl, pw[start:end], end == len(prompt), GREEDY
+            lambda l: store.slots[l],
+            0,
+            start,
+            prompt[start:end],
+            _waves(e, w, groups, slot_of, loads),
+            end == len(prompt),
+            GREEDY,
+            load_layer=store.load_layer,
         )
-        start = end
-    assert len(order) >= 2
+    assert store.loads == sum(len(np.unique(pe[a:b])) for a, b in ((0, 8), (8, 11)))
+    assert max(len(np.unique(pe[a:b])) for a, b in ((0, 8), (8, 11))) > 2  # really in waves
     tok, e, w = (np.asarray(x) for x in toks)
     out, exps = [int(tok)], [int(e[0])]
     for i in range(1, 8):

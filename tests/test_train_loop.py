@@ -108,15 +108,15 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(full_run, tiny, tmp
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(full_run, tiny, tmp_path):
     c, tok, teacher = tiny
     c = copy_run(c, tmp_path / "r")
-    c.train.stop_after = 3
+    c.train.stop_after = 5  # checkpoints at steps 2 and 4
     loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
     ckdir = Path(c.run_dir) / "train" / "readme" / "ckpt"
-    assert (ckdir / "3").exists()
-    for f in (ckdir / "3" / "state").rglob("*"):
+    assert sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) == [2, 4]
+    for f in (ckdir / "4" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\x00garbage")
     c.train.stop_after = 0
-    with pytest.warns(UserWarning, match=r"ckpt/3 could not be restored"):
+    with pytest.warns(UserWarning, match=r"ckpt/4 could not be restored"):
         loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
     assert _losses(c) == _losses(full_run)
 

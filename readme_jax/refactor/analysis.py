@@ -109,7 +109,7 @@ def refactor_quality(
 def render_quality(q: dict[str, Any]) -> str:
     doms = q["domains"]
     lines = []
-    for rr in [k for k in q if k not in ("domains", "window", "dense")]:
+    for rr in [k for k, v in q.items() if isinstance(v, dict) and "oracle" in v]:
         r = q[rr]
         sw = r["shared_widths"]
         lines += [

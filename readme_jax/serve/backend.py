@@ -6,7 +6,10 @@ slots mirror the engine's `ExpertCache` (every load the cache decides is a real 
 model without running the model.
 
 Both expose: num_experts, top_k, eos_ids, vocab_size, bytes_per_expert, num_slots;
-reset(cache), route_prompt(req), load(expert, slot), prefill(...), decode(...), fetch(handle).
+reset(cache), route_prompt(req), load(expert, slot) (a whole expert, before a decode call, or a
+prefetch), prefill(live, start, n, waves, is_last) (one chunk; each wave carries its slot ids,
+weights and the loads to stream layer by layer before it), decode(rows, slot_NxK, w_NxK),
+fetch(handle).
 """
 
 from __future__ import annotations
@@ -82,18 +85,20 @@ class ModelBackend:
     def load(self, expert: int, slot: int) -> None:
         self.store.load(expert, slot)
 
-    def prefill(self, live, start, n, slot_ids, weights, is_last):
+    def prefill(self, live, start, n, waves, is_last):
+        """One chunk, streamed by layer; waves: [(slot_ids [n, K], weights [n, K], loads)]."""
         toks = list(live.req.prompt[start : start + n])
-        sp = _sampling([live])
+        sp = tuple(c[0] for c in _sampling([live]))
+        store = self.store
         return self.decoder.prefill(
-            self.store.slots,
+            lambda l: store.slots[l],
             live.row,
             start,
             toks,
-            slot_ids,
-            weights,
+            waves,
             is_last,
-            tuple(c[0] for c in sp),
+            sp,
+            load_layer=store.load_layer,
         )
 
     def decode(self, rows, slot_NxK, w_NxK):
@@ -153,7 +158,7 @@ class ReplayBackend:
             return self.eos_ids[0], [0] * self.top_k, [0.0] * self.top_k
         raise ValueError(f"request {rid}: the recorded run has no token {i}")
 
-    def prefill(self, live, start, n, slot_ids, weights, is_last):
+    def prefill(self, live, start, n, waves, is_last):
         if not is_last:
             return 0, np.zeros(self.top_k, np.int32), np.zeros(self.top_k, np.float32)
         tok, e, w = self._token(live.req.id, 0)

@@ -5,7 +5,8 @@ real engine (measured wall time) and on a simulated accelerator (cost model). Us
 Outputs in `out_dir`: results.json and report.md with plots (via eval/report.py, plus the serving
 tables below), trace.jsonl, and per run logs/<run>.cache.jsonl (the cache decision log:
 `cache.replay_check(cache.read_log(path))` re-derives its counters) and logs/<run>.steps.jsonl
-(per step: the batch, the experts it needed, its waves with hits and loads, prefetches, time).
+(per step: the batch, the experts it needed, its calls with their waves of experts, hits and
+loads, prefetches, time).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from readme_jax.serve.trace import TraceRequest
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    engine: EngineConfig = EngineConfig(num_slots=8, max_len=256, max_batch_tokens=64)
+    engine: EngineConfig = EngineConfig(num_slots=8, max_len=128, max_batch_tokens=32)
     batching: tuple[str, ...] = ("expert", "decode", "prefill")
     policies: tuple[str, ...] = ("belady", "lru", "lfu", "random")
     capacities: tuple[int, ...] | None = None  # None: 2 .. E-1
-    real_grid: str = "full"  # full: every batching x policy x C; cache: policies x C on expert
+    real_grid: str = "cache"  # full: every batching x policy x C; cache: policies x C on expert
     real_prefetch: bool = True  # also belady + prefetch (expert batching) on the real engine
     profiles: tuple[str, ...] = ("a100", "h200")
     scales: tuple[str, ...] = ("served", "llama2-7b")

@@ -2,17 +2,17 @@
 
 On CPU, host and device memory are the same RAM, so expert loads are memcpys and the paper's
 latency experiment (an A100 whose experts sit behind PCIe) cannot be measured. `CostClock` gives
-the engine each step's duration from the step record (its waves, their tokens, context, experts
+the engine each step's duration from the step record (its calls, their tokens, context, experts
 and loads) instead of the wall clock; run it with `ReplayBackend` to re-time a recorded run.
 
-Model (per wave = one forward call):
+Model (per call: a decode over some rows, or one prefill chunk with all its waves):
   compute = launch + max(flops / (peak_flops * flop_eff), bytes / (hbm_bw * mem_eff))
      bytes = dense weights (attention, shared expert, norms, router, LM head) read once per call
-             + the wave's experts' weights + the KV cache read (context tokens of its rows);
+             + the call's experts' weights + the KV cache read (context tokens of its rows);
      flops = 2 * tokens * (dense + K expert params per layer) + 4 * context * H * hd per layer
              + 2 * D * V per sampled row.
   load    = demand loads * bytes_per_expert / link_bw.
-  on-demand: a wave's loads, then its compute (serial).
+  on-demand: a call's loads, then its compute (serial).
   prefetch:  layer-pipelined (the load of layer l+1 overlaps the compute of layer l):
              load/L + (L-1)/L * max(load, compute) + compute/L; plus the engine's cross-step
              prefetches, which stream during the step and delay the next step's demand loads
@@ -101,18 +101,18 @@ class ModelCost:
     def kv_bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
 
-    def wave_bytes(self, wave: dict) -> float:
+    def call_bytes(self, call: dict) -> float:
         return (
             self.dense_params * self.dtype_bytes
-            + len(wave["experts"]) * self.bytes_per_expert
-            + wave["context"] * self.kv_bytes_per_token
+            + len(call["experts"]) * self.bytes_per_expert
+            + call["context"] * self.kv_bytes_per_token
         )
 
-    def wave_flops(self, wave: dict) -> float:
+    def call_flops(self, call: dict) -> float:
         per_tok = self.layers * (self.dense_layer_params + self.top_k * self.expert_layer_params)
-        attn = 4 * wave["context"] * self.heads * self.head_dim * self.layers
-        rows = wave["tokens"] if wave["kind"] == "decode" else 1  # rows that get logits
-        return 2 * wave["tokens"] * per_tok + attn + 2 * rows * self.dim * self.vocab
+        attn = 4 * call["context"] * self.heads * self.head_dim * self.layers
+        rows = call["tokens"] if call["kind"] == "decode" else 1  # rows that get logits
+        return 2 * call["tokens"] * per_tok + attn + 2 * rows * self.dim * self.vocab
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {
@@ -182,10 +182,10 @@ def _leaves(tree):
 # ----------------------------------------------------------------------------- clock
 
 
-def compute_s(hw: Hardware, mc: ModelCost, wave: dict) -> float:
+def compute_s(hw: Hardware, mc: ModelCost, call: dict) -> float:
     return hw.launch_s + max(
-        mc.wave_flops(wave) / (hw.peak_flops * hw.flop_eff),
-        mc.wave_bytes(wave) / (hw.hbm_bw * hw.mem_eff),
+        mc.call_flops(call) / (hw.peak_flops * hw.flop_eff),
+        mc.call_bytes(call) / (hw.hbm_bw * hw.mem_eff),
     )
 
 
@@ -204,7 +204,7 @@ class CostClock:
     def duration(self, step: dict, wall_s: float, t_start: float) -> float:
         hw, mc, L = self.hw, self.mc, self.mc.layers
         t, link_end = hw.step_s, 0.0
-        for w in step["waves"]:
+        for w in step["calls"]:
             comp = compute_s(hw, mc, w)
             load = w["loads"] * mc.bytes_per_expert / hw.link_bw
             if load:
@@ -227,14 +227,14 @@ class CostClock:
 
 def step_features(step: dict, mc: ModelCost) -> np.ndarray:
     """[1, calls, bytes read, flops, bytes loaded] of one step record."""
-    waves = step["waves"]
+    calls = step["calls"]
     return np.asarray(
         [
             1.0,
-            len(waves),
-            sum(mc.wave_bytes(w) for w in waves),
-            sum(mc.wave_flops(w) for w in waves),
-            sum(w["loads"] for w in waves) * mc.bytes_per_expert,
+            len(calls),
+            sum(mc.call_bytes(c) for c in calls),
+            sum(mc.call_flops(c) for c in calls),
+            sum(c["loads"] for c in calls) * mc.bytes_per_expert,
         ],
         np.float64,
     )

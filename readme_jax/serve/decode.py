@@ -9,9 +9,14 @@ an expert slot buffer (`OffloadedExpertStore.slots`, a list over L of {"gate_up"
 The all-resident server is the same code with C = E slots holding experts 0..E-1.
 
 Steps (both donate the backbone KV cache and the router KV cache):
-  prefill  one request, one chunk of at most Q consecutive prompt tokens, shape [1, Q]; the row
-           of the request slot is cut out of the caches, extended, and written back.
-  decode   every slot, one token each, shape [N, 1]; inactive rows do not advance.
+  prefill  one request, one chunk of at most Q consecutive prompt tokens, shape [1, Q], streamed
+           layer by layer (`pf_begin`, L x (`pf_layer`, a `pf_experts` per wave), `pf_end`):
+           in every layer the chunk's routed experts run in waves of at most C, each wave's
+           layer weights loaded just before it, so a prompt needing more experts than slots
+           loads each of its experts once per chunk (the cache's wave model) and the load of
+           layer l+1 overlaps the compute of layer l (async dispatch).
+  decode   one jitted call over every slot, one token each, shape [N, 1]; inactive rows do not
+           advance; a step whose rows need more than C experts runs one call per wave.
 Both then sample the next token (per-row temperature / top-k / top-p, per-request key
 fold_in(key(seed), index of the token)) and run the router on it at once, so each step returns
 the next token *and its expert*: the host knows every request's next expert before the next step.
@@ -152,42 +157,71 @@ def _put_row(cache: Params, rc1: Params, row: jax.Array) -> Params:
 # ----------------------------------------------------------------------------- steps
 
 
-def prefill_step(
+def pf_begin(backbone, cache, row, start, tok_Q):
+    """Embed a prefill chunk and cut the slot's KV row out: (x [1, Q, D], k, v [L, 1, T, ..])."""
+    c1 = _row(cache, row, start)
+    return backbone["embed"][tok_Q][None], c1["k"], c1["v"]
+
+
+def pf_layer(lp, x_1xQxD, k_c, v_c, layer, start, *, rc: ReadMEConfig):
+    """One layer's attention and shared expert for the chunk at positions start + 0..Q-1.
+
+    Returns (x with the shared expert added, h = the FFN input, k_c, v_c); the routed experts
+    are added by `pf_experts`, one call per wave."""
+    cfg = rc.model
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    Q, T = x_1xQxD.shape[1], k_c.shape[2]
+    pos_1xQ = (start + jnp.arange(Q))[None]
+    mask_1xQxT = jnp.arange(T)[None, None, :] <= pos_1xQ[:, :, None]
+    inv = llama.rope_inv_freq(cfg)
+    h = llama.rms_norm(x_1xQxD, lp["attn_norm"], cfg.norm_eps)
+    qkv = jnp.einsum("bsd,dnh->bsnh", h, lp["wqkv"])
+    q = llama.apply_rope(qkv[:, :, :H], pos_1xQ, inv)
+    k = llama.apply_rope(qkv[:, :, H : H + K], pos_1xQ, inv)
+    k_c = k_c.at[layer, 0, pos_1xQ[0]].set(k[0].astype(k_c.dtype), mode="drop")
+    v_c = v_c.at[layer, 0, pos_1xQ[0]].set(qkv[0, :, H + K :].astype(v_c.dtype), mode="drop")
+    o = llama.attention(q, k_c[layer], v_c[layer], mask_1xQxT)
+    x = x_1xQxD + jnp.einsum("bshd,hdo->bso", o, lp["wo"])
+    h_QxD = llama.rms_norm(x, lp["mlp_norm"], cfg.norm_eps)[0]
+    return x + moe.shared_ffn(lp, h_QxD)[None].astype(x.dtype), h_QxD, k_c, v_c
+
+
+def pf_experts(slots_l, x_1xQxD, h_QxD, slot_QxK, w_QxK):
+    """Add the routed experts of one wave (weight 0 outside it) from layer slot buffers."""
+    y = moe.select_experts(h_QxD, slot_QxK, w_QxK, slots_l["gate_up"], slots_l["down"])
+    return x_1xQxD + y[None].astype(x_1xQxD.dtype)
+
+
+def pf_end(
     backbone,
     router,
-    slots,
     cache,
     rcache,
+    k_c,
+    v_c,
+    x_1xQxD,
     row,
     start,
     tok_Q,
     n,
-    slot_QxK,
-    w_QxK,
     is_last,
     sp_row,
     *,
     rc: ReadMEConfig,
 ):
-    """Extend slot `row` (already holding `start` tokens) by prompt tokens tok_Q[:n].
+    """Final norm, sample the next token, route the chunk and that token, write the rows back.
 
-    sp_row: (temperature, top_k, top_p, seed, count) scalars of the request. Returns (next token,
-    its experts [K], weights [K], cache, rcache); the next token and its router KV only count
-    when `is_last` (the chunk ends the prompt)."""
+    Returns (next token, its experts [K], weights [K], cache, rcache); the next token and its
+    router KV only count when `is_last` (the chunk ends the prompt)."""
     cfg = rc.model
-    Q = tok_Q.shape[0]
-    w_QxK = jnp.where((jnp.arange(Q) < n)[:, None], w_QxK, 0.0)
-    ffn = slot_ffn(slots, slot_QxK[None], w_QxK[None])
-    c1 = _row(cache, row, start)
-    h_1xQxD, c1, _ = llama.forward(
-        backbone, tok_Q[None], cfg, cache=c1, num_new_B=n[None], ffn=ffn, return_hidden=True
-    )
-    last_1x1xD = jax.lax.dynamic_slice_in_dim(h_1xQxD, n - 1, 1, axis=1)
+    x = llama.rms_norm(x_1xQxD, backbone["final_norm"], cfg.norm_eps)
+    last_1x1xD = jax.lax.dynamic_slice_in_dim(x, n - 1, 1, axis=1)
     logits_1xV = llama.lm_head(backbone, last_1x1xD, cfg)[:, 0]
-    nxt_1 = sample_rows(logits_1xV, *(jnp.asarray(x)[None] for x in sp_row))
+    nxt_1 = sample_rows(logits_1xV, *(jnp.asarray(v)[None] for v in sp_row))
     r1 = _row(rcache, row, start)
     _, r1 = router_logits(router, tok_Q[None], rc.router, cfg, cache=r1, num_new_B=n[None])
     experts, weights, r1 = _route(router, nxt_1[:, None], rc, r1, is_last[None])
+    c1 = {"k": k_c, "v": v_c, "lengths": (start + n)[None]}
     cache, rcache = _put_row(cache, c1, row), _put_row(rcache, r1, row)
     return nxt_1[0], experts[0, 0], weights[0, 0], cache, rcache
 
@@ -228,7 +262,10 @@ def route_prompt_fn(router, tok_1xS, *, rc: ReadMEConfig):
 
 
 # module-level, so every SlotDecoder of the same config shares the compiled steps
-_prefill_jit = jax.jit(prefill_step, static_argnames=("rc",), donate_argnums=(3, 4))
+_pf_begin = jax.jit(pf_begin)
+_pf_layer = jax.jit(pf_layer, static_argnames=("rc",), donate_argnums=(2, 3))
+_pf_experts = jax.jit(pf_experts, donate_argnums=(1,))
+_pf_end = jax.jit(pf_end, static_argnames=("rc",), donate_argnums=(2, 3))
 _decode_jit = jax.jit(decode_step, static_argnames=("rc",), donate_argnums=(3, 4))
 _route_jit = jax.jit(route_prompt_fn, static_argnames=("rc",))
 
@@ -269,33 +306,50 @@ class SlotDecoder:
         e, w = _route_jit(self.sp.router, jnp.asarray(buf), rc=self.rc)
         return np.asarray(e[0, :S]), np.asarray(w[0, :S])
 
-    def prefill(self, slots, row, start, tokens, slot_ids, weights, is_last, sp_row):
-        """Dispatch one prefill chunk (len <= chunk); returns device (tok, experts, weights)."""
-        n = len(tokens)
-        Q, K = self.chunk, self.top_k
+    def prefill(self, slots, row, start, tokens, waves, is_last, sp_row, load_layer=None):
+        """Dispatch one prefill chunk (at most `chunk` tokens) layer by layer.
+
+        slots: the slot buffers (list over L), or a callable layer -> buffer (a store's, read
+        after that layer's loads). waves: [(slot_ids [n, K], weights [n, K], loads)], weights 0
+        for tokens/experts outside the wave; before a wave's experts run in layer l,
+        `load_layer(expert, slot, l)` is called for each (expert, slot) of its `loads`, so the
+        load of layer l+1 is dispatched while layer l computes. Returns device (tok, experts,
+        weights) of the token after the chunk."""
+        n, (Q, K) = len(tokens), (self.chunk, self.top_k)
+        if not 1 <= n <= Q:
+            raise ValueError(f"a prefill chunk holds 1..{Q} tokens, got {n}")
+        slots_at = slots if callable(slots) else slots.__getitem__
         tok = np.zeros(Q, np.int32)
         tok[:n] = tokens
-        sl = np.zeros((Q, K), np.int32)
-        sl[:n] = slot_ids
-        w = np.zeros((Q, K), np.float32)
-        w[:n] = weights
-        out = _prefill_jit(
-            self.sp.backbone,
+        padded = []
+        for slot_ids, weights, loads in waves:
+            sl, w = np.zeros((Q, K), np.int32), np.zeros((Q, K), np.float32)
+            sl[:n], w[:n] = slot_ids, weights
+            padded.append((sl, w, loads))
+        bb, i32 = self.sp.backbone, np.int32
+        x, k_c, v_c = _pf_begin(bb, self.cache, i32(row), i32(start), tok)
+        for l, lp in enumerate(bb["layers"]):
+            x, h, k_c, v_c = _pf_layer(lp, x, k_c, v_c, i32(l), i32(start), rc=self.rc)
+            for sl, w, loads in padded:
+                for e, s in loads:
+                    load_layer(e, s, l)
+                x = _pf_experts(slots_at(l), x, h, sl, w)
+        nxt, e, wt, self.cache, self.rcache = _pf_end(
+            bb,
             self.sp.router,
-            slots,
             self.cache,
             self.rcache,
-            np.int32(row),
-            np.int32(start),
+            k_c,
+            v_c,
+            x,
+            i32(row),
+            i32(start),
             tok,
-            np.int32(n),
-            sl,
-            w,
-            np.int32(is_last),
+            i32(n),
+            i32(is_last),
             _sp_arrays(sp_row),
             rc=self.rc,
         )
-        nxt, e, wt, self.cache, self.rcache = out
         return nxt, e, wt
 
     def decode(self, slots, tok_N, slot_NxK, w_NxK, active_N, sp_N):

@@ -2,15 +2,15 @@
 
 Dimension letters: N request slots, E experts, C expert cache slots, K experts per token.
 
-Each engine *step* runs one batch chosen by `batching.schedule`. The step is cut into *waves*,
-each needing at most C distinct experts (all resident during its compute):
-  decode   rows of decoding requests grouped by their next token's experts; one wave is one
-           decode call over all N slots with only its rows active (rows are independent).
-  prefill  per admitted request, runs of consecutive prompt tokens (at most `prefill_chunk`)
-           whose experts fit in C; one wave is one prefill call.
-Before a wave's compute, `ExpertCache.access` decides hits, misses and evictions (Belady's
-future: the step's later waves, then each decoding request's current expert, then the queued
-prompts' experts), and the backend loads the misses into the store's device slots. With
+Each engine *step* runs one batch chosen by `batching.schedule` as a sequence of *calls*:
+  decode   rows of decoding requests grouped by their next token's experts, at most C per
+           call; one call runs all N slots with only its rows active (rows are independent).
+  prefill  per admitted request, chunks of `prefill_chunk` prompt tokens; a call streams the
+           chunk layer by layer and runs its routed experts in *waves* of at most C distinct
+           experts (in every layer, each wave's weights are loaded just before it runs).
+Every wave (a decode call is one wave) is one `ExpertCache.access`: hits, misses, evictions
+(Belady's future: the step's later waves, then each decoding request's current expert, then
+the queued prompts' experts); the backend loads the misses into the store's device slots. With
 `prefetch`, after the step is dispatched the cache plans loads for the predicted next step
 (decoding requests keep their expert; the oldest queued prompt) so they overlap the compute.
 
@@ -125,11 +125,13 @@ class _Live:
 
 
 @dataclasses.dataclass
-class Wave:
+class Call:
+    """One backend call: a decode over some rows, or one prefill chunk of one request."""
+
     kind: str  # decode | prefill
-    experts: list[int]
+    groups: list[list[int]]  # its waves of experts (cache accesses), in order
     rows: list[_Live]  # decode: the active rows; prefill: [the request]
-    start: int = 0  # prefill: first prompt position
+    start: int = 0  # prefill: first prompt position of the chunk
     n: int = 0  # prefill: tokens in the chunk
     is_last: bool = False
 
@@ -139,7 +141,14 @@ class Wave:
             toks = len(self.rows)
         else:
             ctx, toks = self.start + self.n, self.n
-        return {"kind": self.kind, "experts": self.experts, "tokens": toks, "context": ctx}
+        experts = dedup(e for g in self.groups for e in g)
+        return {
+            "kind": self.kind,
+            "experts": experts,
+            "groups": self.groups,
+            "tokens": toks,
+            "context": ctx,
+        }
 
 
 @dataclasses.dataclass
@@ -165,7 +174,12 @@ class RunResult:
             "errors": len(self.results) - len(ok),
             "generated_tokens": gen,
             "steps": len(self.steps),
-            "waves_per_step": float(np.mean([len(s["waves"]) for s in self.steps])) if uniq else 0,
+            "calls_per_step": float(np.mean([len(s["calls"]) for s in self.steps])) if uniq else 0,
+            "waves_per_step": float(
+                np.mean([sum(len(c["groups"]) for c in s["calls"]) for s in self.steps])
+            )
+            if uniq
+            else 0,
             "makespan_s": self.makespan_s,
             "throughput_tok_s": gen / self.makespan_s if self.makespan_s > 0 else 0.0,
             "mean_norm_latency_s": float(np.mean(lat)) if lat else float("nan"),
@@ -273,35 +287,34 @@ class Engine:
 
     # ------------------------------------------------------------------ waves
 
-    def _decode_waves(self, rows: list[_Live], cache: ExpertCache) -> list[Wave]:
-        # resident experts first: the first wave then needs no load when it can
+    def _decode_calls(self, rows: list[_Live], cache: ExpertCache) -> list[Call]:
+        # resident experts first: the first call then needs no load when it can
         res = cache.resident
         rows = sorted(rows, key=lambda r: (not set(r.next_experts) <= res, r.next_experts))
-        waves: list[Wave] = []
+        calls: list[Call] = []
         for r in rows:
             need = set(r.next_experts)
-            for w in waves:
-                if len(set(w.experts) | need) <= self.C:
-                    w.experts = dedup([*w.experts, *r.next_experts])
-                    w.rows.append(r)
+            for c in calls:
+                if len(set(c.groups[0]) | need) <= self.C:
+                    c.groups[0] = dedup([*c.groups[0], *r.next_experts])
+                    c.rows.append(r)
                     break
             else:
-                waves.append(Wave("decode", dedup(r.next_experts), [r]))
-        return waves
+                calls.append(Call("decode", [dedup(r.next_experts)], [r]))
+        return calls
 
-    def _prefill_waves(self, live: _Live) -> list[Wave]:
-        waves, S, Q = [], live.sched.prompt_len, self.cfg.prefill_chunk
-        pos = 0
-        while pos < S:
-            experts, end = [], pos
-            while end < S and end - pos < Q:
-                nxt = dedup([*experts, *live.prompt_experts[end].tolist()])
-                if len(nxt) > self.C:
-                    break
-                experts, end = nxt, end + 1
-            waves.append(Wave("prefill", experts, [live], pos, end - pos, end == S))
-            pos = end
-        return waves
+    def _prefill_calls(self, live: _Live, cache: ExpertCache) -> list[Call]:
+        """Fixed chunks (whatever C, so outputs do not depend on C); waves of C experts each,
+        resident experts first."""
+        S, Q, res = live.sched.prompt_len, self.cfg.prefill_chunk, cache.resident
+        calls = []
+        for a in range(0, S, Q):
+            b = min(a + Q, S)
+            experts = dedup(live.prompt_experts[a:b].reshape(-1).tolist())
+            experts.sort(key=lambda e: e not in res)  # stable: first occurrence otherwise
+            groups = [experts[i : i + self.C] for i in range(0, len(experts), self.C)]
+            calls.append(Call("prefill", groups, [live], a, b - a, b == S))
+        return calls
 
     def _known_future(self, live: dict[int, _Live], batch: batching.Batch) -> list[int]:
         """Accesses expected after this step: decoding requests keep their expert (temporal
@@ -327,40 +340,40 @@ class Engine:
         pre = [live[i] for i in batch.prefill]
         for l in pre:
             l.row = free_rows.pop(0)
-        waves = self._decode_waves(dec, cache)
+        calls = self._decode_calls(dec, cache)
         for l in pre:
-            waves += self._prefill_waves(l)
+            calls += self._prefill_calls(l, cache)
         future = self._known_future(live, batch)
-        flat = [e for w in waves for e in w.experts]
-        fut, pos = Future(flat + future), 0
+        flat = [e for c in calls for g in c.groups for e in g]
+        fut, pos, wave = Future(flat + future), 0, 0
         records, handles = [], []
-        for i, w in enumerate(waves):
-            pos += len(w.experts)
-            decisions = cache.access(w.experts, fut.at(pos), step=step, wave_index=i)
-            for d in decisions:
-                if d.needs_load:
-                    self.backend.load(d.expert, d.slot)
-            slot_of = {e: cache.slot_of(e) for e in w.experts}
-            handles.append(self._dispatch(w, slot_of))
-            rec = w.record()
-            rec["hits"] = sum(d.hit for d in decisions)
-            rec["loads"] = sum(d.needs_load for d in decisions)
-            rec["prefetched"] = sum(d.prefetched for d in decisions)
+        for c in calls:
+            waves, rec = [], c.record() | {"hits": 0, "loads": 0, "prefetched": 0}
+            for g in c.groups:
+                pos += len(g)
+                decisions = cache.access(g, fut.at(pos), step=step, wave_index=wave)
+                wave += 1
+                loads = [(d.expert, d.slot) for d in decisions if d.needs_load]
+                waves.append(({e: cache.slot_of(e) for e in g}, loads))
+                rec["hits"] += sum(d.hit for d in decisions)
+                rec["loads"] += len(loads)
+                rec["prefetched"] += sum(d.prefetched for d in decisions)
+            handles.append(self._dispatch(c, waves))
             records.append(rec)
         prefetch = []
-        if self.cfg.prefetch and waves:
+        if self.cfg.prefetch and calls:
             nxt, rest = self._predict_next(live, batch, future)
-            for ld in cache.prefetch(waves[-1].experts, nxt, rest, step=step):
+            for ld in cache.prefetch(calls[-1].groups[-1], nxt, rest, step=step):
                 self.backend.load(ld.expert, ld.slot)
                 prefetch.append([ld.expert, ld.slot])
-        outs = [(w, self.backend.fetch(h)) for w, h in zip(waves, handles, strict=True)]
+        outs = [(c, self.backend.fetch(h)) for c, h in zip(calls, handles, strict=True)]
         rec = {
             "step": step,
             "prefill": list(batch.prefill),
             "decode": list(batch.decode),
             "batch_tokens": batch.tokens,
             "batch_experts": list(batch.experts),
-            "waves": records,
+            "calls": records,
             "prefetch": prefetch,
         }
         return rec, outs
@@ -382,17 +395,25 @@ class Engine:
             nxt += [int(e) for e in queued[0].prompt_experts.reshape(-1)]
         return dedup(nxt), future
 
-    def _dispatch(self, w: Wave, slot_of: dict[int, int]):
-        if w.kind == "prefill":
-            l = w.rows[0]
-            pe = l.prompt_experts[w.start : w.start + w.n]
-            slots = np.vectorize(slot_of.__getitem__, otypes=[np.int32])(pe)
-            pw = l.prompt_weights[w.start : w.start + w.n]
-            return self.backend.prefill(l, w.start, w.n, slots, pw, w.is_last)
+    def _dispatch(self, c: Call, waves: list[tuple[dict[int, int], list]]):
+        """Issue a call. waves: per wave, (expert -> slot after its access, its loads)."""
+        if c.kind == "prefill":
+            l = c.rows[0]
+            pe = l.prompt_experts[c.start : c.start + c.n]  # [n, K]
+            pw = l.prompt_weights[c.start : c.start + c.n]
+            args = []
+            for slot_of, loads in waves:
+                inside = np.isin(pe, list(slot_of))
+                slots = np.vectorize(lambda e, m=slot_of: m.get(e, 0), otypes=[np.int32])(pe)
+                args.append((slots, np.where(inside, pw, 0.0), loads))
+            return self.backend.prefill(l, c.start, c.n, args, c.is_last)
+        ((slot_of, loads),) = waves
+        for e, s in loads:
+            self.backend.load(e, s)
         N, K = self.cfg.num_slots, self.backend.top_k
         slot_NxK, w_NxK = np.zeros((N, K), np.int32), np.zeros((N, K), np.float32)
         rows: list[_Live | None] = [None] * N
-        for l in w.rows:
+        for l in c.rows:
             rows[l.row] = l
             slot_NxK[l.row] = [slot_of[e] for e in l.next_experts]
             w_NxK[l.row] = l.next_weights
@@ -461,17 +482,17 @@ class Engine:
         """Apply a step's sampled tokens; returns the requests that finished."""
         eos = set(self.backend.eos_ids)
         finished = []
-        for w, (tok, experts, weights) in outs:
-            if w.kind == "prefill":
-                l = w.rows[0]
-                l.done = w.start + w.n
-                if not w.is_last:
+        for c, (tok, experts, weights) in outs:
+            if c.kind == "prefill":
+                l = c.rows[0]
+                l.done = c.start + c.n
+                if not c.is_last:
                     continue
                 got = [(l, int(tok), experts, weights)]
                 l.sched.state = batching.DECODING
                 l.res.first_token_s, l.res.first_token_step = t, step
             else:
-                got = [(l, int(tok[l.row]), experts[l.row], weights[l.row]) for l in w.rows]
+                got = [(l, int(tok[l.row]), experts[l.row], weights[l.row]) for l in c.rows]
             for l, tk, ex, wt in got:
                 l.sched.generated += 1
                 stop = tk in eos

@@ -152,6 +152,13 @@ class OffloadedExpertStore:
         index = jnp.int32(slot)
         for p, part in enumerate(on_device):  # layer order: layer 0 lands first
             self._slots[p] = _set_slot_donated(self._slots[p], part, index)
+        self._assign(expert, slot)
+        self.bytes_moved += self.bytes_per_expert
+        if block:
+            jax.block_until_ready(self._slots)
+            self.load_time_s += time.perf_counter() - t0
+
+    def _assign(self, expert: int, slot: int) -> None:
         old = self._expert_in[slot]
         if old >= 0:
             del self._slot[old]
@@ -159,10 +166,19 @@ class OffloadedExpertStore:
             self._expert_in[self._slot[expert]] = -1
         self._expert_in[slot], self._slot[expert] = expert, slot
         self.loads += 1
-        self.bytes_moved += self.bytes_per_expert
-        if block:
-            jax.block_until_ready(self._slots)
-            self.load_time_s += time.perf_counter() - t0
+
+    def load_layer(self, expert: int, slot: int, layer: int) -> None:
+        """Copy one layer of `expert` into `slot` (per-layer stores only), asynchronously.
+
+        For an engine that streams a step layer by layer; the slot counts as holding `expert`
+        (`slot_of`, `loads`) once its last layer is loaded."""
+        if self.layer_axis is None:
+            raise ValueError("load_layer needs a per-layer store (layer_axis set)")
+        part = jax.device_put(self._host[expert][layer], self._device_sharding)
+        self._slots[layer] = _set_slot_donated(self._slots[layer], part, jnp.int32(slot))
+        self.bytes_moved += sum(x.nbytes for x in jax.tree.leaves(self._host[expert][layer]))
+        if layer == len(self._slots) - 1:
+            self._assign(expert, slot)
 
     def preload(self, experts: list[int] | None = None, *, block: bool = True) -> None:
         """Fill slots 0.. with `experts` (default: the first C experts)."""

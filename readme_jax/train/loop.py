@@ -160,7 +160,9 @@ def _union(ctx: Context) -> jax.Array:
 
 
 def _place(tree: Any, mesh) -> Any:
-    return jax.device_put(tree, meshlib.param_shardings(tree, mesh))
+    """Copies on the mesh: the train step donates its state, and the loaded model's arrays are
+    still needed (baselines start from the same experts)."""
+    return jax.device_put(tree, meshlib.param_shardings(tree, mesh), may_alias=False)
 
 
 def _pipeline_cfg(ctx: Context):
