@@ -45,8 +45,18 @@ setup: $(STAMP) $(SMOLLM_STAMP)
 test: setup
 	$(PY) -m pytest -q tests
 
+RUN ?= runs/smollm2_135m
+# The whole default pipeline on SmolLM2-135M: data, calibrate, refactor, train (demo preset),
+# a short serving benchmark, then evaluation and the report. Each stage skips outputs that exist.
 demo: setup
-	$(PY) launch/generate.py --prompt "What is the capital of France?" --chat --max_new_tokens 48
+	$(PY) launch/data.py
+	$(PY) launch/train.py --config configs/smollm2_135m.py --config.run_dir=$(RUN) \
+	  --config.stages=calibrate,refactor,train
+	$(PY) launch/serve_bench.py --checkpoint $(RUN)/moe_trained --out_dir $(RUN)/serve --quick
+	$(PY) launch/eval.py --checkpoint $(RUN)
+
+data: setup
+	$(PY) launch/data.py
 
 # The PyTorch peer (parity fixtures, benchmarks) lives in its own Python 3.11 venv: the CPU torch
 # 2.13 wheel on this machine is built for 3.11, and torch is never a runtime dependency.

@@ -50,9 +50,10 @@ def get_config() -> ConfigDict:
     c.eval = ConfigDict()
     c.eval.split = "validation"
     c.eval.seq_len = 512
-    c.eval.max_tokens_per_domain = 16384
+    c.eval.max_tokens_per_domain = 4096
     c.eval.batch_size = 4
-    c.eval.mmlu_limit = 2  # questions per subject (57 subjects); 0 = skip MMLU
+    c.eval.mmlu_limit = 1  # questions per subject (57 subjects); 0 = skip MMLU
+    c.eval.skip_models = "moe_router"  # run subdirectories not to evaluate
     c.eval.mmlu_shots = "0"  # e.g. "0,5"
     # Training (readme_jax/train): keys left at None come from train.presets[c.preset].
     c.train = ConfigDict()

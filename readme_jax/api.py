@@ -98,4 +98,5 @@ def _load_project(path: Path) -> LoadedModel:
 
         rc = ReadMEConfig.from_dict(meta["config"])
         return LoadedModel(rc.model, params, tok, rc)
-    return LoadedModel(LlamaConfig.from_dict(meta["config"]), params, tok)
+    cfg = LlamaConfig.from_dict(meta["config"]).replace(scan_layers=False)
+    return LoadedModel(cfg, params, tok)

@@ -48,9 +48,10 @@ def test_serve_bench_runs_end_to_end_and_its_logs_replay(tmp_path):
     assert (tmp_path / "hit_ratio.png").stat().st_size > 0
     assert (tmp_path / "latency_cdf.png").stat().st_size > 0
     # report.py schema: hit_ratio {policy: {C: ratio}}, latency {name: [per request]}
-    hit = res["serving"]["hit_ratio"]
-    assert set(hit) == {"belady", "lru", "belady (offline optimum)"}
-    assert hit["belady (offline optimum)"][2] >= hit["belady"][2] - 1e-12
+    hit = res["serving"]["hit_ratio"]  # every policy on the reference run's request sequence
+    assert set(hit) == {"belady", "lru"} and hit["belady"][2] >= hit["lru"][2]
+    online = res["serve_bench"]["hit_ratio_online"]  # each policy in its own engine run
+    assert online["belady (offline optimum)"][2] >= online["belady"][2] - 1e-12
     assert all(len(v) == 6 for v in res["serving"]["latency"].values())
     runs = res["serve_bench"]["real"]
     assert {(r["batching"], r["policy"], r["capacity"], r["prefetch"]) for r in runs} == {

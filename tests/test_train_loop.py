@@ -119,6 +119,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(full_run, ti
     with pytest.warns(UserWarning, match=r"ckpt/4 could not be restored"):
         loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
     assert _losses(c) == _losses(full_run)
+    redone = [f.read_bytes() for f in (ckdir / "4" / "state").rglob("*") if f.is_file()]
+    assert redone and b"\x00garbage" not in redone  # step 4 was saved again, not skipped
 
 
 def test_a_nan_loss_stops_with_a_clear_error_and_keeps_good_checkpoints(tiny, tmp_path):

@@ -30,8 +30,10 @@ from readme_jax.model.readme import ReadMEConfig, readme_forward, route
 
 NICE = {
     "moe_init": "Read-ME (before training)",
-    "moe_router": "Read-ME (after router phases)",
+    "moe_router": "Read-ME (after router phase)",
     "moe_trained": "Read-ME (trained)",
+    "baseline_layerwise": "layer-wise-router MoE",
+    "baseline_static": "static pruned dense",
 }
 
 
@@ -49,14 +51,14 @@ def load_any(path: Path) -> tuple[str, Any, Any, dict]:
     params = store.load_params(path)
     if meta["kind"] == "readme_moe":
         return "readme_moe", ReadMEConfig.from_dict(meta["config"]), params, meta
-    if meta["kind"] == "dense":
+    if meta["kind"] in ("dense", "dense_llama"):
         return "dense", LlamaConfig.from_dict(meta["config"]), params, meta
     raise ValueError(f"{path}: unknown model kind {meta['kind']!r}")
 
 
-def discover(run: Path) -> list[Path]:
-    order = ["moe_init", "moe_router", "moe_trained"]
-    found = [p.parent for p in sorted(run.glob("*/model.json"))]
+def discover(run: Path, skip: tuple[str, ...] = ()) -> list[Path]:
+    order = ["moe_init", "moe_router", "moe_trained", "baseline_layerwise", "baseline_static"]
+    found = [p.parent for p in sorted(run.glob("*/model.json")) if p.parent.name not in skip]
     return sorted(found, key=lambda p: (order.index(p.name) if p.name in order else 99, p.name))
 
 
@@ -173,15 +175,16 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     if do_mmlu:
         row["mmlu"] = _mmlu(teacher[0], teacher[1], tok, cfg, c)
     results["models"]["dense teacher"] = row
-    for path in checkpoints if checkpoints is not None else discover(run):
+    skip = tuple(s for s in str(c.eval.get("skip_models", "")).split(",") if s)
+    for path in checkpoints if checkpoints is not None else discover(run, skip):
         kind, mc, params, meta = load_any(path)
         meta["_path"] = str(path)
         name = NICE.get(path.name, meta.get("label", path.name))
         if kind == "dense":
-            fn, p = dense_logits_fn(mc), llama.unstack_layers(params)
+            fn, p = dense_logits_fn(mc.replace(scan_layers=False)), llama.unstack_layers(params)
         else:
             if mc.moe.layerwise:
-                name = meta.get("label", "layer-wise MoE")
+                name = NICE.get(path.name, "layer-wise-router MoE")
             fn, p = readme_logits_fn(mc), params
         row = evaluate_domains(fn, p, streams, teacher=teacher, **kw)
         row["kind"] = kind

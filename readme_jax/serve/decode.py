@@ -21,10 +21,12 @@ Both then sample the next token (per-row temperature / top-k / top-p, per-reques
 fold_in(key(seed), index of the token)) and run the router on it at once, so each step returns
 the next token *and its expert*: the host knows every request's next expert before the next step.
 
-Exactness: on XLA:CPU a row of a matmul depends on the matmul's shape but not on the other rows,
-and shapes here never depend on the batch or the cache: decode is always [N, 1], prefill always
-[1, Q] whatever the chunking, a request's key depends on the request alone. So a request's
-tokens do not depend on batching, cache policy, capacity or chunking (tested bitwise).
+Exactness: on XLA:CPU a row of a matmul depends on the matmul's shape but not on the other rows
+or its position, and shapes here never depend on the batch or the cache: decode is always
+[N, 1], prefill [1, Q]; a token's routed expert runs in exactly one wave (top-1; weight 0
+elsewhere adds an exact 0); a request's key depends on the request alone. So a request's tokens
+do not depend on batching, cache policy, capacity, waves or chunk boundaries (tested bitwise).
+With top-k > 1 a token's experts may fall in different waves and the sum order may change.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 from readme_jax.model import llama, moe
 from readme_jax.model.readme import ReadMEConfig
 from readme_jax.model.router import router_logits, top_k_routing
-from readme_jax.model.sampling import SamplingParams, sample
+from readme_jax.model.sampling import sample
 
 Params = dict[str, Any]
 EXPERT_KEYS = ("expert_gate_up", "expert_down")
@@ -304,7 +306,7 @@ class SlotDecoder:
         buf = np.zeros((1, self.max_len), np.int32)  # one shape: one compile, one rounding
         buf[0, :S] = tokens
         e, w = _route_jit(self.sp.router, jnp.asarray(buf), rc=self.rc)
-        return np.asarray(e[0, :S]), np.asarray(w[0, :S])
+        return np.asarray(e)[0, :S], np.asarray(w)[0, :S]  # slice on host: no per-S compile
 
     def prefill(self, slots, row, start, tokens, waves, is_last, sp_row, load_layer=None):
         """Dispatch one prefill chunk (at most `chunk` tokens) layer by layer.
@@ -379,7 +381,3 @@ def _sp_arrays(sp) -> tuple:
         np.asarray(seed, np.uint32),
         np.asarray(count, np.int32),
     )
-
-
-def sampling_tuple(sp: SamplingParams, seed: int, count: int) -> tuple:
-    return (sp.temperature, sp.top_k, sp.top_p, seed, count)

@@ -146,12 +146,10 @@ def generate_moe(
     run = Engine(backend, cfg).run(reqs, on_token=on_token)
     stats = run.summary() | {"capacity": capacity, "num_experts": E, "policy": cache_policy}
     stats["prefetch"] = prefetch
-    gen = [r for r in run.results if len(r.tokens) > 1]
-    n = sum(len(r.tokens) - 1 for r in gen)  # tokens after each request's first
-    span = max((r.finish_s for r in gen), default=0.0) - min(
-        (r.first_token_s for r in gen), default=0.0
-    )
-    stats["decode_tok_s"] = n / span if span > 0 else float("nan")
+    # decode rate over decode-only steps, the first one (which compiles) left out
+    dec = [st for st in run.steps if not st["prefill"]][1:]
+    span = sum(st["duration_s"] for st in dec)
+    stats["decode_tok_s"] = sum(len(st["decode"]) for st in dec) / span if span else float("nan")
     return MoEGeneration([r.tokens for r in run.results], run.results, stats)
 
 

@@ -29,8 +29,8 @@ class TrainCheckpoints:
         return sorted(self.mgr.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        if step in self.mgr.all_steps():
-            return
+        if step in self.mgr.all_steps():  # a step redone after a fallback: replace it
+            self.mgr.delete(step)
         self.mgr.save(
             step,
             args=ocp.args.Composite(

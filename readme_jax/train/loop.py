@@ -257,120 +257,162 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
     tmp.replace(path)
 
 
+class _Run:
+    """One model kind's pass through the schedule: state, data position, checkpoints, logs."""
+
+    def __init__(self, ctx: Context, kind: str):
+        self.ctx, self.kind, self.tc = ctx, kind, ctx.tc
+        self.wdir = ctx.run / "train" / kind
+        self.metrics = self.wdir / "metrics.jsonl"
+        self.sched = self.tc.schedule()
+        self.var = make_variant(ctx, kind)
+        self.params = _place(self.var.params, ctx.mesh)
+        del self.var.params
+        self.p_abs = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.params
+        )
+        teacher = steplib.cast_params(  # stored once in the compute dtype
+            _layout(ctx.teacher, ctx.model.rc.model.scan_layers), self.tc.compute_dtype
+        )
+        union = jax.device_put(_union(ctx), meshlib.replicated(ctx.mesh))
+        self.consts = {"teacher": _place(teacher, ctx.mesh), "union": union}
+        self.phases: dict[str, _Phase] = {}
+        self.ckpts = TrainCheckpoints(self.wdir / "ckpt", self.tc.keep)
+        self.pos = {"phase_index": 0, "phase_step": 0, "global_step": 0, "data": None}
+        self.state = None
+        self.done_this_run = 0
+
+    def phase(self, name: str) -> _Phase:
+        if name not in self.phases:
+            self.phases[name] = _Phase(self.ctx, self.var, name, self.p_abs)
+        return self.phases[name]
+
+    def restore(self) -> None:
+        """Continue from the newest checkpoint that restores (metrics after it are dropped)."""
+        got = self.ckpts.restore_latest(
+            lambda m: self.phase(self.sched[m["phase_index"]][1]).abstract_state(
+                self.p_abs, self.ctx.mesh)
+        )  # fmt: skip
+        if got is None:
+            self.metrics.unlink(missing_ok=True)
+            return
+        g, self.state, meta = got
+        self.pos.update({k: meta[k] for k in self.pos})
+        self.params = None
+        _rewrite_metrics(self.metrics, g)
+        rnd, phase, _ = self.sched[self.pos["phase_index"]]
+        print(f"[train] {self.kind}: resumed from step {g} (round {rnd + 1}, {phase} phase, "
+              f"step {self.pos['phase_step']})")  # fmt: skip
+
+    def run(self) -> bool:
+        """Train to the end of the schedule; False if stopped early (train.stop_after)."""
+        from readme_jax.data import make_iterator
+
+        it = make_iterator(_pipeline_cfg(self.ctx), self.ctx.tokenizer, self.ctx.cache,
+                           state=self.pos["data"])  # fmt: skip
+        for pi in range(self.pos["phase_index"], len(self.sched)):
+            rnd, phase, n = self.sched[pi]
+            start = self.pos["phase_step"] if pi == self.pos["phase_index"] else 0
+            if start >= n:  # a phase-end checkpoint: go on with the next phase
+                continue
+            per_step = self.tc.phase_batch(phase) // self.tc.data_batch
+            if self.kind == "static" and phase == "router":  # no router: skip the same batches
+                for _ in range((n - start) * per_step):
+                    next(it)
+                self.pos.update(phase_index=pi + 1, phase_step=0,
+                                global_step=self.pos["global_step"] + n - start)  # fmt: skip
+                continue
+            if not self.run_phase(it, pi, start, per_step):
+                return False
+            if self.kind == "readme" and phase == "router" and rnd == 0:
+                if self.tc.save_router_snapshot:
+                    _save(self.ctx, "readme", self.state["params"], self.ctx.run / "moe_router",
+                          "router_phase_1")  # fmt: skip
+        return True
+
+    def run_phase(self, it, pi: int, start: int, per_step: int) -> bool:
+        rnd, phase, n = self.sched[pi]
+        ph = self.phase(phase)
+        if self.state is None or start == 0:  # each phase starts with fresh optimizer state
+            params = self.params if self.state is None else self.state["params"]
+            self.state, self.params = ph.fresh_state(params), None
+        lr_peak = jnp.float32(self.tc.peak_lr(phase, rnd))
+        desc = f"{self.kind} r{rnd + 1}/{self.tc.rounds} {phase}"
+        with tqdm(total=n, initial=start, desc=desc, dynamic_ncols=True) as bar:
+            for ps in range(start, n):
+                rows = [next(it) for _ in range(per_step)]
+                host = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+                batch = meshlib.global_batch(host, self.ctx.mesh)
+                t0 = time.perf_counter()
+                self.state, met = ph.step(self.state, self.consts, batch, lr_peak)
+                met = _host(met)
+                dt = time.perf_counter() - t0
+                self.check_finite(met["loss"], pi, ps)
+                self.pos.update(
+                    phase_index=pi,
+                    phase_step=ps + 1,
+                    global_step=self.pos["global_step"] + 1,
+                    data=it.get_state(),
+                )
+                rec = self.log(met, pi, ps, ps == start, dt, ph.flops_per_token)  # fmt: skip
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_s']:.0f}")
+                bar.update(1)
+                g = self.pos["global_step"]
+                if ps + 1 == n or (self.tc.save_every and g % self.tc.save_every == 0):
+                    self.ckpts.save(g, self.state, dict(self.pos))
+                self.done_this_run += 1
+                if self.tc.stop_after and self.done_this_run >= self.tc.stop_after:
+                    print(f"[train] {self.kind}: stopping after {self.done_this_run} steps "
+                          "(train.stop_after)")  # fmt: skip
+                    return False
+        return True
+
+    def check_finite(self, loss: float, pi: int, ps: int) -> None:
+        if math.isfinite(loss):
+            return
+        rnd, phase, _ = self.sched[pi]
+        last = self.ckpts.steps()
+        raise TrainingError(
+            f"{self.kind}: loss is {loss} at step {self.pos['global_step'] + 1} (round {rnd + 1}, "
+            f"{phase} phase, step {ps + 1}); nothing was saved after the last good checkpoint "
+            f"({self.wdir / 'ckpt' / str(last[-1]) if last else 'none'}). Lower "
+            f"train.{phase}_lr (or train.clip_norm), then rerun with --config.resume=True"
+        )
+
+    def log(self, met: dict, pi: int, ps: int, first: bool, dt: float, fpt: float) -> dict:
+        rnd, phase, _ = self.sched[pi]
+        ntok = self.tc.tokens_per_step(phase)
+        lr = self.tc.peak_lr(phase, rnd) * float(steplib.schedule_value(self.tc, phase, ps))
+        base = {"variant": self.kind, "round": rnd, "phase": phase,
+                "step": self.pos["global_step"], "phase_step": ps + 1, "lr": lr, "tokens": ntok,
+                "dt": dt, "first": first, "tok_s": ntok / dt, "flops_s": fpt * ntok / dt,
+                "time": time.time()}  # fmt: skip
+        rec = _record(met, base, self.ctx.domains)
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+
 def train_variant(ctx: Context, kind: str) -> dict:
-    """Train one model kind through the whole schedule; returns its summary."""
-    c, tc = ctx.c, ctx.tc
+    """Train one model kind through the whole schedule and save it; returns its summary."""
     out_dir = ctx.run / OUTPUTS[kind]
     wdir = ctx.run / "train" / kind
-    metrics_path = wdir / "metrics.jsonl"
-    if c.resume and (out_dir / "model.json").exists():
+    if ctx.c.resume and (out_dir / "model.json").exists():
         print(f"[train] {out_dir} exists; skipping {kind} (resume)")
-        return summarize(metrics_path, ctx)
-    if not c.resume and wdir.exists():
+        return summarize(wdir / "metrics.jsonl", ctx)
+    if not ctx.c.resume and wdir.exists():
         shutil.rmtree(wdir)
     wdir.mkdir(parents=True, exist_ok=True)
-    var = make_variant(ctx, kind)
-    mesh = ctx.mesh
-    params = _place(var.params, mesh)
-    p_abs = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params
-    )
-    teacher = steplib.cast_params(
-        _layout(ctx.teacher, ctx.model.rc.model.scan_layers), tc.compute_dtype
-    )  # stored once in the compute dtype
-    consts = {"teacher": _place(teacher, mesh),
-              "union": jax.device_put(_union(ctx), meshlib.replicated(mesh))}  # fmt: skip
-    sched = tc.schedule()
-    phases: dict[str, _Phase] = {}
-
-    def phase_obj(name: str) -> _Phase:
-        if name not in phases:
-            phases[name] = _Phase(ctx, var, name, p_abs)
-        return phases[name]
-
-    ckpts = TrainCheckpoints(wdir / "ckpt", tc.keep)
-    pos = {"phase_index": 0, "phase_step": 0, "global_step": 0, "data": None}
-    state = None
-    restored = ckpts.restore_latest(
-        lambda m: phase_obj(sched[m["phase_index"]][1]).abstract_state(p_abs, mesh)
-    ) if c.resume else None  # fmt: skip
-    if restored is not None:
-        g, state, meta = restored
-        pos.update({k: meta[k] for k in pos})
-        _rewrite_metrics(metrics_path, g)
-        print(f"[train] {kind}: resumed from step {g} (round {sched[pos['phase_index']][0] + 1}, "
-              f"{sched[pos['phase_index']][1]} phase, step {pos['phase_step']})")  # fmt: skip
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    del var.params
-    from readme_jax.data import make_iterator
-
-    it = make_iterator(_pipeline_cfg(ctx), ctx.tokenizer, ctx.cache, state=pos["data"])
-    done_this_run = 0
-    for pi in range(pos["phase_index"], len(sched)):
-        rnd, phase, n = sched[pi]
-        start = pos["phase_step"] if pi == pos["phase_index"] else 0
-        if start >= n:  # a phase-end checkpoint: go on with the next phase
-            continue
-        per_step = tc.phase_batch(phase) // tc.data_batch
-        if kind == "static" and phase == "router":  # no router: skip the same batches
-            for _ in range((n - start) * per_step):
-                next(it)
-            pos.update(phase_index=pi + 1, phase_step=0, global_step=pos["global_step"] + n - start)
-            continue
-        ph = phase_obj(phase)
-        if state is None or start == 0:
-            state = ph.fresh_state(params if state is None else state["params"])
-        params = None
-        lr_peak = tc.peak_lr(phase, rnd)
-        bar = tqdm(total=n, initial=start, desc=f"{kind} r{rnd + 1}/{tc.rounds} {phase}",
-                   leave=True, dynamic_ncols=True)  # fmt: skip
-        for ps in range(start, n):
-            rows = [next(it) for _ in range(per_step)]
-            host = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-            batch = meshlib.global_batch(host, mesh)
-            t0 = time.perf_counter()
-            state, met = ph.step(state, consts, batch, jnp.float32(lr_peak))
-            met = _host(met)
-            dt = time.perf_counter() - t0
-            g = pos["global_step"] + 1
-            loss = met["loss"]
-            if not math.isfinite(loss):
-                bar.close()
-                last = ckpts.steps()
-                raise TrainingError(
-                    f"{kind}: loss is {loss} at step {g} (round {rnd + 1}, {phase} phase, step "
-                    f"{ps + 1}); nothing was saved after the last good checkpoint "
-                    f"({wdir / 'ckpt' / str(last[-1]) if last else 'none'}). Lower "
-                    f"train.{phase}_lr (or train.clip_norm), then rerun with --config.resume=True"
-                )
-            pos.update(phase_index=pi, phase_step=ps + 1, global_step=g, data=it.get_state())
-            lr = lr_peak * float(steplib.schedule_value(tc, phase, ps))
-            ntok = tc.tokens_per_step(phase)
-            rec = _record(met, {"variant": kind, "round": rnd, "phase": phase, "step": g,
-                                "phase_step": ps + 1, "lr": lr, "tokens": ntok, "dt": dt,
-                                "first": ps == start}, ctx.domains)  # fmt: skip
-            rec["tok_s"] = ntok / dt
-            rec["flops_s"] = ph.flops_per_token * ntok / dt
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / dt:.0f}")
-            bar.update(1)
-            if ps + 1 == n or (tc.save_every and g % tc.save_every == 0):
-                ckpts.save(g, state, dict(pos))
-            done_this_run += 1
-            if tc.stop_after and done_this_run >= tc.stop_after:
-                bar.close()
-                print(f"[train] {kind}: stopping after {done_this_run} steps (train.stop_after)")
-                return {"stopped": True, "step": g}
-        bar.close()
-        if kind == "readme" and phase == "router" and rnd == 0 and tc.save_router_snapshot:
-            _save(ctx, "readme", state["params"], ctx.run / "moe_router", "router_phase_1")
-    if state is None:  # every phase was already done: the checkpoint holds the final params
-        raise TrainingError(f"{wdir}: no state to save; rerun with --config.resume=False")
-    _save(ctx, kind, state["params"], out_dir, "trained")
-    ckpts.close()
-    return summarize(metrics_path, ctx)
+    run = _Run(ctx, kind)
+    if ctx.c.resume:
+        run.restore()
+    else:
+        run.metrics.unlink(missing_ok=True)
+    if not run.run():
+        return {"stopped": True, "step": run.pos["global_step"]}
+    _save(ctx, kind, run.state["params"], out_dir, "trained")
+    run.ckpts.close()
+    return summarize(run.metrics, ctx)
 
 
 def _save(ctx: Context, kind: str, params: dict, out: Path, stage: str) -> None:
