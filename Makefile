@@ -52,7 +52,7 @@ demo: setup
 	$(PY) launch/data.py
 	$(PY) launch/train.py --config configs/smollm2_135m.py --config.run_dir=$(RUN) \
 	  --config.stages=calibrate,refactor,train
-	$(PY) launch/serve_bench.py --checkpoint $(RUN)/moe_trained --out_dir $(RUN)/serve --quick
+	$(PY) launch/serve_bench.py --checkpoint $(RUN)/moe_trained --out_dir $(RUN)/serve --num_requests 6
 	$(PY) launch/eval.py --checkpoint $(RUN)
 
 data: setup

@@ -23,7 +23,8 @@ def get_config() -> ConfigDict:
     c.model.scan_layers = False
 
     c.data = ConfigDict()
-    c.data.domains = "fiction,drama,code_docs,manual"  # name or name=/path (txt dir, jsonl, parquet)
+    # domain names, or name=/path (folder of .txt, .jsonl, .parquet)
+    c.data.domains = "fiction,drama,code_docs,manual"
     c.data.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax
     c.data.seq_len = 512
 
