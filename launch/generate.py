@@ -1,6 +1,8 @@
-"""Generate text with a dense model (default: the bundled SmolLM2-135M-Instruct).
+"""Generate text with a dense model (default: the bundled SmolLM2-135M-Instruct) or a Read-ME MoE.
 
   python launch/generate.py --prompt "What is the capital of France?" --chat
+  python launch/generate.py --checkpoint runs/smollm2_135m/moe_trained --prompt "..." --chat \
+      --expert_capacity 2 --cache_policy belady     # experts offloaded to host, C=2 on device
   python launch/generate.py --checkpoint path/to/hf_dir --prompt "Once upon a time" \
       --temperature 0.8 --top_p 0.95 --max_new_tokens 64
 """
@@ -22,6 +24,15 @@ flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+flags.DEFINE_bool(
+    "moe",
+    None,
+    "Serve a Read-ME checkpoint through the serving engine (default: "
+    "on when --checkpoint holds a Read-ME MoE).",
+)
+flags.DEFINE_integer("expert_capacity", None, "MoE: expert slots on the device (default: all).")
+flags.DEFINE_enum("cache_policy", "belady", ["belady", "lru", "lfu", "random"], "MoE cache policy.")
+flags.DEFINE_bool("prefetch", True, "MoE: prefetch the next step's experts.")
 
 
 def main(argv):
@@ -34,7 +45,13 @@ def main(argv):
         sp = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    model = rj.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
+    ck = FLAGS.checkpoint
+    is_moe = FLAGS.moe
+    if is_moe is None:
+        is_moe = bool(ck) and _is_readme(ck)
+    if is_moe:
+        return _generate_moe(sp)
+    model = rj.load(ck, dtype=FLAGS.dtype)
     text = FLAGS.prompt
     if FLAGS.chat:
         text = model.tokenizer.apply_chat_template([{"role": "user", "content": text}])
@@ -67,6 +84,50 @@ def main(argv):
         f"(incl. compile), then {rate:.1f} tok/s]",
         file=sys.stderr,
     )
+
+
+def _is_readme(path: str) -> bool:
+    import json
+    from pathlib import Path
+
+    mj = Path(path) / "model.json"
+    return mj.exists() and json.loads(mj.read_text()).get("kind") == "readme_moe"
+
+
+def _generate_moe(sp) -> None:
+    """Read-ME through the serving engine: pre-gated routes, offloaded experts, cache stats."""
+    from readme_jax.serve.moe_generate import format_stats, generate_moe, load_serve_model
+
+    sm = load_serve_model(FLAGS.checkpoint or None)
+    text = FLAGS.prompt
+    if FLAGS.chat:
+        text = sm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    ids = sm.tokenizer.encode(text)
+    out_ids: list[int] = []
+    printed = [""]
+
+    def on_token(i: int, tok: int) -> None:
+        out_ids.append(tok)
+        full = sm.tokenizer.decode(out_ids, skip_special=True)
+        if not full.endswith("\ufffd"):
+            sys.stdout.write(full[len(printed[0]) :])
+            sys.stdout.flush()
+            printed[0] = full
+
+    out = generate_moe(
+        sm.params,
+        [ids],
+        FLAGS.max_new_tokens,
+        sp,
+        capacity=FLAGS.expert_capacity,
+        cache_policy=FLAGS.cache_policy,
+        prefetch=FLAGS.prefetch,
+        seed=FLAGS.seed,
+        on_token=on_token,
+    )
+    if out.results[0].error:
+        sys.exit(f"error: {out.results[0].error}")
+    print("\n\n" + format_stats(out.stats), file=sys.stderr)
 
 
 if __name__ == "__main__":
