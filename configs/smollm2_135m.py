@@ -1,6 +1,6 @@
 """Default: SmolLM2-135M-Instruct (bundled GGUF) refactored over the four default domains.
 
-  python launch/train.py --config configs/smollm2_135m.py [--config.key=value ...]
+python launch/train.py --config configs/smollm2_135m.py [--config.key=value ...]
 """
 
 from ml_collections import ConfigDict, config_dict
