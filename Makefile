@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM_STAMP := $(VENV)/.smollm2
-export XLA_FLAGS ?=
 
 # Find a Python >= 3.12: $(PYTHON) if given, then python3.13/python3.12/python3 on PATH, then pyenv.
 define find_python
