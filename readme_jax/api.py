@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from readme_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
-from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
-from readme_jax.model.generate import Generator, dense_model, validate_tokens
+from readme_jax.model.generate import Generator, dense_logits, dense_model, validate_tokens
 from readme_jax.model.sampling import SamplingParams
 
 
@@ -34,7 +33,7 @@ class LoadedModel:
         toks = jnp.asarray(token_ids, jnp.int32)
         if self.is_moe:
             return _moe_forward(self.params, toks, self.readme)
-        return _forward(self.params, toks, self.cfg)
+        return dense_logits(self.params, toks, self.cfg)
 
     def generator(self) -> Generator:
         if not hasattr(self, "_gen"):
@@ -56,7 +55,6 @@ class LoadedModel:
         return self.tokenizer.decode(out[0])
 
 
-_forward = jax.jit(lambda p, t, cfg: llama.forward(p, t, cfg)[0], static_argnums=2)
 
 
 def _moe_impl(p, t, rc):

@@ -107,9 +107,7 @@ def layerwise_analysis(rc: ReadMEConfig, params, streams, window: int):
         n = (len(toks) // window) * window
         rows = jnp.asarray(np.asarray(toks[:n]).reshape(-1, window)[:2], jnp.int32)
         choices.append(np.asarray(jnp.argmax(fn(params, rows), -1)).reshape(rc.model.n_layers, -1))
-    red = rt.layer_redundancy(np.concatenate(choices, 1), rc.moe.num_experts)
-    loc = rt.temporal_locality(list(np.concatenate(choices, 1)[0:1]))
-    return red.to_dict(), loc.to_dict()
+    return rt.layer_redundancy(np.concatenate(choices, 1), rc.moe.num_experts).to_dict()
 
 
 def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
@@ -195,7 +193,7 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
         if kind == "readme_moe" and not mc.moe.layerwise:
             results["routing"] = routing_analysis(mc, params, streams, domains, c.eval.seq_len)
         elif kind == "readme_moe":
-            red, loc = layerwise_analysis(mc, params, streams, c.eval.seq_len)
+            red = layerwise_analysis(mc, params, streams, c.eval.seq_len)
             results.setdefault("routing", {})["layerwise"] = red
         jax.clear_caches()
     if (run / "metrics.jsonl").exists():

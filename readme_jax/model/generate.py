@@ -156,7 +156,8 @@ class Generator:
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def _logits(params, tokens_BxS, cfg):
+def dense_logits(params, tokens_BxS, cfg):
+    """Jitted dense forward: logits [B, S, V]."""
     return llama.forward(params, tokens_BxS, cfg)[0]
 
 
@@ -167,6 +168,6 @@ def greedy_by_reforward(params, cfg: LlamaConfig, prompt: Sequence[int], n: int)
     for _ in range(n):
         row = np.zeros((1, width), np.int32)
         row[0, : len(ids)] = ids
-        logits = _logits(params, jnp.asarray(row), cfg)
+        logits = dense_logits(params, jnp.asarray(row), cfg)
         ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
     return ids[len(prompt) :]

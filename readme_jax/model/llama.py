@@ -112,7 +112,7 @@ def _block(lp, x, ctx, kv_update, cfg: LlamaConfig, ffn: FFN, layer):
     return x + y.astype(x.dtype), (k_all, v_all), aux
 
 
-def _context(cfg, tokens_BxS, positions, segment_ids, cache, num_new):
+def _context(cfg, tokens_BxS, positions, segment_ids, cache):
     B, S = tokens_BxS.shape
     ctx: dict[str, Any] = {"inv_freq": rope_inv_freq(cfg)}
     if cache is None:
@@ -150,7 +150,7 @@ def forward(
     With a cache, the S new tokens of row b sit at positions lengths[b] + 0..S-1 and the cache
     grows by num_new_B[b] (default S); right-padding beyond num_new is overwritten later.
     """
-    ctx = _context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, cache, num_new_B)
+    ctx = _context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, cache)
     x = params["embed"][tokens_BxS]
     layers = params["layers"]
     if cache is not None:
