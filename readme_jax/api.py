@@ -55,8 +55,6 @@ class LoadedModel:
         return self.tokenizer.decode(out[0])
 
 
-
-
 def _moe_impl(p, t, rc):
     from readme_jax.model.readme import readme_forward
 
