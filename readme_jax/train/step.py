@@ -148,7 +148,7 @@ def remat_forward(params: Params, tokens_BxS, cfg: LlamaConfig, ffn, segment_ids
     """`llama.forward(..., return_hidden=True)` with each layer under `jax.checkpoint`: only layer
     inputs are kept for the backward pass (attention scores are [B, H, S, S] per layer).
     Built from llama's layer pieces because llama.forward has no remat option."""
-    ctx = llama._context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, None, None)
+    ctx = llama._context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, None)
     x = params["embed"][tokens_BxS]
 
     @jax.checkpoint
