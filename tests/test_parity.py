@@ -56,13 +56,15 @@ def test_llama3_fixture_depends_on_rope_scaling():
     assert np.abs(_logits(params, tokens_BxS, cfg) - ref_BxSxV).max() > 100 * ATOL
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_kv_cache_decode_matches_full_forward(name):
+def test_kv_cache_decode_matches_full_forward(name, per_layer):
     d, tokens_BxS, ref_BxSxV = _fixture(name)
     cfg, params = load_hf(d)
     B, S = tokens_BxS.shape
     prefill = 9
-    cache = init_cache(cfg, B, S + 3)
+    cache = init_cache(cfg, B, S + 3, per_layer=per_layer)
+    assert isinstance(cache["k"], list) == per_layer
     logits, cache, _ = _forward(params, jnp.asarray(tokens_BxS[:, :prefill]), cfg, cache=cache)
     steps = [np.asarray(logits)]
     for t in range(prefill, S):

@@ -55,7 +55,9 @@ def dense_model(cfg: LlamaConfig) -> DecodeModel:
         logits, cache, _ = llama.forward(params, tokens_BxS, cfg, cache=cache, num_new_B=num_new_B)
         return logits, cache
 
-    return DecodeModel(cfg, step, lambda b, t: llama.init_cache(cfg, b, t))
+    # the unrolled decode keeps one KV array per layer (see llama.init_cache)
+    per_layer = not cfg.scan_layers
+    return DecodeModel(cfg, step, lambda b, t: llama.init_cache(cfg, b, t, per_layer=per_layer))
 
 
 def _bucket(n: int, m: int = 64) -> int:
@@ -77,8 +79,11 @@ class Generator:
         return sample_uniform(last_BxV, key, sp), cache
 
     def _decode_impl(self, params, cache, tok_B, key, sp):
+        """(next token, cache, next key): the key is split on device, so a decode step is one
+        dispatch with no host-side work."""
+        key, sub = jax.random.split(key)
         logits, cache = self.model.step(params, tok_B[:, None], cache, None)
-        return sample_uniform(logits[:, 0], key, sp), cache
+        return sample_uniform(logits[:, 0], sub, sp), cache, key
 
     def stream(
         self,
@@ -120,8 +125,7 @@ class Generator:
         for i in range(max_new_tokens):
             nxt = None
             if i + 1 < max_new_tokens:
-                key, sub = jax.random.split(key)
-                nxt, cache = self._decode(self.params, cache, tok, sub, sampling)
+                nxt, cache, key = self._decode(self.params, cache, tok, key, sampling)
             host = np.asarray(tok)
             yield host
             done |= np.isin(host, list(eos))

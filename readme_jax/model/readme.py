@@ -119,8 +119,10 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
 
     def new_cache(batch, max_len):
         return {
-            "backbone": llama.init_cache(rc.model, batch, max_len),
-            "router": init_router_cache(rc.router, rc.model, batch, max_len),
+            "backbone": llama.init_cache(
+                rc.model, batch, max_len, per_layer=not rc.model.scan_layers
+            ),
+            "router": init_router_cache(rc.router, rc.model, batch, max_len, per_layer=True),
         }
 
     def prepare(params):

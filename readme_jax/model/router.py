@@ -93,8 +93,10 @@ def router_logits(
     return logits, cache
 
 
-def init_router_cache(rcfg: RouterConfig, cfg: LlamaConfig, batch: int, max_len: int) -> Params:
-    return llama.init_cache(rcfg.backbone(cfg), batch, max_len)
+def init_router_cache(
+    rcfg: RouterConfig, cfg: LlamaConfig, batch: int, max_len: int, per_layer: bool = False
+) -> Params:
+    return llama.init_cache(rcfg.backbone(cfg), batch, max_len, per_layer=per_layer)
 
 
 def router_param_count(rcfg: RouterConfig, cfg: LlamaConfig, num_experts: int) -> int:

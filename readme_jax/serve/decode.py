@@ -177,13 +177,13 @@ def pf_layer(lp, x_1xQxD, k_c, v_c, layer, start, *, rc: ReadMEConfig):
     mask_1xQxT = jnp.arange(T)[None, None, :] <= pos_1xQ[:, :, None]
     inv = llama.rope_inv_freq(cfg)
     h = llama.rms_norm(x_1xQxD, lp["attn_norm"], cfg.norm_eps)
-    qkv = jnp.einsum("bsd,dnh->bsnh", h, lp["wqkv"])
+    qkv = llama.qkv_proj(h, lp["wqkv"])
     q = llama.apply_rope(qkv[:, :, :H], pos_1xQ, inv)
     k = llama.apply_rope(qkv[:, :, H : H + K], pos_1xQ, inv)
     k_c = k_c.at[layer, 0, pos_1xQ[0]].set(k[0].astype(k_c.dtype), mode="drop")
     v_c = v_c.at[layer, 0, pos_1xQ[0]].set(qkv[0, :, H + K :].astype(v_c.dtype), mode="drop")
     o = llama.attention(q, k_c[layer], v_c[layer], mask_1xQxT)
-    x = x_1xQxD + jnp.einsum("bshd,hdo->bso", o, lp["wo"])
+    x = x_1xQxD + llama.out_proj(o, lp["wo"])
     h_QxD = llama.rms_norm(x, lp["mlp_norm"], cfg.norm_eps)[0]
     return x + moe.shared_ffn(lp, h_QxD)[None].astype(x.dtype), h_QxD, k_c, v_c
 
