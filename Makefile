@@ -17,7 +17,7 @@ for c in "$(PYTHON)" python3.13 python3.12 python3 \
 done; exit 1
 endef
 
-.PHONY: help setup test demo bench peer lint format fixtures clean data
+.PHONY: help setup test demo bench peer lint format fixtures clean data compare
 
 help:
 	@echo "make demo   - set up and run the default Read-ME pipeline on SmolLM2-135M"
@@ -56,6 +56,20 @@ demo: setup
 
 data: setup
 	$(PY) launch/data.py
+
+# Read-ME vs the dense teacher, the layer-wise-router MoE and static pruning at equal training
+# tokens, at remain rates 0.5 and 0.75 (preset "compare": ~35 min per rate on 2 CPU cores, each
+# stage resumable), then one table and the perplexity-vs-active-parameters plot in docs/compare/.
+COMPARE_RATES ?= 0.5 0.75
+compare: setup
+	$(PY) launch/data.py
+	for rr in $(COMPARE_RATES); do \
+	  $(PY) launch/train.py --config configs/smollm2_135m.py --config.preset=compare \
+	    --config.run_dir=runs/compare_rr$$rr --config.refactor.remain_rate=$$rr \
+	    --config.stages=calibrate,refactor,train,eval --config.eval.skip_models=none \
+	    --config.eval.mmlu_limit=0 || exit 1; \
+	done
+	$(PY) tools/compare_widths.py $(foreach r,$(COMPARE_RATES),runs/compare_rr$(r)) --out docs/compare
 
 # The PyTorch peer (parity fixtures, benchmarks) lives in its own Python 3.11 venv: the CPU torch
 # 2.13 wheel on this machine is built for 3.11, and torch is never a runtime dependency.

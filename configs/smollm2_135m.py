@@ -12,7 +12,7 @@ def get_config() -> ConfigDict:
     c.run_dir = "runs/smollm2_135m"
     c.stages = "calibrate,refactor,train,eval"  # any subset, in this order
     c.seed = 0
-    c.preset = "demo"  # demo | full: token budgets of training (see train.*)
+    c.preset = "demo"  # demo | compare | full: token budgets of training (see train.presets)
     c.dry_run = False
     c.resume = True
     c.multihost = False
@@ -94,6 +94,11 @@ def get_config() -> ConfigDict:
         "demo": dict(rounds=2, router_steps=4, expert_steps=8, batch_size=4, seq_len=256,
                      router_lr=2e-3, expert_lr=2e-4, save_every=4, baselines="",
                      router_batch_size=0, micro_batch=0),
+        # equal-token comparison with the baselines on a 2-core CPU (~20 min per remain rate):
+        # 2 rounds x (6 router + 12 expert) x 1024 tokens; `make compare` runs it at 0.5 and 0.75
+        "compare": dict(rounds=2, router_steps=6, expert_steps=12, batch_size=4, seq_len=256,
+                        router_lr=2e-3, expert_lr=2e-4, save_every=6, baselines="layerwise,static",
+                        router_batch_size=0, micro_batch=0),
         # real results (hours on CPU): 4 rounds x (25 + 50 steps) x 4096 tokens = 1.2M tokens
         "full": dict(rounds=4, router_steps=25, expert_steps=50, batch_size=8, seq_len=512,
                      router_lr=1e-3, expert_lr=1e-4, save_every=10, baselines="layerwise,static",

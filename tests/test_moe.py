@@ -76,15 +76,22 @@ def test_shared_and_private_partition_domain_mask():
     assert np.all(spec.domain_masks_ExLxF.sum(-1) == round(0.5 * CFG.ffn_dim))
 
 
-def test_select_dispatch_on_unstacked_decode_layout():
-    _, _, mp = _setup()
+@pytest.mark.parametrize("trim", [False, True])
+def test_select_dispatch_on_unstacked_decode_layout(trim):
+    _, spec, mp = _setup()
     routing = _routing(1, 3, 1)
     toks = jnp.arange(3)[None]
     a, _, _ = moe.moe_forward(mp, toks, CFG, moe.MoEConfig(E), routing)
-    b, _, _ = moe.moe_forward(
-        moe.unstack_experts(mp), toks, CFG, moe.MoEConfig(E, dispatch="select"), routing
-    )
+    dec = moe.unstack_experts(mp, trim=trim)
+    b, _, _ = moe.moe_forward(dec, toks, CFG, moe.MoEConfig(E, dispatch="select"), routing)
     np.testing.assert_allclose(a, b, atol=1e-5)
+    widths = [[d.shape[0] for d in lp["expert_down"]] for lp in dec["layers"]]
+    padded = mp["layers"]["expert_down"].shape[2]
+    if trim:  # each expert keeps exactly its private channels: the padding is gone
+        np.testing.assert_array_equal(widths, spec.expert_widths)
+        assert min(min(w) for w in widths) < padded
+    else:
+        assert widths == [[padded] * E] * CFG.n_layers
 
 
 @pytest.mark.multidevice

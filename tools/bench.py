@@ -77,22 +77,34 @@ def bytes_of(tree) -> int:
     return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))
 
 
-def bench_dense(cfg, params, peer: bool) -> dict:
+def bench_dense(cfg, params, peer: bool, rounds: int = 2) -> dict:
+    """Ours and the peer measured in alternating rounds (ours, peer, ours, peer, ...); the best
+    round of each is reported, so a slow spell on a shared machine does not favour either."""
     from readme_jax.model.generate import Generator, dense_model
 
     model = dense_model(cfg)
     gen = Generator(model, params)
     prompt = list(range(1000, 1032))
-    res = {"prefill_512_tok_s": prefill_tok_s(model, gen.params)}
-    for b in (1, 8):
-        res[f"decode_b{b}_tok_s"] = b / decode_step_time(gen, [prompt] * b)
+    runs, peer_runs = [], []
+    for _ in range(rounds):
+        r = {"prefill_512_tok_s": prefill_tok_s(model, gen.params)}
+        for b in (1, 8):
+            r[f"decode_b{b}_tok_s"] = b / decode_step_time(gen, [prompt] * b)
+        runs.append(r)
+        if peer:
+            pr = run_peer(cfg, params)
+            if pr is not None:
+                peer_runs.append(pr)
+    res = {k: max(r[k] for r in runs) for k in runs[0]}
+    res["rounds"] = runs
     # batch-1 decode reads every weight once (tied head reads the whole embedding), plus the cache
     res["weight_bytes"] = bytes_of(params)
     res["bandwidth_gbs"] = read_bandwidth_gbs()
     res["bound_tok_s"] = res["bandwidth_gbs"] * 1e9 / res["weight_bytes"]
     res["fraction_of_bound"] = res["decode_b1_tok_s"] / res["bound_tok_s"]
-    if peer:
-        res["peer"] = run_peer(cfg, params)
+    if peer_runs:
+        best = {k: max(r[k] for r in peer_runs) for k in peer_runs[0] if k.endswith("tok_s")}
+        res["peer"] = {**peer_runs[0], **best, "rounds": peer_runs}
     return res
 
 
@@ -133,7 +145,7 @@ def quick_moe(cfg, dense, tok, remain_rate=0.5):
 
 
 def bench_moe(cfg, dense, tok, moe_ckpt: str | None, dense_res: dict) -> dict:
-    from readme_jax.model.generate import Generator
+    from readme_jax.model.generate import Generator, dense_model
     from readme_jax.model.readme import decode_model
     from readme_jax.refactor import convert as cv
 
@@ -145,21 +157,31 @@ def bench_moe(cfg, dense, tok, moe_ckpt: str | None, dense_res: dict) -> dict:
     prompt = list(range(1000, 1032))
     res = {}
     gen = Generator(decode_model(rc, "select"), params)
-    res["decode_b1_tok_s"] = 1 / decode_step_time(gen, [prompt])
-    res["decode_b8_tok_s"] = 8 / decode_step_time(gen, [prompt] * 8)
+    dgen = Generator(dense_model(cfg), dense)
+    # dense and MoE decode alternate, two rounds, best of each: both see the same machine state
+    best = {"dense_b1": 0.0, "moe_b1": 0.0, "dense_b8": 0.0, "moe_b8": 0.0}
+    for _ in range(2):
+        for b in (1, 8):
+            best[f"dense_b{b}"] = max(best[f"dense_b{b}"], b / decode_step_time(dgen, [prompt] * b))
+            best[f"moe_b{b}"] = max(best[f"moe_b{b}"], b / decode_step_time(gen, [prompt] * b))
+    for b in (1, 8):
+        res[f"decode_b{b}_tok_s"] = best[f"moe_b{b}"]
+        res[f"dense_decode_b{b}_tok_s"] = best[f"dense_b{b}"]
     res["prefill_512_tok_s"] = prefill_tok_s(decode_model(rc, "ragged"), params)
+    res["dense_prefill_512_tok_s"] = dense_res["prefill_512_tok_s"]
     L, D = cfg.n_layers, cfg.dim
     lp = params["backbone"]["layers"]
     fs, fe = lp["shared_down"].shape[-2], lp["expert_down"].shape[-2]
     res["ffn_bytes_dense"] = L * 3 * D * cfg.ffn_dim * 4
     res["ffn_bytes_moe_padded"] = L * 3 * D * (fs + fe) * 4
+    # the select decode layout trims the padding, so a token reads the real channels only
     res["ffn_bytes_moe_real"] = int(
         3 * D * 4 * (spec.shared_widths.sum() + spec.expert_widths.mean(-1).sum())
     )
     res["router_bytes"] = bytes_of(params["router"]) - params["router"]["embed"].size * 4
     other = dense_res["weight_bytes"] - res["ffn_bytes_dense"]
     res["bytes_per_token_dense"] = dense_res["weight_bytes"]
-    res["bytes_per_token_moe"] = other + res["ffn_bytes_moe_padded"] + res["router_bytes"]
+    res["bytes_per_token_moe"] = other + res["ffn_bytes_moe_real"] + res["router_bytes"]
     res["expected_speedup"] = res["bytes_per_token_dense"] / res["bytes_per_token_moe"]
     res["source"] = moe_ckpt or "quick calibration (4 x 256 tokens/domain), untrained router"
     return res
@@ -204,15 +226,18 @@ def render(dense: dict, moe: dict | None, cmd: str) -> str:
             ("decode_b1_tok_s", "decode tok/s, batch 1 (select dispatch)"),
             ("decode_b8_tok_s", "decode tok/s, batch 8 (select dispatch)"),
         ]:
-            lines.append(f"| {name} | {dense[k]:.1f} | {moe[k]:.1f} | {moe[k] / dense[k]:.2f}x |")
+            d = moe["dense_" + k]
+            lines.append(f"| {name} | {d:.1f} | {moe[k]:.1f} | {moe[k] / d:.2f}x |")
         mb = {k: moe[k] / 1e6 for k in moe if k.startswith(("bytes", "ffn_bytes"))}
         lines += [
             "",
             f"Bytes read per decoded token (batch 1): dense {mb['bytes_per_token_dense']:.0f} MB, "
             f"MoE {mb['bytes_per_token_moe']:.0f} MB (FFN {mb['ffn_bytes_dense']:.0f} -> "
-            f"{mb['ffn_bytes_moe_padded']:.0f} MB padded, {mb['ffn_bytes_moe_real']:.0f} MB "
-            f"real channels); proportional speedup {moe['expected_speedup']:.2f}x, measured "
-            f"{moe['decode_b1_tok_s'] / dense['decode_b1_tok_s']:.2f}x.",
+            f"{mb['ffn_bytes_moe_real']:.0f} MB: the decode layout drops the zero padding that "
+            f"the stacked experts carry, {mb['ffn_bytes_moe_padded']:.0f} MB); proportional "
+            f"speedup {moe['expected_speedup']:.2f}x, measured "
+            f"{moe['decode_b1_tok_s'] / moe['dense_decode_b1_tok_s']:.2f}x. Dense and MoE decode "
+            "were measured in alternating rounds (best of 2 each).",
         ]
     lines.append(END)
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
@@ -172,9 +173,13 @@ def moe_forward(
     return llama.forward(params, tokens_BxS, cfg, ffn=moe_ffn(mcfg, routing, mesh), **kw)
 
 
-def unstack_experts(params: Params) -> Params:
+def unstack_experts(params: Params, trim: bool = False) -> Params:
     """Decode layout: per-layer trees (see llama.unstack_layers) whose experts are lists of E
-    arrays, so the select dispatch reads one expert without slicing a stacked array."""
+    arrays, so the select dispatch reads one expert without slicing a stacked array.
+
+    trim=True also cuts each expert's trailing all-zero channels (the zero padding that makes
+    the private parts one common width): exact, and the select dispatch then reads only the
+    real channels. Trimmed experts differ in width, so only the select dispatch takes them."""
     params = llama.unstack_layers(params)
     layers = []
     for lp in params["layers"]:
@@ -182,8 +187,22 @@ def unstack_experts(params: Params) -> Params:
         for k in ("expert_gate_up", "expert_down"):
             if not isinstance(lp[k], list):
                 lp[k] = [lp[k][e] for e in range(lp[k].shape[0])]
+        if trim:
+            gus, downs = [], []
+            for gu, down in zip(lp["expert_gate_up"], lp["expert_down"], strict=True):
+                w = real_width(gu, down)
+                gus.append(gu[..., :w])
+                downs.append(down[:w])
+            lp["expert_gate_up"], lp["expert_down"] = gus, downs
         layers.append(lp)
     return {**params, "layers": layers}
+
+
+def real_width(gu_Dx2xF, down_FxD) -> int:
+    """1 + the last FFN channel with any nonzero weight (at least 1)."""
+    used = np.any(np.asarray(gu_Dx2xF) != 0, axis=(0, 1)) | np.any(np.asarray(down_FxD) != 0, 1)
+    nz = np.flatnonzero(used)
+    return int(nz[-1]) + 1 if nz.size else 1
 
 
 def active_param_count(cfg: LlamaConfig, shared_widths_L, expert_widths_LxE, top_k: int = 1):

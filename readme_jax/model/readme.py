@@ -127,7 +127,7 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
 
     def prepare(params):
         return {
-            "backbone": moe.unstack_experts(params["backbone"]),
+            "backbone": moe.unstack_experts(params["backbone"], trim=dispatch == "select"),
             "router": llama.unstack_layers(params["router"]),
         }
 
