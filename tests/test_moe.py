@@ -76,20 +76,21 @@ def test_shared_and_private_partition_domain_mask():
     assert np.all(spec.domain_masks_ExLxF.sum(-1) == round(0.5 * CFG.ffn_dim))
 
 
-@pytest.mark.parametrize("trim", [False, True])
-def test_select_dispatch_on_unstacked_decode_layout(trim):
+@pytest.mark.parametrize("trim,align", [(False, 1), (True, 1), (True, 8)])
+def test_select_dispatch_on_unstacked_decode_layout(trim, align):
     _, spec, mp = _setup()
     routing = _routing(1, 3, 1)
     toks = jnp.arange(3)[None]
     a, _, _ = moe.moe_forward(mp, toks, CFG, moe.MoEConfig(E), routing)
-    dec = moe.unstack_experts(mp, trim=trim)
+    dec = moe.unstack_experts(mp, trim=trim, align=align)
     b, _, _ = moe.moe_forward(dec, toks, CFG, moe.MoEConfig(E, dispatch="select"), routing)
     np.testing.assert_allclose(a, b, atol=1e-5)
     widths = [[d.shape[0] for d in lp["expert_down"]] for lp in dec["layers"]]
     padded = mp["layers"]["expert_down"].shape[2]
-    if trim:  # each expert keeps exactly its private channels: the padding is gone
-        np.testing.assert_array_equal(widths, spec.expert_widths)
-        assert min(min(w) for w in widths) < padded
+    if trim:  # each expert keeps its private channels (rounded up to `align`), no more
+        want = np.minimum(-(-spec.expert_widths // align) * align, padded)
+        np.testing.assert_array_equal(widths, want)
+        assert want.min() < padded or align > 1
     else:
         assert widths == [[padded] * E] * CFG.n_layers
 
@@ -125,3 +126,28 @@ def test_expert_parallel_equals_single_device_forward_and_grad():
     np.testing.assert_allclose(l1, l2, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize(
+    "T,want", [(8, "P('data',), P('data',), P('data',)"), (3, "P(), P(), P()")]
+)
+def test_expert_parallel_shards_tokens_over_data_and_experts_over_expert(T, want):
+    """Each device computes its data shard's tokens with its local experts (no replicated
+    compute over `data`); a token count the data axis cannot split is replicated instead."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
+    f = moe.expert_parallel(moe.ragged_experts, mesh)
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (T, 4))
+    e = jax.random.randint(k[1], (T, 1), 0, 4)
+    w = jnp.ones((T, 1))
+    gu, dn = jax.random.normal(k[2], (4, 4, 2, 3)), jax.random.normal(k[3], (4, 3, 4))
+    with jax.set_mesh(mesh):
+        text = str(jax.make_jaxpr(f)(x, e, w, gu, dn))
+        y = jax.jit(f)(x, e, w, gu, dn)
+    assert f"in_specs=({want}, P('expert',), P('expert',))" in text
+    np.testing.assert_allclose(y, moe.ragged_experts(x, e, w, gu, dn), rtol=1e-5, atol=1e-5)

@@ -206,7 +206,9 @@ def forward(
     else:
         kv_state = None
         if cache is not None:
-            kv_state = [list(cache["k"]), list(cache["v"])] if per_layer else [cache["k"], cache["v"]]
+            kv_state = [cache["k"], cache["v"]]
+            if per_layer:
+                kv_state = [list(cache["k"]), list(cache["v"])]
         auxs = []
         for i in range(cfg.n_layers):
             lp = (

@@ -20,11 +20,12 @@ its local experts with ragged_dot, results combined with `psum`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from readme_jax.model import llama
@@ -107,18 +108,36 @@ def masked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
 
 
 def expert_parallel(fn, mesh, expert_axis: str = "expert"):
-    """Wrap ragged dispatch in shard_map over `expert_axis`: expert weights sharded on E, tokens
-    replicated over that axis, partial outputs summed with psum."""
+    """Wrap ragged dispatch in shard_map over `expert_axis`: expert weights sharded on E; tokens
+    sharded over the mesh's other axes (data, fsdp) and replicated over `expert_axis`; each
+    shard runs its local experts on its tokens and the partial outputs are summed with psum."""
 
     def body(x, e, w, gu, down):
         first = jax.lax.axis_index(expert_axis) * gu.shape[0]
         return jax.lax.psum(fn(x, e, w, gu, down, first_expert=first), expert_axis)
 
-    rep = P()
     ex = P(expert_axis)
-    return jax.shard_map(
-        body, mesh=mesh, in_specs=(rep, rep, rep, ex, ex), out_specs=rep, check_vma=False
-    )
+    token_axes = tuple(a for a in mesh.axis_names if a != expert_axis and mesh.shape[a] > 1)
+    n_tok_shards = math.prod(mesh.shape[a] for a in token_axes)
+
+    def call(x, e, w, gu, down):
+        # tokens not divisible over the token axes (e.g. a decode step): replicate them
+        tok = P(token_axes) if token_axes and x.shape[0] % n_tok_shards == 0 else P()
+        x, e, w = (_constrain(a, mesh, tok) for a in (x, e, w))
+        gu, down = _constrain(gu, mesh, ex), _constrain(down, mesh, ex)
+        return jax.shard_map(
+            body, mesh=mesh, in_specs=(tok, tok, tok, ex, ex), out_specs=tok, check_vma=False
+        )(x, e, w, gu, down)
+
+    return call
+
+
+def _constrain(a, mesh, spec):
+    """Lay `a` out as `spec` says: reshard under Explicit mesh axes, a constraint under Auto."""
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(a, sharding)
+    return jax.lax.with_sharding_constraint(a, sharding)
 
 
 def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
@@ -173,13 +192,15 @@ def moe_forward(
     return llama.forward(params, tokens_BxS, cfg, ffn=moe_ffn(mcfg, routing, mesh), **kw)
 
 
-def unstack_experts(params: Params, trim: bool = False) -> Params:
+def unstack_experts(params: Params, trim: bool = False, align: int = 64) -> Params:
     """Decode layout: per-layer trees (see llama.unstack_layers) whose experts are lists of E
     arrays, so the select dispatch reads one expert without slicing a stacked array.
 
     trim=True also cuts each expert's trailing all-zero channels (the zero padding that makes
     the private parts one common width): exact, and the select dispatch then reads only the
-    real channels. Trimmed experts differ in width, so only the select dispatch takes them."""
+    real channels (rounded up to a multiple of `align` with the zeros kept: aligned matvecs run
+    ~20% faster on XLA:CPU). Trimmed experts differ in width, so only the select dispatch
+    takes them."""
     params = llama.unstack_layers(params)
     layers = []
     for lp in params["layers"]:
@@ -190,7 +211,7 @@ def unstack_experts(params: Params, trim: bool = False) -> Params:
         if trim:
             gus, downs = [], []
             for gu, down in zip(lp["expert_gate_up"], lp["expert_down"], strict=True):
-                w = real_width(gu, down)
+                w = min(-(-real_width(gu, down) // align) * align, down.shape[0])
                 gus.append(gu[..., :w])
                 downs.append(down[:w])
             lp["expert_gate_up"], lp["expert_down"] = gus, downs
