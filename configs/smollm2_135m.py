@@ -80,6 +80,7 @@ def get_config() -> ConfigDict:
     c.train.temperature = 1.0
     c.train.target_top_frac = 0.5  # routing target: a token's top-50% dense channels (Eq. 4)
     c.train.target_shared = True  # count the shared expert's channels too (shared ∪ private)
+    c.train.target_temperature = 1.0  # < 1 sharpens the routing target (1 = Eq. 4)
     c.train.head_chunk = 512  # tokens per LM-head chunk (the [T, V] logits never exist at once)
     c.train.compute_dtype = "float32"  # or "bfloat16" (f32 master weights)
     c.train.dispatch = ""  # MoE dispatch while training ("" = the model's)

@@ -106,3 +106,17 @@ def test_remat_forward_equals_forward_in_value_and_gradient(scan):
     for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain), strict=True):
         # f32 summation order differs between the two graphs; scale atol to the gradient
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_target_temperature_sharpens_without_changing_the_ranking():
+    counts = jnp.array([[30.0, 29.0, 28.0, 27.0], [5.0, 5.0, 5.0, 5.0]])
+    plain = losses.normalize_counts(counts)
+    np.testing.assert_allclose(plain[0], counts[0] / counts[0].sum(), rtol=1e-6)
+    sharp = losses.normalize_counts(counts, temperature=0.05)
+    np.testing.assert_allclose(sharp.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(np.diff(np.asarray(sharp[0])) < 0)  # same order as the counts
+    assert sharp[0, 0] > 2 * plain[0, 0]  # (30/27)^20 ~ 8: far from uniform
+    np.testing.assert_allclose(sharp[1], 0.25, rtol=1e-6)  # ties stay uniform
+    # p ∝ counts^(1/T)
+    want = counts[0] ** 20 / jnp.sum(counts[0] ** 20)
+    np.testing.assert_allclose(sharp[0], want, rtol=1e-5)

@@ -46,6 +46,7 @@ class TrainConfig:
     temperature: float = 1.0
     target_top_frac: float = 0.5
     target_shared: bool = True  # count shared channels in the target (Eq. 4: shared ∪ private)
+    target_temperature: float = 1.0  # < 1 sharpens the target: p ∝ counts^(1/T) (1 = Eq. 4)
     head_chunk: int = 512  # tokens per LM-head chunk
     compute_dtype: str = "float32"  # "bfloat16": bf16 forward/backward, f32 master weights
     dispatch: str = ""  # MoE dispatch while training; "" = the model's
@@ -138,5 +139,7 @@ def validate(tc: TrainConfig) -> None:
                                f"{tc.compute_dtype!r}")  # fmt: skip
     if tc.rounds < 1 or tc.router_steps < 0 or tc.expert_steps < 0:
         raise TrainConfigError("train.rounds must be >= 1 and the step counts >= 0")
+    if not tc.target_temperature > 0:
+        raise TrainConfigError(f"train.target_temperature must be > 0, got {tc.target_temperature}")
     if not 0 < tc.target_top_frac <= 1:
         raise TrainConfigError(f"train.target_top_frac must be in (0, 1], got {tc.target_top_frac}")

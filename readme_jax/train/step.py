@@ -204,7 +204,7 @@ def router_loss(s: Setup, params: Params, b: Params, cov, mesh):
         logits, _ = router_logits(
             params["router"], b["tokens"], s.rcfg, s.cfg, segment_ids_BxS=b["segment_ids"]
         )
-        target = losses.normalize_counts(jnp.sum(cov, axis=0))
+        target = losses.normalize_counts(jnp.sum(cov, axis=0), s.tc.target_temperature)
         loss = losses.routing_kl(target, logits, mask)
         met = losses.routing_metrics(
             jnp.argmax(logits, -1), b["domain"], mask, s.n_domains, E, logits, target
@@ -212,7 +212,7 @@ def router_loss(s: Setup, params: Params, b: Params, cov, mesh):
         return loss, met
     # layer-wise baseline: each layer's gate against that layer's own coverage target
     _, layer_logits = student_hidden(s, params, b, None, mesh)
-    target = losses.normalize_counts(cov)
+    target = losses.normalize_counts(cov, s.tc.target_temperature)
     L = cov.shape[0]
     loss = jnp.mean(jax.vmap(losses.routing_kl, in_axes=(0, 0, None))(target, layer_logits, mask))
     flat = lambda a: a.reshape(L * a.shape[1], *a.shape[2:])
