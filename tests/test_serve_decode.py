@@ -106,12 +106,13 @@ def test_prefill_chunking_waves_and_slot_row_do_not_change_a_bit(model):
     pe, pw = a.route_prompt(prompt)
     _prefill(a, slots, 1, prompt, pe, pw, cuts=(8, 16))
     _prefill(b, slots, 3, prompt, pe, pw, cuts=(1, 2, 7, 11, 13, 19), split=True)
+    stack = lambda layers: np.stack([np.asarray(x) for x in layers])  # per-layer KV lists
     for key in ("k", "v"):
         np.testing.assert_array_equal(
-            np.asarray(a.cache[key][:, 1, :20]), np.asarray(b.cache[key][:, 3, :20])
+            stack(a.cache[key])[:, 1, :20], stack(b.cache[key])[:, 3, :20]
         )
         np.testing.assert_array_equal(
-            np.asarray(a.rcache[key][:, 1, :21]), np.asarray(b.rcache[key][:, 3, :21])
+            stack(a.rcache[key])[:, 1, :21], stack(b.rcache[key])[:, 3, :21]
         )
     assert int(a.cache["lengths"][1]) == int(b.cache["lengths"][3]) == 20
     assert int(a.rcache["lengths"][1]) == 21  # the router is one token ahead

@@ -146,12 +146,21 @@ def _route(router, tok_BxS, rc: ReadMEConfig, rcache, n_B):
 
 def _row(cache: Params, row: jax.Array, start: jax.Array) -> Params:
     """Row `row` of a slot cache as a batch-1 cache whose length is reset to `start`."""
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1)
+    if llama.is_per_layer(cache):  # lists of [N, T, K, hd]
+        take = lambda a: [jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0) for x in a]
+    else:  # [L, N, T, K, hd]
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=1)
     return {"k": take(cache["k"]), "v": take(cache["v"]), "lengths": start[None]}
 
 
 def _put_row(cache: Params, rc1: Params, row: jax.Array) -> Params:
-    put = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, row, axis=1)
+    if llama.is_per_layer(cache):
+        put = lambda a, x: [
+            jax.lax.dynamic_update_slice_in_dim(c, r, row, axis=0)
+            for c, r in zip(a, x, strict=True)
+        ]
+    else:
+        put = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, row, axis=1)
     lengths = jax.lax.dynamic_update_slice_in_dim(cache["lengths"], rc1["lengths"], row, axis=0)
     return {"k": put(cache["k"], rc1["k"]), "v": put(cache["v"], rc1["v"]), "lengths": lengths}
 
@@ -160,19 +169,21 @@ def _put_row(cache: Params, rc1: Params, row: jax.Array) -> Params:
 
 
 def pf_begin(backbone, cache, row, start, tok_Q):
-    """Embed a prefill chunk and cut the slot's KV row out: (x [1, Q, D], k, v [L, 1, T, ..])."""
+    """Embed a prefill chunk and cut the slot's KV row out: (x [1, Q, D], k, v: lists of L
+    arrays [1, T, K, hd])."""
     c1 = _row(cache, row, start)
     return backbone["embed"][tok_Q][None], c1["k"], c1["v"]
 
 
-def pf_layer(lp, x_1xQxD, k_c, v_c, layer, start, *, rc: ReadMEConfig):
+def pf_layer(lp, x_1xQxD, k_c, v_c, start, *, rc: ReadMEConfig):
     """One layer's attention and shared expert for the chunk at positions start + 0..Q-1.
+    k_c, v_c: this layer's KV row [1, T, K, hd].
 
     Returns (x with the shared expert added, h = the FFN input, k_c, v_c); the routed experts
     are added by `pf_experts`, one call per wave."""
     cfg = rc.model
     H, K = cfg.n_heads, cfg.n_kv_heads
-    Q, T = x_1xQxD.shape[1], k_c.shape[2]
+    Q, T = x_1xQxD.shape[1], k_c.shape[1]
     pos_1xQ = (start + jnp.arange(Q))[None]
     mask_1xQxT = jnp.arange(T)[None, None, :] <= pos_1xQ[:, :, None]
     inv = llama.rope_inv_freq(cfg)
@@ -180,9 +191,9 @@ def pf_layer(lp, x_1xQxD, k_c, v_c, layer, start, *, rc: ReadMEConfig):
     qkv = llama.qkv_proj(h, lp["wqkv"])
     q = llama.apply_rope(qkv[:, :, :H], pos_1xQ, inv)
     k = llama.apply_rope(qkv[:, :, H : H + K], pos_1xQ, inv)
-    k_c = k_c.at[layer, 0, pos_1xQ[0]].set(k[0].astype(k_c.dtype), mode="drop")
-    v_c = v_c.at[layer, 0, pos_1xQ[0]].set(qkv[0, :, H + K :].astype(v_c.dtype), mode="drop")
-    o = llama.attention(q, k_c[layer], v_c[layer], mask_1xQxT)
+    k_c = k_c.at[0, pos_1xQ[0]].set(k[0].astype(k_c.dtype), mode="drop")
+    v_c = v_c.at[0, pos_1xQ[0]].set(qkv[0, :, H + K :].astype(v_c.dtype), mode="drop")
+    o = llama.attention(q, k_c, v_c, mask_1xQxT)
     x = x_1xQxD + llama.out_proj(o, lp["wo"])
     h_QxD = llama.rms_norm(x, lp["mlp_norm"], cfg.norm_eps)[0]
     return x + moe.shared_ffn(lp, h_QxD)[None].astype(x.dtype), h_QxD, k_c, v_c
@@ -293,11 +304,15 @@ class SlotDecoder:
 
         # committed like the step outputs, so the second call does not recompile
         dev = jax.devices()[0]
+        # one KV array per layer: see llama.init_cache (a stacked cache costs a copy per layer)
         self.cache = jax.device_put(
-            llama.init_cache(self.rc.model, self.num_slots, self.max_len), dev
+            llama.init_cache(self.rc.model, self.num_slots, self.max_len, per_layer=True), dev
         )
         self.rcache = jax.device_put(
-            init_router_cache(self.rc.router, self.rc.model, self.num_slots, self.max_len), dev
+            init_router_cache(
+                self.rc.router, self.rc.model, self.num_slots, self.max_len, per_layer=True
+            ),
+            dev,
         )
 
     def route_prompt(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -330,8 +345,9 @@ class SlotDecoder:
             padded.append((sl, w, loads))
         bb, i32 = self.sp.backbone, np.int32
         x, k_c, v_c = _pf_begin(bb, self.cache, i32(row), i32(start), tok)
+        k_c, v_c = list(k_c), list(v_c)
         for l, lp in enumerate(bb["layers"]):
-            x, h, k_c, v_c = _pf_layer(lp, x, k_c, v_c, i32(l), i32(start), rc=self.rc)
+            x, h, k_c[l], v_c[l] = _pf_layer(lp, x, k_c[l], v_c[l], i32(start), rc=self.rc)
             for sl, w, loads in padded:
                 for e, s in loads:
                     load_layer(e, s, l)

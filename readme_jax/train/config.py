@@ -114,7 +114,8 @@ def resolve(c: Any) -> TrainConfig:
         kw[f.name] = v
     b = kw.get("baselines", ())
     if isinstance(b, str):
-        b = tuple(x.strip() for x in b.split(",") if x.strip())
+        # "none" clears a preset's baselines from the command line (an empty flag value cannot)
+        b = tuple(x.strip() for x in b.split(",") if x.strip() and x.strip() != "none")
     kw["baselines"] = tuple(b)
     tc = TrainConfig(**kw)
     validate(tc)
