@@ -23,6 +23,7 @@ help:
 	@echo "make demo   - set up and run the default Read-ME pipeline on SmolLM2-135M"
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - speed benchmarks (ours vs PyTorch peer, MoE vs dense)"
+	@echo "make compare - Read-ME vs baselines at equal tokens, remain rates 0.5 and 0.75 (~1.5 h)"
 	@echo "make lint   - ruff"
 
 $(STAMP): pyproject.toml

@@ -76,11 +76,12 @@ def test_shared_and_private_partition_domain_mask():
     assert np.all(spec.domain_masks_ExLxF.sum(-1) == round(0.5 * CFG.ffn_dim))
 
 
+@pytest.mark.parametrize("S", [3, 1])  # S=1: the single-token switch path of select
 @pytest.mark.parametrize("trim,align", [(False, 1), (True, 1), (True, 8)])
-def test_select_dispatch_on_unstacked_decode_layout(trim, align):
+def test_select_dispatch_on_unstacked_decode_layout(trim, align, S):
     _, spec, mp = _setup()
-    routing = _routing(1, 3, 1)
-    toks = jnp.arange(3)[None]
+    routing = _routing(1, S, 1)
+    toks = jnp.arange(S)[None]
     a, _, _ = moe.moe_forward(mp, toks, CFG, moe.MoEConfig(E), routing)
     dec = moe.unstack_experts(mp, trim=trim, align=align)
     b, _, _ = moe.moe_forward(dec, toks, CFG, moe.MoEConfig(E, dispatch="select"), routing)
