@@ -55,8 +55,11 @@ def test_step_on_8_devices_data2_expert4_matches_one_device(tiny):
     eight, p8, m8 = _one_step_each_phase(c, tok, teacher, 2, 1, 4)
     assert m1.devices.size == 1 and dict(m8.shape) == {"data": 2, "fsdp": 1, "expert": 4}
     np.testing.assert_allclose(eight, one, rtol=2e-5)
+    # Tokens are sharded over `data`, so gradient sums run in another order. Adam's first step
+    # divides each gradient by its own magnitude, which turns an order-of-summation difference
+    # in a near-zero gradient into a parameter difference of up to ~1e-5 (lr 1e-2).
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
 def test_expert_weights_and_batches_are_sharded_by_the_rules(tiny):
