@@ -89,9 +89,8 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None, per_layer
     """KV cache: k/v [L, B, T, K, hd] and the number of filled positions per row.
 
     per_layer=True holds k/v as lists of L arrays [B, T, K, hd] instead. The unrolled decode
-    uses it: XLA:CPU copies the slice of a stacked cache that each layer attends over after
-    updating it in place (8 ms of a 50 ms SmolLM2 decode step), a per-layer array is updated
-    and read where it lies (0.4 ms)."""
+    uses it: in isolation, 30 in-place updates of a stacked cache each followed by a read of that
+    layer's slice took 8.4 ms on XLA:CPU (the slice is copied), per-layer arrays 0.4 ms."""
     dtype = dtype or _dtype(cfg)
     shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     if per_layer:

@@ -304,7 +304,7 @@ class SlotDecoder:
 
         # committed like the step outputs, so the second call does not recompile
         dev = jax.devices()[0]
-        # one KV array per layer: see llama.init_cache (a stacked cache costs a copy per layer)
+        # one KV array per layer, as the unrolled decode of llama.forward prefers (init_cache)
         self.cache = jax.device_put(
             llama.init_cache(self.rc.model, self.num_slots, self.max_len, per_layer=True), dev
         )
