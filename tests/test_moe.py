@@ -77,13 +77,22 @@ def test_shared_and_private_partition_domain_mask():
 
 
 @pytest.mark.parametrize("S", [3, 1])  # S=1: the single-token switch path of select
-@pytest.mark.parametrize("trim,align", [(False, 1), (True, 1), (True, 8)])
-def test_select_dispatch_on_unstacked_decode_layout(trim, align, S):
+@pytest.mark.parametrize(
+    "trim,align,fuse", [(False, 1, False), (True, 1, False), (True, 8, False), (True, 1, True)]
+)
+def test_select_dispatch_on_unstacked_decode_layout(trim, align, fuse, S):
     _, spec, mp = _setup()
     routing = _routing(1, S, 1)
     toks = jnp.arange(S)[None]
     a, _, _ = moe.moe_forward(mp, toks, CFG, moe.MoEConfig(E), routing)
-    dec = moe.unstack_experts(mp, trim=trim, align=align)
+    dec = moe.unstack_experts(mp, trim=trim, align=align, fuse_shared=fuse)
+    if fuse:  # per expert: the shared channels, then the expert's own
+        lp0, l0 = dec["layers"][0], jax.tree.map(lambda x: x[0], mp["layers"])
+        for e in range(E):
+            w = lp0["expert_down"][e].shape[0]
+            np.testing.assert_array_equal(
+                lp0["fused_down"][e], np.concatenate([l0["shared_down"], l0["expert_down"][e][:w]])
+            )
     b, _, _ = moe.moe_forward(dec, toks, CFG, moe.MoEConfig(E, dispatch="select"), routing)
     np.testing.assert_allclose(a, b, atol=1e-5)
     widths = [[d.shape[0] for d in lp["expert_down"]] for lp in dec["layers"]]

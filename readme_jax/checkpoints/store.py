@@ -84,7 +84,9 @@ def load_params(path: str | Path, abstract: Any | None = None) -> Any:
                     f"{path}: parameter {jax.tree_util.keystr(k)} has shape "
                     f"{tuple(have[k].shape)}, the config implies {tuple(v.shape)}"
                 )
-    return restored
+    # orbax restores NumPy arrays without a target; on device once, or every jitted call that
+    # takes them copies them in again
+    return jax.device_put(restored)
 
 
 def tree_nbytes(tree: Any) -> int:

@@ -69,7 +69,8 @@ class Generator:
 
     def __init__(self, model: DecodeModel, params: Any):
         self.model = model
-        self.params = params if model.cfg.scan_layers else model.prepare(params)
+        # on device once: host (NumPy) params would be copied in on every jitted call
+        self.params = jax.device_put(params if model.cfg.scan_layers else model.prepare(params))
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("sp",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("sp",), donate_argnums=(1,))
 

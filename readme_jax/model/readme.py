@@ -127,7 +127,11 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
 
     def prepare(params):
         return {
-            "backbone": moe.unstack_experts(params["backbone"], trim=dispatch == "select"),
+            "backbone": moe.unstack_experts(
+                params["backbone"],
+                trim=dispatch == "select",
+                fuse_shared=dispatch == "select" and mcfg.top_k == 1,
+            ),
             "router": llama.unstack_layers(params["router"]),
         }
 
