@@ -161,3 +161,27 @@ def test_expert_parallel_shards_tokens_over_data_and_experts_over_expert(T, want
         y = jax.jit(f)(x, e, w, gu, dn)
     assert f"in_specs=({want}, P('expert',), P('expert',))" in text
     np.testing.assert_allclose(y, moe.ragged_experts(x, e, w, gu, dn), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B", [1, 2])  # B=1: the fused single-token switch; B=2: select conds
+def test_readme_cached_decode_equals_greedy_reforward(B):
+    from readme_jax.model.generate import Generator
+    from readme_jax.model.readme import ReadMEConfig, decode_model, readme_forward
+    from readme_jax.model.router import RouterConfig, init_router
+
+    dense, _, mp = _setup()
+    cfg = CFG.replace(max_seq_len=64)
+    rc = ReadMEConfig(cfg, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
+    router = init_router(rc.router, cfg, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
+    params = {"backbone": mp, "router": router}
+    prompts = [[5, 17, 33, 2 + b, 60] for b in range(B)]
+    got = Generator(decode_model(rc), params).generate(prompts, 6, eos_ids=[])
+    fwd = jax.jit(lambda t: readme_forward(params, t, rc)[0])
+    for b, p in enumerate(prompts):
+        ids = list(p)
+        for _ in range(6):  # right-padded to one width: causal, so the padding is inert
+            row = jnp.zeros((1, 16), jnp.int32).at[0, : len(ids)].set(jnp.asarray(ids))
+            ids.append(int(jnp.argmax(fwd(row)[0, len(ids) - 1])))
+        assert got[b] == ids[len(p) :]
+    routes = readme_forward(params, jnp.asarray([ids]), rc)[1]["routing"][0]
+    assert len(np.unique(np.asarray(routes))) > 1  # the decode switched experts on the way
