@@ -14,6 +14,7 @@ from readme_jax.eval.perplexity import (
     dense_logits_fn,
     fidelity,
     perplexity,
+    perplexity_and_fidelity,
     sliding_windows,
 )
 from readme_jax.model import llama
@@ -153,6 +154,20 @@ def test_fidelity_matches_numpy_kl_for_different_models(params, tokens):
     np.testing.assert_allclose(r.kl, kl.mean(), rtol=1e-4)
     assert r.n_agree == agree.sum()
     assert r.kl > 1e-3
+
+
+def test_one_pass_equals_separate_perplexity_and_fidelity(params, tokens):
+    other = jax.jit(llama.init_params, static_argnums=0)(CFG, jax.random.key(1))
+    other = jax.tree.map(lambda a: a * 3.0, other)
+    f = dense_logits_fn(CFG)
+    win = dict(max_length=16, stride=8, progress=False)
+    p, fid = perplexity_and_fidelity(f, params, f, other, tokens, n_bytes=99, **win)
+    want_p = perplexity(f, other, tokens, n_bytes=99, **win)
+    want_f = fidelity(f, params, f, other, tokens, **win)
+    assert p.n_tokens == want_p.n_tokens == fid.n_tokens == want_f.n_tokens
+    np.testing.assert_allclose(p.nll_sum, want_p.nll_sum, rtol=1e-5)
+    np.testing.assert_allclose(fid.kl_sum, want_f.kl_sum, rtol=1e-5)
+    assert fid.n_agree == want_f.n_agree and p.bpb == pytest.approx(want_p.bpb)
 
 
 def test_evaluate_domains_fills_the_report_layout(params, tokens):

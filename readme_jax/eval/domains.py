@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from readme_jax.eval.perplexity import LogitsFn, fidelity, perplexity
+from readme_jax.eval.perplexity import LogitsFn, perplexity, perplexity_and_fidelity
 
 
 def domain_stream(
@@ -53,11 +53,14 @@ def evaluate_domains(
         out["fidelity"] = {}
     win = dict(max_length=max_length, stride=stride, batch_size=batch_size)
     for domain, (tokens_T, n_bytes) in streams.items():
-        label = f"ppl {domain}" if progress else False
-        r = perplexity(logits_fn, params, tokens_T, n_bytes=n_bytes, progress=label, **win)
-        out["perplexity"][domain] = r.to_dict()
-        if teacher is not None:
-            label = f"KL {domain}" if progress else False
-            f = fidelity(teacher[0], teacher[1], logits_fn, params, tokens_T, progress=label, **win)
+        if teacher is None:
+            label = f"ppl {domain}" if progress else False
+            r = perplexity(logits_fn, params, tokens_T, n_bytes=n_bytes, progress=label, **win)
+        else:  # one pass: the student forward serves both perplexity and KL
+            label = f"ppl+KL {domain}" if progress else False
+            r, f = perplexity_and_fidelity(
+                *teacher, logits_fn, params, tokens_T, n_bytes=n_bytes, progress=label, **win
+            )
             out["fidelity"][domain] = f.to_dict()
+        out["perplexity"][domain] = r.to_dict()
     return out
