@@ -223,6 +223,17 @@ def _check_tokens(tokens_T, vocab_size: int | None) -> np.ndarray:
     return tokens_T
 
 
+def _window_bar(tokens_T, max_length, stride, batch_size, progress, default_label):
+    """The (tokens, mask) window batches of a stream, behind a progress bar."""
+    return tqdm(
+        window_batches(tokens_T, max_length, stride, batch_size),
+        total=n_batches(len(tokens_T), max_length, stride, batch_size),
+        desc=progress if isinstance(progress, str) else default_label,
+        disable=not progress,
+        unit="batch",
+    )
+
+
 def perplexity(
     logits_fn: LogitsFn,
     params: Any,
@@ -239,14 +250,7 @@ def perplexity(
     bits per byte; `progress` may be a label for the bar."""
     tokens_T = _check_tokens(tokens_T, vocab_size)
     nll_fn = make_nll_fn(logits_fn)
-    total = n_batches(len(tokens_T), max_length, stride, batch_size)
-    bar = tqdm(
-        window_batches(tokens_T, max_length, stride, batch_size),
-        total=total,
-        desc=progress if isinstance(progress, str) else "perplexity",
-        disable=not progress,
-        unit="batch",
-    )
+    bar = _window_bar(tokens_T, max_length, stride, batch_size, progress, "perplexity")
     nll_sum, count = 0.0, 0
     for toks, mask in bar:
         s, c = nll_fn(params, toks, mask)
@@ -272,14 +276,7 @@ def fidelity(
     scored tokens as `perplexity`."""
     tokens_T = _check_tokens(tokens_T, None)
     fid_fn = make_fidelity_fn(teacher_fn, student_fn)
-    total = n_batches(len(tokens_T), max_length, stride, batch_size)
-    bar = tqdm(
-        window_batches(tokens_T, max_length, stride, batch_size),
-        total=total,
-        desc=progress if isinstance(progress, str) else "fidelity",
-        disable=not progress,
-        unit="batch",
-    )
+    bar = _window_bar(tokens_T, max_length, stride, batch_size, progress, "fidelity")
     kl_sum, agree, count = 0.0, 0, 0
     for toks, mask in bar:
         k, a, c = fid_fn(teacher_params, student_params, toks, mask)
@@ -306,14 +303,7 @@ def perplexity_and_fidelity(
     windows: one student and one teacher forward per batch instead of two student forwards."""
     tokens_T = _check_tokens(tokens_T, vocab_size)
     fn = make_scored_fidelity_fn(teacher_fn, student_fn)
-    total = n_batches(len(tokens_T), max_length, stride, batch_size)
-    bar = tqdm(
-        window_batches(tokens_T, max_length, stride, batch_size),
-        total=total,
-        desc=progress if isinstance(progress, str) else "perplexity+KL",
-        disable=not progress,
-        unit="batch",
-    )
+    bar = _window_bar(tokens_T, max_length, stride, batch_size, progress, "perplexity+KL")
     nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
     for toks, mask in bar:
         s, c, k, a = fn(teacher_params, student_params, toks, mask)
