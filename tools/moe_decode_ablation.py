@@ -19,6 +19,7 @@ round per variant and writes them as JSON with --out. The machine is shared: com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -73,27 +74,26 @@ def main():
     def greedy(logits):
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
 
-    if dense is not None:
-        dm = dense_model(cfg)
-        dp = llama.unstack_layers(dense)
+    dm = dense_model(cfg)
+    dp = llama.unstack_layers(dense)
 
-        def dstep(p, c, tok):
-            lg, c = dm.step(p, tok[:, None], c, None)
-            return greedy(lg), c
+    def dstep(p, c, tok):
+        lg, c = dm.step(p, tok[:, None], c, None)
+        return greedy(lg), c
 
-        variants["dense"] = (dstep, dp, lambda: dm.new_cache(1, T))
-        narrow = {
-            **dp,
-            "layers": [
-                {
-                    **lp,
-                    "w_gate_up": jnp.array(lp["w_gate_up"][..., :width]),
-                    "w_down": jnp.array(lp["w_down"][:width]),
-                }
-                for lp in dp["layers"]
-            ],
-        }
-        variants["dense_narrow"] = (dstep, narrow, lambda: dm.new_cache(1, T))
+    variants["dense"] = (dstep, dp, lambda: dm.new_cache(1, T))
+    narrow = {
+        **dp,
+        "layers": [
+            {
+                **lp,
+                "w_gate_up": jnp.array(lp["w_gate_up"][..., :width]),
+                "w_down": jnp.array(lp["w_down"][:width]),
+            }
+            for lp in dp["layers"]
+        ],
+    }
+    variants["dense_narrow"] = (dstep, narrow, lambda: dm.new_cache(1, T))
 
     rm = decode_model(rc, "select")
     rp = rm.prepare(m.params)
@@ -103,7 +103,7 @@ def main():
         return greedy(lg), c
 
     variants["moe"] = (mstep, rp, lambda: rm.new_cache(1, T))
-    mcfg = rc.moe.__class__(**{**rc.moe.__dict__, "dispatch": "select"})
+    mcfg = dataclasses.replace(rc.moe, dispatch="select")
 
     def fstep(p, c, tok):
         e = (c["expert"][:, None, None], jnp.ones((1, 1, 1), jnp.float32))

@@ -117,22 +117,6 @@ def make_nll_fn(logits_fn: LogitsFn) -> Callable[..., tuple[jax.Array, jax.Array
 
 
 @functools.cache
-def make_fidelity_fn(teacher_fn: LogitsFn, student_fn: LogitsFn):
-    """jit(t_params, s_params, tokens_BxS, mask_BxS) -> (KL(t||s) sum, top-1 agreements, count)."""
-
-    @jax.jit
-    def fid_fn(t_params, s_params, tokens_BxS, mask_BxS):
-        t_lp = jax.nn.log_softmax(teacher_fn(t_params, tokens_BxS)[:, :-1].astype(jnp.float32))
-        s_lp = jax.nn.log_softmax(student_fn(s_params, tokens_BxS)[:, :-1].astype(jnp.float32))
-        kl_BxS = jnp.sum(jnp.exp(t_lp) * (t_lp - s_lp), axis=-1)
-        agree_BxS = jnp.argmax(t_lp, -1) == jnp.argmax(s_lp, -1)
-        m = mask_BxS[:, 1:]
-        return jnp.sum(jnp.where(m, kl_BxS, 0.0)), jnp.sum(m & agree_BxS), jnp.sum(m)
-
-    return fid_fn
-
-
-@functools.cache
 def make_scored_fidelity_fn(teacher_fn: LogitsFn, student_fn: LogitsFn):
     """jit(t_params, s_params, tokens_BxS, mask_BxS) -> (student NLL sum, count, KL(t||s) sum,
     top-1 agreements): perplexity and fidelity from one student forward per batch."""
@@ -274,15 +258,12 @@ def fidelity(
 ) -> FidelityResult:
     """Mean KL(teacher || student) per token and top-1 agreement over the same windows and
     scored tokens as `perplexity`."""
-    tokens_T = _check_tokens(tokens_T, None)
-    fid_fn = make_fidelity_fn(teacher_fn, student_fn)
-    bar = _window_bar(tokens_T, max_length, stride, batch_size, progress, "fidelity")
-    kl_sum, agree, count = 0.0, 0, 0
-    for toks, mask in bar:
-        k, a, c = fid_fn(teacher_params, student_params, toks, mask)
-        kl_sum, agree, count = kl_sum + float(k), agree + int(a), count + int(c)
-        bar.set_postfix(kl=f"{kl_sum / max(count, 1):.4f}", agree=f"{agree / max(count, 1):.3f}")
-    return FidelityResult(kl_sum, agree, count)
+    if progress is True:
+        progress = "fidelity"
+    win = dict(max_length=max_length, stride=stride, batch_size=batch_size, progress=progress)
+    return perplexity_and_fidelity(
+        teacher_fn, teacher_params, student_fn, student_params, tokens_T, **win
+    )[1]
 
 
 def perplexity_and_fidelity(

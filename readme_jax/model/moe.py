@@ -56,6 +56,15 @@ def _swiglu(x_TxD, gu_Dx2xF, down_FxD):
     return (jax.nn.silu(gu_Tx2xF[:, 0]) * gu_Tx2xF[:, 1]) @ down_FxD
 
 
+def _switch_swiglu(e, gu_list, down_list, x_TxD):
+    """The FFN (gu_list[e], down_list[e]) on x, picked by one `lax.switch` (clamps e)."""
+    branches = [
+        lambda x, g=g, d=d: _swiglu(x, g, d).astype(x.dtype)
+        for g, d in zip(gu_list, down_list, strict=True)
+    ]
+    return jax.lax.switch(e, branches, x_TxD)
+
+
 def shared_ffn(lp: Params, x_TxD: jax.Array) -> jax.Array:
     return _swiglu(x_TxD, lp["shared_gate_up"], lp["shared_down"])
 
@@ -85,10 +94,7 @@ def select_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
     experts' weights: the CPU decode path. gu_Ex/down may be stacked arrays or lists of E."""
     E = len(gu_Ex) if isinstance(gu_Ex, list) else gu_Ex.shape[0]
     if experts_TxK.size == 1:  # one token, top-1 (batch-1 decode): one switch, not E conds
-        branches = [
-            lambda x, e=e: _swiglu(x, gu_Ex[e], down_ExFxD[e]).astype(x.dtype) for e in range(E)
-        ]
-        y = jax.lax.switch(experts_TxK[0, 0], branches, x_TxD)  # switch clamps the index
+        y = _switch_swiglu(experts_TxK[0, 0], list(gu_Ex), list(down_ExFxD), x_TxD)
         return y * weights_TxK.astype(y.dtype)
     out = jnp.zeros_like(x_TxD)
     for e in range(E):
@@ -173,14 +179,7 @@ def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
         if mcfg.dispatch == "select" and "fused_gate_up" in lp and e_TxK.size == 1:
             # one top-1 token (batch-1 decode; its weight is 1): one switch over E FFNs that
             # each hold the shared channels and one expert's, so a single gate/up and down pair
-            y = jax.lax.switch(
-                e_TxK[0, 0],
-                [
-                    lambda x, g=g, d=d: _swiglu(x, g, d).astype(x.dtype)
-                    for g, d in zip(lp["fused_gate_up"], lp["fused_down"], strict=True)
-                ],
-                x,
-            )
+            y = _switch_swiglu(e_TxK[0, 0], lp["fused_gate_up"], lp["fused_down"], x)
             return y.reshape(B, S, D), aux
         if mesh is not None:
             y = expert_parallel(ragged_experts, mesh)(x, e_TxK, w_TxK, gu, down)
