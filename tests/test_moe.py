@@ -175,7 +175,9 @@ def test_readme_cached_decode_equals_greedy_reforward(B):
     router = init_router(rc.router, cfg, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
     params = {"backbone": mp, "router": router}
     prompts = [[5, 17, 33, 2 + b, 60] for b in range(B)]
-    got = Generator(decode_model(rc), params).generate(prompts, 6, eos_ids=[])
+    gen = Generator(decode_model(rc), params)
+    got = gen.generate(prompts, 6, eos_ids=[])
+    assert gen.host_steps == (5 if B == 1 else 0)  # batch 1: the expert is picked on the host
     fwd = jax.jit(lambda t: readme_forward(params, t, rc)[0])
     for b, p in enumerate(prompts):
         ids = list(p)
@@ -185,3 +187,30 @@ def test_readme_cached_decode_equals_greedy_reforward(B):
         assert got[b] == ids[len(p) :]
     routes = readme_forward(params, jnp.asarray([ids]), rc)[1]["routing"][0]
     assert len(np.unique(np.asarray(routes))) > 1  # the decode switched experts on the way
+
+
+def test_host_routed_decode_equals_in_graph_switch():
+    """Batch 1, the host reads each token's expert and hands the step that expert's fused FFN:
+    the same tokens as the in-graph switch, greedy and sampled, and the route changes."""
+    from readme_jax.model.generate import Generator
+    from readme_jax.model.readme import ReadMEConfig, decode_model
+    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.model.sampling import SamplingParams
+
+    dense, _, mp = _setup()
+    cfg = CFG.replace(max_seq_len=64)
+    rc = ReadMEConfig(cfg, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
+    router = init_router(rc.router, cfg, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
+    params = {"backbone": mp, "router": router}
+    host = Generator(decode_model(rc), params)
+    graph = Generator(decode_model(rc), params, host_routing=False)
+    prompt = [[5, 17, 33, 2, 60]]
+    for sp in (SamplingParams(), SamplingParams(temperature=1.0, top_k=20)):
+        a = host.generate(prompt, 12, sp, seed=3, eos_ids=[])
+        b = graph.generate(prompt, 12, sp, seed=3, eos_ids=[])
+        assert a == b
+    assert host.host_steps == 22 and graph.host_steps == 0
+    common, experts = decode_model(rc).host_routed.split(host.params)
+    assert len(experts) == E and not any(
+        k.startswith(("shared_", "expert_", "fused_")) for k in common["backbone"]["layers"][0]
+    )

@@ -11,6 +11,11 @@ Variants (batch 1, 128-slot per-layer KV cache, greedy, one jitted step with a d
   moe_unfused    the same with the shared expert and the routed expert as two FFNs
   moe_fixed      the served MoE backbone with the expert given as an input (no router)
   moe_step_switch  one lax.switch per step over E whole-backbone branches (instead of one per layer)
+  moe_host       the host picks the expert: a token's route is known before the step (pre-gating),
+                 so the step gets that expert's fused FFN weights as arguments and runs the plain
+                 dense step on them, then the router on the sampled token; the host reads the
+                 next expert id (one scalar sync per token); what `Generator` does at batch 1
+  moe_as_dense   the dense step on the MoE's weights with expert 0's fused FFN (no routing)
   router         the router step alone
 Each round times every variant in turn (median of --steps calls); prints the median and the best
 round per variant and writes them as JSON with --out. The machine is shared: compare best rounds.
@@ -143,6 +148,56 @@ def main():
 
     variants["moe_step_switch"] = (wstep, rp, lambda: rm.new_cache(1, T))
 
+    common = {
+        **rp["backbone"],
+        "layers": [
+            {k: v for k, v in lp.items() if not k.startswith(("shared_", "expert_", "fused_"))}
+            for lp in rp["backbone"]["layers"]
+        ],
+    }
+    per_expert = [
+        [(lp["fused_gate_up"][e], lp["fused_down"][e]) for lp in rp["backbone"]["layers"]]
+        for e in range(mcfg.num_experts)
+    ]
+
+    def hstep_impl(p, ffn_e, c, tok):
+        bb = {
+            **p["backbone"],
+            "layers": [
+                {**lp, "w_gate_up": gu, "w_down": dn}
+                for lp, (gu, dn) in zip(p["backbone"]["layers"], ffn_e, strict=True)
+            ],
+        }
+        lg, kv = dm.step(bb, tok[:, None], c["backbone"], None)
+        nxt = greedy(lg)
+        rlog, rcache = router_logits(p["router"], nxt[:, None], rc.router, cfg, cache=c["router"])
+        e = jnp.argmax(rlog[0, -1]).astype(jnp.int32)
+        return nxt, e, {"backbone": kv, "router": rcache}
+
+    variants["moe_as_dense"] = (
+        dstep,
+        {
+            **common,
+            "layers": [
+                {**lp, "w_gate_up": gu, "w_down": dn}
+                for lp, (gu, dn) in zip(common["layers"], per_expert[0], strict=True)
+            ],
+        },
+        lambda: dm.new_cache(1, T),
+    )
+
+    hjit = jax.jit(hstep_impl, donate_argnums=(2,))
+
+    def hstep(p, c, tok):  # host loop: not jitted again
+        nxt, e, kv = hjit(p["common"], p["experts"][c["e"]], c["kv"], tok)
+        return nxt, {"kv": kv, "e": int(e)}
+
+    variants["moe_host"] = (
+        hstep,
+        {"common": {"backbone": common, "router": rp["router"]}, "experts": per_expert},
+        lambda: {"kv": rm.new_cache(1, T), "e": 0},
+    )
+
     def rstep(p, c, tok):
         lg, c = router_logits(p, tok[:, None], rc.router, cfg, cache=c)
         return (tok + jnp.argmax(lg[:, -1], -1).astype(jnp.int32)) % 1000, c
@@ -153,7 +208,11 @@ def main():
         lambda: init_router_cache(rc.router, cfg, 1, T, per_layer=True),
     )
     names = [v for v in a.variants.split(",") if v in variants]
-    jitted = {k: jax.jit(variants[k][0], donate_argnums=(1,)) for k in names}
+    host_loops = {"moe_host"}
+    jitted = {
+        k: variants[k][0] if k in host_loops else jax.jit(variants[k][0], donate_argnums=(1,))
+        for k in names
+    }
     res = {k: [] for k in names}
     for r in range(a.rounds):
         for k in names:

@@ -7,9 +7,11 @@ baseline has no "router" (its gates live in the backbone layers).
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from readme_jax.model import llama, moe
 from readme_jax.model.config import LlamaConfig
@@ -92,7 +94,7 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
     """A `generate.DecodeModel` for Read-ME: each step the router routes the new tokens (with its
     own KV cache), then the MoE backbone runs them. `select` dispatch reads only the experts
     that the step's tokens use."""
-    from readme_jax.model.generate import DecodeModel
+    from readme_jax.model.generate import DecodeModel, HostRouted
 
     mcfg = dataclasses.replace(rc.moe, dispatch=dispatch)
 
@@ -135,4 +137,45 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
             "router": llama.unstack_layers(params["router"]),
         }
 
-    return DecodeModel(rc.model, step, new_cache, prepare)
+    host = None
+    if dispatch == "select" and mcfg.top_k == 1 and not mcfg.gate_scaling:
+        host = HostRouted(_split_fused, partial(_expert_step, rc.model), partial(_route_step, rc))
+    return DecodeModel(rc.model, step, new_cache, prepare, host)
+
+
+_EXPERT_KEYS = ("shared_", "expert_", "fused_")
+
+
+def _split_fused(prepared: Params) -> tuple[Params, list[Params]]:
+    """(common params, per expert its fused FFN [(gate_up, down) per layer]); no copies."""
+    bb = prepared["backbone"]
+    layers = [
+        {k: v for k, v in lp.items() if not k.startswith(_EXPERT_KEYS)} for lp in bb["layers"]
+    ]
+    common = {"backbone": {**bb, "layers": layers}, "router": prepared["router"]}
+    E = len(bb["layers"][0]["fused_down"])
+    experts = [
+        [(lp["fused_gate_up"][e], lp["fused_down"][e]) for lp in bb["layers"]] for e in range(E)
+    ]
+    return common, experts
+
+
+def _expert_step(cfg, common, expert, tokens_BxS, cache):
+    """The backbone as a dense model whose FFNs are one expert's fused FFNs."""
+    bb = common["backbone"]
+    layers = [
+        {**lp, "w_gate_up": gu, "w_down": down}
+        for lp, (gu, down) in zip(bb["layers"], expert, strict=True)
+    ]
+    logits, bcache, _ = llama.forward(
+        {**bb, "layers": layers}, tokens_BxS, cfg, cache=cache["backbone"]
+    )
+    return logits, {**cache, "backbone": bcache}
+
+
+def _route_step(rc, common, tokens_BxS, cache):
+    """The router on the new tokens (its cache grows): the last token's expert per row."""
+    rlog, rcache = router_logits(
+        common["router"], tokens_BxS, rc.router, rc.model, cache=cache["router"]
+    )
+    return jnp.argmax(rlog[:, -1], axis=-1).astype(jnp.int32), {**cache, "router": rcache}
