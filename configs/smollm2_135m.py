@@ -87,7 +87,8 @@ def get_config() -> ConfigDict:
     c.train.target_temperature = 0.05
     c.train.head_chunk = 512  # tokens per LM-head chunk (the [T, V] logits never exist at once)
     c.train.compute_dtype = "float32"  # or "bfloat16" (f32 master weights)
-    c.train.dispatch = ""  # MoE dispatch while training ("" = the model's)
+    # MoE dispatch while training: "auto" = blocked on CPU, the model's (ragged) elsewhere
+    c.train.dispatch = "auto"
     c.train.remat = False
     c.train.keep = 3
     c.train.stop_after = 0  # debug: end after N steps as if killed

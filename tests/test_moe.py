@@ -214,3 +214,27 @@ def test_host_routed_decode_equals_in_graph_switch():
     assert len(experts) == E and not any(
         k.startswith(("shared_", "expert_", "fused_")) for k in common["backbone"]["layers"][0]
     )
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_blocked_dispatch_equals_masked_in_value_and_gradient(K):
+    """Groups of uneven size spanning several blocks, one expert unused: the blocked grouped
+    matmul equals every-expert-on-every-token, forward and gradients (x and expert weights)."""
+    T, D, F = 45, 16, 12
+    ks = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(ks[0], (T, D))
+    gu = jax.random.normal(ks[1], (E, D, 2, F)) * 0.3
+    down = jax.random.normal(ks[2], (E, F, D)) * 0.3
+    e = jax.random.choice(ks[3], np.array([0, 1, 3]), (T, K))  # expert 2 unused
+    w = jax.nn.softmax(jax.random.normal(ks[0], (T, K)), -1)
+
+    def loss(fn, **kw):
+        return lambda x, gu, down: jnp.sum(jnp.sin(fn(x, e, w, gu, down, **kw)))
+
+    for blk in (8, 128):  # 8: several blocks per expert; 128: clamped to ~T*K/E rows
+        got = moe.blocked_experts(x, e, w, gu, down, block=blk)
+        np.testing.assert_allclose(got, moe.masked_experts(x, e, w, gu, down), atol=1e-5)
+        g1 = jax.grad(loss(moe.blocked_experts, block=blk), (0, 1, 2))(x, gu, down)
+        g2 = jax.grad(loss(moe.masked_experts), (0, 1, 2))(x, gu, down)
+        for a, b in zip(g1, g2, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

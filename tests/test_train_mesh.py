@@ -25,9 +25,11 @@ def tiny(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tiny"))
 
 
-def _one_step_each_phase(c, tok, teacher, data, fsdp, expert):
+def _one_step_each_phase(c, tok, teacher, data, fsdp, expert, dispatch=None):
     c = copy.deepcopy(c)
     c.mesh.data, c.mesh.fsdp, c.mesh.expert = data, fsdp, expert
+    if dispatch is not None:
+        c.train.dispatch = dispatch
     ctx = loop.build_context(c, Path(c.run_dir), resolve(c), tok, teacher)
     var = loop.make_variant(ctx, "readme")
     params = loop._place(var.params, ctx.mesh)
@@ -59,6 +61,19 @@ def test_step_on_8_devices_data2_expert4_matches_one_device(tiny):
     # divides each gradient by its own magnitude, which turns an order-of-summation difference
     # in a near-zero gradient into a parameter difference of up to ~1e-5 (lr 1e-2).
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_blocked_train_dispatch_matches_ragged(tiny):
+    """train.dispatch=auto picks `blocked` on CPU: the same losses and updated parameters."""
+    from readme_jax.train.step import train_dispatch
+
+    assert train_dispatch("auto") == "blocked" and train_dispatch("") == ""
+    c, tok, teacher = tiny
+    rag, pr, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "ragged")
+    blk, pb, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "auto")
+    np.testing.assert_allclose(blk, rag, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(pr), jax.tree.leaves(pb), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 

@@ -12,6 +12,10 @@ Dispatch modes:
           on XLA:CPU it lowers to a masked dense product over all experts).
   select  per expert, `lax.cond` on whether any token uses it: reads only the needed experts'
           bytes, which is what makes batch-1 decode faster than dense on CPU.
+  blocked tokens sorted by expert into blocks of one expert each (groups zero-padded to the block
+          size), one batched matmul over the blocks with each block's expert weights gathered:
+          computes ~T + E * block rows instead of E * T. On XLA:CPU a forward+backward of one
+          SmolLM2-sized MoE FFN (1,024 tokens, 4 experts) measured ~2x faster than ragged.
   masked  every expert on every token, weighted by the one-hot routing (simple reference).
 Expert parallelism: `shard_map` over the `expert` mesh axis; tokens replicated, each shard runs
 its local experts with ragged_dot, results combined with `psum`.
@@ -33,7 +37,7 @@ from readme_jax.model.config import LlamaConfig
 from readme_jax.model.router import top_k_routing
 
 Params = dict[str, Any]
-DISPATCH_MODES = ("ragged", "select", "masked")
+DISPATCH_MODES = ("ragged", "select", "blocked", "masked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +91,34 @@ def ragged_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, first_exp
     y = jax.lax.ragged_dot(h.astype(down_ExFxD.dtype), down_ExFxD, group_sizes)
     w = jnp.where(in_range, weights_TxK.reshape(-1), 0.0)[order]
     return jnp.zeros((T, D), y.dtype).at[tok].add(y * w[:, None].astype(y.dtype))
+
+
+def blocked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: int = 128):
+    """Grouped matmul by blocks: the (token, k) pairs sorted by expert, each expert's group
+    zero-padded to a multiple of the block size, so every block holds one expert's rows; then one
+    batched matmul with each block's expert weights gathered. Static shapes: at most
+    ceil(T*K / block) + E blocks (a padding block computes zeros)."""
+    T, K = experts_TxK.shape
+    E, D, _, F = gu_Ex.shape
+    n = T * K
+    b = min(block, max(8, -(-n // E)))
+    key = experts_TxK.reshape(-1)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=E)
+    padded = -(-sizes // b) * b
+    ends = jnp.cumsum(padded)
+    ks = key[order]
+    rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[ks]
+    dest = jnp.zeros((n,), jnp.int32).at[order].set((ends - padded)[ks] + rank)  # row per (t, k)
+    N = -(-n // b) + E
+    src = jnp.full((N * b,), T, jnp.int32).at[dest].set(jnp.arange(n) // K)  # padding -> row T
+    xs = jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])[src].reshape(N, b, D)
+    block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(N) * b, side="right"), E - 1)
+    gu = jnp.einsum("nbd,ndf->nbf", xs, gu_Ex.reshape(E, D, 2 * F)[block_expert])
+    h = (jax.nn.silu(gu[..., :F]) * gu[..., F:]).astype(down_ExFxD.dtype)
+    y = jnp.einsum("nbf,nfd->nbd", h, down_ExFxD[block_expert]).reshape(N * b, D)
+    w = weights_TxK[..., None].astype(y.dtype)
+    return jnp.sum(y[dest].reshape(T, K, D) * w, axis=1)
 
 
 def select_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
@@ -187,6 +219,8 @@ def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
             y = ragged_experts(x, e_TxK, w_TxK, gu, down)
         elif mcfg.dispatch == "select":
             y = select_experts(x, e_TxK, w_TxK, gu, down)
+        elif mcfg.dispatch == "blocked":
+            y = blocked_experts(x, e_TxK, w_TxK, gu, down)
         else:
             y = masked_experts(x, e_TxK, w_TxK, gu, down)
         y = y + shared_ffn(lp, x)

@@ -49,7 +49,7 @@ class TrainConfig:
     target_temperature: float = 1.0  # < 1 sharpens the target: p ∝ counts^(1/T) (1 = Eq. 4)
     head_chunk: int = 512  # tokens per LM-head chunk
     compute_dtype: str = "float32"  # "bfloat16": bf16 forward/backward, f32 master weights
-    dispatch: str = ""  # MoE dispatch while training; "" = the model's
+    dispatch: str = ""  # MoE dispatch while training; "" = the model's; "auto": blocked on CPU
     remat: bool = False  # recompute FFN activations in the backward pass
     save_every: int = 10
     keep: int = 3  # checkpoints kept
@@ -138,6 +138,11 @@ def validate(tc: TrainConfig) -> None:
     if tc.compute_dtype not in ("float32", "bfloat16"):
         raise TrainConfigError(f"train.compute_dtype must be float32 or bfloat16, not "
                                f"{tc.compute_dtype!r}")  # fmt: skip
+    from readme_jax.model.moe import DISPATCH_MODES
+
+    if tc.dispatch not in ("", "auto", *DISPATCH_MODES):
+        raise TrainConfigError(f"train.dispatch must be '', 'auto' or one of {DISPATCH_MODES}, "
+                               f"not {tc.dispatch!r}")  # fmt: skip
     if tc.rounds < 1 or tc.router_steps < 0 or tc.expert_steps < 0:
         raise TrainConfigError("train.rounds must be >= 1 and the step counts >= 0")
     if not tc.target_temperature > 0:
