@@ -177,7 +177,7 @@ def test_readme_cached_decode_equals_greedy_reforward(B):
     prompts = [[5, 17, 33, 2 + b, 60] for b in range(B)]
     gen = Generator(decode_model(rc), params)
     got = gen.generate(prompts, 6, eos_ids=[])
-    assert gen.host_steps == (5 if B == 1 else 0)  # batch 1: the expert is picked on the host
+    assert gen.host_steps == 0  # the in-graph path (host routing is opt-in)
     fwd = jax.jit(lambda t: readme_forward(params, t, rc)[0])
     for b, p in enumerate(prompts):
         ids = list(p)
@@ -202,8 +202,8 @@ def test_host_routed_decode_equals_in_graph_switch():
     rc = ReadMEConfig(cfg, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
     router = init_router(rc.router, cfg, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
     params = {"backbone": mp, "router": router}
-    host = Generator(decode_model(rc), params)
-    graph = Generator(decode_model(rc), params, host_routing=False)
+    host = Generator(decode_model(rc), params, host_routing=True)
+    graph = Generator(decode_model(rc), params)
     prompt = [[5, 17, 33, 2, 60]]
     for sp in (SamplingParams(), SamplingParams(temperature=1.0, top_k=20)):
         a = host.generate(prompt, 12, sp, seed=3, eos_ids=[])

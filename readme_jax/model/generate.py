@@ -86,10 +86,11 @@ class Generator:
 
     host_routing (models with `host_routed`, batch 1): the host reads each token's expert id and
     hands the step that expert's weights, so the step is the plain dense step at the expert's
-    width. It costs one scalar device-to-host read per token; on XLA:CPU it measured ~1 ms per
-    token faster than the in-graph switch (docs/benchmarks.md)."""
+    width. The step alone is ~1 ms faster than the in-graph switch on XLA:CPU, but the host must
+    wait for each step before dispatching the next (the default path overlaps them), and in the
+    whole loop the two measured level (docs/benchmarks.md); so it is off by default."""
 
-    def __init__(self, model: DecodeModel, params: Any, host_routing: bool = True):
+    def __init__(self, model: DecodeModel, params: Any, host_routing: bool = False):
         self.model = model
         # on device once: host (NumPy) params would be copied in on every jitted call
         self.params = jax.device_put(params if model.cfg.scan_layers else model.prepare(params))
@@ -167,7 +168,7 @@ class Generator:
         for i in range(max_new_tokens):
             nxt = None
             if i + 1 < max_new_tokens and on_host:  # the expert id is read before the step
-                expert = self._experts[int(e_B[0])]
+                expert = self._experts[int(np.asarray(e_B)[0])]
                 nxt, e_B, cache, key = self._decode_host(
                     self._common, expert, cache, tok, key, sampling
                 )
