@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -157,7 +159,7 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     results: dict[str, Any] = {
         "meta": {
             "title": f"Read-ME evaluation: {c.name}",
-            "command": f"python launch/train.py --config configs/{c.name}.py (stage eval)",
+            "command": shlex.join(["python", *sys.argv]),  # the command that ran it
             "checkpoint": c.model.checkpoint or "SmolLM2-135M-Instruct (bundled GGUF)",
             "created": time.strftime("%Y-%m-%d %H:%M"),
             "notes": [
