@@ -14,7 +14,7 @@ Variants (batch 1, 128-slot per-layer KV cache, greedy, one jitted step with a d
   moe_host       the host picks the expert: a token's route is known before the step (pre-gating),
                  so the step gets that expert's fused FFN weights as arguments and runs the plain
                  dense step on them, then the router on the sampled token; the host reads the
-                 next expert id (one scalar sync per token); what `Generator` does at batch 1
+                 next expert id (one scalar sync per token); `Generator(host_routing=True)`
   moe_as_dense   the dense step on the MoE's weights with expert 0's fused FFN (no routing)
   router         the router step alone
 Each round times every variant in turn (median of --steps calls); prints the median and the best
@@ -148,43 +148,25 @@ def main():
 
     variants["moe_step_switch"] = (wstep, rp, lambda: rm.new_cache(1, T))
 
-    common = {
-        **rp["backbone"],
-        "layers": [
-            {k: v for k, v in lp.items() if not k.startswith(("shared_", "expert_", "fused_"))}
-            for lp in rp["backbone"]["layers"]
-        ],
-    }
-    per_expert = [
-        [(lp["fused_gate_up"][e], lp["fused_down"][e]) for lp in rp["backbone"]["layers"]]
-        for e in range(mcfg.num_experts)
-    ]
-
-    def hstep_impl(p, ffn_e, c, tok):
-        bb = {
-            **p["backbone"],
-            "layers": [
-                {**lp, "w_gate_up": gu, "w_down": dn}
-                for lp, (gu, dn) in zip(p["backbone"]["layers"], ffn_e, strict=True)
-            ],
-        }
-        lg, kv = dm.step(bb, tok[:, None], c["backbone"], None)
-        nxt = greedy(lg)
-        rlog, rcache = router_logits(p["router"], nxt[:, None], rc.router, cfg, cache=c["router"])
-        e = jnp.argmax(rlog[0, -1]).astype(jnp.int32)
-        return nxt, e, {"backbone": kv, "router": rcache}
-
+    hr = rm.host_routed  # the library's host-picked path (Generator(host_routing=True))
+    common, per_expert = hr.split(rp)
     variants["moe_as_dense"] = (
         dstep,
         {
-            **common,
+            **common["backbone"],
             "layers": [
                 {**lp, "w_gate_up": gu, "w_down": dn}
-                for lp, (gu, dn) in zip(common["layers"], per_expert[0], strict=True)
+                for lp, (gu, dn) in zip(common["backbone"]["layers"], per_expert[0], strict=True)
             ],
         },
         lambda: dm.new_cache(1, T),
     )
+
+    def hstep_impl(p, ffn_e, c, tok):
+        lg, c = hr.step(p, ffn_e, tok[:, None], c)
+        nxt = greedy(lg)
+        e_B, c = hr.route(p, nxt[:, None], c)
+        return nxt, e_B[0], c
 
     hjit = jax.jit(hstep_impl, donate_argnums=(2,))
 
@@ -194,7 +176,7 @@ def main():
 
     variants["moe_host"] = (
         hstep,
-        {"common": {"backbone": common, "router": rp["router"]}, "experts": per_expert},
+        {"common": common, "experts": per_expert},
         lambda: {"kv": rm.new_cache(1, T), "e": 0},
     )
 
