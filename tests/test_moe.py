@@ -86,23 +86,35 @@ def test_select_dispatch_on_unstacked_decode_layout(trim, align, fuse, S):
     toks = jnp.arange(S)[None]
     a, _, _ = moe.moe_forward(mp, toks, CFG, moe.MoEConfig(E), routing)
     dec = moe.unstack_experts(mp, trim=trim, align=align, fuse_shared=fuse)
-    if fuse:  # per expert: the shared channels, then the expert's own
-        lp0, l0 = dec["layers"][0], jax.tree.map(lambda x: x[0], mp["layers"])
-        for e in range(E):
-            w = lp0["expert_down"][e].shape[0]
-            np.testing.assert_array_equal(
-                lp0["fused_down"][e], np.concatenate([l0["shared_down"], l0["expert_down"][e][:w]])
-            )
+    if fuse:  # per expert: the layer's shared channels, then the expert's own
+        for i, lp in enumerate(dec["layers"]):
+            li = jax.tree.map(lambda x, i=i: x[i], mp["layers"])
+            ws = lp["shared_down"].shape[0]
+            for e in range(E):
+                w = lp["expert_down"][e].shape[0]
+                np.testing.assert_array_equal(
+                    lp["fused_down"][e],
+                    np.concatenate([li["shared_down"][:ws], li["expert_down"][e][:w]]),
+                )
     b, _, _ = moe.moe_forward(dec, toks, CFG, moe.MoEConfig(E, dispatch="select"), routing)
     np.testing.assert_allclose(a, b, atol=1e-5)
     widths = [[d.shape[0] for d in lp["expert_down"]] for lp in dec["layers"]]
+    shared = [lp["shared_down"].shape[0] for lp in dec["layers"]]
     padded = mp["layers"]["expert_down"].shape[2]
-    if trim:  # each expert keeps its private channels (rounded up to `align`), no more
+    padded_shared = mp["layers"]["shared_down"].shape[1]
+    if trim:  # each expert and each layer's shared part keep their real channels (rounded up)
         want = np.minimum(-(-spec.expert_widths // align) * align, padded)
         np.testing.assert_array_equal(widths, want)
         assert want.min() < padded or align > 1
+        want_shared = np.minimum(-(-spec.shared_widths // align) * align, padded_shared)
+        np.testing.assert_array_equal(shared, want_shared)
+        assert spec.shared_widths.min() < padded_shared  # the setup has padding to cut
+        if fuse:
+            fused = [[d.shape[0] for d in lp["fused_down"]] for lp in dec["layers"]]
+            np.testing.assert_array_equal(fused, want + want_shared[:, None])
     else:
         assert widths == [[padded] * E] * CFG.n_layers
+        assert shared == [padded_shared] * CFG.n_layers
 
 
 @pytest.mark.multidevice
