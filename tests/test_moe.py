@@ -76,7 +76,7 @@ def test_shared_and_private_partition_domain_mask():
     assert np.all(spec.domain_masks_ExLxF.sum(-1) == round(0.5 * CFG.ffn_dim))
 
 
-@pytest.mark.parametrize("S", [3, 1])  # S=1: the single-token switch path of select
+@pytest.mark.parametrize("S", [40, 3, 1])  # 40: select switches blocks; 1: the single-token path
 @pytest.mark.parametrize(
     "trim,align,fuse", [(False, 1, False), (True, 1, False), (True, 8, False), (True, 1, True)]
 )
@@ -176,17 +176,21 @@ def test_expert_parallel_shards_tokens_over_data_and_experts_over_expert(T, want
 
 
 @pytest.mark.parametrize("B", [1, 2])  # B=1: the fused single-token switch; B=2: select conds
-def test_readme_cached_decode_equals_greedy_reforward(B):
+@pytest.mark.parametrize("P", [5, 40])  # 40: the prompt runs through switched blocks
+def test_readme_cached_decode_equals_greedy_reforward(B, P):
+    """Generator (prefill with last-position logits, then cached decode steps) gives the
+    greedy tokens of a full re-forward per token."""
     from readme_jax.model.generate import Generator
     from readme_jax.model.readme import ReadMEConfig, decode_model, readme_forward
     from readme_jax.model.router import RouterConfig, init_router
 
     dense, _, mp = _setup()
-    cfg = CFG.replace(max_seq_len=64)
+    cfg = CFG.replace(max_seq_len=128)
     rc = ReadMEConfig(cfg, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
     router = init_router(rc.router, cfg, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
     params = {"backbone": mp, "router": router}
-    prompts = [[5, 17, 33, 2 + b, 60] for b in range(B)]
+    prompts = [[5, 17, 33, 2 + b, 60, *range(7, 7 + P - 5)] for b in range(B)]
+    assert (B * P > moe.SELECT_SWITCH_MIN) == (P == 40)  # which prompt path select takes
     gen = Generator(decode_model(rc), params)
     got = gen.generate(prompts, 6, eos_ids=[])
     assert gen.host_steps == 0  # the in-graph path (host routing is opt-in)
@@ -194,7 +198,7 @@ def test_readme_cached_decode_equals_greedy_reforward(B):
     for b, p in enumerate(prompts):
         ids = list(p)
         for _ in range(6):  # right-padded to one width: causal, so the padding is inert
-            row = jnp.zeros((1, 16), jnp.int32).at[0, : len(ids)].set(jnp.asarray(ids))
+            row = jnp.zeros((1, 64), jnp.int32).at[0, : len(ids)].set(jnp.asarray(ids))
             ids.append(int(jnp.argmax(fwd(row)[0, len(ids) - 1])))
         assert got[b] == ids[len(p) :]
     routes = readme_forward(params, jnp.asarray([ids]), rc)[1]["routing"][0]
@@ -228,10 +232,12 @@ def test_host_routed_decode_equals_in_graph_switch():
     )
 
 
+@pytest.mark.parametrize("fn", [moe.blocked_experts, moe.switched_experts])
 @pytest.mark.parametrize("K", [1, 2])
-def test_blocked_dispatch_equals_masked_in_value_and_gradient(K):
+def test_blocked_dispatch_equals_masked_in_value_and_gradient(K, fn):
     """Groups of uneven size spanning several blocks, one expert unused: the blocked grouped
-    matmul equals every-expert-on-every-token, forward and gradients (x and expert weights)."""
+    matmul (gathered weights, or one switch per block) equals every-expert-on-every-token,
+    forward and gradients (x and expert weights)."""
     T, D, F = 45, 16, 12
     ks = jax.random.split(jax.random.key(7), 4)
     x = jax.random.normal(ks[0], (T, D))
@@ -244,9 +250,9 @@ def test_blocked_dispatch_equals_masked_in_value_and_gradient(K):
         return lambda x, gu, down: jnp.sum(jnp.sin(fn(x, e, w, gu, down, **kw)))
 
     for blk in (8, 128):  # 8: several blocks per expert; 128: clamped to ~T*K/E rows
-        got = moe.blocked_experts(x, e, w, gu, down, block=blk)
+        got = fn(x, e, w, gu, down, block=blk)
         np.testing.assert_allclose(got, moe.masked_experts(x, e, w, gu, down), atol=1e-5)
-        g1 = jax.grad(loss(moe.blocked_experts, block=blk), (0, 1, 2))(x, gu, down)
+        g1 = jax.grad(loss(fn, block=blk), (0, 1, 2))(x, gu, down)
         g2 = jax.grad(loss(moe.masked_experts), (0, 1, 2))(x, gu, down)
         for a, b in zip(g1, g2, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

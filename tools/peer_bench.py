@@ -3,7 +3,8 @@
     .venv-peer/bin/python tools/peer_bench.py MODEL_DIR OUT.json [--threads 2]
 
 Measures, in float32 with `torch.set_num_threads(threads)`:
-  prefill tokens/s for a 512-token prompt at batch 1,
+  prefill tokens/s for a 512-token prompt at batch 1 (logits of the last position only, as
+    `generate` asks for and as our Generator's prefill computes),
   decode tokens/s (steady state, KV cache, greedy) at batch 1 and batch 8.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 def _median_step(model, torch, batch: int, prompt_len: int, steps: int) -> float:
     ids = torch.randint(100, 20000, (batch, prompt_len))
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         pkv = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         times = []
@@ -48,11 +49,11 @@ def main() -> None:
     res = {"torch": torch.__version__, "threads": a.threads}
     ids = torch.randint(100, 20000, (1, 512))
     with torch.no_grad():
-        model(input_ids=ids)
+        model(input_ids=ids, logits_to_keep=1)
         ts = []
         for _ in range(3):
             t = time.perf_counter()
-            model(input_ids=ids)
+            model(input_ids=ids, logits_to_keep=1)
             ts.append(time.perf_counter() - t)
     res["prefill_512_tok_s"] = 512 / float(np.median(ts))
     for b in (1, 8):

@@ -58,7 +58,8 @@ class HostRouted:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeModel:
-    """What the generation loop needs from a model."""
+    """What the generation loop needs from a model. step(params, tokens_BxS, cache, num_new_B,
+    last_B=None) -> (logits, cache): logits [B, S, V], or [B, 1, V] at positions last_B."""
 
     cfg: LlamaConfig
     step: Callable[..., tuple[jax.Array, Any]]
@@ -67,10 +68,25 @@ class DecodeModel:
     host_routed: HostRouted | None = None  # batch-1 path with the expert picked on the host
 
 
+def logits_at(params, hidden_BxSxD, cfg: LlamaConfig, positions_B) -> jax.Array:
+    """LM-head logits [B, 1, V] of one position per row. A prompt needs only its last
+    position's: the LM head over all of them is ~1/5 of a SmolLM2 prefill's FLOPs."""
+    h_Bx1xD = jnp.take_along_axis(hidden_BxSxD, positions_B[:, None, None], axis=1)
+    return llama.lm_head(params, h_Bx1xD, cfg)
+
+
 def dense_model(cfg: LlamaConfig) -> DecodeModel:
-    def step(params, tokens_BxS, cache, num_new_B):
-        logits, cache, _ = llama.forward(params, tokens_BxS, cfg, cache=cache, num_new_B=num_new_B)
-        return logits, cache
+    def step(params, tokens_BxS, cache, num_new_B, last_B=None):
+        """last_B (positions [B]): logits of those positions only, [B, 1, V]."""
+        out, cache, _ = llama.forward(
+            params,
+            tokens_BxS,
+            cfg,
+            cache=cache,
+            num_new_B=num_new_B,
+            return_hidden=last_B is not None,
+        )
+        return (out if last_B is None else logits_at(params, out, cfg, last_B)), cache
 
     # the unrolled decode keeps one KV array per layer (see llama.init_cache)
     per_layer = not cfg.scan_layers
@@ -106,9 +122,8 @@ class Generator:
             )
 
     def _prefill_impl(self, params, cache, tokens_BxS, n_B, key, sp):
-        logits, cache = self.model.step(params, tokens_BxS, cache, n_B)
-        last_BxV = jnp.take_along_axis(logits, (n_B - 1)[:, None, None], axis=1)[:, 0]
-        return sample_uniform(last_BxV, key, sp), cache
+        logits, cache = self.model.step(params, tokens_BxS, cache, n_B, n_B - 1)
+        return sample_uniform(logits[:, 0], key, sp), cache
 
     def _decode_impl(self, params, cache, tok_B, key, sp):
         """(next token, cache, next key): the key is split on device, so a decode step is one
