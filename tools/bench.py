@@ -230,9 +230,12 @@ def decode_ablation(ckpt: str, one_core: bool, rounds: int = 6) -> dict | None:
             "--out",
             str(out),
         ]
-        cpu = min(os.sched_getaffinity(0))
-        pin = (lambda: os.sched_setaffinity(0, {cpu})) if one_core else None
-        r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pin)
+        if one_core:  # the child pins itself before it starts JAX (no preexec_fn: JAX threads)
+            pin = (
+                "import os, sys; os.sched_setaffinity(0, {%d}); os.execv(sys.argv[1], sys.argv[1:])"
+            )
+            cmd = [sys.executable, "-c", pin % min(os.sched_getaffinity(0)), *cmd]
+        r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"[bench] decode ablation failed:\n{r.stderr[-2000:]}")
             return None
@@ -286,7 +289,8 @@ def render(dense: dict, moe: dict | None, cmd: str) -> str:
             f"Bytes read per decoded token (batch 1): dense {mb['bytes_per_token_dense']:.0f} MB, "
             f"MoE {mb['bytes_per_token_moe']:.0f} MB (FFN {mb['ffn_bytes_dense']:.0f} -> "
             f"{mb['ffn_bytes_moe_real']:.0f} MB: the decode layout drops the zero padding that "
-            f"the stacked experts carry, {mb['ffn_bytes_moe_padded']:.0f} MB); proportional "
+            "the stacked experts and the stacked shared parts carry, "
+            f"{mb['ffn_bytes_moe_padded']:.0f} MB); proportional "
             f"speedup {moe['expected_speedup']:.2f}x, measured "
             f"{moe['decode_b1_tok_s'] / moe['dense_decode_b1_tok_s']:.2f}x. Dense and MoE decode "
             "were measured in alternating rounds (best of 2 each).",
