@@ -256,3 +256,20 @@ def test_blocked_dispatch_equals_masked_in_value_and_gradient(K, fn):
         g2 = jax.grad(loss(moe.masked_experts), (0, 1, 2))(x, gu, down)
         for a, b in zip(g1, g2, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_logits_fn_equals_ragged_readme_forward():
+    """The evaluation's logits function (blocked dispatch on CPU) gives the model's logits."""
+    from readme_jax.eval.pipeline import readme_logits_fn
+    from readme_jax.model.readme import ReadMEConfig, readme_forward
+    from readme_jax.model.router import RouterConfig, init_router
+
+    dense, _, mp = _setup()
+    rc = ReadMEConfig(CFG, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
+    router = init_router(rc.router, CFG, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
+    params = {"backbone": mp, "router": router}
+    toks = jax.random.randint(jax.random.key(9), (3, 40), 0, CFG.vocab_size)
+    want = readme_forward(params, toks, rc)[0]
+    routes = readme_forward(params, toks, rc)[1]["routing"][0]
+    assert len(np.unique(np.asarray(routes))) > 1  # several experts in play
+    np.testing.assert_allclose(readme_logits_fn(rc)(params, toks), want, atol=1e-5)
