@@ -269,7 +269,29 @@ def test_eval_logits_fn_equals_ragged_readme_forward():
     router = init_router(rc.router, CFG, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
     params = {"backbone": mp, "router": router}
     toks = jax.random.randint(jax.random.key(9), (3, 40), 0, CFG.vocab_size)
-    want = readme_forward(params, toks, rc)[0]
-    routes = readme_forward(params, toks, rc)[1]["routing"][0]
+    want, aux = readme_forward(params, toks, rc)
+    routes = aux["routing"][0]
     assert len(np.unique(np.asarray(routes))) > 1  # several experts in play
     np.testing.assert_allclose(readme_logits_fn(rc)(params, toks), want, atol=1e-5)
+
+
+def test_forward_last_position_logits_equal_full_logits_there():
+    """llama.forward(..., last_B=) (the prefill path): per row, the full logits at that row's
+    position, for the dense decoder and for the Read-ME decode step."""
+    from readme_jax.model.generate import dense_model
+    from readme_jax.model.readme import ReadMEConfig, decode_model
+    from readme_jax.model.router import RouterConfig, init_router
+
+    dense, _, mp = _setup()
+    rc = ReadMEConfig(CFG, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
+    router = init_router(rc.router, CFG, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
+    toks = jax.random.randint(jax.random.key(2), (2, 9), 0, CFG.vocab_size)
+    last = jnp.array([8, 3])
+    for model, params in (
+        (dense_model(CFG), dense),
+        (decode_model(rc), {"backbone": mp, "router": router}),
+    ):
+        full, _ = model.step(params, toks, model.new_cache(2, 16), None)
+        got, _ = model.step(params, toks, model.new_cache(2, 16), None, last)
+        assert got.shape == (2, 1, CFG.vocab_size)
+        np.testing.assert_allclose(got[:, 0], full[jnp.arange(2), last], atol=1e-5)

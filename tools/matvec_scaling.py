@@ -8,8 +8,8 @@ and prints the median ms and the weight bytes streamed per second. With --one_co
 pins itself to one CPU before JAX starts. On the development machine (2 cores), both cores
 streamed 18.5 GB/s at F = 1536 but 14.2 at 768 and 11.3 at 384, while one core streamed
 9.7-9.9 GB/s at every width: a matvec split over threads pays a fixed hand-off per op, which a
-narrow matvec does not amortize. This is why the MoE's batch-1 decode is bytes-proportional on one core and
-not on two (docs/benchmarks.md).
+narrow matvec does not amortize. This is why the MoE's batch-1 decode is bytes-proportional on
+one core and not on two (docs/benchmarks.md).
 """
 
 from __future__ import annotations

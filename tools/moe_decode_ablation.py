@@ -150,16 +150,15 @@ def main():
 
     hr = rm.host_routed  # the library's host-picked path (Generator(host_routing=True))
     common, per_expert = hr.split(rp)
+
+    def astep(p, c, tok):  # the dense step on expert 0's fused FFNs (hr.step), no routing
+        lg, c = hr.step(p["common"], p["expert"], tok[:, None], c)
+        return greedy(lg), c
+
     variants["moe_as_dense"] = (
-        dstep,
-        {
-            **common["backbone"],
-            "layers": [
-                {**lp, "w_gate_up": gu, "w_down": dn}
-                for lp, (gu, dn) in zip(common["backbone"]["layers"], per_expert[0], strict=True)
-            ],
-        },
-        lambda: dm.new_cache(1, T),
+        astep,
+        {"common": common, "expert": per_expert[0]},
+        lambda: rm.new_cache(1, T),
     )
 
     def hstep_impl(p, ffn_e, c, tok):

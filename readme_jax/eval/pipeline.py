@@ -45,7 +45,8 @@ def readme_logits_fn(rc: ReadMEConfig):
     """Logits of a Read-ME model over whole windows. On CPU a `ragged` model is evaluated with
     `blocked` dispatch (the same function; XLA:CPU runs ragged_dot over every expert): one
     SmolLM2 rr-0.5 forward of [4, 512] tokens took ~4.9 s against ~6.2 s (median of 4
-    alternating rounds; `switched` ~4.6 s, but it compiled in 21 s against 14 s)."""
+    alternating rounds; `switched` ~4.6 s, but its compile and first call took 21 s against
+    14 s)."""
     if rc.moe.dispatch == "ragged" and jax.default_backend() == "cpu":
         rc = rc.replace(moe=dataclasses.replace(rc.moe, dispatch="blocked"))
 

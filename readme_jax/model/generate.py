@@ -68,25 +68,12 @@ class DecodeModel:
     host_routed: HostRouted | None = None  # batch-1 path with the expert picked on the host
 
 
-def logits_at(params, hidden_BxSxD, cfg: LlamaConfig, positions_B) -> jax.Array:
-    """LM-head logits [B, 1, V] of one position per row. A prompt needs only its last
-    position's: the LM head over all of them is ~1/5 of a SmolLM2 prefill's FLOPs."""
-    h_Bx1xD = jnp.take_along_axis(hidden_BxSxD, positions_B[:, None, None], axis=1)
-    return llama.lm_head(params, h_Bx1xD, cfg)
-
-
 def dense_model(cfg: LlamaConfig) -> DecodeModel:
     def step(params, tokens_BxS, cache, num_new_B, last_B=None):
-        """last_B (positions [B]): logits of those positions only, [B, 1, V]."""
-        out, cache, _ = llama.forward(
-            params,
-            tokens_BxS,
-            cfg,
-            cache=cache,
-            num_new_B=num_new_B,
-            return_hidden=last_B is not None,
+        logits, cache, _ = llama.forward(
+            params, tokens_BxS, cfg, cache=cache, num_new_B=num_new_B, last_B=last_B
         )
-        return (out if last_B is None else logits_at(params, out, cfg, last_B)), cache
+        return logits, cache
 
     # the unrolled decode keeps one KV array per layer (see llama.init_cache)
     per_layer = not cfg.scan_layers

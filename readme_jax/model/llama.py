@@ -173,8 +173,13 @@ def forward(
     num_new_B: jax.Array | None = None,
     ffn: FFN = dense_ffn,
     return_hidden: bool = False,
+    last_B: jax.Array | None = None,
 ) -> tuple[jax.Array, Params | None, Any]:
     """Run the decoder. Returns (logits_BxSxV or hidden_BxSxD, new cache or None, aux [L, ...]).
+
+    last_B (one position per row): logits [B, 1, V] of those positions only. A prompt needs only
+    its last position's; by parameter count the LM head over all positions is ~1/5 of a SmolLM2
+    prefill's FLOPs.
 
     With a cache, the S new tokens of row b sit at positions lengths[b] + 0..S-1 and the cache
     grows by num_new_B[b] (default S); right-padding beyond num_new is overwritten later.
@@ -241,6 +246,8 @@ def forward(
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if return_hidden:
         return x, new_cache, aux
+    if last_B is not None:
+        x = jnp.take_along_axis(x, last_B[:, None, None], axis=1)
     return lm_head(params, x, cfg), new_cache, aux
 
 

@@ -94,7 +94,7 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
     """A `generate.DecodeModel` for Read-ME: each step the router routes the new tokens (with its
     own KV cache), then the MoE backbone runs them. `select` dispatch reads only the experts
     that the step's tokens use."""
-    from readme_jax.model.generate import DecodeModel, HostRouted, logits_at
+    from readme_jax.model.generate import DecodeModel, HostRouted
 
     mcfg = dataclasses.replace(rc.moe, dispatch=dispatch)
 
@@ -108,7 +108,7 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
             num_new_B=num_new_B,
         )
         routing = top_k_routing(rlog, mcfg.top_k, mcfg.gate_scaling)
-        out, bcache, _ = moe.moe_forward(
+        logits, bcache, _ = moe.moe_forward(
             params["backbone"],
             tokens_BxS,
             rc.model,
@@ -116,11 +116,9 @@ def decode_model(rc: ReadMEConfig, dispatch: str = "select"):
             routing,
             cache=cache["backbone"],
             num_new_B=num_new_B,
-            return_hidden=last_B is not None,
+            last_B=last_B,
         )
-        if last_B is not None:  # the prompt's last position only (see generate.logits_at)
-            out = logits_at(params["backbone"], out, rc.model, last_B)
-        return out, {"backbone": bcache, "router": rcache}
+        return logits, {"backbone": bcache, "router": rcache}
 
     def new_cache(batch, max_len):
         return {
