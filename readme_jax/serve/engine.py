@@ -14,6 +14,12 @@ the queued prompts' experts); the backend loads the misses into the store's devi
 `prefetch`, after the step is dispatched the cache plans loads for the predicted next step
 (decoding requests keep their expert; the oldest queued prompt) so they overlap the compute.
 
+Live use: `start()`, then `submit(request)` at any time (it enters when the clock passes its
+`arrival_s`), `step()` (admit arrivals, run one step; returns the tokens emitted and the requests
+finished), `cancel(id)` between steps (frees the request slot), `has_work`, `result()`. `run()`
+is that loop over a fixed list of requests. A request whose routing raises, or whose step
+raises, fails with status "error"; the other requests are served on.
+
 Time: the engine clock advances by each step's duration; requests arrive when the clock passes
 their `arrival_s`; an idle engine jumps to the next arrival. The duration comes from a `clock`:
 measured wall time by default, or a cost model (`costmodel.CostClock`: simulated accelerator).
@@ -26,6 +32,7 @@ batching or cache policy, which the tests check).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +45,7 @@ from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve import batching
 from readme_jax.serve.cache import ExpertCache, Future, dedup, make_policy
 
-OK, ERROR = "ok", "error"
+OK, ERROR, CANCELLED = "ok", "error", "cancelled"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +84,9 @@ class ServeRequest:
 class RequestResult:
     id: int
     prompt_len: int
-    status: str = OK  # ok | error
+    status: str = OK  # ok | error | cancelled
     error: str | None = None
-    finish_reason: str | None = None  # eos | length
+    finish_reason: str | None = None  # eos | length | cancelled
     tokens: list[int] = dataclasses.field(default_factory=list)
     experts: list[list[int]] = dataclasses.field(default_factory=list)  # per generated token
     weights: list[list[float]] = dataclasses.field(default_factory=list)
@@ -194,6 +201,16 @@ class RunResult:
             "bytes_per_token": st.bytes_moved / gen if gen else 0.0,
             "wasted_prefetches": st.wasted_prefetches,
         }
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What one `Engine.step` produced: (request id, token) in emission order, the requests it
+    finished or rejected, and its step record (None when no step ran)."""
+
+    tokens: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    finished: list[RequestResult] = dataclasses.field(default_factory=list)
+    record: dict | None = None
 
 
 class WallClock:
@@ -419,7 +436,133 @@ class Engine:
             w_NxK[l.row] = l.next_weights
         return self.backend.decode(rows, slot_NxK, w_NxK)
 
-    # ------------------------------------------------------------------ run
+    # ------------------------------------------------------------------ live loop
+
+    def start(self) -> None:
+        """Begin a session: a fresh expert cache, KV caches and clock; no requests."""
+        self._cache = self._new_cache()
+        self.backend.reset(self._cache)
+        self.clock.reset()
+        self._pending: list[ServeRequest] = []  # sorted by (arrival_s, id)
+        self._live: dict[int, _Live] = {}
+        self._done: dict[int, RequestResult] = {}
+        self._free_rows = list(range(self.cfg.num_slots))
+        self._steps: list[dict] = []
+        self._seen: set[int] = set()
+        self.now, self.step_index = 0.0, 0
+
+    @property
+    def has_work(self) -> bool:
+        """True while a request is queued (pending arrival) or being served."""
+        return bool(self._pending or self._live)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted but not holding a request slot (the queue length)."""
+        waiting = sum(l.sched.state == batching.WAITING for l in self._live.values())
+        return len(self._pending) + waiting
+
+    @property
+    def num_running(self) -> int:
+        return sum(l.sched.state == batching.DECODING for l in self._live.values())
+
+    def submit(self, req: ServeRequest) -> None:
+        """Queue a request; it enters at `req.arrival_s` on the engine clock (`now`: at once).
+
+        Raises ValueError for a request id already submitted in this session."""
+        if req.id in self._seen:
+            raise ValueError(f"request id {req.id} was already submitted")
+        self._seen.add(req.id)
+        bisect.insort(self._pending, req, key=lambda r: (r.arrival_s, r.id))
+
+    def cancel(self, rid: int, reason: str = "cancelled") -> RequestResult | None:
+        """Withdraw a queued or running request between steps, freeing its request slot.
+
+        Returns its result (status `CANCELLED`, the tokens so far) or None if it is unknown or
+        already finished."""
+        for i, r in enumerate(self._pending):
+            if r.id == rid:
+                del self._pending[i]
+                res = RequestResult(rid, len(r.prompt), arrival_s=r.arrival_s)
+                return self._close(res, CANCELLED, reason)
+        l = self._live.pop(rid, None)
+        if l is None:
+            return None
+        l.sched.state = batching.DONE
+        if l.row is not None:
+            self._free_rows.append(l.row)
+            self._free_rows.sort()
+        return self._close(l.res, CANCELLED, reason)
+
+    def _close(self, res: RequestResult, status: str, reason: str) -> RequestResult:
+        res.status, res.error = status, reason
+        res.finish_reason = CANCELLED if status == CANCELLED else None
+        res.finish_s, res.finish_step = self.now, self.step_index
+        self._done[res.id] = res
+        return res
+
+    def step(self) -> StepOutput:
+        """Admit the requests that have arrived and run one engine step (or, when nothing is
+        being served, move the clock to the next arrival). Returns the tokens emitted and the
+        requests finished (or rejected) by it."""
+        cfg, out = self.cfg, StepOutput()
+        t0 = time.perf_counter()
+        while self._pending and self._pending[0].arrival_s <= self.now:
+            req = self._pending.pop(0)
+            try:
+                got = self._arrive(req, self.step_index)
+            except Exception as err:  # an engine fault on one prompt fails that request alone
+                res = RequestResult(req.id, len(req.prompt), arrival_s=req.arrival_s)
+                got = self._close(res, ERROR, f"engine error: {err!r}")
+            if isinstance(got, RequestResult):
+                self._done[got.id] = got
+                out.finished.append(got)
+            else:
+                self._live[got.req.id] = got
+        if not self._live:
+            if self._pending:
+                self.now = max(self.now, self._pending[0].arrival_s)
+            return out
+        ready = [l.sched for l in self._live.values()]
+        batch = batching.schedule(
+            cfg.batching,
+            ready,
+            cfg.max_batch_tokens,
+            step=self.step_index,
+            max_wait=cfg.max_wait,
+            num_slots=cfg.num_slots,
+        )
+        if not batch.ids:
+            raise RuntimeError(f"step {self.step_index}: the scheduler chose an empty batch")
+        batching.age(ready, batch)
+        try:
+            rec, outs = self._step(batch, self._live, self._cache, self._free_rows, self.step_index)
+        except Exception as err:  # fails the requests of this batch, not the session
+            for rid in batch.ids:
+                l = self._live[rid]
+                self.cancel(rid)
+                out.finished.append(self._close(l.res, ERROR, f"engine error: {err!r}"))
+            return out
+        wall = time.perf_counter() - t0
+        rec["time_s"], rec["wall_s"] = self.now, wall
+        rec["duration_s"] = dur = self.clock.duration(rec, wall, self.now)
+        self.now += dur
+        for l in self._complete(outs, self.step_index, self.now, out.tokens.append):
+            self._done[l.req.id] = l.res
+            out.finished.append(l.res)
+            self._free_rows.append(l.row)
+            self._free_rows.sort()
+            del self._live[l.req.id]
+        self._steps.append(rec)
+        out.record = rec
+        self.step_index += 1
+        return out
+
+    def result(self) -> RunResult:
+        """Everything finished so far in this session, by request id."""
+        c = self._cache
+        done = [self._done[i] for i in sorted(self._done)]
+        return RunResult(self.cfg, done, self._steps, c.stats, c.log, self.now, self.E)
 
     def run(
         self,
@@ -427,59 +570,22 @@ class Engine:
         on_token: Callable[[int, int], None] | None = None,
     ) -> RunResult:
         """Serve `requests` (any order; each enters at its arrival_s) to completion."""
-        cfg = self.cfg
         ids = [r.id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique")
-        cache = self._new_cache()
-        self.backend.reset(cache)
-        self.clock.reset()
-        pending = sorted(requests, key=lambda r: (r.arrival_s, r.id))
-        live: dict[int, _Live] = {}
-        done: dict[int, RequestResult] = {}
-        free_rows, steps, t, step = list(range(cfg.num_slots)), [], 0.0, 0
-        while pending or live:
-            t0 = time.perf_counter()
-            while pending and pending[0].arrival_s <= t:
-                got = self._arrive(pending.pop(0), step)
-                if isinstance(got, RequestResult):
-                    done[got.id] = got
-                else:
-                    live[got.req.id] = got
-            if not live:
-                if pending:
-                    t = max(t, pending[0].arrival_s)
-                continue
-            ready = [l.sched for l in live.values()]
-            batch = batching.schedule(
-                cfg.batching,
-                ready,
-                cfg.max_batch_tokens,
-                step=step,
-                max_wait=cfg.max_wait,
-                num_slots=cfg.num_slots,
-            )
-            if not batch.ids:
-                raise RuntimeError(f"step {step}: the scheduler chose an empty batch")
-            batching.age(ready, batch)
-            rec, outs = self._step(batch, live, cache, free_rows, step)
-            wall = time.perf_counter() - t0
-            rec["time_s"], rec["wall_s"] = t, wall
-            rec["duration_s"] = dur = self.clock.duration(rec, wall, t)
-            t += dur
-            for l in self._complete(outs, step, t, on_token):
-                done[l.req.id] = l.res
-                free_rows.append(l.row)
-                free_rows.sort()
-                del live[l.req.id]
-            steps.append(rec)
-            step += 1
-        return RunResult(
-            cfg, [done[i] for i in sorted(done)], steps, cache.stats, cache.log, t, self.E
-        )
+        self.start()
+        for r in requests:
+            self.submit(r)
+        while self.has_work:
+            out = self.step()
+            if on_token is not None:
+                for rid, tok in out.tokens:
+                    on_token(rid, tok)
+        return self.result()
 
-    def _complete(self, outs, step, t, on_token) -> list[_Live]:
-        """Apply a step's sampled tokens; returns the requests that finished."""
+    def _complete(self, outs, step, t, emit) -> list[_Live]:
+        """Apply a step's sampled tokens (each kept one passed to `emit((id, token))`);
+        returns the requests that finished."""
         eos = set(self.backend.eos_ids)
         finished = []
         for c, (tok, experts, weights) in outs:
@@ -500,8 +606,7 @@ class Engine:
                     l.res.tokens.append(tk)
                     l.res.experts.append([int(e) for e in ex])
                     l.res.weights.append([float(x) for x in wt])
-                    if on_token is not None:
-                        on_token(l.req.id, tk)
+                    emit((l.req.id, tk))
                 if stop or len(l.res.tokens) >= l.req.max_new_tokens:
                     l.res.finish_reason = "eos" if stop else "length"
                     l.res.finish_s, l.res.finish_step = t, step
