@@ -463,6 +463,11 @@ class Engine:
         return len(self._pending) + waiting
 
     @property
+    def cache_stats(self):
+        """The session's expert cache statistics (hits, misses, loads, bytes_moved)."""
+        return self._cache.stats
+
+    @property
     def num_running(self) -> int:
         return sum(l.sched.state == batching.DECODING for l in self._live.values())
 

@@ -1,0 +1,203 @@
+"""The engine thread of the HTTP server: one thread owns the `Engine` (model, KV caches, expert
+store, device); other threads only `submit` requests and `cancel` them, through a thread-safe
+inbox, and receive each request's tokens through the callback they submitted with.
+
+Admission control: at most `num_slots + max_queue` requests are outstanding (submitted and not
+finished); `submit` beyond that raises `QueueFull` at once (the HTTP layer answers 429). After
+`drain()` (SIGTERM), `submit` raises `Draining`; requests in flight run on until `grace_s` has
+passed, then are cancelled, and the thread ends.
+
+Events passed to a request's sink, from the engine thread: ("token", token_id) for every
+generated token as its step completes, then exactly one ("done", RequestResult) (status ok,
+error or cancelled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from readme_jax.model.sampling import SamplingParams
+from readme_jax.serve.engine import CANCELLED, ERROR, Engine, RequestResult, ServeRequest
+from readme_jax.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+Sink = Callable[[tuple[str, object]], None]
+
+
+class QueueFull(Exception):
+    """The server holds `num_slots + max_queue` requests already."""
+
+
+class Draining(Exception):
+    """The server is shutting down and admits no new request."""
+
+
+@dataclasses.dataclass
+class _Entry:
+    sink: Sink
+    submitted: float
+    last_token: float | None = None
+
+
+class EngineWorker:
+    """Runs `engine` on a daemon thread; see the module docstring."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64, metrics: ServeMetrics | None = None):
+        self.engine, self.max_queue = engine, max_queue
+        self.capacity = engine.cfg.num_slots + max_queue
+        self.metrics = metrics or ServeMetrics()
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._ids = itertools.count()
+        self._entries: dict[int, _Entry] = {}
+        self._drain_deadline: float | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="readme-engine", daemon=True)
+
+    # ------------------------------------------------------------------ any thread
+
+    def start(self) -> EngineWorker:
+        self.engine.start()
+        self._thread.start()
+        return self
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def submit(
+        self, prompt: list[int], max_tokens: int, sampling: SamplingParams, seed: int, sink: Sink
+    ) -> int:
+        """Queue a request; returns its id. Raises QueueFull or Draining."""
+        with self._lock:
+            if self._drain_deadline is not None or self._stopped.is_set():
+                raise Draining("the server is shutting down")
+            if self._outstanding >= self.capacity:
+                raise QueueFull(
+                    f"{self._outstanding} requests in flight or queued (request slots "
+                    f"{self.engine.cfg.num_slots} + max_queue {self.max_queue})"
+                )
+            self._outstanding += 1
+            rid = next(self._ids)
+        req = ServeRequest(rid, list(prompt), max_tokens, sampling=sampling, seed=seed)
+        self._inbox.put(("submit", req, sink, time.monotonic()))
+        return rid
+
+    def cancel(self, rid: int, reason: str = "cancelled") -> None:
+        """Ask the engine thread to withdraw request `rid` (no-op if it has finished)."""
+        self._inbox.put(("cancel", rid, reason))
+
+    def drain(self, grace_s: float) -> None:
+        """Stop admitting; cancel what is still running `grace_s` seconds from now."""
+        with self._lock:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + grace_s
+        self._inbox.put(("wake",))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end (after `drain`); True if it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        eng = self.engine
+        while True:
+            self._take_inbox(block=not eng.has_work)
+            if self._drain_deadline is not None:
+                if not eng.has_work and not self._entries:
+                    break
+                if time.monotonic() >= self._drain_deadline:
+                    for rid in list(self._entries):
+                        self._finish(eng.cancel(rid, "server shutting down"))
+                    continue
+            if not eng.has_work:
+                self.metrics.idle()
+                continue
+            try:
+                out = eng.step()
+            except Exception as err:  # noqa: BLE001 - the scheduler or backend broke: fail all
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(err)
+                continue
+            self._deliver(out)
+        self._stopped.set()
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            msg = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(msg)
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, msg) -> None:
+        if msg[0] == "submit":
+            _, req, sink, t_sub = msg
+            req.arrival_s = self.engine.now
+            self._entries[req.id] = _Entry(sink, t_sub)
+            self.engine.submit(req)
+        elif msg[0] == "cancel":
+            res = self.engine.cancel(msg[1], msg[2])
+            if res is not None:
+                self._finish(res)
+
+    def _deliver(self, out) -> None:
+        t = time.monotonic()
+        m = self.metrics
+        for rid, tok in out.tokens:
+            e = self._entries.get(rid)
+            if e is None:
+                continue
+            if e.last_token is None:
+                m.ttft.observe(t - e.submitted)
+            else:
+                m.itl.observe(t - e.last_token)
+            e.last_token = t
+            e.sink(("token", tok))
+        for res in out.finished:
+            self._finish(res)
+        rec = out.record
+        m.on_step(
+            t,
+            len(out.tokens),
+            None if rec is None else len(rec["batch_experts"]),
+            self.engine.cache_stats,
+        )
+        m.queue.set(self.engine.num_waiting)
+        m.running.set(self.engine.num_running)
+
+    def _finish(self, res: RequestResult | None) -> None:
+        if res is None:
+            return
+        e = self._entries.pop(res.id, None)
+        if e is None:
+            return
+        status = "ok" if res.status not in (ERROR, CANCELLED) else res.status
+        self.metrics.requests.labels(status).inc()
+        with self._lock:
+            self._outstanding -= 1
+        e.sink(("done", res))
+
+    def _fail_all(self, err: Exception) -> None:
+        for rid in list(self._entries):
+            res = self.engine.cancel(rid) or RequestResult(rid, 0)
+            res.status, res.error = ERROR, f"engine error: {err!r}"
+            self._finish(res)
+        self.engine.start()  # a fresh session: the failed step may have left state behind
