@@ -72,12 +72,14 @@ def build_server(
     max_queue: int = 64,
     retry_after_s: int = 1,
     warmup: bool = False,
+    backend=None,
 ) -> ServerHandle:
-    """Engine on `sp` under `ecfg`, its thread started, and the app. With `warmup`, one short
-    request runs first so that the steps are compiled before the first client arrives."""
+    """Engine on `sp` under `ecfg` (on `backend` if given, else a `ModelBackend`), its thread
+    started, and the app. With `warmup`, one short request runs first so that the steps are
+    compiled before the first client arrives."""
     if tokenizer is None:
         raise ValueError("the HTTP server needs a tokenizer (the model has none)")
-    engine = Engine(ModelBackend.for_config(sp, ecfg), ecfg)
+    engine = Engine(backend or ModelBackend.for_config(sp, ecfg), ecfg)
     worker = EngineWorker(engine, max_queue).start()
     if warmup:
         _warmup(worker, tokenizer, ecfg)

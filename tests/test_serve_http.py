@@ -1,0 +1,290 @@
+"""HTTP server (loopback only): the official openai client gets completions and streams; greedy
+outputs over HTTP equal offline generation under several batching and cache policies with
+requests in flight at once; bad input gets its status code while the server keeps serving; a
+full queue gets 429 + Retry-After; a client disconnect frees its slot; an engine fault fails one
+request alone; SIGTERM drains within its bound.
+
+One tiny random Read-ME model (2 layers, width 32) with the bundled SmolLM2 tokenizer; every
+server has the same N, context and C, so the compiled steps are shared."""
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from readme_jax.checkpoints.tokenizer import load_tokenizer
+from readme_jax.model.sampling import SamplingParams
+from readme_jax.serve.backend import ModelBackend
+from readme_jax.serve.engine import EngineConfig
+from readme_jax.serve.moe_generate import generate_moe, tiny_serve_model
+from readme_jax.serve.server import _GracefulServer, build_server, free_port, run_server
+from readme_jax.serve.textstream import TextStream
+
+N, T, Q, C = 2, 128, 16, 2
+NAME = "tiny"
+PROMPTS = [
+    "Once upon a time, in a small village,",
+    "The function returns a list of",
+    "Press the power button for",
+    "To be, or not to be:",
+]
+
+
+def ecfg(**kw) -> EngineConfig:
+    base = dict(num_slots=N, max_len=T, prefill_chunk=Q, max_batch_tokens=32, capacity=C)
+    return EngineConfig(**{**dict(batching="expert", cache_policy="belady"), **base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_serve_model(num_experts=4, seed=0, vocab=49152)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+class SlowBackend(ModelBackend):
+    """The real backend, with each decode step delayed (so a request stays in flight) and a
+    fault on prompts holding POISON (an engine-side failure)."""
+
+    POISON = 13
+
+    def __init__(self, sp, cfg, delay_s=0.0):
+        super().__init__(sp, cfg.num_slots, cfg.max_len, cfg.prefill_chunk)
+        self.delay_s = delay_s
+
+    def route_prompt(self, req):
+        if self.POISON in req.prompt:
+            raise RuntimeError("injected fault")
+        return super().route_prompt(req)
+
+    def decode(self, rows, slot_NxK, w_NxK):
+        time.sleep(self.delay_s)
+        return super().decode(rows, slot_NxK, w_NxK)
+
+
+def start(model, tok, cfg=None, delay_s=0.0, **kw):
+    cfg = cfg or ecfg()
+    srv = build_server(
+        model.params,
+        tok,
+        cfg,
+        model_name=NAME,
+        backend=SlowBackend(model.params, cfg, delay_s),
+        **kw,
+    )
+    return srv, srv.start_in_thread()
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    srv, url = start(model, tok)
+    yield url
+    srv.stop()
+
+
+def offline(model, tok, prompts, max_new, **kw):
+    ids = [tok.encode(p) for p in prompts]
+    out = generate_moe(
+        model.params,
+        ids,
+        max_new,
+        capacity=C,
+        cache_policy="lru",
+        max_len=T,
+        num_slots=N,
+        prefill_chunk=Q,
+        **kw,
+    )
+    return [tok.decode(t, skip_special=True) for t in out.tokens], [len(t) for t in out.tokens]
+
+
+def complete(url, **body):
+    return httpx.post(f"{url}/v1/completions", json={"model": NAME, **body}, timeout=60)
+
+
+def test_openai_client_completion_and_streamed_chat(server, model, tok):
+    cl = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    assert [m.id for m in cl.models.list().data] == [NAME]
+    full = cl.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    text = full.choices[0].text
+    assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens == len(tok.encode(PROMPTS[0]))
+    assert text == offline(model, tok, PROMPTS[:1], 12)[0][0]
+    pieces = [
+        c.choices[0].text
+        for c in cl.completions.create(
+            model=NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True
+        )
+    ]
+    assert len(pieces) > 3 and "".join(pieces) == text
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    chat = cl.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)
+    stream = cl.chat.completions.create(
+        model=NAME,
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert got == chat.choices[0].message.content and got
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    chat_ids = tok.encode(tok.apply_chat_template(msgs))
+    assert chat.usage.prompt_tokens == len(chat_ids)
+
+
+def test_raw_sse_ends_with_done(server):
+    body = {"model": NAME, "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]" and all(x.startswith("data: ") for x in lines)
+
+
+@pytest.mark.parametrize(
+    "batching,policy", [("expert", "belady"), ("decode", "lru"), ("prefill", "random")]
+)
+def test_concurrent_greedy_over_http_equals_offline(model, tok, batching, policy):
+    srv, url = start(model, tok, ecfg(batching=batching, cache_policy=policy, prefetch=True))
+    try:
+        with ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
+            futs = [
+                pool.submit(complete, url, prompt=p, max_tokens=10 + 3 * i, temperature=0)
+                for i, p in enumerate(PROMPTS)
+            ]
+            sampled = pool.submit(
+                complete, url, prompt=PROMPTS[2], max_tokens=8, temperature=0.9, top_p=0.9, seed=7
+            )
+            got = [f.result().json() for f in futs]
+            samp = sampled.result().json()
+    finally:
+        srv.stop()
+    for i, (p, g) in enumerate(zip(PROMPTS, got, strict=True)):
+        texts, lens = offline(model, tok, [p], 10 + 3 * i)
+        assert g["choices"][0]["text"] == texts[0], (batching, policy, i)
+        assert g["usage"]["completion_tokens"] == lens[0]
+    ref = offline(model, tok, PROMPTS[2:3], 8, sampling=SamplingParams(0.9, 0, 0.9), seed=7)[0][0]
+    assert samp["choices"][0]["text"] == ref
+    assert srv.worker.metrics.hits._value.get() + srv.worker.metrics.misses._value.get() > 0
+
+
+BAD = [
+    ('{"prompt": "x", "max_tokens": 4', 400, "malformed JSON"),
+    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "n": 3}, 400, "n must be 1"),
+    ({"prompt": "word " * 200, "max_tokens": 4}, 400, f"context is {T} tokens"),
+    ({"prompt": "x", "max_tokens": T}, 400, f"context of {T} tokens"),
+    ({"prompt": [5, 10**6]}, 400, "outside the vocabulary"),
+    ({"prompt": "x", "model": "gpt-4o"}, 404, "does not exist"),
+    ({"messages": []}, 400, "messages"),
+]
+
+
+def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server):
+    for body, code, needle in BAD:
+        path = (
+            "chat/completions" if isinstance(body, dict) and "messages" in body else "completions"
+        )
+        kw = {"content": body} if isinstance(body, str) else {"json": body}
+        r = httpx.post(f"{server}/v1/{path}", headers={"content-type": "application/json"}, **kw)
+        assert r.status_code == code, (body, r.text)
+        err = r.json()["error"]
+        assert needle in err["message"] and err["type"] == "invalid_request_error", err
+        ok = complete(server, prompt=PROMPTS[3], max_tokens=3, temperature=0)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_stop_strings_cut_the_text(server):
+    full = complete(server, prompt=PROMPTS[0], max_tokens=12, temperature=0).json()
+    text = full["choices"][0]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    got = complete(server, prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop]).json()
+    assert got["choices"][0]["text"] == text[: text.index(stop)]
+    assert got["choices"][0]["finish_reason"] == "stop"
+
+
+def test_text_stream_holds_back_a_possible_stop_string(tok):
+    ids = tok.encode("Hello world, this is a test of stop strings.")
+    ts = TextStream(tok, ["is a"])
+    pieces = [ts.add(t) for t in ids]
+    pieces.append(ts.finish())
+    assert ts.stopped and "".join(pieces) == "Hello world, this " == ts.text
+    ts2 = TextStream(tok, [])
+    assert "".join([ts2.add(t) for t in ids] + [ts2.finish()]) == tok.decode(ids)
+
+
+def test_full_queue_429_and_disconnect_frees_the_slot(model, tok):
+    srv, url = start(model, tok, delay_s=0.05, max_queue=0)
+    long = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0}
+    post = lambda c: c.stream("POST", f"{url}/v1/completions", json=long | {"stream": True})
+    try:
+        with httpx.Client(timeout=60) as ca, httpx.Client(timeout=60) as cb:
+            with post(ca) as ra, post(cb) as rb:
+                ia, ib = ra.iter_lines(), rb.iter_lines()
+                next(ia), next(ib)  # both requests hold a slot
+                busy = complete(url, prompt="hi", max_tokens=2)
+                assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+                assert busy.json()["error"]["type"] == "rate_limit_error"
+                ra.close()  # client A goes away after its first chunk
+                t0 = time.monotonic()
+                while (r := complete(url, prompt="hi", max_tokens=2)).status_code == 429:
+                    assert time.monotonic() - t0 < 3, "the slot was not freed"
+                    time.sleep(0.05)
+                assert r.status_code == 200
+                # B (100 steps of >= 50 ms) is still streaming: A's slot was freed
+                assert srv.worker.outstanding == 1
+                rest = [x for x in ib if x]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]
+        m = httpx.get(f"{url}/metrics").text
+        assert 'readme_requests_total{status="cancelled"} 1.0' in m
+        assert 'readme_requests_total{status="rejected"} 1.0' in m
+        names = ("time_to_first_token_seconds", "inter_token_latency_seconds", "queue_length")
+        names += ("unique_experts_per_step", "expert_cache_bytes_moved_total", "tokens_per_second")
+        assert all(f"readme_{n}" in m for n in names)
+    finally:
+        srv.stop()
+
+
+def test_engine_fault_fails_that_request_alone(server, tok):
+    bad = complete(server, prompt=[SlowBackend.POISON, 20, 30], max_tokens=3)
+    assert bad.status_code == 500 and "injected fault" in bad.json()["error"]["message"]
+    assert complete(server, prompt=PROMPTS[1], max_tokens=3, temperature=0).status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests_within_the_bound(model, tok):
+    cfg = ecfg()
+    srv = build_server(
+        model.params, tok, cfg, model_name=NAME, backend=SlowBackend(model.params, cfg, 0.05)
+    )
+    port = free_port()
+    th = threading.Thread(target=run_server, args=(srv, "127.0.0.1", port, 0.5, "warning"))
+    th.start()
+    url = f"http://127.0.0.1:{port}"
+    while srv.server is None or not srv.server.started:
+        time.sleep(0.02)
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}) as r:
+        it = r.iter_lines()
+        next(it)
+        assert isinstance(srv.server, _GracefulServer)
+        t0 = time.monotonic()
+        srv.server.handle_exit(signal.SIGTERM, None)
+        lines = [x for x in it if x]
+    assert lines[-1] == "data: [DONE]" and '"finish_reason": "cancelled"' in lines[-2]
+    th.join(15)
+    assert not th.is_alive() and time.monotonic() - t0 < 10
+    assert srv.worker.join(0) and srv.worker.draining
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
