@@ -125,6 +125,8 @@ class EngineWorker:
                     continue
             if not eng.has_work:
                 self.metrics.idle()
+                self.metrics.queue.set(0)
+                self.metrics.running.set(0)
                 continue
             try:
                 out = eng.step()
