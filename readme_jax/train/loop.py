@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from readme_jax.checkpoints import store
+from readme_jax.checkpoints import models
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
-from readme_jax.refactor import convert as cv
 from readme_jax.refactor.experts import active_ffn_fraction, expert_channel_masks
+from readme_jax.refactor.pipeline import parse_domains
 from readme_jax.train import flops, losses
 from readme_jax.train import mesh as meshlib
 from readme_jax.train import step as steplib
@@ -52,7 +52,7 @@ class Context:
     run: Path
     tc: TrainConfig
     mesh: Any
-    model: cv.ReadMEModel  # the refactored, untrained Read-ME model
+    model: models.ReadMEModel  # the refactored, untrained Read-ME model
     teacher_cfg: LlamaConfig
     teacher: dict  # dense params, layers stacked
     tokenizer: Any
@@ -76,20 +76,20 @@ def _saved_layout(tree: Any) -> Any:
 
 def build_context(c: Any, run: Path, tc: TrainConfig, tokenizer=None, teacher=None) -> Context:
     moe_dir = run / "moe_init"
-    if not (moe_dir / "model.json").exists():
+    if not models.exists(moe_dir):
         raise TrainingError(
             f"{moe_dir} not found: run the calibrate and refactor stages first "
             f"(--config.stages=calibrate,refactor,train)"
         )
-    model = cv.load_readme(moe_dir)
+    model = models.load_readme(moe_dir)
     if teacher is None or tokenizer is None:
-        cfg, dense, tok = cv.load_dense(
+        cfg, dense, tok = models.load_dense(
             c.model.checkpoint, c.model.dtype, model.rc.model.scan_layers, c.seed
         )
         teacher = teacher or (cfg, dense)
         tokenizer = tokenizer or tok
     tcfg, dense = teacher
-    domains = cv.parse_domains(c.data.domains)
+    domains = parse_domains(c.data.domains)
     if list(domains) != list(model.spec.domains):
         raise TrainingError(
             f"c.data.domains {list(domains)} differ from the experts' domains "
@@ -397,7 +397,7 @@ def train_variant(ctx: Context, kind: str) -> dict:
     """Train one model kind through the whole schedule and save it; returns its summary."""
     out_dir = ctx.run / OUTPUTS[kind]
     wdir = ctx.run / "train" / kind
-    if ctx.c.resume and (out_dir / "model.json").exists():
+    if ctx.c.resume and models.exists(out_dir):
         print(f"[train] {out_dir} exists; skipping {kind} (resume)")
         return summarize(wdir / "metrics.jsonl", ctx)
     if not ctx.c.resume and wdir.exists():
@@ -423,12 +423,12 @@ def _save(ctx: Context, kind: str, params: dict, out: Path, stage: str) -> None:
         cfg = ctx.teacher_cfg.replace(
             ffn_dim=int(jax.tree.leaves(params["layers"]["w_down"])[0].shape[1])
         )
-        store.save_model(out, params, {"kind": "dense_llama", "config": cfg.to_dict(), **extra})
+        models.save_dense(out, params, cfg, extra)
     else:
         rc = ctx.model.rc
         if kind == "layerwise":
             rc = rc.replace(moe=dataclasses.replace(rc.moe, layerwise=True))
-        cv.save_readme(out, params, rc, ctx.model.spec, extra)
+        models.save_readme(out, params, rc, ctx.model.spec, extra)
     print(f"[train] {kind} ({stage}) -> {out}")
 
 
