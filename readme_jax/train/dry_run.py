@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.checkpoints import models
+from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
 from readme_jax.data.pipeline import BATCH_KEYS
 from readme_jax.model import llama
 from readme_jax.model.config import ConfigError, LlamaConfig
@@ -38,8 +39,6 @@ def model_config(c: Any) -> LlamaConfig:
     if ck.startswith("random:"):
         return models.random_config(ck, **over)
     if ck == "" or ck.endswith(".gguf"):
-        from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
-
         return config_from_gguf(open_gguf(ck or default_gguf_path()), **over)
     if (Path(ck) / "config.json").exists():
         return LlamaConfig.from_hf(Path(ck) / "config.json", **over)

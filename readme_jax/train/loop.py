@@ -27,10 +27,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from readme_jax.checkpoints import models
+from readme_jax.data import PipelineConfig, make_iterator, prepare_domains
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
-from readme_jax.refactor.experts import active_ffn_fraction, expert_channel_masks
+from readme_jax.refactor.experts import (
+    active_ffn_fraction,
+    expert_channel_masks,
+    static_pruned_params,
+)
 from readme_jax.refactor.pipeline import parse_domains
+from readme_jax.refactor.stats import ActivationStats
 from readme_jax.train import flops, losses
 from readme_jax.train import mesh as meshlib
 from readme_jax.train import step as steplib
@@ -95,8 +101,6 @@ def build_context(c: Any, run: Path, tc: TrainConfig, tokenizer=None, teacher=No
             f"c.data.domains {list(domains)} differ from the experts' domains "
             f"{model.spec.domains} in {moe_dir}; use the domains the model was refactored with"
         )
-    from readme_jax.data import prepare_domains
-
     cache = c.data.cache or None
     _, errors = prepare_domains(dict(domains), cache=cache)
     if errors:
@@ -138,9 +142,6 @@ def make_variant(ctx: Context, kind: str) -> Variant:
         params = {"backbone": _layout(ctx.model.params["backbone"], scan)}
         kw.update(cfg=rc.model, mcfg=dataclasses.replace(rc.moe, layerwise=True), rcfg=rc.router)
     elif kind == "static":
-        from readme_jax.refactor.experts import static_pruned_params
-        from readme_jax.refactor.stats import ActivationStats
-
         calib = ctx.run / "calib"
         if not (calib / "stats.json").exists():
             raise TrainingError(f"{calib} not found: the static baseline needs the calibrate stage")
@@ -166,8 +167,6 @@ def _place(tree: Any, mesh) -> Any:
 
 
 def _pipeline_cfg(ctx: Context):
-    from readme_jax.data import PipelineConfig
-
     tc = ctx.tc
     return PipelineConfig(
         domains=tuple(ctx.domains), seq_len=tc.seq_len, batch_size=tc.data_batch,
@@ -306,8 +305,6 @@ class _Run:
 
     def run(self) -> bool:
         """Train to the end of the schedule; False if stopped early (train.stop_after)."""
-        from readme_jax.data import make_iterator
-
         it = make_iterator(_pipeline_cfg(self.ctx), self.ctx.tokenizer, self.ctx.cache,
                            state=self.pos["data"])  # fmt: skip
         for pi in range(self.pos["phase_index"], len(self.sched)):
