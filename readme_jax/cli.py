@@ -104,11 +104,12 @@ def parse_config(
     by `config_argv`) parsed on a private flag registry, so a script's `main(argv)` can be
     called more than once in a process. Raises ConfigError on an unknown flag or bad value."""
     fv = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file(
-        "config", str(config_file), "config file (ml_collections)", flag_values=fv
-    )
+    args = ["launch", *config_argv(argv, _defaults(config_file), negated)]
     try:
-        fv(["launch", *config_argv(argv, _defaults(config_file), negated)])
+        holder = config_flags.DEFINE_config_file(
+            "config", str(config_file), "config file (ml_collections)", fv, sys_argv=args
+        )
+        fv(args)
     except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ConfigError(str(e)) from e
     return holder.value
