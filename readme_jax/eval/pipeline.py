@@ -141,6 +141,19 @@ def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
     return out
 
 
+def _meta(c) -> dict[str, Any]:
+    return {
+        "title": f"Read-ME evaluation: {c.name}",
+        "command": shlex.join(["python", *sys.argv]),  # the command that ran it
+        "checkpoint": c.model.checkpoint or "SmolLM2-135M-Instruct (bundled GGUF)",
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+        "notes": [
+            f"held-out split '{c.eval.split}', first {c.eval.max_tokens_per_domain} "
+            f"tokens per domain, windows of {c.eval.seq_len}"
+        ],
+    }
+
+
 def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, Any]:
     """Evaluate the dense teacher and every model in `run` into run/eval/ (JSON + report)."""
     t0 = time.time()
@@ -158,19 +171,7 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     }
     kw = dict(max_length=c.eval.seq_len, stride=None, batch_size=c.eval.batch_size)
     teacher = (dense_logits_fn(cfg), llama.unstack_layers(dense))
-    results: dict[str, Any] = {
-        "meta": {
-            "title": f"Read-ME evaluation: {c.name}",
-            "command": shlex.join(["python", *sys.argv]),  # the command that ran it
-            "checkpoint": c.model.checkpoint or "SmolLM2-135M-Instruct (bundled GGUF)",
-            "created": time.strftime("%Y-%m-%d %H:%M"),
-            "notes": [
-                f"held-out split '{c.eval.split}', first {c.eval.max_tokens_per_domain} "
-                f"tokens per domain, windows of {c.eval.seq_len}"
-            ],
-        },
-        "models": {},
-    }
+    results: dict[str, Any] = {"meta": _meta(c), "models": {}}
     do_mmlu = c.eval.mmlu_limit > 0
     row = evaluate_domains(teacher[0], teacher[1], streams, **kw)
     row.update(kind="dense", total_params=cfg.param_count(), active_params=cfg.param_count())

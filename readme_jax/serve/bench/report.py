@@ -56,26 +56,26 @@ def _pick(runs, **kw) -> dict | None:
     return None
 
 
-def build_results(sm, bc, trace_info, real, sim, cpu_fit, command: str) -> dict:
-    """The results dict: report.py's schema ("serving", "routing", "meta") plus "serve_bench"."""
-    E = sm.params.num_experts
-    rruns = real["runs"]
-    online = {}
+def _online_hit(rruns: list[dict]) -> dict:
+    """Hit ratio of each policy in its own engine run (expert batching, on demand)."""
+    online: dict = {}
     for r in rruns:
         if r["batching"] == "expert" and r["policy"] != "all" and not r["prefetch"]:
             online.setdefault(r["policy"], {})[r["capacity"]] = r["hit_ratio"]
             if r["policy"] == "belady":
-                online.setdefault("belady (offline optimum)", {})[r["capacity"]] = r[
-                    "oracle_hit_ratio"
-                ]
-    caps0 = list(bc.capacities or range(2, E)) or [1]
-    hit = trace_hit_ratios(rruns[0]["_steps"], bc.policies, caps0, E)
+                best = online.setdefault("belady (offline optimum)", {})
+                best[r["capacity"]] = r["oracle_hit_ratio"]
+    return online
+
+
+def _latency(rruns: list[dict], sim: dict, bc, caps: list[int]) -> dict:
+    """Per-request normalized latencies: the measured all-resident runs, and the first
+    profile's simulated Belady + prefetch runs at the largest capacity."""
     latency = {}
     for r in rruns:
         if r["policy"] == "all":
             latency[f"{r['batching']} (CPU, measured)"] = r["latencies"]
     key = (bc.profiles[0], bc.scales[-1]) if bc.profiles and bc.scales else None
-    caps = list(bc.capacities or range(2, E)) or [1]
     if key and sim:
         for b in bc.batching:
             s = _pick(
@@ -89,20 +89,28 @@ def build_results(sm, bc, trace_info, real, sim, cpu_fit, command: str) -> dict:
             )
             if s:
                 latency[f"{b} ({key[0]} sim, {key[1]}, belady C={max(caps)})"] = s["latencies"]
-    summary = {}
-    for r in rruns:
-        summary[f"CPU {r['name']}"] = {
-            k: r[k]
-            for k in (
-                "unique_experts_per_batch",
-                "mean_norm_latency_s",
-                "p95_norm_latency_s",
-                "throughput_tok_s",
-                "hit_ratio",
-                "bytes_per_token",
-                "steps",
-            )
-        }
+    return latency
+
+
+SUMMARY_KEYS = (
+    "unique_experts_per_batch",
+    "mean_norm_latency_s",
+    "p95_norm_latency_s",
+    "throughput_tok_s",
+    "hit_ratio",
+    "bytes_per_token",
+    "steps",
+)
+
+
+def build_results(sm, bc, trace_info, real, sim, cpu_fit, command: str) -> dict:
+    """The results dict: report.py's schema ("serving", "routing", "meta") plus "serve_bench"."""
+    E = sm.params.num_experts
+    rruns = real["runs"]
+    caps = list(bc.capacities or range(2, E)) or [1]
+    hit = trace_hit_ratios(rruns[0]["_steps"], bc.policies, caps, E)
+    latency = _latency(rruns, sim, bc, caps)
+    summary = {f"CPU {r['name']}": {k: r[k] for k in SUMMARY_KEYS} for r in rruns}
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("_")}
     return {
         "meta": {
@@ -118,7 +126,7 @@ def build_results(sm, bc, trace_info, real, sim, cpu_fit, command: str) -> dict:
             "config": jsonable(dataclasses.asdict(bc)),
             "trace": trace_info,
             "outputs_identical": all(r["outputs_match_reference"] for r in rruns),
-            "hit_ratio_online": online,
+            "hit_ratio_online": _online_hit(rruns),
             "real": [strip(r) for r in rruns],
             "sim": sim,
             "cpu_fit": {k: v for k, v in cpu_fit.items() if k != "hardware"},
@@ -195,8 +203,16 @@ def _hit_md(hit: dict) -> str:
 
 
 def extra_markdown(results: dict) -> str:
+    """The serving sections appended to eval/report.py's report.md."""
     sb = results["serve_bench"]
-    real, sim = sb["real"], sb.get("sim") or {"runs": [], "profiles": {}}
+    real = sb["real"]
+    caps = sorted({r["capacity"] for r in real if r["policy"] != "all"})
+    md = _real_md(sb, caps) + _fit_md(sb["cpu_fit"]) + _sim_md(sb, caps)
+    return "\n".join(x for x in md if x)
+
+
+def _real_md(sb: dict, caps: list[int]) -> list[str]:
+    real = sb["real"]
     E = max(r["capacity"] for r in real)
     md = [
         "",
@@ -214,7 +230,6 @@ def extra_markdown(results: dict) -> str:
         _hit_md(sb.get("hit_ratio_online") or {}),
         batching_md(real, "Batching, all experts resident", policy="all"),
     ]
-    caps = sorted({r["capacity"] for r in real if r["policy"] != "all"})
     if caps:
         md.append(
             batching_md(
@@ -233,8 +248,11 @@ def extra_markdown(results: dict) -> str:
                 policy="belady",
             )
         )
-    fit = sb["cpu_fit"]
-    md += [
+    return md
+
+
+def _fit_md(fit: dict) -> list[str]:
+    return [
         "### Cost model calibration on this CPU\n",
         f"Non-negative least squares over {fit['steps']} measured steps: per-step host cost "
         f"{1e3 * fit['step_s']:.1f} ms, per-call overhead {1e3 * fit['launch_s']:.1f} ms, "
@@ -242,6 +260,12 @@ def extra_markdown(results: dict) -> str:
         f"GB/s, compute {fit['flops'] / 1e9:.1f} GFLOP/s, load rate {fit['link_Bps'] / 1e9:.2f} "
         f"GB/s; R² = {fit['r2']:.3f}. The reference run: predicted "
         f"{fit['reference_predicted_s']:.1f} s, measured {fit['reference_measured_s']:.1f} s.\n",
+    ]
+
+
+def _sim_md(sb: dict, caps: list[int]) -> list[str]:
+    sim = sb.get("sim") or {"runs": [], "profiles": {}}
+    md = [
         "### Simulated accelerators\n",
         "Same engine and requests (replayed tokens and experts), step times from the cost "
         "model in `readme_jax/serve/bench/costmodel.py`; arrivals rescaled by each profile's "
@@ -276,7 +300,7 @@ def extra_markdown(results: dict) -> str:
                 batching="expert",
             )
         )
-    return "\n".join(x for x in md if x)
+    return md
 
 
 def write_outputs(results: dict, out_dir: Path) -> dict:
