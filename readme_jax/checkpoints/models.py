@@ -242,20 +242,32 @@ def tokenizer_for(meta: dict[str, Any]) -> Tokenizer:
     return load_tokenizer(src)
 
 
+def load_project(path: str | Path) -> tuple[str, LlamaConfig | ReadMEConfig, Any, dict[str, Any]]:
+    """(kind, config, params, meta) of one of our model directories, without its tokenizer:
+    kind "readme_moe" (config a ReadMEConfig) or "dense" (a LlamaConfig as saved); meta is
+    model.json with "_path". Raises CheckpointError for anything else."""
+    found = discover(path)
+    if found.kind == "readme_moe":
+        m = load_readme(found.path)
+        return "readme_moe", m.rc, m.params, m.meta | {"_path": str(path)}
+    if found.kind == "dense":
+        meta = load_meta(found.path)
+        return "dense", LlamaConfig.from_dict(meta["config"]), store.load_params(found.path), meta
+    raise CheckpointError(f"{path} holds a {found.kind!r} checkpoint, not a readme_jax model")
+
+
 def load_any(
     path: str | Path | None, dtype: str = "float32", **cfg_overrides: Any
 ) -> tuple[str, LlamaConfig | ReadMEConfig, Any, Tokenizer, dict[str, Any]]:
     """(kind, config, params, tokenizer, meta) for anything `discover` knows; kind is "dense"
-    or "readme_moe"; meta is model.json for our directories (with "_path"), else {}. Our
-    directories are returned with their layers unstacked (scan_layers=False) for dense ones."""
+    or "readme_moe"; meta is model.json for our directories (with "_path"), else {}. A dense
+    model directory of ours comes with scan_layers=False (layers as saved, unrolled forward)."""
     found = discover(path)
-    if found.kind == "readme_moe":
-        m = load_readme(found.path)
-        return "readme_moe", m.rc, m.params, tokenizer_for(m.meta), m.meta | {"_path": str(path)}
-    if found.kind == "dense":
-        meta = load_meta(found.path)
-        cfg = LlamaConfig.from_dict(meta["config"]).replace(scan_layers=False)
-        return "dense", cfg, store.load_params(found.path), tokenizer_for(meta), meta
+    if found.kind in ("readme_moe", "dense"):
+        kind, cfg, params, meta = load_project(found.path)
+        if kind == "dense":
+            cfg = cfg.replace(scan_layers=False)
+        return kind, cfg, params, tokenizer_for(meta), meta
     if found.kind == "gguf":
         cfg, params = load_gguf(found.path, dtype=dtype, **cfg_overrides)
     elif found.kind == "hf":

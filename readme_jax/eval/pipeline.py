@@ -63,10 +63,7 @@ def readme_logits_fn(rc: ReadMEConfig):
 def load_any(path: Path) -> tuple[str, Any, Any, dict]:
     """(kind, config, params, meta) for a model directory of this project (kind "dense" or
     "readme_moe"; meta is model.json with "_path")."""
-    kind, cfg, params, _, meta = models.load_any(path)
-    if kind == "dense":
-        cfg = LlamaConfig.from_dict(meta["config"])
-    return kind, cfg, params, meta
+    return models.load_project(path)
 
 
 def discover(run: Path, skip: tuple[str, ...] = ()) -> list[Path]:
