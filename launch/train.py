@@ -47,9 +47,7 @@ def _maybe_init_distributed(c) -> None:
 
 
 def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
-    from readme_jax.model.moe import MoEConfig
-    from readme_jax.model.readme import ReadMEConfig
-    from readme_jax.model.router import RouterConfig
+    from readme_jax.model.config import MoEConfig, ReadMEConfig, RouterConfig
     from readme_jax.refactor import convert as cv
 
     moe_dir = run / "moe_init"

@@ -90,7 +90,7 @@ def _load_project(path: Path) -> LoadedModel:
         None if src.startswith("bundled:") or not src or src.startswith("random:") else src
     )
     if meta["kind"] == "readme_moe":
-        from readme_jax.model.readme import ReadMEConfig
+        from readme_jax.model.config import ReadMEConfig
 
         rc = ReadMEConfig.from_dict(meta["config"])
         return LoadedModel(rc.model, params, tok, rc)

@@ -134,9 +134,7 @@ def run_peer(cfg, params) -> dict | None:
 
 def quick_moe(cfg, dense, tok, remain_rate=0.5):
     """A Read-ME MoE from a small real calibration (4 x 256 tokens per domain)."""
-    from readme_jax.model.moe import MoEConfig
-    from readme_jax.model.readme import ReadMEConfig
-    from readme_jax.model.router import RouterConfig
+    from readme_jax.model.config import MoEConfig, ReadMEConfig, RouterConfig
     from readme_jax.refactor import convert as cv
 
     doms = cv.parse_domains("fiction,drama,code_docs,manual")

@@ -28,8 +28,8 @@ from readme_jax.eval import routing as rt
 from readme_jax.eval.domains import domain_stream, evaluate_domains
 from readme_jax.eval.perplexity import dense_logits_fn
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.readme import ReadMEConfig, readme_forward, route
+from readme_jax.model.config import LlamaConfig, ReadMEConfig
+from readme_jax.model.readme import readme_forward, route
 
 NICE = {
     "moe_init": "Read-ME (before training)",

@@ -26,7 +26,6 @@ its local experts with ragged_dot, results combined with `psum`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -36,27 +35,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import DISPATCH_MODES as DISPATCH_MODES  # moe.DISPATCH_MODES
+from readme_jax.model.config import LlamaConfig, MoEConfig
 from readme_jax.model.router import top_k_routing
 
 Params = dict[str, Any]
-DISPATCH_MODES = ("ragged", "select", "blocked", "switched", "masked")
 SELECT_SWITCH_MIN = 32  # select: above this many (token, expert) pairs, switched dispatch
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    num_experts: int
-    top_k: int = 1
-    gate_scaling: bool = False
-    dispatch: str = "ragged"
-    layerwise: bool = False  # baseline: a gate per layer instead of the pre-gating router
-
-    def __post_init__(self):
-        if self.dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
 
 
 def _swiglu(x_TxD, gu_Dx2xF, down_FxD):

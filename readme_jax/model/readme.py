@@ -14,39 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
+from readme_jax.model.config import ReadMEConfig
 from readme_jax.model.router import (
-    RouterConfig,
     init_router_cache,
     router_logits,
     top_k_routing,
 )
 
 Params = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadMEConfig:
-    model: LlamaConfig
-    moe: MoEConfig
-    router: RouterConfig = RouterConfig()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.to_dict(),
-            "moe": dataclasses.asdict(self.moe),
-            "router": dataclasses.asdict(self.router),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ReadMEConfig:
-        return cls(
-            LlamaConfig.from_dict(d["model"]), MoEConfig(**d["moe"]), RouterConfig(**d["router"])
-        )
-
-    def replace(self, **kw) -> ReadMEConfig:
-        return dataclasses.replace(self, **kw)
 
 
 def route(params: Params, tokens_BxS, rc: ReadMEConfig, segment_ids_BxS=None):

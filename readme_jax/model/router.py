@@ -8,7 +8,6 @@ reuses `llama.forward` (RoPE, RMSNorm, GQA, KV cache) unchanged.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -16,33 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import LlamaConfig, RouterConfig
 
 Params = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class RouterConfig:
-    dim: int = 128  # paper: 512 at Llama-2 scale; scaled down for SmolLM2
-    n_heads: int = 4
-    ffn_dim: int = 256
-    rope_theta: float = 10000.0
-
-    def backbone(self, cfg: LlamaConfig) -> LlamaConfig:
-        """The router's one-layer decoder config (vocab and context from the backbone)."""
-        return LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            dim=self.dim,
-            n_layers=1,
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_heads,
-            ffn_dim=self.ffn_dim,
-            norm_eps=cfg.norm_eps,
-            rope_theta=self.rope_theta,
-            max_seq_len=cfg.max_seq_len,
-            tie_embeddings=True,  # the E-way head replaces the LM head
-            dtype=cfg.dtype,
-        )
 
 
 def init_router(

@@ -19,10 +19,8 @@ from readme_jax.checkpoints import store
 from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.readme import ReadMEConfig
-from readme_jax.model.router import RouterConfig, init_layerwise_gates, init_router
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.model.router import init_layerwise_gates, init_router
 from readme_jax.refactor.experts import ExpertSpec, build_expert_spec, build_moe_params
 from readme_jax.refactor.stats import ActivationStats, collect_stats
 

@@ -66,9 +66,7 @@ def load_serve_model(
         ck = str(m.meta.get("recipe", {}).get("checkpoint", ""))
         tok_path = None if not ck or ck.startswith(("bundled:", "random:")) else ck
         return ServeModel(split_params(m.rc, m.params), load_tokenizer(tok_path), str(path), m.spec)
-    from readme_jax.model.moe import MoEConfig
-    from readme_jax.model.readme import ReadMEConfig
-    from readme_jax.model.router import RouterConfig
+    from readme_jax.model.config import MoEConfig, ReadMEConfig, RouterConfig
 
     cfg, dense_params, tok = cv.load_dense(dense, seed=seed)
     doms = cv.parse_domains(domains)
@@ -181,10 +179,7 @@ def _np_init(shapes: dict, rng) -> dict:
 def tiny_serve_model(num_experts: int = 4, seed: int = 0, *, vocab: int = 97) -> ServeModel:
     """A random tiny Read-ME model (2 layers, width 32) for tests and smoke runs."""
     from readme_jax.model import llama
-    from readme_jax.model.config import LlamaConfig
-    from readme_jax.model.moe import MoEConfig
-    from readme_jax.model.readme import ReadMEConfig
-    from readme_jax.model.router import RouterConfig
+    from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
     from readme_jax.refactor import experts as ex
 
     cfg = LlamaConfig(
