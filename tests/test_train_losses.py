@@ -1,5 +1,6 @@
 """Training losses: routing-distillation targets (Eq. 4), KL, and the chunked LM-head loss."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,8 +78,7 @@ def test_chunked_head_loss_and_grads_equal_full_logits(transposed, kd, temp):
         lambda h, w: losses.reference_head_loss(h, w, y, wt, **kw), argnums=(0, 1)
     )(h, w)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_allclose(g_got[0], g_want[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(g_got[1], g_want[1], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(g_got, g_want, rtol=1e-4, atol=1e-5)
     _, g_nw = jax.grad(
         lambda h, w: losses.head_loss(h, w, y, wt, chunk=8, need_w_grad=False, **kw)[0],
         argnums=(0, 1),

@@ -3,6 +3,7 @@
 import copy
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +64,7 @@ def test_step_on_8_devices_data2_expert4_matches_one_device(tiny):
     # Tokens are sharded over `data`, so gradient sums run in another order. Adam's first step
     # divides each gradient by its own magnitude, which turns an order-of-summation difference
     # in a near-zero gradient into a parameter difference of up to ~1e-5 (lr 1e-2).
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+    chex.assert_trees_all_close(p1, p8, rtol=1e-4, atol=5e-5)
 
 
 def test_blocked_train_dispatch_matches_ragged(tiny):
@@ -76,8 +76,7 @@ def test_blocked_train_dispatch_matches_ragged(tiny):
     rag, pr, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "ragged")
     blk, pb, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "auto")
     np.testing.assert_allclose(blk, rag, rtol=2e-5)
-    for a, b in zip(jax.tree.leaves(pr), jax.tree.leaves(pb), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+    chex.assert_trees_all_close(pr, pb, rtol=1e-4, atol=5e-5)
 
 
 def test_expert_weights_and_batches_are_sharded_by_the_rules(tiny):

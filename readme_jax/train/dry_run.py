@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import readme_jax.train.mesh as meshlib
+import readme_jax.train.step as steplib
+from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
 from readme_jax.data.pipeline import BATCH_KEYS
 from readme_jax.model import llama
 from readme_jax.model.config import ConfigError, LlamaConfig, MoEConfig, RouterConfig
 from readme_jax.model.router import init_router
 from readme_jax.refactor import convert as cv
-from readme_jax.train import mesh as meshlib
-from readme_jax.train import step as steplib
 from readme_jax.train.config import resolve
 
 
@@ -46,8 +47,6 @@ def model_config(c: Any) -> LlamaConfig:
             **over,
         )
     if ck == "" or ck.endswith(".gguf"):
-        from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
-
         return config_from_gguf(open_gguf(ck or default_gguf_path()), **over)
     if (Path(ck) / "config.json").exists():
         return LlamaConfig.from_hf(Path(ck) / "config.json", **over)
