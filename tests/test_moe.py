@@ -180,9 +180,10 @@ def test_expert_parallel_shards_tokens_over_data_and_experts_over_expert(T, want
 def test_readme_cached_decode_equals_greedy_reforward(B, P):
     """Generator (prefill with last-position logits, then cached decode steps) gives the
     greedy tokens of a full re-forward per token."""
+    from readme_jax.model.config import ReadMEConfig, RouterConfig
     from readme_jax.model.generate import Generator
-    from readme_jax.model.readme import ReadMEConfig, decode_model, readme_forward
-    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.model.readme import decode_model, readme_forward
+    from readme_jax.model.router import init_router
 
     dense, _, mp = _setup()
     cfg = CFG.replace(max_seq_len=128)
@@ -208,9 +209,10 @@ def test_readme_cached_decode_equals_greedy_reforward(B, P):
 def test_host_routed_decode_equals_in_graph_switch():
     """Batch 1, the host reads each token's expert and hands the step that expert's fused FFN:
     the same tokens as the in-graph switch, greedy and sampled."""
+    from readme_jax.model.config import ReadMEConfig, RouterConfig
     from readme_jax.model.generate import Generator
-    from readme_jax.model.readme import _EXPERT_KEYS, ReadMEConfig, decode_model
-    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.model.readme import _EXPERT_KEYS, decode_model
+    from readme_jax.model.router import init_router
     from readme_jax.model.sampling import SamplingParams
 
     dense, _, mp = _setup()
@@ -261,8 +263,9 @@ def test_blocked_dispatch_equals_masked_in_value_and_gradient(K, fn):
 def test_eval_logits_fn_equals_ragged_readme_forward():
     """The evaluation's logits function (blocked dispatch on CPU) gives the model's logits."""
     from readme_jax.eval.pipeline import readme_logits_fn
-    from readme_jax.model.readme import ReadMEConfig, readme_forward
-    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.model.config import ReadMEConfig, RouterConfig
+    from readme_jax.model.readme import readme_forward
+    from readme_jax.model.router import init_router
 
     dense, _, mp = _setup()
     rc = ReadMEConfig(CFG, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
@@ -278,9 +281,10 @@ def test_eval_logits_fn_equals_ragged_readme_forward():
 def test_forward_last_position_logits_equal_full_logits_there():
     """llama.forward(..., last_B=) (the prefill path): per row, the full logits at that row's
     position, for the dense decoder and for the Read-ME decode step."""
+    from readme_jax.model.config import ReadMEConfig, RouterConfig
     from readme_jax.model.generate import dense_model
-    from readme_jax.model.readme import ReadMEConfig, decode_model
-    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.model.readme import decode_model
+    from readme_jax.model.router import init_router
 
     dense, _, mp = _setup()
     rc = ReadMEConfig(CFG, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))

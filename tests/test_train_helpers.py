@@ -14,10 +14,7 @@ from ml_collections import ConfigDict
 
 from readme_jax.checkpoints import models
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.readme import ReadMEConfig
-from readme_jax.model.router import RouterConfig
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
 from readme_jax.refactor import pipeline as rp
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,8 +31,8 @@ from readme_jax.eval.multiple_choice import score_multiple_choice
 from readme_jax.eval.perplexity import dense_logits_fn
 from readme_jax.eval.report import headline_table, write_report
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.readme import ReadMEConfig, readme_forward, route
+from readme_jax.model.config import LlamaConfig, ReadMEConfig
+from readme_jax.model.readme import readme_forward, route
 from readme_jax.refactor.pipeline import parse_domains
 
 NICE = {

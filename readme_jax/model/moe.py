@@ -26,37 +26,23 @@ its local experts with ragged_dot, results combined with `psum`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import DISPATCH_MODES as DISPATCH_MODES  # moe.DISPATCH_MODES
+from readme_jax.model.config import LlamaConfig, MoEConfig
 from readme_jax.model.router import top_k_routing
 
 Params = dict[str, Any]
-DISPATCH_MODES = ("ragged", "select", "blocked", "switched", "masked")
 SELECT_SWITCH_MIN = 32  # select: above this many (token, expert) pairs, switched dispatch
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    num_experts: int
-    top_k: int = 1
-    gate_scaling: bool = False
-    dispatch: str = "ragged"
-    layerwise: bool = False  # baseline: a gate per layer instead of the pre-gating router
-
-    def __post_init__(self):
-        if self.dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
 
 
 def _swiglu(x_TxD, gu_Dx2xF, down_FxD):
@@ -365,3 +351,76 @@ def active_param_count(cfg: LlamaConfig, shared_widths_L, expert_widths_LxE, top
         "active_ffn": active_ffn,
         "dense_ffn": dense_ffn,
     }
+
+
+def init_moe_layer(
+    mcfg: MoEConfig, dim: int, shared_width: int, expert_width: int, key: jax.Array, dtype=None
+) -> Params:
+    """Random MoE FFN parameters of one layer (normal, std 0.02), for tests and from-scratch
+    work: shared_gate_up [D, 2, Fs], shared_down [Fs, D], expert_gate_up [E, D, 2, Fe],
+    expert_down [E, Fe, D], and with mcfg.layerwise a gate [D, E]."""
+    D, Fs, Fe, E = dim, shared_width, expert_width, mcfg.num_experts
+    shapes = {
+        "shared_gate_up": (D, 2, Fs),
+        "shared_down": (Fs, D),
+        "expert_gate_up": (E, D, 2, Fe),
+        "expert_down": (E, Fe, D),
+    }
+    if mcfg.layerwise:
+        shapes["gate"] = (D, E)
+    keys = jax.random.split(key, len(shapes))
+    dtype = dtype or jnp.float32
+    return {
+        name: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+        for k, (name, shape) in zip(keys, shapes.items(), strict=True)
+    }
+
+
+class MoEFFN(nnx.Module):
+    """Flax NNX MoE FFN layer: the always-on shared expert plus E routed experts, holding one
+    layer's parameters (`init_moe_layer` names and shapes) as nnx.Param leaves and calling
+    `moe_ffn`, so it can sit inside a user's own Flax model and still go through nnx.split /
+    nnx.merge for jit.
+
+    `ffn(x_BxSxD, routing)` -> y [B, S, D], routing = (experts [B, S, A] int32, weights
+    [B, S, A]) from a `Router` (or any router); with mcfg.layerwise, routing=None routes from
+    x with the layer's own gate, and `return_aux=True` also returns its logits [B, S, E].
+    Without `params`, random ones of widths `shared_width` / `expert_width`."""
+
+    def __init__(
+        self,
+        mcfg: MoEConfig,
+        params: Params | None = None,
+        *,
+        dim: int | None = None,
+        shared_width: int | None = None,
+        expert_width: int | None = None,
+        rngs: nnx.Rngs | None = None,
+        mesh=None,
+    ):
+        self.mcfg, self.mesh = mcfg, mesh
+        if params is None:
+            if None in (dim, shared_width, expert_width):
+                raise ValueError("MoEFFN needs params, or dim, shared_width and expert_width")
+            key = (rngs or nnx.Rngs(0)).params()
+            params = init_moe_layer(mcfg, dim, shared_width, expert_width, key)
+        D = params["shared_down"].shape[-1]
+        chex.assert_shape(params["expert_gate_up"], (mcfg.num_experts, D, 2, None))
+        self.weights = nnx.data(jax.tree.map(nnx.Param, params))
+
+    @property
+    def params(self) -> Params:
+        """One layer's parameters as plain arrays (what `moe_ffn`'s callable takes)."""
+        return jax.tree.map(
+            lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param)
+        )
+
+    def __call__(self, x_BxSxD: jax.Array, routing=None, *, return_aux: bool = False):
+        chex.assert_shape(x_BxSxD, (None, None, self.params["shared_down"].shape[-1]))
+        if routing is None and not self.mcfg.layerwise:
+            raise ValueError("MoEFFN needs routing (experts, weights) unless mcfg.layerwise")
+        if routing is not None:
+            chex.assert_equal_shape(routing)
+            chex.assert_shape(routing[0], x_BxSxD.shape[:2] + (self.mcfg.top_k,))
+        y, aux = moe_ffn(self.mcfg, routing, self.mesh)(self.params, x_BxSxD, None)
+        return (y, aux) if return_aux else y

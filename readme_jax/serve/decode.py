@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.model import llama, moe
-from readme_jax.model.readme import ReadMEConfig
+from readme_jax.model.config import ReadMEConfig
 from readme_jax.model.router import router_logits, top_k_routing
 from readme_jax.model.sampling import sample
 

@@ -23,9 +23,8 @@ from readme_jax.checkpoints import models
 from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
 from readme_jax.data.pipeline import BATCH_KEYS
 from readme_jax.model import llama
-from readme_jax.model.config import ConfigError, LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.router import RouterConfig, init_router
+from readme_jax.model.config import ConfigError, LlamaConfig, MoEConfig, RouterConfig
+from readme_jax.model.router import init_router
 from readme_jax.refactor.pipeline import parse_domains
 from readme_jax.train import mesh as meshlib
 from readme_jax.train import step as steplib
