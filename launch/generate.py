@@ -12,7 +12,9 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from readme_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "GGUF file or Hugging Face directory (default: SmolLM2).")
@@ -87,16 +89,15 @@ def main(argv):
 
 
 def _is_readme(path: str) -> bool:
-    import json
-    from pathlib import Path
+    from readme_jax.checkpoints import models
 
-    mj = Path(path) / "model.json"
-    return mj.exists() and json.loads(mj.read_text()).get("kind") == "readme_moe"
+    return models.discover(path).kind == "readme_moe"
 
 
 def _generate_moe(sp) -> None:
     """Read-ME through the serving engine: pre-gated routes, offloaded experts, cache stats."""
-    from readme_jax.serve.moe_generate import format_stats, generate_moe, load_serve_model
+    from readme_jax.serve.bench.models import load_serve_model
+    from readme_jax.serve.moe_generate import format_stats, generate_moe
 
     sm = load_serve_model(FLAGS.checkpoint or None)
     text = FLAGS.prompt
@@ -131,4 +132,4 @@ def _generate_moe(sp) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

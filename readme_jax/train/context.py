@@ -13,11 +13,12 @@ from typing import Any
 
 import jax
 
+from readme_jax.checkpoints import models
 from readme_jax.data import PipelineConfig, prepare_domains
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
-from readme_jax.refactor import convert as cv
 from readme_jax.refactor.experts import expert_channel_masks
+from readme_jax.refactor.pipeline import parse_domains
 from readme_jax.train.config import TrainConfig
 from readme_jax.train.losses import union_masks
 from readme_jax.train.mesh import mesh_from_config, param_shardings
@@ -35,7 +36,7 @@ class Context:
     run: Path
     tc: TrainConfig
     mesh: Any
-    model: cv.ReadMEModel  # the refactored, untrained Read-ME model
+    model: models.ReadMEModel  # the refactored, untrained Read-ME model
     teacher_cfg: LlamaConfig
     teacher: dict  # dense params, layers stacked
     tokenizer: Any
@@ -93,20 +94,20 @@ def build_context(c: Any, run: Path, tc: TrainConfig, tokenizer=None, teacher=No
     refactor stage has not run, the domains differ from the experts', data is missing, or a
     phase's batch cannot be split over the mesh."""
     moe_dir = run / "moe_init"
-    if not (moe_dir / "model.json").exists():
+    if not models.exists(moe_dir):
         raise TrainingError(
             f"{moe_dir} not found: run the calibrate and refactor stages first "
             f"(--config.stages=calibrate,refactor,train)"
         )
-    model = cv.load_readme(moe_dir)
+    model = models.load_readme(moe_dir)
     if teacher is None or tokenizer is None:
-        cfg, dense, tok = cv.load_dense(
+        cfg, dense, tok = models.load_dense(
             c.model.checkpoint, c.model.dtype, model.rc.model.scan_layers, c.seed
         )
         teacher = teacher or (cfg, dense)
         tokenizer = tokenizer or tok
     tcfg, dense = teacher
-    domains = cv.parse_domains(c.data.domains)
+    domains = parse_domains(c.data.domains)
     if list(domains) != list(model.spec.domains):
         raise TrainingError(
             f"c.data.domains {list(domains)} differ from the experts' domains "

@@ -32,9 +32,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import readme_jax.train.step as steplib
-from readme_jax.checkpoints import store
+from readme_jax.checkpoints import models
 from readme_jax.data import make_iterator
-from readme_jax.refactor import convert as cv
 from readme_jax.train.checkpoint import TrainCheckpoints
 from readme_jax.train.config import TrainConfig, resolve
 from readme_jax.train.context import (
@@ -318,7 +317,7 @@ def train_variant(ctx: Context, kind: str) -> dict:
     """Train one model kind through the whole schedule and save it; returns its summary."""
     out_dir = ctx.run / OUTPUTS[kind]
     wdir = ctx.run / "train" / kind
-    if ctx.c.resume and (out_dir / "model.json").exists():
+    if ctx.c.resume and models.exists(out_dir):
         print(f"[train] {out_dir} exists; skipping {kind} (resume)")
         return summarize(wdir / "metrics.jsonl", ctx.peak_flops)
     if not ctx.c.resume and wdir.exists():
@@ -343,12 +342,12 @@ def _save(ctx: Context, kind: str, params: dict, out: Path, stage: str) -> None:
     if kind == "static":
         ffn_dim = int(jax.tree.leaves(params["layers"]["w_down"])[0].shape[1])
         cfg = ctx.teacher_cfg.replace(ffn_dim=ffn_dim)
-        store.save_model(out, params, {"kind": "dense_llama", "config": cfg.to_dict(), **extra})
+        models.save_dense(out, params, cfg, extra)
     else:
         rc = ctx.model.rc
         if kind == "layerwise":
             rc = rc.replace(moe=dataclasses.replace(rc.moe, layerwise=True))
-        cv.save_readme(out, params, rc, ctx.model.spec, extra)
+        models.save_readme(out, params, rc, ctx.model.spec, extra)
     print(f"[train] {kind} ({stage}) -> {out}")
 
 
