@@ -96,8 +96,13 @@ def build(root: Path):
     mcfg = MoEConfig(len(domains), 1, False, "ragged")
     rcfg = RouterConfig(16, 2, 32)
     params, spec = rp.refactor(dense, cfg, stats, 0.5, mcfg, rcfg, 0)
-    models.save_readme(Path(c.run_dir) / "moe_init", params, ReadMEConfig(cfg, mcfg, rcfg), spec,
-                   {"recipe": recipe})  # fmt: skip
+    models.save_readme(
+        Path(c.run_dir) / "moe_init",
+        params,
+        ReadMEConfig(cfg, mcfg, rcfg),
+        spec,
+        {"recipe": recipe},
+    )
     return c, tok, (cfg, dense)
 
 

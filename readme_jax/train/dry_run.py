@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import readme_jax.train.mesh as meshlib
+import readme_jax.train.step as steplib
 from readme_jax.checkpoints import models
 from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
 from readme_jax.data.pipeline import BATCH_KEYS
@@ -26,8 +28,6 @@ from readme_jax.model import llama
 from readme_jax.model.config import ConfigError, LlamaConfig, MoEConfig, RouterConfig
 from readme_jax.model.router import init_router
 from readme_jax.refactor.pipeline import parse_domains
-from readme_jax.train import mesh as meshlib
-from readme_jax.train import step as steplib
 from readme_jax.train.config import resolve
 
 
