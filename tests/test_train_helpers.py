@@ -56,8 +56,17 @@ def _domains(root: Path) -> dict[str, str]:
 
 
 def teacher_cfg() -> LlamaConfig:
-    return LlamaConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                       tie_embeddings=True, max_seq_len=256, eos_ids=(0,))  # fmt: skip
+    return LlamaConfig(
+        vocab_size=256,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        tie_embeddings=True,
+        max_seq_len=256,
+        eos_ids=(0,),
+    )
 
 
 def make_config(root: Path, domains: dict[str, str]) -> ConfigDict:
