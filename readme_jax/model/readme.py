@@ -49,12 +49,28 @@ class ReadMEConfig:
         return dataclasses.replace(self, **kw)
 
 
-def route(params: Params, tokens_BxS, rc: ReadMEConfig, segment_ids_BxS=None):
-    """Router logits [B, S, E] and the routing (experts, weights) they imply."""
-    logits, _ = router_logits(
-        params["router"], tokens_BxS, rc.router, rc.model, segment_ids_BxS=segment_ids_BxS
+def route(
+    params: Params,
+    tokens_BxS,
+    rc: ReadMEConfig,
+    segment_ids_BxS=None,
+    *,
+    cache: Params | None = None,
+    num_new_B=None,
+):
+    """The pre-gating router on `tokens_BxS`: (logits [B, S, E], (experts [B, S, A], weights
+    [B, S, A]), the router's updated KV cache or None). The one routing function: training,
+    evaluation, the forward, and every decode step (with `cache`) call it."""
+    logits, cache = router_logits(
+        params["router"],
+        tokens_BxS,
+        rc.router,
+        rc.model,
+        segment_ids_BxS=segment_ids_BxS,
+        cache=cache,
+        num_new_B=num_new_B,
     )
-    return logits, top_k_routing(logits, rc.moe.top_k, rc.moe.gate_scaling)
+    return logits, top_k_routing(logits, rc.moe.top_k, rc.moe.gate_scaling), cache
 
 
 def readme_forward(
@@ -73,7 +89,7 @@ def readme_forward(
     `routing` overrides the router (oracle routing for evaluation)."""
     aux: dict[str, Any] = {"router_logits": None, "routing": routing, "layer_logits": None}
     if routing is None and not rc.moe.layerwise:
-        aux["router_logits"], routing = route(params, tokens_BxS, rc, segment_ids_BxS)
+        aux["router_logits"], routing, _ = route(params, tokens_BxS, rc, segment_ids_BxS)
         aux["routing"] = routing
     out, _, layer_aux = moe.moe_forward(
         params["backbone"],
