@@ -7,19 +7,20 @@ MoE layer parameters replace `w_gate_up`/`w_down` with
 gate [L, D, E]. One routing decision per token (experts [B, S, K], weights [B, S, K]) holds in
 every layer (Read-ME); the layer-wise baseline instead routes per layer from the hidden state.
 
-Dispatch modes:
+Dispatch modes (`pick_dispatch` chooses one from the backend and the phase):
   ragged  sort tokens by expert, grouped matmul with `jax.lax.ragged_dot` (GPU/TPU grouped GEMM;
-          on XLA:CPU it lowers to a masked dense product over all experts).
-  select  per expert, `lax.cond` on whether any token uses it: reads only the needed experts'
-          bytes, which is what makes batch-1 decode faster than dense on CPU.
+          on XLA:CPU it lowers to a masked dense product over all experts). Expert parallelism.
   blocked tokens sorted by expert into blocks of one expert each (groups zero-padded to the block
-          size), one batched matmul over the blocks with each block's expert weights gathered:
-          computes ~T + E * block rows instead of E * T. On XLA:CPU a forward+backward of one
-          SmolLM2-sized MoE FFN (1,024 tokens, 4 experts) measured ~2x faster than ragged.
-  switched the same blocks, each run by one `lax.switch` over the experts (weights read in
-          place, padding blocks skipped): the fastest forward on XLA:CPU, slow backward. `select`
-          uses it for prompts (more than SELECT_SWITCH_MIN (token, expert) pairs).
-  masked  every expert on every token, weighted by the one-hot routing (simple reference).
+          size), ~T + E * block rows instead of E * T. Two read strategies: `gather` (one
+          batched matmul with each block's expert weights gathered; differentiable and fast
+          backward: CPU training, a SmolLM2-sized MoE FFN forward+backward of 1,024 tokens, 4
+          experts, measured ~2x faster than ragged) and `switch` (each block run by one
+          `lax.switch`, weights read in place, padding blocks skipped: the fastest CPU
+          forward, used for prompts).
+  select  per expert, `lax.cond` on whether any token uses it: reads only the needed experts'
+          bytes, which is what makes batch-1 decode faster than dense on CPU; above
+          SELECT_SWITCH_MIN (token, expert) pairs (a prompt) blocked with the switch read.
+The reference (every expert on every token, masked) lives with the tests (tests/moe_reference.py).
 Expert parallelism: `shard_map` over the `expert` mesh axis; tokens replicated, each shard runs
 its local experts with ragged_dot, results combined with `psum`.
 """
@@ -40,7 +41,8 @@ from readme_jax.model.config import LlamaConfig
 from readme_jax.model.router import top_k_routing
 
 Params = dict[str, Any]
-DISPATCH_MODES = ("ragged", "select", "blocked", "switched", "masked")
+DISPATCH_MODES = ("ragged", "blocked", "select")
+PHASES = ("train", "eval", "prefill", "decode")
 SELECT_SWITCH_MIN = 32  # select: above this many (token, expert) pairs, switched dispatch
 
 
@@ -57,6 +59,32 @@ class MoEConfig:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+
+
+def pick_dispatch(backend: str | None, phase: str, num_tokens: int | None = None, *,
+                  model: str = "ragged", override: str = "") -> str:  # fmt: skip
+    """The one place that decides which MoE dispatch runs.
+
+    backend: `jax.default_backend()` (None: ask JAX); phase: train | eval | prefill | decode;
+    num_tokens: T of the call (select itself switches to blocked blocks above
+    SELECT_SWITCH_MIN pairs); model: the model config's mode; override: a configured choice
+    ("" = the model's, "auto" = the measured choice, or a mode, which wins).
+      prefill, decode  select (reads only the used experts: CPU batch-1 decode beats dense)
+      train            the model's; with "auto", blocked on CPU (a SmolLM2 expert step 10.4 vs
+                       11.9 s per 1,024 tokens against ragged, which XLA:CPU runs over every
+                       expert) and the model's (ragged, a grouped GEMM) on GPU/TPU
+      eval             blocked on CPU for a ragged model (one SmolLM2 rr-0.5 forward of [4, 512]
+                       tokens ~4.9 s against ~6.2 s), the model's elsewhere."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if override not in ("", "auto"):
+        return override
+    if phase in ("prefill", "decode"):
+        return "select"
+    cpu = (backend or jax.default_backend()) == "cpu"
+    if cpu and model == "ragged" and (phase == "eval" or override == "auto"):
+        return "blocked"
+    return model
 
 
 def _swiglu(x_TxD, gu_Dx2xF, down_FxD):
@@ -130,9 +158,19 @@ def _combine_blocks(y_NbxD, dest, weights_TxK):
     return jnp.sum(y * weights_TxK[..., None].astype(y.dtype), axis=1)
 
 
-def blocked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: int = 128):
-    """Grouped matmul by blocks (see `_block_layout`): one batched matmul with each block's
-    expert weights gathered (a padding block computes zeros)."""
+def blocked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: int = 128,
+                    read: str = "gather"):  # fmt: skip
+    """Grouped matmul by blocks (see `_block_layout`).
+
+    read="gather": one batched matmul with each block's expert weights gathered (a padding
+    block computes zeros); the training path. read="switch": each block run by one
+    `lax.switch` over the experts (weights read in place, padding blocks skipped; blocks of
+    64): the CPU prefill path, one SmolLM2-sized MoE FFN forward (512 tokens, 4 experts, 70% on
+    one) took 11.5 ms against ragged 19.9, gather 14.9 and the dense FFN 17.6. Differentiable,
+    but its backward is slow on CPU. With read="switch" gu_Ex/down may be lists of E (trimmed
+    experts of different widths)."""
+    if read == "switch":
+        return _switched(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, min(block, 64))
     E, D, _, F = gu_Ex.shape
     b, N, dest, src, block_expert = _block_layout(experts_TxK, E, block)
     xs = _gather_blocks(x_TxD, src, N, b)
@@ -143,14 +181,7 @@ def blocked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: i
     return _combine_blocks(y, dest, weights_TxK)
 
 
-def switched_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: int = 64):
-    """Grouped matmul by blocks (see `_block_layout`), each block run by one `lax.switch` over
-    the experts: reads its expert's weights in place (no gathered copy) and skips padding
-    blocks. The CPU prefill path: one SmolLM2-sized MoE FFN forward (512 tokens, 4 experts,
-    70% on one) took 11.5 ms against ragged 19.9, blocked 14.9 and the dense FFN 17.6 (blocks
-    unrolled; the loop over blocks measured 8.8 vs 9.2 ms unrolled in a later run).
-    Differentiable, but its backward is slow on CPU: train with `blocked`. gu_Ex/down may be
-    stacked arrays or lists of E (trimmed experts of different widths)."""
+def _switched(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: int):
     E = len(gu_Ex) if isinstance(gu_Ex, list) else gu_Ex.shape[0]
     b, N, dest, src, block_expert = _block_layout(experts_TxK, E, block)
     xs = _gather_blocks(x_TxD, src, N, b)
@@ -167,13 +198,14 @@ def select_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
     """Per expert, run it (on all T tokens) only if some token picked it. Reads only the needed
     experts' weights: the CPU decode path. Above SELECT_SWITCH_MIN (token, expert) pairs (a
     prompt) running each used expert on every token costs up to E times the FLOPs, so the
-    tokens go through `switched_experts` instead. gu_Ex/down may be stacked arrays or lists."""
+    tokens go through blocked dispatch with the switch read instead. gu_Ex/down may be stacked
+    arrays or lists."""
     E = len(gu_Ex) if isinstance(gu_Ex, list) else gu_Ex.shape[0]
     if experts_TxK.size == 1:  # one token, top-1 (batch-1 decode): one switch, not E conds
         y = _switch_swiglu(experts_TxK[0, 0], list(gu_Ex), list(down_ExFxD), x_TxD)
         return y * weights_TxK.astype(y.dtype)
     if experts_TxK.size > SELECT_SWITCH_MIN:
-        return switched_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD)
+        return _switched(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, 64)
     out = jnp.zeros_like(x_TxD)
     for e in range(E):
         w_T = jnp.sum(jnp.where(experts_TxK == e, weights_TxK, 0.0), axis=-1)
@@ -186,15 +218,6 @@ def select_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
             out,
         )
     return out
-
-
-def masked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
-    """Every expert on every token, weighted by the (one-hot) routing: the simple reference."""
-    E = gu_Ex.shape[0]
-    w_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, E) * weights_TxK[..., None], axis=1)
-    gu = jnp.einsum("td,edgf->tegf", x_TxD, gu_Ex)
-    h_TxExF = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
-    return jnp.einsum("tef,efd,te->td", h_TxExF, down_ExFxD, w_TxE.astype(h_TxExF.dtype))
 
 
 def expert_parallel(fn, mesh, expert_axis: str = "expert"):
@@ -252,7 +275,7 @@ def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
         e_TxK = experts.reshape(B * S, -1)
         w_TxK = weights.reshape(B * S, -1)
         gu, down = lp["expert_gate_up"], lp["expert_down"]
-        lists_ok = mcfg.dispatch in ("select", "switched") and mesh is None
+        lists_ok = mcfg.dispatch == "select" and mesh is None
         if isinstance(gu, list) and not lists_ok:
             gu, down = jnp.stack(gu), jnp.stack(down)
         if mcfg.dispatch == "select" and "fused_gate_up" in lp and e_TxK.size == 1:
@@ -266,12 +289,8 @@ def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
             y = ragged_experts(x, e_TxK, w_TxK, gu, down)
         elif mcfg.dispatch == "select":
             y = select_experts(x, e_TxK, w_TxK, gu, down)
-        elif mcfg.dispatch == "blocked":
-            y = blocked_experts(x, e_TxK, w_TxK, gu, down)
-        elif mcfg.dispatch == "switched":
-            y = switched_experts(x, e_TxK, w_TxK, gu, down)
         else:
-            y = masked_experts(x, e_TxK, w_TxK, gu, down)
+            y = blocked_experts(x, e_TxK, w_TxK, gu, down)
         y = y + shared_ffn(lp, x)
         return y.reshape(B, S, D), aux
 

@@ -151,23 +151,13 @@ def _decoder(s: Setup, params: Params, b: Params, ffn):
     return h, aux
 
 
-def train_dispatch(name: str) -> str:
-    """The MoE dispatch a train step uses: "" = the model's; "auto" = `blocked` on CPU (a
-    SmolLM2 expert step measured 10.4 vs 11.9 s per 1,024 tokens against `ragged`, which XLA:CPU
-    runs over every expert), the model's elsewhere (ragged_dot is a grouped GEMM on GPU/TPU)."""
-    if name == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else ""
-    return name
-
-
 def student_hidden(s: Setup, params: Params, b: Params, routing, mesh):
     """Student final hidden [B, S, D] and per-layer aux (layer-wise gate logits or None)."""
     if s.kind == "static":
         return _decoder(s, params, b, llama.dense_ffn)
     mcfg = s.mcfg
-    dispatch = train_dispatch(s.tc.dispatch)
-    if dispatch:
-        mcfg = dataclasses.replace(mcfg, dispatch=dispatch)
+    dispatch = moe.pick_dispatch(None, "train", model=mcfg.dispatch, override=s.tc.dispatch)
+    mcfg = dataclasses.replace(mcfg, dispatch=dispatch)
     ffn = moe.moe_ffn(mcfg, routing, mesh if s.expert_parallel else None)
     return _decoder(s, params["backbone"], b, ffn)
 
