@@ -251,7 +251,7 @@ def pf_begin(bb, cache, row, start, tok_Q):
     return bb["embed"][tok_Q][None], c1["k"], c1["v"]
 
 
-def pf_layer(lp, x_1xQxD, k_c, v_c, start, *, rc: ReadMEConfig):
+def chunk_layer(lp, x_1xQxD, k_c, v_c, start, *, rc: ReadMEConfig):
     """`llama.block` for the chunk at positions start + 0..Q-1 with the shared expert as its
     FFN. k_c, v_c: this layer's KV row [1, M, K, hd]. Returns (x, h = the FFN input [Q, D],
     k_c, v_c); the routed experts are added by `pf_experts`, one call per wave."""
@@ -290,7 +290,7 @@ def route_prompt(router, tok_1xS, *, rc: ReadMEConfig):
 decode_jit = jax.jit(decode_step, static_argnames=("rc", "sampled"), donate_argnums=(2, 3))
 prefill_jit = jax.jit(prefill_step, static_argnames=("rc", "sampled"), donate_argnums=(2, 3))
 pf_begin_jit = jax.jit(pf_begin)
-pf_layer_jit = jax.jit(pf_layer, static_argnames=("rc",), donate_argnums=(2, 3))
+chunk_layer_jit = jax.jit(chunk_layer, static_argnames=("rc",), donate_argnums=(2, 3))
 pf_experts_jit = jax.jit(pf_experts, donate_argnums=(1,))
 pf_end_jit = jax.jit(pf_end, static_argnames=("rc", "sampled"), donate_argnums=(2, 3))
 route_prompt_jit = jax.jit(route_prompt, static_argnames=("rc",))

@@ -176,7 +176,9 @@ class SlotDecoder:
         x, k_c, v_c = steps.pf_begin_jit(bb, self.cache, i32(row), i32(start), tok)
         k_c, v_c = list(k_c), list(v_c)
         for l, lp in enumerate(bb["layers"]):
-            x, h, k_c[l], v_c[l] = steps.pf_layer_jit(lp, x, k_c[l], v_c[l], i32(start), rc=self.rc)
+            x, h, k_c[l], v_c[l] = steps.chunk_layer_jit(
+                lp, x, k_c[l], v_c[l], i32(start), rc=self.rc
+            )
             for sl, w, loads in padded:
                 for e, s in loads:
                     load_layer(e, s, l)

@@ -85,7 +85,7 @@ class RequestResult:
     tokens: list[int] = dataclasses.field(default_factory=list)
     experts: list[list[int]] = dataclasses.field(default_factory=list)  # per generated token
     weights: list[list[float]] = dataclasses.field(default_factory=list)
-    prompt_experts: list[list[int]] = dataclasses.field(default_factory=list)  # [S][K]
+    prompt_experts: list[list[int]] = dataclasses.field(default_factory=list)  # [S][A]
     prompt_weights: list[list[float]] = dataclasses.field(default_factory=list)
     arrival_s: float = 0.0
     first_token_s: float | None = None
@@ -113,8 +113,8 @@ class RequestResult:
 class _Live:
     req: ServeRequest
     sched: batching.Request
-    prompt_experts: np.ndarray  # [S, K]
-    prompt_weights: np.ndarray  # [S, K]
+    prompt_experts: np.ndarray  # [S, A]
+    prompt_weights: np.ndarray  # [S, A]
     res: RequestResult
     row: int | None = None
     done: int = 0  # prompt tokens prefilled
@@ -401,7 +401,7 @@ class Engine:
         """Issue a call. waves: per wave, (expert -> slot after its access, its loads)."""
         if c.kind == "prefill":
             l = c.rows[0]
-            pe = l.prompt_experts[c.start : c.start + c.n]  # [n, K]
+            pe = l.prompt_experts[c.start : c.start + c.n]  # [n, A]
             pw = l.prompt_weights[c.start : c.start + c.n]
             args = []
             for slot_of, loads in waves:
@@ -412,14 +412,14 @@ class Engine:
         ((slot_of, loads),) = waves
         for e, s in loads:
             self.backend.load(e, s)
-        N, K = self.cfg.num_slots, self.backend.top_k
-        slot_NxK, w_NxK = np.zeros((N, K), np.int32), np.zeros((N, K), np.float32)
+        N, A = self.cfg.num_slots, self.backend.top_k
+        slot_NxA, w_NxA = np.zeros((N, A), np.int32), np.zeros((N, A), np.float32)
         rows: list[_Live | None] = [None] * N
         for l in c.rows:
             rows[l.row] = l
-            slot_NxK[l.row] = [slot_of[e] for e in l.next_experts]
-            w_NxK[l.row] = l.next_weights
-        return self.backend.decode(rows, slot_NxK, w_NxK)
+            slot_NxA[l.row] = [slot_of[e] for e in l.next_experts]
+            w_NxA[l.row] = l.next_weights
+        return self.backend.decode(rows, slot_NxA, w_NxA)
 
     # ------------------------------------------------------------------ run
 
