@@ -273,3 +273,18 @@ def test_forward_last_position_logits_equal_full_logits_there():
         got, _ = model.step(params, toks, model.new_cache(2, 16), None, last)
         assert got.shape == (2, 1, CFG.vocab_size)
         np.testing.assert_allclose(got[:, 0], full[jnp.arange(2), last], atol=1e-5)
+
+
+def test_pick_dispatch_is_the_one_decision():
+    """prefill/decode read only the used experts (select) everywhere; training with "auto" and
+    evaluation of a ragged model use blocked on CPU and keep ragged on accelerators; an
+    explicit mode wins; an unknown phase is an error."""
+    pick = moe.pick_dispatch
+    assert pick("cpu", "decode") == pick("gpu", "prefill") == "select"
+    assert pick("cpu", "train", override="auto") == pick("cpu", "eval") == "blocked"
+    assert pick("gpu", "train", override="auto") == pick("tpu", "eval") == "ragged"
+    assert pick("cpu", "train") == "ragged"  # "" = the model's
+    assert pick("cpu", "decode", override="blocked") == "blocked"
+    assert len(moe.DISPATCH_MODES) == 3
+    with pytest.raises(ValueError, match="phase"):
+        pick("cpu", "serve")
