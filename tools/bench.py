@@ -347,22 +347,27 @@ def render(dense: dict, moe: dict | None, cmd: str) -> str:
                     f"{o['dense'] / o[k]:.2f}x |"
                 )
             lines += ["", f"Bytes predict {moe['expected_speedup']:.2f}x."]
-        if moe.get("engine"):
-            en = moe["engine"]
-            lines += [
-                "",
-                "#### Serving engine vs Generator (same Read-ME model, every expert resident)",
-                "",
-                "| decode tok/s | Generator | engine | ratio (engine/Generator) |",
-                "|---|---|---|---|",
-            ]
-            for b in (1, 8):
-                lines.append(
-                    f"| batch {b} | {en[f'generator_b{b}']:.1f} | {en[f'engine_b{b}']:.1f} | "
-                    f"{en[f'ratio_b{b}']:.2f}x |"
-                )
+        lines += engine_lines(moe.get("engine"))
     lines.append(END)
     return "\n".join(lines)
+
+
+def engine_lines(en: dict | None) -> list[str]:
+    if not en:
+        return []
+    lines = [
+        "",
+        "#### Serving engine vs Generator (same Read-ME model, every expert resident)",
+        "",
+        "| decode tok/s | Generator | engine | ratio (engine/Generator) |",
+        "|---|---|---|---|",
+    ]
+    for b in (1, 8):
+        lines.append(
+            f"| batch {b} | {en[f'generator_b{b}']:.1f} | {en[f'engine_b{b}']:.1f} | "
+            f"{en[f'ratio_b{b}']:.2f}x |"
+        )
+    return lines
 
 
 def write_section(out: Path, section: str) -> None:
