@@ -66,16 +66,16 @@ def apply_rope(x_BxSxNxhd: jax.Array, positions_BxS: jax.Array, inv_freq: jax.Ar
     return out.astype(x_BxSxNxhd.dtype)
 
 
-def attention(q_BxSxHxhd, k_BxTxKxhd, v_BxTxKxhd, mask_BxSxT) -> jax.Array:
+def attention(q_BxSxHxhd, k_BxMxKxhd, v_BxMxKxhd, mask_BxSxM) -> jax.Array:
     """Grouped-query attention; softmax in f32. Returns [B, S, H, hd]."""
     B, S, H, hd = q_BxSxHxhd.shape
-    K = k_BxTxKxhd.shape[2]
+    K = k_BxMxKxhd.shape[2]
     q = q_BxSxHxhd.reshape(B, S, K, H // K, hd)
-    s_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q, k_BxTxKxhd, preferred_element_type=jnp.float32)
-    s_BxKxGxSxT = s_BxKxGxSxT / math.sqrt(hd)
-    s_BxKxGxSxT = jnp.where(mask_BxSxT[:, None, None], s_BxKxGxSxT, -1e30)
-    p = jax.nn.softmax(s_BxKxGxSxT, axis=-1).astype(v_BxTxKxhd.dtype)
-    o = jnp.einsum("bkgst,btkd->bskgd", p, v_BxTxKxhd)
+    s_BxKxGxSxM = jnp.einsum("bskgd,bmkd->bkgsm", q, k_BxMxKxhd, preferred_element_type=jnp.float32)
+    s_BxKxGxSxM = s_BxKxGxSxM / math.sqrt(hd)
+    s_BxKxGxSxM = jnp.where(mask_BxSxM[:, None, None], s_BxKxGxSxM, -1e30)
+    p = jax.nn.softmax(s_BxKxGxSxM, axis=-1).astype(v_BxMxKxhd.dtype)
+    o = jnp.einsum("bkgsm,bmkd->bskgd", p, v_BxMxKxhd)
     return o.reshape(B, S, H, hd)
 
 
@@ -86,9 +86,9 @@ def dense_ffn(lp: Params, x_BxSxD: jax.Array, layer: Any = None) -> tuple[jax.Ar
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False):
-    """KV cache: k/v [L, B, T, K, hd] and the number of filled positions per row.
+    """KV cache: k/v [L, B, M, K, hd] and the number of filled positions per row.
 
-    per_layer=True holds k/v as lists of L arrays [B, T, K, hd] instead. The unrolled decode
+    per_layer=True holds k/v as lists of L arrays [B, M, K, hd] instead. The unrolled decode
     uses it: in isolation, 30 in-place updates of a stacked cache each followed by a read of that
     layer's slice took 8.4 ms on XLA:CPU (the slice is copied), per-layer arrays 0.4 ms."""
     dtype = dtype or _dtype(cfg)
