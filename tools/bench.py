@@ -236,6 +236,8 @@ def bench_engine(rc, params, rounds: int = 2, steps: int = 40, max_len: int = 12
                            backend=backends[b], prefetch=False)  # fmt: skip
             best[f"generator_b{b}"] = max(best.get(f"generator_b{b}", 0.0), g)
             best[f"engine_b{b}"] = max(best.get(f"engine_b{b}", 0.0), out.stats["decode_tok_s"])
+            print(f"[bench] engine vs Generator, batch {b}: {out.stats['decode_tok_s']:.1f} vs "
+                  f"{g:.1f} tok/s", flush=True)  # fmt: skip
     for b in (1, 8):
         best[f"ratio_b{b}"] = best[f"engine_b{b}"] / best[f"generator_b{b}"]
     return best
