@@ -88,10 +88,9 @@ def test_chunked_head_loss_and_grads_equal_full_logits(transposed, kd, temp):
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_forward_equals_forward_in_value_and_gradient(scan):
-    """The per-layer recompute path (train.remat, used by the 7B presets) rebuilds llama.forward
-    from its pieces; it must give the same hidden states and gradients."""
+    """The per-layer recompute path (train.remat, used by the 7B presets, is llama.forward's
+    remat flag) must give the same hidden states and gradients."""
     from readme_jax.model.config import LlamaConfig
-    from readme_jax.train.step import remat_forward
 
     cfg = LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24,
                       head_dim=4, max_seq_len=32, scan_layers=scan)  # fmt: skip
@@ -107,7 +106,8 @@ def test_remat_forward_equals_forward_in_value_and_gradient(scan):
                              positions_BxS=pos, return_hidden=True)[0]  # fmt: skip
 
     def remat(p):
-        return remat_forward(p, tok, cfg, llama.dense_ffn, seg, pos)[0]
+        return llama.forward(p, tok, cfg, ffn=llama.dense_ffn, segment_ids_BxS=seg,
+                             positions_BxS=pos, return_hidden=True, remat=True)[0]  # fmt: skip
 
     np.testing.assert_allclose(remat(params), plain(params), rtol=1e-5, atol=1e-5)
     g_plain = jax.grad(lambda p: jnp.sum(jnp.sin(plain(p))))(params)

@@ -69,9 +69,10 @@ def test_step_on_8_devices_data2_expert4_matches_one_device(tiny):
 
 def test_blocked_train_dispatch_matches_ragged(tiny):
     """train.dispatch=auto picks `blocked` on CPU: the same losses and updated parameters."""
-    from readme_jax.train.step import train_dispatch
+    from readme_jax.model.moe import pick_dispatch
 
-    assert train_dispatch("auto") == "blocked" and train_dispatch("") == ""
+    assert pick_dispatch("cpu", "train", override="auto") == "blocked"
+    assert pick_dispatch("cpu", "train", override="") == "ragged"  # the model's
     c, tok, teacher = tiny
     rag, pr, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "ragged")
     blk, pb, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "auto")

@@ -24,7 +24,7 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "LlamaForCausalLM", "MistralForCausalLM")
 # MoE expert dispatch implementations (model/moe.py describes each)
-DISPATCH_MODES = ("ragged", "select", "blocked", "switched", "masked")
+DISPATCH_MODES = ("ragged", "blocked", "select")
 
 
 class ConfigError(ValueError):
