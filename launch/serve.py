@@ -14,32 +14,28 @@ the rest and exits 0.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-from absl import app
-from ml_collections import config_flags
-
-from readme_jax.api import load as load_any
+from readme_jax import cli
+from readme_jax.checkpoints import models
 from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.checkpoints.tokenizer import load_tokenizer
-from readme_jax.refactor import convert as cv
+from readme_jax.model.config import ConfigError
 from readme_jax.serve import batching
+from readme_jax.serve.bench.models import load_serve_model
 from readme_jax.serve.cache import POLICIES as CACHE_POLICIES
 from readme_jax.serve.dense import dense_serve_params
 from readme_jax.serve.engine import EngineConfig
-from readme_jax.serve.moe_generate import load_serve_model, tiny_serve_model
 from readme_jax.serve.server import build_server, run_server
+from readme_jax.testing import tiny_serve_model
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(__file__).resolve().parents[1] / "configs" / "serve.py"), "Server config"
-)
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve.py"
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """(kind, path): kind is readme | dense_project | dense_file | tiny | bundled."""
+    """(kind, path): kind is readme | dense | tiny | bundled. Raises CheckpointError."""
     if path == "tiny":
         return "tiny", path
     if not path:
@@ -47,12 +43,12 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    for sub in ("", "moe_trained", "moe_init"):  # a run directory: its trained model first
-        mj = p / sub / "model.json"
-        if mj.exists():
-            kind = json.loads(mj.read_text()).get("kind")
-            return ("readme" if kind == "readme_moe" else "dense_project"), str(p / sub)
-    return "dense_file", path
+    for sub in ("moe_trained", "moe_init"):  # a run directory: its trained model first
+        if models.exists(p / sub):
+            p = p / sub
+            break
+    kind = models.discover(p).kind
+    return ("readme" if kind == "readme_moe" else "dense"), str(p)
 
 
 def load_model(c):
@@ -72,11 +68,7 @@ def load_model(c):
         )
         name = "readme-" + (Path(path).parent.name if path else "smollm2-135m-onthefly")
         return sm.params, sm.tokenizer, sm.source, name
-    if kind == "dense_project":
-        m = load_any(path)
-        cfg, params, tok = m.cfg, m.params, m.tokenizer
-    else:
-        cfg, params, tok = cv.load_dense(path, seed=c.seed)
+    cfg, params, tok = models.load_dense(path, seed=c.seed)
     src = (path or "bundled SmolLM2-135M-Instruct GGUF") + " (dense, served with no expert cache)"
     return (
         dense_serve_params(cfg, params, c.seed),
@@ -88,12 +80,12 @@ def load_model(c):
 
 def engine_config(c, sp) -> EngineConfig:
     if c.batching not in batching.POLICIES:
-        raise ValueError(f"batching must be one of {batching.POLICIES}, got {c.batching!r}")
+        raise ConfigError(f"batching must be one of {batching.POLICIES}, got {c.batching!r}")
     if c.cache_policy not in CACHE_POLICIES:
-        raise ValueError(f"cache_policy must be one of {sorted(CACHE_POLICIES)}")
+        raise ConfigError(f"cache_policy must be one of {sorted(CACHE_POLICIES)}")
     E, ctx = sp.num_experts, sp.rc.model.max_seq_len
     if c.max_len > ctx:
-        raise ValueError(f"max_len={c.max_len} exceeds the model context of {ctx} tokens")
+        raise ConfigError(f"max_len={c.max_len} exceeds the model context of {ctx} tokens")
     capacity = c.capacity or E
     policy = "all" if capacity >= E else c.cache_policy
     return EngineConfig(
@@ -110,15 +102,12 @@ def engine_config(c, sp) -> EngineConfig:
     )
 
 
-def main(argv) -> None:
-    del argv
-    c = _CONFIG.value
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    c = cli.parse_config(CONFIG, argv)
     t0 = time.perf_counter()
-    try:
-        sp, tok, source, name = load_model(c)
-        ecfg = engine_config(c, sp)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    sp, tok, source, name = load_model(c)
+    ecfg = engine_config(c, sp)
     print(f"[model] {source} ({time.perf_counter() - t0:.0f}s)", flush=True)
     e = ecfg
     print(
@@ -142,4 +131,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.guarded(main)()

@@ -19,10 +19,10 @@ import pytest
 from readme_jax.checkpoints.tokenizer import load_tokenizer
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve.backend import ModelBackend
-from readme_jax.serve.engine import EngineConfig
-from readme_jax.serve.moe_generate import generate_moe, tiny_serve_model
+from readme_jax.serve.engine import EngineConfig, generate
 from readme_jax.serve.server import _GracefulServer, build_server, free_port, run_server
 from readme_jax.serve.textstream import TextStream
+from readme_jax.testing import tiny_serve_model
 
 N, T, Q, C = 2, 128, 16, 2
 NAME = "tiny"
@@ -91,7 +91,7 @@ def server(model, tok):
 
 def offline(model, tok, prompts, max_new, **kw):
     ids = [tok.encode(p) for p in prompts]
-    out = generate_moe(
+    out = generate(
         model.params,
         ids,
         max_new,

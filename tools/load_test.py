@@ -4,7 +4,7 @@ for.
   python launch/serve.py --config.port=8000 &                 # the server under test
   python tools/load_test.py --url http://127.0.0.1:8000 --num_requests 1000 --rate 2 --cv 3
 
-Trace (`readme_jax.serve.trace`): gamma inter-arrival gaps of mean 1/rate and coefficient of
+Trace (`readme_jax.serve.bench.trace`): gamma inter-arrival gaps of mean 1/rate and coefficient of
 variation `cv` (>1: bursty); prompts cut from held-out (validation split) documents of
 `--domains` with the bundled SmolLM2 tokenizer, `--prompt_len lo,hi` tokens (uniform); output
 lengths lognormal(median, sigma 0.6) clipped to [4, max] (`--output_len median,max`).
@@ -31,7 +31,7 @@ import numpy as np
 
 from readme_jax.checkpoints.tokenizer import load_tokenizer
 from readme_jax.data import load_offsets, load_tokens
-from readme_jax.serve.trace import LengthDist, make_trace
+from readme_jax.serve.bench.trace import LengthDist, make_trace
 
 
 def parse_args(argv=None) -> argparse.Namespace:

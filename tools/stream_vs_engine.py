@@ -5,7 +5,7 @@ side in one process on the same compiled backend (alternating, `--rounds` times 
   python tools/stream_vs_engine.py --dense                       # the dense SmolLM2
 
 Engine: `Engine.run` of the request alone; decode tok/s = decode tokens / duration of the
-decode-only steps after the first (as `generate_moe` reports). HTTP: the same request streamed
+decode-only steps after the first (as `engine.generate` reports). HTTP: the same request streamed
 (temperature 0) from a server on a loopback port; tok/s = (completion tokens - 1) / (time of
 the last chunk - time of the first chunk), seen by the client. Engine config as in
 configs/serve.py (N=8 slots, expert batching, Belady with C=2 and prefetch).
@@ -20,11 +20,11 @@ import time
 import httpx
 import numpy as np
 
-from readme_jax.refactor import convert as cv
+from readme_jax.checkpoints.models import load_dense
 from readme_jax.serve.backend import ModelBackend
+from readme_jax.serve.bench.models import load_serve_model
 from readme_jax.serve.dense import dense_serve_params
 from readme_jax.serve.engine import Engine, EngineConfig, ServeRequest
-from readme_jax.serve.moe_generate import load_serve_model
 from readme_jax.serve.server import build_server
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     if args.dense:
-        mcfg, params, tok = cv.load_dense("")
+        mcfg, params, tok = load_dense("")
         sp, name = dense_serve_params(mcfg, params), "dense SmolLM2-135M (bundled GGUF)"
     else:
         sm = load_serve_model(None)

@@ -13,30 +13,34 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.readme import ReadMEConfig
-from readme_jax.model.router import RouterConfig, init_router
-from readme_jax.refactor.experts import ExpertSpec, build_moe_params
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.model.router import init_router
 from readme_jax.serve.decode import ServeParams, split_params
 
 DENSE_ROUTER = RouterConfig(dim=16, n_heads=1, ffn_dim=16)
 
 
-def dense_spec(cfg: LlamaConfig) -> ExpertSpec:
-    """Every FFN channel shared; one routed expert of one padding (zero) channel."""
-    L, F = cfg.n_layers, cfg.ffn_dim
-    shared = np.tile(np.arange(F, dtype=np.int32), (L, 1))  # [L, F]
-    expert = np.full((L, 1, 1), -1, np.int32)  # [L, E=1, Fe=1]: padding only
-    return ExpertSpec(["dense"], 1.0, np.ones((1, L, F), bool), shared, expert)
+def dense_moe_layers(layers: dict) -> dict:
+    """Stacked dense layers {"w_gate_up": [L, D, 2, F], "w_down": [L, F, D], ...} -> the
+    Read-ME layout: shared part = the whole FFN; one expert of one zero channel
+    ({"expert_gate_up": [L, 1, D, 2, 1], "expert_down": [L, 1, 1, D]})."""
+    gu, dn = np.asarray(layers["w_gate_up"]), np.asarray(layers["w_down"])
+    L, D = gu.shape[0], gu.shape[1]
+    out = {k: v for k, v in layers.items() if k not in ("w_gate_up", "w_down")}
+    return out | {
+        "shared_gate_up": gu,
+        "shared_down": dn,
+        "expert_gate_up": np.zeros((L, 1, D, 2, 1), gu.dtype),
+        "expert_down": np.zeros((L, 1, 1, D), dn.dtype),
+    }
 
 
 def dense_serve_params(cfg: LlamaConfig, params, seed: int = 0) -> ServeParams:
-    """Dense Llama params (layers stacked [L, ...], as `refactor.convert.load_dense` returns)
+    """Dense Llama params (layers stacked [L, ...], as `checkpoints.models.load_dense` returns)
     -> `ServeParams` computing the same function (see the module docstring)."""
     if isinstance(params["layers"], list):
         raise ValueError("dense_serve_params needs stacked layers (scan_layers=False loading)")
     rc = ReadMEConfig(cfg, MoEConfig(1, top_k=1, dispatch="select"), DENSE_ROUTER)
     router = init_router(DENSE_ROUTER, cfg, 1, jax.random.key(seed))
-    moe = build_moe_params(params, dense_spec(cfg))
-    return split_params(rc, {"backbone": moe, "router": router})
+    backbone = {**params, "layers": dense_moe_layers(params["layers"])}
+    return split_params(rc, {"backbone": backbone, "router": router})

@@ -1,6 +1,5 @@
-"""The serving engine: request queue, admission, prefill, decode, completion, expert cache.
-
-Dimension letters: N request slots, E experts, C expert cache slots, K experts per token.
+"""The serving engine: request queue, admission, prefill, decode, completion, expert cache;
+`generate` runs it over a list of prompts. Dimension letters: the glossary in model/config.py.
 
 Each engine *step* runs one batch chosen by `batching.schedule` as a sequence of *calls*:
   decode   rows of decoding requests grouped by their next token's experts, at most C per
@@ -22,7 +21,8 @@ raises, fails with status "error"; the other requests are served on.
 
 Time: the engine clock advances by each step's duration; requests arrive when the clock passes
 their `arrival_s`; an idle engine jumps to the next arrival. The duration comes from a `clock`:
-measured wall time by default, or a cost model (`costmodel.CostClock`: simulated accelerator).
+measured wall time by default, or a cost model (the lab's `serve/bench/costmodel.py:CostClock`:
+simulated accelerator).
 
 The backend computes: `ModelBackend` runs the jitted steps of `decode.py` on an
 `OffloadedExpertStore`; `ReplayBackend` returns the tokens and experts of a recorded run, so a
@@ -36,16 +36,27 @@ import bisect
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
-from readme_jax.model.generate import PromptError, validate_tokens
+from readme_jax.decode.steps import PromptError, validate_tokens
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve import batching
+from readme_jax.serve.backend import ModelBackend
 from readme_jax.serve.cache import ExpertCache, Future, dedup, make_policy
+from readme_jax.serve.decode import ServeParams
+from readme_jax.serve.results import (  # noqa: F401 - re-exported: the engine's public names
+    CANCELLED,
+    ERROR,
+    OK,
+    RequestResult,
+    RunResult,
+    StepClock,
+    StepOutput,
+    WallClock,
+)
 
-OK, ERROR, CANCELLED = "ok", "error", "cancelled"
+GREEDY = SamplingParams()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,45 +92,11 @@ class ServeRequest:
 
 
 @dataclasses.dataclass
-class RequestResult:
-    id: int
-    prompt_len: int
-    status: str = OK  # ok | error | cancelled
-    error: str | None = None
-    finish_reason: str | None = None  # eos | length | cancelled
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    experts: list[list[int]] = dataclasses.field(default_factory=list)  # per generated token
-    weights: list[list[float]] = dataclasses.field(default_factory=list)
-    prompt_experts: list[list[int]] = dataclasses.field(default_factory=list)  # [S][K]
-    prompt_weights: list[list[float]] = dataclasses.field(default_factory=list)
-    arrival_s: float = 0.0
-    first_token_s: float | None = None
-    finish_s: float | None = None
-    arrival_step: int = 0
-    first_token_step: int | None = None
-    finish_step: int | None = None
-
-    @property
-    def latency_s(self) -> float | None:
-        return None if self.finish_s is None else self.finish_s - self.arrival_s
-
-    @property
-    def normalized_latency(self) -> float | None:
-        """End-to-end latency / generated tokens (the paper's metric)."""
-        if self.status != OK or not self.tokens and self.finish_reason != "eos":
-            return None
-        return self.latency_s / max(1, len(self.tokens))
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
 class _Live:
     req: ServeRequest
     sched: batching.Request
-    prompt_experts: np.ndarray  # [S, K]
-    prompt_weights: np.ndarray  # [S, K]
+    prompt_experts: np.ndarray  # [S, A]
+    prompt_weights: np.ndarray  # [S, A]
     res: RequestResult
     row: int | None = None
     done: int = 0  # prompt tokens prefilled
@@ -156,88 +133,6 @@ class Call:
             "tokens": toks,
             "context": ctx,
         }
-
-
-@dataclasses.dataclass
-class RunResult:
-    config: EngineConfig
-    results: list[RequestResult]
-    steps: list[dict]
-    cache_stats: Any
-    cache_log: list[dict]
-    makespan_s: float
-    num_experts: int
-
-    def summary(self) -> dict:
-        ok = [r for r in self.results if r.status == OK]
-        lat = [r.normalized_latency for r in ok if r.normalized_latency is not None]
-        gen = sum(len(r.tokens) for r in ok)
-        uniq = [len(s["batch_experts"]) for s in self.steps]
-        ttft = [r.first_token_s - r.arrival_s for r in ok if r.first_token_s is not None]
-        st = self.cache_stats
-        return {
-            "requests": len(self.results),
-            "completed": len(ok),
-            "errors": len(self.results) - len(ok),
-            "generated_tokens": gen,
-            "steps": len(self.steps),
-            "calls_per_step": float(np.mean([len(s["calls"]) for s in self.steps])) if uniq else 0,
-            "waves_per_step": float(
-                np.mean([sum(len(c["groups"]) for c in s["calls"]) for s in self.steps])
-            )
-            if uniq
-            else 0,
-            "makespan_s": self.makespan_s,
-            "throughput_tok_s": gen / self.makespan_s if self.makespan_s > 0 else 0.0,
-            "mean_norm_latency_s": float(np.mean(lat)) if lat else float("nan"),
-            "p95_norm_latency_s": float(np.percentile(lat, 95)) if lat else float("nan"),
-            "mean_ttft_s": float(np.mean(ttft)) if ttft else float("nan"),
-            "unique_experts_per_batch": float(np.mean(uniq)) if uniq else 0.0,
-            "hit_ratio": st.hit_ratio,
-            "hits": st.hits,
-            "misses": st.misses,
-            "loads": st.loads,
-            "bytes_moved": st.bytes_moved,
-            "bytes_per_token": st.bytes_moved / gen if gen else 0.0,
-            "wasted_prefetches": st.wasted_prefetches,
-        }
-
-
-@dataclasses.dataclass
-class StepOutput:
-    """What one `Engine.step` produced: (request id, token) in emission order, the requests it
-    finished or rejected, and its step record (None when no step ran)."""
-
-    tokens: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    finished: list[RequestResult] = dataclasses.field(default_factory=list)
-    record: dict | None = None
-
-
-class WallClock:
-    """Step duration = measured wall time of the step (host work, loads, compute)."""
-
-    name = "wall"
-
-    def reset(self) -> None:
-        pass
-
-    def duration(self, step: dict, wall_s: float, t_start: float) -> float:
-        return wall_s
-
-
-class StepClock:
-    """Every step lasts `step_s`: a deterministic schedule (tests, step-count latencies)."""
-
-    name = "step"
-
-    def __init__(self, step_s: float = 1.0):
-        self.step_s = step_s
-
-    def reset(self) -> None:
-        pass
-
-    def duration(self, step: dict, wall_s: float, t_start: float) -> float:
-        return self.step_s
 
 
 # ----------------------------------------------------------------------------- engine
@@ -416,7 +311,7 @@ class Engine:
         """Issue a call. waves: per wave, (expert -> slot after its access, its loads)."""
         if c.kind == "prefill":
             l = c.rows[0]
-            pe = l.prompt_experts[c.start : c.start + c.n]  # [n, K]
+            pe = l.prompt_experts[c.start : c.start + c.n]  # [n, A]
             pw = l.prompt_weights[c.start : c.start + c.n]
             args = []
             for slot_of, loads in waves:
@@ -427,14 +322,14 @@ class Engine:
         ((slot_of, loads),) = waves
         for e, s in loads:
             self.backend.load(e, s)
-        N, K = self.cfg.num_slots, self.backend.top_k
-        slot_NxK, w_NxK = np.zeros((N, K), np.int32), np.zeros((N, K), np.float32)
+        N, A = self.cfg.num_slots, self.backend.top_k
+        slot_NxA, w_NxA = np.zeros((N, A), np.int32), np.zeros((N, A), np.float32)
         rows: list[_Live | None] = [None] * N
         for l in c.rows:
             rows[l.row] = l
-            slot_NxK[l.row] = [slot_of[e] for e in l.next_experts]
-            w_NxK[l.row] = l.next_weights
-        return self.backend.decode(rows, slot_NxK, w_NxK)
+            slot_NxA[l.row] = [slot_of[e] for e in l.next_experts]
+            w_NxA[l.row] = l.next_weights
+        return self.backend.decode(rows, slot_NxA, w_NxA)
 
     # ------------------------------------------------------------------ live loop
 
@@ -622,3 +517,64 @@ class Engine:
                     l.next_weights = tuple(float(x) for x in wt)
                     l.sched.next_expert = l.next_experts[0]
         return finished
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@dataclasses.dataclass
+class MoEGeneration:
+    tokens: list[list[int]]
+    results: list[RequestResult]
+    stats: dict
+
+
+def generate(
+    sp: ServeParams,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams = GREEDY,
+    *,
+    capacity: int | None = None,
+    cache_policy: str = "belady",
+    prefetch: bool = False,
+    seed: int = 0,
+    max_len: int = EngineConfig.max_len,
+    num_slots: int | None = None,
+    prefill_chunk: int = 32,
+    on_token: Callable[[int, int], None] | None = None,
+    backend: ModelBackend | None = None,
+) -> MoEGeneration:
+    """Generate for every prompt (all arrive at once) with C = `capacity` expert slots
+    (None: all resident). Prompt i's result is request i; errors (e.g. a prompt too long) are
+    reported in `results[i].error` with empty tokens. `on_token(i, token)` streams.
+
+    Every shape comes from the engine's configuration (num_slots, max_len, prefill_chunk), not
+    from the prompts' lengths: a request never recompiles a step; one that does not fit
+    max_len is an error result."""
+    E = sp.num_experts
+    if capacity is None or capacity >= E:
+        capacity, cache_policy = E, "all"
+    longest = max(len(p) for p in prompts)
+    cfg = EngineConfig(
+        num_slots=num_slots or min(8, len(prompts)),
+        max_len=max_len,
+        prefill_chunk=prefill_chunk,
+        max_batch_tokens=max(128, longest),
+        cache_policy=cache_policy,
+        capacity=capacity,
+        prefetch=prefetch,
+    )
+    backend = backend or ModelBackend.for_config(sp, cfg)
+    reqs = [
+        ServeRequest(i, list(p), max_new_tokens, sampling=sampling, seed=seed + i)
+        for i, p in enumerate(prompts)
+    ]
+    run = Engine(backend, cfg).run(reqs, on_token=on_token)
+    stats = run.summary() | {"capacity": capacity, "num_experts": E, "policy": cache_policy}
+    stats["prefetch"] = prefetch
+    # decode rate over decode-only steps, the first one (which compiles) left out
+    dec = [st for st in run.steps if not st["prefill"]][1:]
+    span = sum(st["duration_s"] for st in dec)
+    stats["decode_tok_s"] = sum(len(st["decode"]) for st in dec) / span if span else float("nan")
+    return MoEGeneration([r.tokens for r in run.results], run.results, stats)
