@@ -13,16 +13,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
 from readme_jax.checkpoints.tokenizer import load_tokenizer
+from readme_jax.decode.generator import greedy_by_reforward
+from readme_jax.model import llama
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve.backend import ModelBackend
+from readme_jax.serve.dense import dense_serve_params
 from readme_jax.serve.engine import EngineConfig, generate
 from readme_jax.serve.server import _GracefulServer, build_server, free_port, run_server
 from readme_jax.serve.textstream import TextStream
-from readme_jax.testing import tiny_serve_model
+from readme_jax.testing import np_init, tiny_llama_config, tiny_serve_model
 
 N, T, Q, C = 2, 128, 16, 2
 NAME = "tiny"
@@ -288,3 +292,17 @@ def test_sigterm_drains_in_flight_requests_within_the_bound(model, tok):
     assert srv.worker.join(0) and srv.worker.draining
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+@pytest.mark.slow  # its own compile (~20-60 s on a shared 2-core machine)
+def test_dense_model_through_the_engine_equals_dense_greedy():
+    cfg = tiny_llama_config()
+    params = np_init(llama.param_shapes(cfg), np.random.default_rng(3))
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46]]
+    sp = dense_serve_params(cfg, params)
+    assert sp.num_experts == 1 and sp.experts["gate_up"].shape[-1] == 1
+    out = generate(sp, prompts, 6, max_len=64, num_slots=N, prefill_chunk=Q)
+    assert sum(len(t) for t in out.tokens) >= 6
+    for p, got in zip(prompts, out.tokens, strict=True):
+        ref = greedy_by_reforward(params, cfg, p, 6)
+        assert got == ref[: len(got)] and (len(got) == 6 or ref[len(got)] in cfg.eos_ids)
