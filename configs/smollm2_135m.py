@@ -85,6 +85,9 @@ def get_config() -> ConfigDict:
     # router learns little from it: a router-only probe (12 x 1024 tokens) took the MoE from
     # 132 to 103 mean ppl with T=1 and to 80 with T=0.05 (domain-oracle routing: ~76).
     c.train.target_temperature = 0.05
+    # router phase: + locality_weight * mean switch (total variation of the router's distribution
+    # between consecutive tokens of a document, train.losses.switch_penalty); 0 = off (paper)
+    c.train.locality_weight = 0.0
     c.train.head_chunk = 512  # tokens per LM-head chunk (the [T, V] logits never exist at once)
     c.train.compute_dtype = "float32"  # or "bfloat16" (f32 master weights)
     # MoE dispatch while training: "auto" = blocked on CPU, the model's (ragged) elsewhere
