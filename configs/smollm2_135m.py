@@ -1,15 +1,25 @@
 """Default: SmolLM2-135M-Instruct (bundled GGUF) refactored over the four default domains.
 
 python launch/train.py --config configs/smollm2_135m.py [--config.key=value ...]
+python launch/train.py --config configs/smollm2_135m.py:eight   # eight domains, eight experts
 """
 
 from ml_collections import ConfigDict, config_dict
 
+# data.corpora.DOMAIN_PRESETS, spelled out so that a config file imports nothing heavy
+DOMAINS = {
+    "four": "fiction,drama,code_docs,manual",
+    "eight": "fiction,drama,code_docs,manual,scripture,man_pages,perl_docs,sql_docs",
+}
 
-def get_config() -> ConfigDict:
+
+def get_config(variant: str = "") -> ConfigDict:
+    """`variant`: "" (four domains) or "eight" (one expert per domain of the eight)."""
+    if variant not in ("", *DOMAINS):
+        raise ValueError(f"unknown config variant {variant!r}; choose '' or one of {list(DOMAINS)}")
     c = ConfigDict()
-    c.name = "smollm2_135m"
-    c.run_dir = "runs/smollm2_135m"
+    c.name = "smollm2_135m" + (f"_{variant}" if variant else "")
+    c.run_dir = f"runs/{c.name}"
     c.stages = "calibrate,refactor,train,eval"  # any subset, in this order
     c.seed = 0
     c.preset = "demo"  # demo | compare | full: token budgets of training (see train.presets)
@@ -24,7 +34,7 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict()
     # domain names, or name=/path (folder of .txt, .jsonl, .parquet)
-    c.data.domains = "fiction,drama,code_docs,manual"
+    c.data.domains = DOMAINS[variant or "four"]
     c.data.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax
     c.data.seq_len = 512
 

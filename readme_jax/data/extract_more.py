@@ -4,8 +4,9 @@ Each comes from one pinned Debian package (`sources.json`) and is split by docum
 - scripture: the King James Bible (`bible-kjv-text`), one document per chapter. The package
   stores the text as 64 KiB windows, each compressed with LZW (the Unix `compress` format
   without its 3-byte magic) behind an `EC02` header of window offsets; decoded with `unlzw3`.
-- man_pages: the Linux man-pages project's pages in `manpages` (sections 1, 4, 5, 7, 8 ...),
-  roff source converted to plain text, one document per page.
+- man_pages: the Linux man-pages project's pages in `manpages` (sections 1, 4, 5, 7, 8 ...)
+  and `manpages-dev` (system calls and C library, sections 2 and 3), roff source converted to
+  plain text, one document per page.
 - perl_docs: Perl's core documentation (`perl-doc`, POD sources), one document per
   `=head1` section of each page (pages are up to 0.8 MB; sections give the splits enough
   documents). The table of contents and the Unicode property tables are left out.
@@ -209,14 +210,15 @@ def roff_to_text(source: str) -> str:
 
 
 def extract_man_pages(cache: Path | None) -> tuple[list[Document], list[str]]:
-    deb = fetch.fetch("manpages", cache, context="domain 'man_pages'")
     page = re.compile(r"usr/share/man/(man\d)/([^/]+)\.gz$")
     docs = []
-    for path, data in fetch.iter_deb_files(deb, lambda p: bool(page.match(p))):
-        section, name = page.match(path).groups()
-        text = roff_to_text(gzip.decompress(data).decode("utf-8", errors="replace"))
-        docs.append(Document(f"man/{section}/{name}", text))
-    return docs, ["manpages"]
+    for key in SOURCES["man_pages"]:  # symbolic links (aliases of a page) are not files: skipped
+        deb = fetch.fetch(key, cache, context="domain 'man_pages'")
+        for path, data in fetch.iter_deb_files(deb, lambda p: bool(page.match(p))):
+            section, name = page.match(path).groups()
+            text = roff_to_text(gzip.decompress(data).decode("utf-8", errors="replace"))
+            docs.append(Document(f"man/{section}/{name}", text))
+    return docs, list(SOURCES["man_pages"])
 
 
 # ---------------------------------------------------------------- perl docs
@@ -331,14 +333,14 @@ EXTRACTORS: dict[str, Callable[[Path | None], tuple[list[Document], list[str]]]]
 }
 DESCRIPTIONS = {
     "scripture": "The King James Bible (bible-kjv-text), one document per chapter",
-    "man_pages": "Linux man-pages (manpages: sections 1, 4, 5, 7, 8 ...), roff converted to text, "
-    "one document per page",
+    "man_pages": "Linux man-pages (manpages and manpages-dev: sections 1 to 8), roff converted to "
+    "text, one document per page",
     "perl_docs": "Perl 5.36 core documentation (perl-doc, POD), one document per =head1 section",
     "sql_docs": "The PostgreSQL 15 manual (postgresql-doc-15, HTML), one document per page",
 }
 SOURCES = {
     "scripture": ["bible-kjv-text"],
-    "man_pages": ["manpages"],
+    "man_pages": ["manpages", "manpages-dev"],
     "perl_docs": ["perl-doc"],
     "sql_docs": ["postgresql-doc-15"],
 }
