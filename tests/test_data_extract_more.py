@@ -64,6 +64,14 @@ def test_pod_sections_and_codes():
     assert not re.search(r"[BICLEFSXZ]<", body)
 
 
+def test_perl_documents_drop_repeated_sections_and_the_contents_page():
+    src = (DATA / "perlintro_head.pod").read_text()
+    docs = extract_more.perl_documents([("perlintro", src), ("perlcopy", src), ("perltoc", src)])
+    assert [d.doc_id for d in docs] == [
+        d.doc_id for d in extract_more.pod_sections("perlintro", src)
+    ]
+
+
 @pytest.mark.parametrize(
     "pod, want",
     [

@@ -206,6 +206,8 @@ def prepare_domain(
             )
         pins = {s: fetch.load_sources()[s]["sha256"] for s in DOMAIN_SOURCES[name]}
         origin: dict[str, Any] = {"kind": "default", "extractor": extract.EXTRACTOR_VERSION}
+        if name in extract_more.EXTRACTORS:
+            origin["extractor_more"] = extract_more.EXTRACTOR_VERSION
         origin["pins"] = pins
     else:
         path = Path(source).expanduser().resolve()

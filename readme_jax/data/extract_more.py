@@ -21,13 +21,15 @@ from __future__ import annotations
 import gzip
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import unlzw3
 
 from readme_jax.data import fetch
 from readme_jax.data.extract import Document, clean_text, html_to_text
+
+EXTRACTOR_VERSION = 2  # bump to invalidate these four prepared domains (2: perl dedup)
 
 
 class ExtractError(ValueError):
@@ -296,15 +298,26 @@ def pod_sections(name: str, source: str) -> list[Document]:
     return [Document(f"perl/{name}/{i:02d}", b) for i, b in enumerate(blocks) if b]
 
 
+def perl_documents(pages: Iterable[tuple[str, str]]) -> list[Document]:
+    """Sections of POD pages (name, source), without the skipped pages and without repeats:
+    the perl*delta pages repeat boilerplate sections verbatim, which would leak across splits."""
+    docs, seen = [], set()
+    for name, source in pages:
+        if name in _POD_SKIPPED_PAGES:
+            continue
+        for d in pod_sections(name, source):
+            if d.text not in seen:
+                seen.add(d.text)
+                docs.append(d)
+    return docs
+
+
 def extract_perl_docs(cache: Path | None) -> tuple[list[Document], list[str]]:
     deb = fetch.fetch("perl-doc", cache, context="domain 'perl_docs'")
     page = re.compile(r"usr/share/perl/[\d.]+/pod/(\w+)\.pod$")
-    docs = []
-    for path, data in fetch.iter_deb_files(deb, lambda p: bool(page.match(p))):
-        name = page.match(path).group(1)
-        if name not in _POD_SKIPPED_PAGES:
-            docs += pod_sections(name, data.decode("utf-8", errors="replace"))
-    return docs, ["perl-doc"]
+    files = fetch.iter_deb_files(deb, lambda p: bool(page.match(p)))
+    pages = ((page.match(p).group(1), data.decode("utf-8", errors="replace")) for p, data in files)
+    return perl_documents(pages), ["perl-doc"]
 
 
 # ---------------------------------------------------------------- sql docs
