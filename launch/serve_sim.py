@@ -52,38 +52,21 @@ _SEED = flags.DEFINE_integer("seed", 0, "Trace seed.")
 _CACHE = flags.DEFINE_string("cache", None, "Data cache (default $READEME_CACHE).")
 _CAPS = flags.DEFINE_list("capacities", ["2", "3", "4", "5", "6"], "Cache slots for hit ratios.")
 POLICIES = ("belady", "lru", "lfu", "random", "online_belady")
-TRACES = {"default": dict(median=10, sigma=0.8, lo=1, hi=64),
-          "decode_heavy": dict(median=40, sigma=0.5, lo=8, hi=80)}  # fmt: skip
 
 
 def _domains(ckpt: Path) -> list[str]:
     return list(ExpertSpec.load(ckpt / "experts").domains)
 
 
-def routed_trace(params, rc, streams, kind: str, rng) -> list[cs.RoutedRequest]:
-    """Requests of one trace: domain uniform, document window at a random offset."""
-    lo, hi = (int(x) for x in _PROMPT.value)
-    spec = TRACES[kind]
-    outs = np.clip(np.round(spec["median"] * np.exp(spec["sigma"] * rng.standard_normal(_N.value))),
-                   spec["lo"], spec["hi"]).astype(int)  # fmt: skip
-    gaps = rng.exponential(1.0 / _RATE.value, _N.value)
-    arrivals = np.concatenate([[0.0], np.cumsum(gaps[1:])])
+def router_fn(params, rc: ReadMEConfig):
+    """tokens [S] -> top-1 expert per token [S], padded to multiples of 256 (few compiles)."""
     fn = jax.jit(lambda p, t: route(p, t, rc)[1][0][..., 0])
-    names = list(streams)
-    reqs = []
-    for i in range(_N.value):
-        toks, offs = streams[names[int(rng.integers(len(names)))]]
-        P, n = int(rng.integers(lo, hi + 1)), int(outs[i])
-        lens = np.diff(offs)
-        ok = np.flatnonzero(lens >= P + n)
-        d = int(ok[int(rng.integers(len(ok)))]) if len(ok) else int(np.argmax(lens))
-        a = int(offs[d]) + int(rng.integers(0, max(1, lens[d] - P - n + 1)))
-        w = np.asarray(toks[a : a + P + n - 1], np.int32)
-        pad = 256 * ((len(w) + 255) // 256)  # few compiled shapes
-        e = np.asarray(fn(params, jnp.asarray(np.pad(w, (0, pad - len(w)))[None])))[0, : len(w)]
-        reqs.append(cs.RoutedRequest(i, float(arrivals[i]), tuple(map(int, e[:P])),
-                                     tuple(map(int, e[P:]))))  # fmt: skip
-    return reqs
+
+    def run(w):
+        pad = 256 * ((len(w) + 255) // 256)
+        return np.asarray(fn(params, jnp.asarray(np.pad(w, (0, pad - len(w)))[None])))[0, : len(w)]
+
+    return run
 
 
 def cost_7b(ckpt: Path, rc: ReadMEConfig) -> cm.ModelCost:
@@ -169,8 +152,10 @@ def main(argv):
     mc, rng = cost_7b(ckpt, rc), np.random.default_rng(_SEED.value)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    for kind in TRACES:
-        reqs = routed_trace(params, rc, streams, kind, rng)
+    lo, hi = (int(x) for x in _PROMPT.value)
+    route_fn = router_fn(params, rc)
+    for kind in cs.OUTPUT_LENGTHS:
+        reqs = cs.routed_requests(route_fn, streams, _N.value, _RATE.value, (lo, hi), kind, rng)
         res = run_trace(kind, reqs, E, mc, out) | {"command": cmd, "checkpoint": str(ckpt)}
         (out / f"{kind}.json").write_text(json.dumps(res, indent=1, default=_json))
         (out / f"{kind}.md").write_text(markdown(res))

@@ -90,3 +90,22 @@ def test_simulation_serves_every_token_and_logs_a_replayable_cache(batching):
 def test_simulation_refuses_an_empty_trace():
     with pytest.raises(ValueError, match="at least one request"):
         cs.simulate([], cs.SimConfig(), _clock())
+
+
+def test_routed_requests_cut_windows_inside_documents():
+    rng = np.random.default_rng(0)
+    toks = np.arange(1000, dtype=np.uint32)
+    offs = np.array([0, 300, 1000])  # two documents
+    streams = {"a": (toks, offs)}
+    seen = []
+    reqs = cs.routed_requests(
+        lambda w: (seen.append(w.copy()), w % 8)[1], streams, 20, 2.0, (5, 9), "default", rng
+    )
+    assert [r.id for r in reqs] == list(range(20)) and reqs[0].arrival_s == 0.0
+    assert all(b.arrival_s >= a.arrival_s for a, b in zip(reqs, reqs[1:], strict=False))
+    for r, w in zip(reqs, seen, strict=True):
+        assert 5 <= len(r.prompt_experts) <= 9
+        assert len(r.prompt_experts) + len(r.output_experts) == len(w)
+        # a window never crosses the document boundary at token 300
+        assert w[-1] < 300 or w[0] >= 300
+        assert r.prompt_experts == tuple(int(x) % 8 for x in w[: len(r.prompt_experts)])

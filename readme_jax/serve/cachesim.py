@@ -284,3 +284,47 @@ def _run_step(cache, batch, live, reqs, arrived_step, step, C) -> dict:
         "prefetch": [],
         "accesses": accesses,
     }
+
+
+# ----------------------------------------------------------------------------- routed traces
+OUTPUT_LENGTHS = {  # generated tokens per request: lognormal median/sigma clipped to [lo, hi]
+    "default": dict(median=10, sigma=0.8, lo=1, hi=64),
+    "decode_heavy": dict(median=40, sigma=0.5, lo=8, hi=80),
+}
+
+
+def routed_requests(
+    route_fn,
+    streams: dict[str, tuple[np.ndarray, np.ndarray]],
+    n: int,
+    rate: float,
+    prompt_len: tuple[int, int],
+    outputs: str,
+    rng: np.random.Generator,
+) -> list[RoutedRequest]:
+    """Requests over real documents: domain uniform, a document with room for the window (else
+    the longest), a random offset; the first `prompt_len` (uniform [lo, hi]) tokens are the
+    prompt and the continuation stands in for the generated tokens (teacher-forced).
+
+    Args:
+      route_fn: tokens [S] (int32) -> expert per token [S]; a causal router, so the experts of
+        the continuation are those the engine would see had the model produced that text.
+      streams: domain -> (token stream [T], document offsets [N+1]).
+      outputs: a key of `OUTPUT_LENGTHS`. rate: Poisson arrivals per second.
+    """
+    spec = OUTPUT_LENGTHS[outputs]
+    outs = np.clip(np.round(spec["median"] * np.exp(spec["sigma"] * rng.standard_normal(n))),
+                   spec["lo"], spec["hi"]).astype(int)  # fmt: skip
+    arrivals = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0 / rate, n)[1:])])
+    names, reqs = list(streams), []
+    for i in range(n):
+        toks, offs = streams[names[int(rng.integers(len(names)))]]
+        P, m = int(rng.integers(prompt_len[0], prompt_len[1] + 1)), int(outs[i])
+        lens = np.diff(offs)
+        ok = np.flatnonzero(lens >= P + m)
+        d = int(ok[int(rng.integers(len(ok)))]) if len(ok) else int(np.argmax(lens))
+        a = int(offs[d]) + int(rng.integers(0, max(1, lens[d] - P - m + 1)))
+        e = np.asarray(route_fn(np.asarray(toks[a : a + P + m - 1], np.int32)))
+        reqs.append(RoutedRequest(i, float(arrivals[i]), tuple(map(int, e[:P])),
+                                  tuple(map(int, e[P:]))))  # fmt: skip
+    return reqs
