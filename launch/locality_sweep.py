@@ -10,7 +10,7 @@ router_steps=--router_steps, expert_steps=0 (the experts stay as refactored, so 
 differences come from routing alone; the issue's recipe trains experts too: not done here).
 Per weight, on the validation split: perplexity of the routed MoE over the first
 --eval_tokens tokens of each domain (windows of 512), temporal locality of the router over
-the same tokens, and the decode-prioritized simulation of serve/cachesim.py on a default
+the same tokens, and the decode-prioritized simulation of serve/bench/cachesim.py on a default
 routed trace (Belady hit ratio at C = E/2, unique experts per batch).
 """
 
@@ -36,8 +36,8 @@ from readme_jax.eval import routing as rt  # noqa: E402
 from readme_jax.eval.pipeline import readme_logits_fn  # noqa: E402
 from readme_jax.model.readme import ReadMEConfig  # noqa: E402
 from readme_jax.refactor.experts import ExpertSpec  # noqa: E402
-from readme_jax.serve import cachesim as cs  # noqa: E402
-from readme_jax.serve import costmodel as cm  # noqa: E402
+from readme_jax.serve.bench import cachesim as cs  # noqa: E402
+from readme_jax.serve.bench import costmodel as cm  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "Run directory with calib/ and moe_init/.")
 _W = flags.DEFINE_list("weights", ["0", "0.5", "2"], "train.locality_weight values.")

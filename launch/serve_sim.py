@@ -12,10 +12,11 @@ decode-heavy (median 40, at most 80). For each:
     engine knows: this step and the queued prompts), on the access sequence of the
     decode-prioritized schedule (paper Table 4 setting);
   - batching: expert-aware (Algorithm 1) / decode- / prefill-prioritized at C = E/2 (online
-    Belady) and C = E, on the simulated A100 at Llama-2-7B scale (serve/costmodel.py), on-demand
-    loads; unique experts per batch, mean/p95 normalized latency, throughput.
+    Belady) and C = E, on the simulated A100 at Llama-2-7B scale
+    (serve/bench/costmodel.py), on-demand loads; unique experts per batch, mean/p95
+    normalized latency, throughput.
 Writes OUT/<trace>.json, OUT/<trace>.md and the cache decision logs OUT/logs/*.jsonl (the
-replayable format of serve/cache.py).
+replayable format of serve/bench/replay.py).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from readme_jax.data import pipeline  # noqa: E402
 from readme_jax.eval import routing as rt  # noqa: E402
 from readme_jax.model.readme import ReadMEConfig, route  # noqa: E402
 from readme_jax.refactor.experts import ExpertSpec  # noqa: E402
-from readme_jax.serve import cachesim as cs  # noqa: E402
-from readme_jax.serve import costmodel as cm  # noqa: E402
-from readme_jax.serve.cache import write_log  # noqa: E402
+from readme_jax.serve.bench import cachesim as cs  # noqa: E402
+from readme_jax.serve.bench import costmodel as cm  # noqa: E402
+from readme_jax.serve.bench.replay import write_log  # noqa: E402
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Read-ME model directory (e.g. RUN/moe_trained).")
 _OUT = flags.DEFINE_string("out_dir", "docs/serve8", "Where the JSON, markdown and logs go.")

@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from readme_jax.serve import cachesim as cs
-from readme_jax.serve import costmodel as cm
-from readme_jax.serve.cache import make_policy, replay_check
+from readme_jax.serve.bench import cachesim as cs
+from readme_jax.serve.bench import costmodel as cm
+from readme_jax.serve.bench.replay import replay_check
+from readme_jax.serve.cache import make_policy
 
 
 def _random_trace(rng, E, T):

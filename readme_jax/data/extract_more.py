@@ -26,7 +26,7 @@ from pathlib import Path
 
 import unlzw3
 
-from readme_jax.data import fetch
+import readme_jax.data.fetch as fetch
 from readme_jax.data.extract import Document, clean_text, html_to_text
 
 EXTRACTOR_VERSION = 2  # bump to invalidate these four prepared domains (2: perl dedup)

@@ -14,7 +14,7 @@ expert, `Engine._known_future`); the online policy here takes no guess.
 The simulation (`simulate`) replaces the model with routed traces: each request carries its
 prompt's experts and the experts of the tokens it will generate (from the router run over real
 held-out text, `route_documents`), arrives at a time in seconds, and is served by the
-`batching.schedule` policies, one batch per step, on a `costmodel.CostClock` (e.g. the A100
+`batching.schedule` policies, one batch per step, on a `bench.costmodel.CostClock` (e.g. the A100
 profile at Llama-2-7B scale). A step is a decode call over all decoding rows, then one prefill
 call per admitted prompt (whole, no chunking), each cut into waves of C experts.
 Normalized latency = (finish - arrival) / generated tokens, in seconds per token (paper §5).
@@ -29,9 +29,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from readme_jax.serve import batching
-from readme_jax.serve import costmodel as cm
-from readme_jax.serve.cache import ExpertCache, Future, make_policy, run_cache, split_waves
+import readme_jax.serve.batching as batching
+import readme_jax.serve.bench.costmodel as cm
+from readme_jax.serve.bench.replay import run_cache
+from readme_jax.serve.cache import ExpertCache, Future, make_policy, split_waves
 
 
 # ----------------------------------------------------------------------------- knowledge
