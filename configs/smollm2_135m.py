@@ -37,6 +37,11 @@ def get_config() -> ConfigDict:
     c.refactor.remain_rate = 0.5
     c.refactor.clustering = False  # True: experts from k-means clusters of token activations
     c.refactor.num_clusters = 0  # 0 = as many as domains
+    # refit each layer's down projection over the kept channels by ridge least squares on the
+    # calibration tokens (refactor/reconstruct.py); the static baseline gets the same refit.
+    # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term
+    c.refactor.reconstruct = "lstsq"
+    c.refactor.ridge = 1e-2
 
     c.moe = ConfigDict()
     c.moe.top_k = 1

@@ -51,6 +51,7 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     from readme_jax.model.readme import ReadMEConfig
     from readme_jax.model.router import RouterConfig
     from readme_jax.refactor import convert as cv
+    from readme_jax.refactor import reconstruct
 
     moe_dir = run / "moe_init"
     if c.resume and (moe_dir / "model.json").exists():
@@ -106,6 +107,10 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     mcfg = MoEConfig(len(stats.domains), c.moe.top_k, c.moe.gate_scaling, c.moe.dispatch)
     rcfg = RouterConfig(c.router.dim, c.router.n_heads, c.router.ffn_dim)
     params, spec = cv.refactor(dense, cfg, stats, c.refactor.remain_rate, mcfg, rcfg, c.seed)
+    params = reconstruct.at_refactor(
+        reconstruct.ReconstructConfig.from_config(c.refactor), dense, cfg, params, spec,
+        stats.mean_abs_ExLxF, batches, moe_dir, c.moe.top_k,
+    )  # fmt: skip
     rc = ReadMEConfig(cfg.replace(scan_layers=c.model.scan_layers), mcfg, rcfg)
     cv.save_readme(moe_dir, params, rc, spec, {"recipe": recipe, "stage": "refactor"})
     rep = cv.write_refactor_report(run / "reports", spec, stats, cfg.ffn_dim)

@@ -25,7 +25,7 @@ import numpy as np
 
 from readme_jax.checkpoints import store
 from readme_jax.eval import routing as rt
-from readme_jax.eval.domains import domain_stream, evaluate_domains
+from readme_jax.eval.domains import domain_stream, evaluate_domains_many
 from readme_jax.eval.perplexity import dense_logits_fn
 from readme_jax.model import llama, moe
 from readme_jax.model.config import LlamaConfig
@@ -145,6 +145,26 @@ def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
     return out
 
 
+def _load_for_eval(path: Path) -> tuple:
+    """(name, logits_fn, eval params, kind, config, params, meta) of one model directory."""
+    kind, mc, params, meta = load_any(path)
+    meta["_path"] = str(path)
+    name = NICE.get(path.name, meta.get("label", path.name))
+    if kind == "dense":
+        return (
+            name,
+            dense_logits_fn(mc.replace(scan_layers=False)),
+            llama.unstack_layers(params),
+            kind,
+            mc,
+            params,
+            meta,
+        )
+    if mc.moe.layerwise:
+        name = NICE.get(path.name, "layer-wise-router MoE")
+    return name, readme_logits_fn(mc), params, kind, mc, params, meta
+
+
 def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, Any]:
     """Evaluate the dense teacher and every model in `run` into run/eval/ (JSON + report)."""
     from readme_jax.eval.report import headline_table, write_report
@@ -179,23 +199,20 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
         "models": {},
     }
     do_mmlu = c.eval.mmlu_limit > 0
-    row = evaluate_domains(teacher[0], teacher[1], streams, **kw)
+    skip = tuple(s for s in str(c.eval.get("skip_models", "")).split(",") if s)
+    loaded = [
+        _load_for_eval(path)
+        for path in (checkpoints if checkpoints is not None else discover(run, skip))
+    ]
+    # one teacher forward per window batch, its log-probs reused for every model's KL (issue 15)
+    students = {name: (fn, p) for name, fn, p, *_ in loaded}
+    row, rows = evaluate_domains_many(teacher, students, streams, **kw)
     row.update(kind="dense", total_params=cfg.param_count(), active_params=cfg.param_count())
     if do_mmlu:
         row["mmlu"] = _mmlu(teacher[0], teacher[1], tok, cfg, c)
     results["models"]["dense teacher"] = row
-    skip = tuple(s for s in str(c.eval.get("skip_models", "")).split(",") if s)
-    for path in checkpoints if checkpoints is not None else discover(run, skip):
-        kind, mc, params, meta = load_any(path)
-        meta["_path"] = str(path)
-        name = NICE.get(path.name, meta.get("label", path.name))
-        if kind == "dense":
-            fn, p = dense_logits_fn(mc.replace(scan_layers=False)), llama.unstack_layers(params)
-        else:
-            if mc.moe.layerwise:
-                name = NICE.get(path.name, "layer-wise-router MoE")
-            fn, p = readme_logits_fn(mc), params
-        row = evaluate_domains(fn, p, streams, teacher=teacher, **kw)
+    for name, fn, p, kind, mc, params, meta in loaded:
+        row = rows[name]
         row["kind"] = kind
         row["total_params"], row["active_params"] = _active_params(kind, mc, meta, params)
         if do_mmlu:
@@ -206,7 +223,6 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
         elif kind == "readme_moe":
             red = layerwise_analysis(mc, params, streams, c.eval.seq_len)
             results.setdefault("routing", {})["layerwise"] = red
-        jax.clear_caches()
     if (run / "metrics.jsonl").exists():
         results["training"] = {"metrics": str(run / "metrics.jsonl"), "keys": ["loss"]}
     serve = run / "serve" / "results.json"

@@ -138,6 +138,7 @@ def make_variant(ctx: Context, kind: str) -> Variant:
         params = {"backbone": _layout(ctx.model.params["backbone"], scan)}
         kw.update(cfg=rc.model, mcfg=dataclasses.replace(rc.moe, layerwise=True), rcfg=rc.router)
     elif kind == "static":
+        from readme_jax.refactor import reconstruct
         from readme_jax.refactor.experts import static_pruned_params
         from readme_jax.refactor.stats import ActivationStats
 
@@ -146,6 +147,7 @@ def make_variant(ctx: Context, kind: str) -> Variant:
             raise TrainingError(f"{calib} not found: the static baseline needs the calibrate stage")
         stats = ActivationStats.load(calib)
         dense, w = static_pruned_params(ctx.teacher, stats.mean_abs_ExLxF, width / F)
+        dense = reconstruct.apply_static_refit(ctx.run / "moe_init", dense)  # issue 15
         params = _layout(dense, scan)
         width = float(w)
         kw.update(cfg=ctx.teacher_cfg.replace(ffn_dim=w, scan_layers=scan))
