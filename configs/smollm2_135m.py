@@ -42,6 +42,13 @@ def get_config() -> ConfigDict:
     # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term
     c.refactor.reconstruct = "lstsq"
     c.refactor.ridge = 1e-2
+    c.refactor.calib_sequences = 0  # calibration rows per domain for the refit; 0 = all
+    # layer-local distillation after the refit (train/local_distill.py): each layer's MoE FFN
+    # matches the dense FFN's output on cached teacher activations (MSE); 0 steps = off
+    c.refactor.local_steps = 0
+    c.refactor.local_tokens = 2048  # cached tokens per domain (calibration rows)
+    c.refactor.local_batch = 256  # tokens per domain per step
+    c.refactor.local_lr = 1e-4
 
     c.moe = ConfigDict()
     c.moe.top_k = 1

@@ -46,12 +46,19 @@ def _maybe_init_distributed(c) -> None:
             logging.info("jax.distributed.initialize skipped: %s", e)
 
 
+def _trains_static(c) -> bool:
+    """Whether the train stage will train the static baseline (it then needs its refit)."""
+    b = c.train.baselines if c.train.baselines is not None else c.train.presets[c.preset].baselines
+    return "static" in str(b).split(",")
+
+
 def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     from readme_jax.model.moe import MoEConfig
     from readme_jax.model.readme import ReadMEConfig
     from readme_jax.model.router import RouterConfig
     from readme_jax.refactor import convert as cv
     from readme_jax.refactor import reconstruct
+    from readme_jax.train import local_distill
 
     moe_dir = run / "moe_init"
     if c.resume and (moe_dir / "model.json").exists():
@@ -109,7 +116,11 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     params, spec = cv.refactor(dense, cfg, stats, c.refactor.remain_rate, mcfg, rcfg, c.seed)
     params = reconstruct.at_refactor(
         reconstruct.ReconstructConfig.from_config(c.refactor), dense, cfg, params, spec,
-        stats.mean_abs_ExLxF, batches, moe_dir, c.moe.top_k,
+        stats.mean_abs_ExLxF, batches, moe_dir, c.moe.top_k, _trains_static(c),
+    )  # fmt: skip
+    params = local_distill.at_refactor(
+        local_distill.LocalDistillConfig.from_config(c.refactor), dense, cfg, params,
+        spec.domains, batches,
     )  # fmt: skip
     rc = ReadMEConfig(cfg.replace(scan_layers=c.model.scan_layers), mcfg, rcfg)
     cv.save_readme(moe_dir, params, rc, spec, {"recipe": recipe, "stage": "refactor"})

@@ -13,6 +13,7 @@ for all of them (eval.perplexity.perplexity_and_fidelity_many).
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,9 +79,12 @@ def main():
         rows.setdefault("dense", {})[d] = (t.nll_sum, t.n_tokens, 0.0)
         for k, (r, f) in res.items():
             rows.setdefault(k, {})[d] = (r.nll_sum, r.n_tokens, f.kl_sum)
-    out = {"run": str(run), "tokens_per_domain": a.tokens, "seconds": time.time() - t0, "models": {}}
-    import math
-
+    out = {
+        "run": str(run),
+        "tokens_per_domain": a.tokens,
+        "seconds": time.time() - t0,
+        "models": {},
+    }
     for k, per in rows.items():
         nll = sum(v[0] for v in per.values())
         n = sum(v[1] for v in per.values())
@@ -94,7 +98,8 @@ def main():
     print(f"| model | ppl (all) | x dense | KL | {' | '.join(model.spec.domains)} |")
     for k, m in out["models"].items():
         doms = " | ".join(f"{v:.2f}" for v in m["per_domain"].values())
-        print(f"| {k} | {m['ppl_all']:.2f} | {m['ppl_all'] / dense_ppl:.2f}x | {m['kl']:.3f} | {doms} |")
+        ratio = m["ppl_all"] / dense_ppl
+        print(f"| {k} | {m['ppl_all']:.2f} | {ratio:.2f}x | {m['kl']:.3f} | {doms} |")
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"[{time.time() - t0:.0f}s]")

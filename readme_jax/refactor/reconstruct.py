@@ -304,17 +304,21 @@ def at_refactor(
     domain_batches: dict[str, Sequence[np.ndarray]],
     moe_dir: str | Path,
     top_k: int = 1,
+    with_static: bool = True,
 ) -> Params:
     """The refactor step's hook. Returns the Read-ME params with refit experts, and saves the
     static baseline's refit rows (the trainer's baseline width: the Read-ME active FFN fraction,
     channels by the domain-averaged `scores_ExLxF`) to moe_dir/static_refit.npz, where
-    `apply_static_refit` finds them. Mode "none": `params` unchanged, nothing saved."""
+    `apply_static_refit` finds them (with_static=False skips that second pass, for runs that
+    train no static baseline). Mode "none": `params` unchanged, nothing saved."""
     if rcfg.mode == "none":
         return params
     if rcfg.calib_sequences:
         n = rcfg.calib_sequences
         domain_batches = {d: _first_rows(bs, n) for d, bs in domain_batches.items()}
     backbone = reconstruct_readme(dense, cfg, params["backbone"], spec, domain_batches, rcfg.ridge)
+    if not with_static:
+        return {**params, "backbone": backbone}
     kept = static_kept(scores_ExLxF, active_ffn_fraction(spec, cfg.ffn_dim, top_k))
     w = reconstruct_static(dense, cfg, kept, domain_batches, rcfg.ridge)
     Path(moe_dir).mkdir(parents=True, exist_ok=True)
