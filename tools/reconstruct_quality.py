@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--seq_len", type=int, default=512)
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--out", default="")
+    ap.add_argument("--only_run", action="store_true", help="only the run's moe_init (+ dense)")
     a = ap.parse_args()
     from readme_jax.eval.domains import domain_stream
     from readme_jax.eval.perplexity import dense_logits_fn, perplexity_and_fidelity_many
@@ -73,6 +74,8 @@ def main():
         }
         if st_fit is not st:
             students["static refit"] = (st_fn, llama.unstack_layers(st_fit))
+        if a.only_run:
+            students = {k: v for k, v in students.items() if k.startswith("Read-ME (run")}
         t, res = perplexity_and_fidelity_many(
             *teacher, students, toks, max_length=a.seq_len, batch_size=a.batch_size, progress=d
         )
