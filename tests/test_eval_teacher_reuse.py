@@ -47,7 +47,7 @@ def test_teacher_runs_once_per_batch_whatever_the_number_of_models(models):
     _, res = perplexity_and_fidelity_many(teacher, models[0], students, toks, **win)
     jax.effects_barrier()
     assert calls[0] == n_batches(len(toks), 32, None, 2)  # not 3x that
-    for k, (_, p) in students.items():
+    for k in students:
         r, f = perplexity_and_fidelity(dense_logits_fn(CFG), models[0], *students[k], toks, **win)
         np.testing.assert_allclose(res[k][0].nll_sum, r.nll_sum, rtol=1e-5)
         np.testing.assert_allclose(res[k][1].kl_sum, f.kl_sum, rtol=1e-4, atol=1e-5)

@@ -26,20 +26,21 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
     a = ap.parse_args()
-    from readme_jax.refactor import convert as cv
+    from readme_jax.checkpoints import models
+    from readme_jax.refactor import pipeline as rp
     from readme_jax.refactor.reconstruct import STATIC_REFIT_FILE
     from readme_jax.train import local_distill as ld
 
     t0, c0 = time.time(), time.process_time()
-    model = cv.load_readme(a.src)
-    cfg, dense, tok = cv.load_dense()
+    model = models.load_readme(a.src)
+    cfg, dense, tok = models.load_dense()
     domains = {d: None for d in model.spec.domains}
-    batches = cv.calibration_batches(domains, tok, 16, 512)
+    batches = rp.calibration_batches(domains, tok, 16, 512)
     lc = ld.LocalDistillConfig(a.steps, a.tokens, a.batch, a.lr)
     params = ld.at_refactor(lc, dense, cfg, model.params, model.spec.domains, batches)
     meta = {k: v for k, v in model.meta.items() if k in ("recipe",)}
     meta["local_distill"] = vars(a)
-    cv.save_readme(a.dst, params, model.rc, model.spec, meta)
+    models.save_readme(a.dst, params, model.rc, model.spec, meta)
     if (Path(a.src) / STATIC_REFIT_FILE).exists():
         shutil.copy(Path(a.src) / STATIC_REFIT_FILE, Path(a.dst) / STATIC_REFIT_FILE)
     print(f"[local distill] wall {time.time() - t0:.0f}s, CPU {time.process_time() - c0:.0f}s")

@@ -43,10 +43,11 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--only_run", action="store_true", help="only the run's moe_init (+ dense)")
     a = ap.parse_args()
+    from readme_jax.checkpoints import models
     from readme_jax.eval.domains import domain_stream
     from readme_jax.eval.perplexity import dense_logits_fn, perplexity_and_fidelity_many
     from readme_jax.model import llama
-    from readme_jax.refactor import convert as cv
+    from readme_jax.refactor import pipeline as rp
     from readme_jax.refactor import reconstruct
     from readme_jax.refactor.experts import active_ffn_fraction, static_pruned_params
     from readme_jax.refactor.stats import ActivationStats
@@ -54,10 +55,10 @@ def main():
     t0 = time.time()
     run = Path(a.run)
     stats = ActivationStats.load(run / "calib")
-    model = cv.load_readme(run / "moe_init")
+    model = models.load_readme(run / "moe_init")
     rc = model.rc.replace(moe=dataclasses.replace(model.rc.moe, dispatch="blocked"))
-    cfg, dense, tok = cv.load_dense()
-    plain, _ = cv.refactor(dense, cfg, stats, model.spec.remain_rate, rc.moe, rc.router)
+    cfg, dense, tok = models.load_dense()
+    plain, _ = rp.refactor(dense, cfg, stats, model.spec.remain_rate, rc.moe, rc.router)
     width = active_ffn_fraction(model.spec, cfg.ffn_dim, rc.moe.top_k)
     st, w = static_pruned_params(llama.stack_layers(dense), stats.mean_abs_ExLxF, width)
     st_fit = reconstruct.apply_static_refit(run / "moe_init", st)

@@ -26,7 +26,8 @@ def main():
     ap.add_argument("--ridge", type=float, default=1e-2)
     ap.add_argument("--sequences", type=int, default=8)
     a = ap.parse_args()
-    from readme_jax.refactor import convert as cv
+    from readme_jax.checkpoints import models
+    from readme_jax.refactor import pipeline as rp
     from readme_jax.refactor import reconstruct as rec
     from readme_jax.refactor.experts import active_ffn_fraction, build_expert_spec
     from readme_jax.refactor.stats import ActivationStats
@@ -34,8 +35,8 @@ def main():
     t0 = time.time()
     stats = ActivationStats.load(a.calib)
     spec = build_expert_spec(stats.mean_abs_ExLxF, a.remain_rate, stats.domains)
-    cfg, dense, tok = cv.load_dense()
-    batches = cv.calibration_batches({d: None for d in stats.domains}, tok, 16, 512)
+    cfg, dense, tok = models.load_dense()
+    batches = rp.calibration_batches({d: None for d in stats.domains}, tok, 16, 512)
     batches = {d: rec._first_rows(bs, a.sequences) for d, bs in batches.items()}
     kept = rec.static_kept(stats.mean_abs_ExLxF, active_ffn_fraction(spec, cfg.ffn_dim))
     w = rec.reconstruct_static(dense, cfg, kept, batches, a.ridge)

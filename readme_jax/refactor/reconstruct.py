@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
-from readme_jax.refactor.experts import ExpertSpec, active_ffn_fraction, top_channel_masks
+from readme_jax.model.spec import ExpertSpec
+from readme_jax.refactor.experts import active_ffn_fraction, top_channel_masks
 
 Params = dict[str, Any]
 MODES = ("lstsq", "none")
