@@ -39,10 +39,12 @@ def get_config() -> ConfigDict:
     c.refactor.num_clusters = 0  # 0 = as many as domains
     # refit each layer's down projection over the kept channels by ridge least squares on the
     # calibration tokens (refactor/reconstruct.py); the static baseline gets the same refit.
-    # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term
-    c.refactor.reconstruct = "lstsq"
+    # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term. Off by default until it
+    # is measured after training at the `compare` budget (docs/results.md section 5 has the
+    # before-training numbers); turn on with --config.refactor.reconstruct=lstsq
+    c.refactor.reconstruct = "none"
     c.refactor.ridge = 1e-2
-    c.refactor.calib_sequences = 0  # calibration rows per domain for the refit; 0 = all
+    c.refactor.calib_sequences = 8  # calibration rows per domain for the refit; 0 = all
     # layer-local distillation after the refit (train/local_distill.py): each layer's MoE FFN
     # matches the dense FFN's output on cached teacher activations (MSE); 0 steps = off
     c.refactor.local_steps = 0

@@ -18,15 +18,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _oracle_fn(rc, e: int):
+def _oracle_fn(rc):
+    """Logits with every token on expert e; params = (Read-ME params, e as a 0-d int32 array),
+    so one compiled function serves every domain."""
     import jax.numpy as jnp
 
     from readme_jax.model.readme import readme_forward
 
-    def fn(params, tokens_BxS):
+    def fn(params_e, tokens_BxS):
+        params, e = params_e
         B, S = tokens_BxS.shape
         routing = (jnp.full((B, S, 1), e, jnp.int32), jnp.ones((B, S, 1), jnp.float32))
         return readme_forward(params, tokens_BxS, rc, routing=routing)[0]
@@ -65,12 +70,13 @@ def main():
     st_fn = dense_logits_fn(cfg.replace(ffn_dim=w))
     teacher = (dense_logits_fn(cfg), llama.unstack_layers(dense))
     rows: dict = {}
+    fn = _oracle_fn(rc)
     for e, d in enumerate(model.spec.domains):
         toks, _ = domain_stream(d, "validation", tok, max_tokens=a.tokens)
-        fn = _oracle_fn(rc, e)
+        ea = np.asarray(e, np.int32)
         students = {
-            "Read-ME (run's moe_init)": (fn, model.params),
-            "Read-ME plain": (fn, plain),
+            "Read-ME (run's moe_init)": (fn, (model.params, ea)),
+            "Read-ME plain": (fn, (plain, ea)),
             "static plain": (st_fn, llama.unstack_layers(st)),
         }
         if st_fit is not st:
