@@ -47,6 +47,20 @@ def get_config(variant: str = "") -> ConfigDict:
     c.refactor.remain_rate = 0.5
     c.refactor.clustering = False  # True: experts from k-means clusters of token activations
     c.refactor.num_clusters = 0  # 0 = as many as domains
+    # refit each layer's down projection over the kept channels by ridge least squares on the
+    # calibration tokens (refactor/reconstruct.py); the static baseline gets the same refit.
+    # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term. Off by default until it
+    # is measured after training at the `compare` budget (docs/results.md section 5 has the
+    # before-training numbers); turn on with --config.refactor.reconstruct=lstsq
+    c.refactor.reconstruct = "none"
+    c.refactor.ridge = 1e-2
+    c.refactor.calib_sequences = 8  # calibration rows per domain for the refit; 0 = all
+    # layer-local distillation after the refit (train/local_distill.py): each layer's MoE FFN
+    # matches the dense FFN's output on cached teacher activations (MSE); 0 steps = off
+    c.refactor.local_steps = 0
+    c.refactor.local_tokens = 2048  # cached tokens per domain (calibration rows)
+    c.refactor.local_batch = 256  # tokens per domain per step
+    c.refactor.local_lr = 1e-4
 
     c.moe = ConfigDict()
     c.moe.top_k = 1
@@ -61,6 +75,8 @@ def get_config(variant: str = "") -> ConfigDict:
     c.eval = ConfigDict()
     c.eval.split = "validation"
     c.eval.seq_len = 512
+    # held-out tokens per domain (the first N of each validation split, the same for every
+    # model); issue 15 asks 32768 for comparisons (manual has 14.6k in all); the demo keeps 4096
     c.eval.max_tokens_per_domain = 4096
     c.eval.batch_size = 4
     c.eval.mmlu_limit = 1  # questions per subject (57 subjects); 0 = skip MMLU

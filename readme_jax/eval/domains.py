@@ -9,7 +9,12 @@ from typing import Any
 import numpy as np
 
 import readme_jax.data.pipeline as pipeline
-from readme_jax.eval.perplexity import LogitsFn, perplexity, perplexity_and_fidelity
+from readme_jax.eval.perplexity import (
+    LogitsFn,
+    perplexity,
+    perplexity_and_fidelity,
+    perplexity_and_fidelity_many,
+)
 
 
 def domain_stream(
@@ -63,3 +68,32 @@ def evaluate_domains(
             out["fidelity"][domain] = f.to_dict()
         out["perplexity"][domain] = r.to_dict()
     return out
+
+
+def evaluate_domains_many(
+    teacher: tuple[LogitsFn, Any],
+    students: Mapping[str, tuple[LogitsFn, Any]],
+    streams: Mapping[str, tuple[np.ndarray, int | None]],
+    *,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, dict[str, Any]]]]:
+    """(teacher row, {student: row}) in `evaluate_domains`'s layout, from one teacher forward
+    per window batch shared by every student (see `perplexity_and_fidelity_many`)."""
+    t_row: dict[str, dict[str, dict[str, Any]]] = {"perplexity": {}}
+    rows: dict[str, dict[str, dict[str, Any]]] = {
+        k: {"perplexity": {}, "fidelity": {}} for k in students
+    }
+    win = dict(max_length=max_length, stride=stride, batch_size=batch_size)
+    for domain, (tokens_T, n_bytes) in streams.items():
+        label = f"ppl+KL {domain} ({len(students)} models)" if progress else False
+        t, res = perplexity_and_fidelity_many(
+            *teacher, dict(students), tokens_T, n_bytes=n_bytes, progress=label, **win
+        )
+        t_row["perplexity"][domain] = t.to_dict()
+        for k, (r, f) in res.items():
+            rows[k]["perplexity"][domain] = r.to_dict()
+            rows[k]["fidelity"][domain] = f.to_dict()
+    return t_row, rows

@@ -294,3 +294,80 @@ def perplexity_and_fidelity(
             ppl=f"{math.exp(nll_sum / max(count, 1)):.3f}", kl=f"{kl_sum / max(count, 1):.4f}"
         )
     return PerplexityResult(nll_sum, count, n_bytes), FidelityResult(kl_sum, agree, count)
+
+
+# ---------------------------------------------------------------- many models, one teacher pass
+@functools.cache
+def make_teacher_pass_fn(teacher_fn: LogitsFn):
+    """jit(t_params, tokens_BxS, mask_BxS) -> (teacher log-probs [B, S-1, V] f32, teacher NLL
+    sum, count): computed once per batch and reused for every student's KL."""
+
+    @jax.jit
+    def fn(t_params, tokens_BxS, mask_BxS):
+        t_lp = jax.nn.log_softmax(teacher_fn(t_params, tokens_BxS)[:, :-1].astype(jnp.float32))
+        nll = -jnp.take_along_axis(t_lp, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
+        m = mask_BxS[:, 1:]
+        return t_lp, jnp.sum(jnp.where(m, nll, 0.0)), jnp.sum(m)
+
+    return fn
+
+
+@functools.cache
+def make_student_vs_teacher_fn(student_fn: LogitsFn):
+    """jit(s_params, t_lp [B, S-1, V], tokens_BxS, mask_BxS) -> (student NLL sum, count,
+    KL(t||s) sum, top-1 agreements), given the teacher's log-probs of the same batch."""
+
+    @jax.jit
+    def fn(s_params, t_lp, tokens_BxS, mask_BxS):
+        s_lp = jax.nn.log_softmax(student_fn(s_params, tokens_BxS)[:, :-1].astype(jnp.float32))
+        nll_BxS = -jnp.take_along_axis(s_lp, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
+        kl_BxS = jnp.sum(jnp.exp(t_lp) * (t_lp - s_lp), axis=-1)
+        agree_BxS = jnp.argmax(t_lp, -1) == jnp.argmax(s_lp, -1)
+        m = mask_BxS[:, 1:]
+        return (
+            jnp.sum(jnp.where(m, nll_BxS, 0.0)),
+            jnp.sum(m),
+            jnp.sum(jnp.where(m, kl_BxS, 0.0)),
+            jnp.sum(m & agree_BxS),
+        )
+
+    return fn
+
+
+def perplexity_and_fidelity_many(
+    teacher_fn: LogitsFn,
+    teacher_params: Any,
+    students: dict[str, tuple[LogitsFn, Any]],
+    tokens_T: np.ndarray,
+    *,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    n_bytes: int | None = None,
+    vocab_size: int | None = None,
+    progress: bool | str = True,
+) -> tuple[PerplexityResult, dict[str, tuple[PerplexityResult, FidelityResult]]]:
+    """The teacher's perplexity, and every student's perplexity and fidelity to it, over the
+    same windows as `perplexity`: one teacher forward per batch whatever the number of students
+    (the [B, S-1, V] teacher log-probs of a batch are reused for each student's KL and top-1
+    agreement), so an evaluation of n models costs n + 1 forwards per batch instead of 2n.
+    students: name -> (logits_fn, params). Results equal `perplexity_and_fidelity`'s per
+    student."""
+    tokens_T = _check_tokens(tokens_T, vocab_size)
+    t_fn = make_teacher_pass_fn(teacher_fn)
+    s_fns = {k: make_student_vs_teacher_fn(fn) for k, (fn, _) in students.items()}
+    bar = _window_bar(tokens_T, max_length, stride, batch_size, progress, "perplexity+KL")
+    t_nll, t_count = 0.0, 0
+    acc = {k: [0.0, 0, 0.0, 0] for k in students}
+    for toks, mask in bar:
+        t_lp, s, c = t_fn(teacher_params, toks, mask)
+        t_nll, t_count = t_nll + float(s), t_count + int(c)
+        for k, (_, p) in students.items():
+            got = s_fns[k](p, t_lp, toks, mask)
+            acc[k] = [a + type(a)(g) for a, g in zip(acc[k], got, strict=True)]
+        del t_lp
+    out = {
+        k: (PerplexityResult(a[0], a[1], n_bytes), FidelityResult(a[2], a[3], a[1]))
+        for k, a in acc.items()
+    }
+    return PerplexityResult(t_nll, t_count, n_bytes), out

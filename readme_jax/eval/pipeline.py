@@ -26,7 +26,7 @@ import numpy as np
 from readme_jax.checkpoints import models
 from readme_jax.data.tasks import by_subject, kshot_prompt, load_mmlu
 from readme_jax.eval import routing as rt
-from readme_jax.eval.domains import domain_stream, evaluate_domains
+from readme_jax.eval.domains import domain_stream, evaluate_domains_many
 from readme_jax.eval.multiple_choice import score_multiple_choice
 from readme_jax.eval.perplexity import dense_logits_fn
 from readme_jax.eval.report import headline_table, write_report
@@ -148,6 +148,18 @@ def _meta(c) -> dict[str, Any]:
     }
 
 
+def _load_for_eval(path: Path) -> tuple:
+    """(name, logits_fn, eval params, kind, config, params, meta) of one model directory."""
+    kind, mc, params, meta = load_any(path)
+    name = NICE.get(path.name, meta.get("label", path.name))
+    if kind == "dense":
+        fn, p = dense_logits_fn(mc.replace(scan_layers=False)), llama.unstack_layers(params)
+        return name, fn, p, kind, mc, params, meta
+    if mc.moe.layerwise:
+        name = NICE.get(path.name, "layer-wise-router MoE")
+    return name, readme_logits_fn(mc), params, kind, mc, params, meta
+
+
 def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, Any]:
     """Evaluate the dense teacher and every model in `run` into run/eval/ (JSON + report)."""
     t0 = time.time()
@@ -167,22 +179,18 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     teacher = (dense_logits_fn(cfg), llama.unstack_layers(dense))
     results: dict[str, Any] = {"meta": _meta(c), "models": {}}
     do_mmlu = c.eval.mmlu_limit > 0
-    row = evaluate_domains(teacher[0], teacher[1], streams, **kw)
+    skip = tuple(s for s in str(c.eval.get("skip_models", "")).split(",") if s)
+    paths = checkpoints if checkpoints is not None else discover(run, skip)
+    loaded = [_load_for_eval(path) for path in paths]
+    # one teacher forward per window batch, its log-probs reused for every model's KL (issue 15)
+    students = {name: (fn, p) for name, fn, p, *_ in loaded}
+    row, rows = evaluate_domains_many(teacher, students, streams, **kw)
     row.update(kind="dense", total_params=cfg.param_count(), active_params=cfg.param_count())
     if do_mmlu:
         row["mmlu"] = _mmlu(teacher[0], teacher[1], tok, cfg, c)
     results["models"]["dense teacher"] = row
-    skip = tuple(s for s in str(c.eval.get("skip_models", "")).split(",") if s)
-    for path in checkpoints if checkpoints is not None else discover(run, skip):
-        kind, mc, params, meta = load_any(path)
-        name = NICE.get(path.name, meta.get("label", path.name))
-        if kind == "dense":
-            fn, p = dense_logits_fn(mc.replace(scan_layers=False)), llama.unstack_layers(params)
-        else:
-            if mc.moe.layerwise:
-                name = NICE.get(path.name, "layer-wise-router MoE")
-            fn, p = readme_logits_fn(mc), params
-        row = evaluate_domains(fn, p, streams, teacher=teacher, **kw)
+    for name, fn, p, kind, mc, params, meta in loaded:
+        row = rows[name]
         row["kind"] = kind
         row["total_params"], row["active_params"] = _active_params(kind, mc, meta, params)
         if do_mmlu:
@@ -193,7 +201,6 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
         elif kind == "readme_moe":
             red = layerwise_analysis(mc, params, streams, c.eval.seq_len)
             results.setdefault("routing", {})["layerwise"] = red
-        jax.clear_caches()
     if (run / "metrics.jsonl").exists():
         results["training"] = {"metrics": str(run / "metrics.jsonl"), "keys": ["loss"]}
     serve = run / "serve" / "results.json"

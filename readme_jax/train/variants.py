@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from readme_jax.refactor.experts import active_ffn_fraction, static_pruned_params
+from readme_jax.refactor.reconstruct import apply_static_refit
 from readme_jax.refactor.stats import ActivationStats
 from readme_jax.train.context import Context, TrainingError, training_layout
 from readme_jax.train.step import KINDS
@@ -51,6 +52,7 @@ def make_variant(ctx: Context, kind: str) -> Variant:
             raise TrainingError(f"{calib} not found: the static baseline needs the calibrate stage")
         stats = ActivationStats.load(calib)
         dense, w = static_pruned_params(ctx.teacher, stats.mean_abs_ExLxF, width / F)
+        dense = apply_static_refit(ctx.run / "moe_init", dense)  # issue 15: same refit as Read-ME
         params = training_layout(dense, scan)
         width = float(w)
         kw.update(cfg=ctx.teacher_cfg.replace(ffn_dim=w, scan_layers=scan))

@@ -1,0 +1,118 @@
+"""Reconstruction at refactoring time (issue 15): the closed-form refit on tiny layers/models."""
+
+import jax
+import numpy as np
+import pytest
+
+from readme_jax.model import llama
+from readme_jax.model.config import LlamaConfig
+from readme_jax.refactor import experts, reconstruct
+
+CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
+
+
+def _layer(seed=0, F=12, D=5, T=(40, 30)):
+    rng = np.random.default_rng(seed)
+    hs = [rng.normal(size=(t, F)) for t in T]
+    w = rng.normal(size=(F, D))
+    parts = [np.array([0, 3, 5]), np.array([1, 2, 7]), np.array([2, 4, 8, 9])]  # shared, e0, e1
+    uses = [[0, 1], [0, 2]]
+    return hs, w, parts, uses
+
+
+def _design(hs, parts, uses):
+    """The least-squares design matrix: group g's rows see only its parts' columns."""
+    n = sum(len(p) for p in parts)
+    offs = np.cumsum([0] + [len(p) for p in parts])
+    rows = []
+    for h, used in zip(hs, uses, strict=True):
+        z = np.zeros((len(h), n))
+        for i in used:
+            z[:, offs[i] : offs[i + 1]] = h[:, parts[i]]
+        rows.append(z)
+    return np.concatenate(rows)
+
+
+def test_refit_is_the_lstsq_optimum():
+    hs, w, parts, uses = _layer()
+    got = reconstruct.ridge_refit([h.T @ h for h in hs], w, parts, uses, ridge=0.0)
+    Z = _design(hs, parts, uses)
+    Y = np.concatenate([h @ w for h in hs])
+    want = np.linalg.lstsq(Z, Y, rcond=None)[0]
+    np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-4, atol=1e-5)
+    # the error it reports is the lstsq residual, below plain channel dropping's
+    grams = [h.T @ h for h in hs]
+    err = reconstruct.layer_output_error(grams, w, parts, uses, got)
+    np.testing.assert_allclose(err, np.sum((Z @ want - Y) ** 2) / np.sum(Y**2), rtol=1e-4)
+    assert err < reconstruct.layer_output_error(grams, w, parts, uses, [w[p] for p in parts])
+
+
+def test_ridge_pulls_toward_the_original_rows():
+    hs, w, parts, uses = _layer(1)
+    grams = [h.T @ h for h in hs]
+    ridge = 0.3
+    got = np.concatenate(reconstruct.ridge_refit(grams, w, parts, uses, ridge))
+    Z = _design(hs, parts, uses)
+    Y = np.concatenate([h @ w for h in hs])
+    w0 = np.concatenate([w[p] for p in parts])
+    lam = ridge * np.trace(Z.T @ Z) / Z.shape[1]
+    Za = np.concatenate([Z, np.sqrt(lam) * np.eye(Z.shape[1])])
+    Ya = np.concatenate([Y, np.sqrt(lam) * w0])
+    np.testing.assert_allclose(got, np.linalg.lstsq(Za, Ya, rcond=None)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_every_channel_kept_returns_the_original_weights():
+    hs, w, _, _ = _layer(2)
+    grams = [h.T @ h for h in hs]
+    (got,) = reconstruct.ridge_refit(grams, w, [np.arange(12)], [[0], [0]], ridge=1e-2)
+    np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_groups_raise():
+    hs, w, parts, uses = _layer()
+    with pytest.raises(ValueError, match="Gram matrices"):
+        reconstruct.ridge_refit([hs[0].T @ hs[0]], w, parts, uses, 0.1)
+
+
+def _batches(seed, n=2):
+    toks = np.array(jax.random.randint(jax.random.key(seed), (n, 8), 0, 64))
+    toks[-1, 6:] = -1
+    return [toks]
+
+
+def test_static_refit_with_every_channel_kept_is_the_dense_model():
+    p = llama.init_params(CFG, jax.random.key(0))
+    kept = np.tile(np.arange(CFG.ffn_dim), (CFG.n_layers, 1))
+    w = reconstruct.reconstruct_static(p, CFG, kept, {"a": _batches(1), "b": _batches(2)}, 1e-2)
+    np.testing.assert_allclose(w, np.asarray(p["layers"]["w_down"]), rtol=1e-4, atol=1e-6)
+
+
+def test_readme_refit_lowers_the_layer_error_on_calibration_tokens():
+    p = llama.init_params(CFG, jax.random.key(0))
+    scores = np.random.default_rng(0).random((2, CFG.n_layers, CFG.ffn_dim))
+    spec = experts.build_expert_spec(scores, 0.5, ["a", "b"])
+    moe = experts.build_moe_params(llama.stack_layers(p), spec)
+    batches = {"a": _batches(1, 4), "b": _batches(2, 4)}
+    fit = reconstruct.reconstruct_readme(p, CFG, moe, spec, batches, 1e-3)
+    # first layer: its inputs are the dense model's, so the errors compare directly
+    bs = [reconstruct._as_batches(batches[d]) for d in spec.domains]
+    lp = llama.unstack_layers(p)["layers"][0]
+    grams = [
+        sum(np.asarray(reconstruct._layer_features(lp, p["embed"][t], m, CFG)[2]) for t, m in b)
+        for b in bs
+    ]
+    parts, uses = reconstruct.readme_parts(spec)(0)
+    w = np.asarray(lp["w_down"])
+    new = [np.asarray(fit["layers"]["shared_down"][0, : len(parts[0])])] + [
+        np.asarray(fit["layers"]["expert_down"][0, e, : len(parts[1 + e])]) for e in range(2)
+    ]
+    err = reconstruct.layer_output_error(grams, w, parts, uses, new)
+    drop = reconstruct.layer_output_error(grams, w, parts, uses, [w[q] for q in parts])
+    assert err < drop
+    # padded rows stay zero
+    assert np.all(np.asarray(fit["layers"]["expert_down"])[0, 0, len(parts[1]) :] == 0)
+
+
+def test_config_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="reconstruct"):
+        reconstruct.ReconstructConfig(mode="magic")
