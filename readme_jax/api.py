@@ -9,7 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from readme_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
+from readme_jax.checkpoints.kind import GGUF, README, checkpoint_kind
+from readme_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer, prompt_ids, with_end_ids
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.generate import Generator, dense_logits, dense_model, validate_tokens
 from readme_jax.model.sampling import SamplingParams
@@ -46,12 +47,20 @@ class LoadedModel:
         return self._gen
 
     def generate(
-        self, prompt: str, *, chat: bool = False, max_new_tokens: int = 64, **sampling
+        self,
+        prompt: str,
+        *,
+        chat: bool = False,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+        **sampling,
     ) -> str:
-        if chat:
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        ids = self.tokenizer.encode(prompt)
-        out = self.generator().generate([ids], max_new_tokens, SamplingParams(**sampling))
+        """Text generated after `prompt` (chat: wrapped in the checkpoint's chat template),
+        stopping at any end token the checkpoint declares (cfg.eos_ids). `seed` seeds sampling;
+        sampling keywords are SamplingParams fields. Raises TextError / ValueError."""
+        ids = prompt_ids(self.tokenizer, prompt, chat)
+        sp = SamplingParams(**sampling)
+        out = self.generator().generate([ids], max_new_tokens, sp, seed=seed)
         return self.tokenizer.decode(out[0])
 
 
@@ -67,9 +76,10 @@ _moe_forward = jax.jit(_moe_impl, static_argnums=2)
 def load(path: str | Path | None = None, dtype: str = "float32", **cfg_overrides) -> LoadedModel:
     """Load a model: None = bundled SmolLM2 GGUF; a .gguf file; a Hugging Face directory; or a
     readme_jax model directory (a Read-ME MoE written by launch/train.py)."""
-    if path is not None and (Path(path) / "model.json").exists():
+    kind = GGUF if path is None else checkpoint_kind(path)
+    if kind == README:
         return _load_project(Path(path))
-    if path is None or Path(path).suffix == ".gguf":
+    if kind == GGUF:
         from readme_jax.checkpoints.gguf import load_gguf
 
         cfg, params = load_gguf(path, dtype=dtype, **cfg_overrides)
@@ -93,6 +103,7 @@ def _load_project(path: Path) -> LoadedModel:
         from readme_jax.model.readme import ReadMEConfig
 
         rc = ReadMEConfig.from_dict(meta["config"])
+        rc = rc.replace(model=with_end_ids(rc.model, tok))
         return LoadedModel(rc.model, params, tok, rc)
     cfg = LlamaConfig.from_dict(meta["config"]).replace(scan_layers=False)
-    return LoadedModel(cfg, params, tok)
+    return LoadedModel(with_end_ids(cfg, tok), params, tok)
