@@ -14,7 +14,7 @@ sandboxed Jinja renderer; a rendered leading BOS is stripped when the tokenizer 
 prompt holds exactly one (as llama.cpp's chat code does).
 
 HF directories load with `transformers.AutoTokenizer`: plain text gets the post-processor's BOS;
-chat prompts are encoded without special tokens, as `apply_chat_template(tokenize=True)` does.
+chat prompts are transformers' `apply_chat_template(tokenize=True)`, which adds no special tokens.
 
 End-of-generation ids: every id the checkpoint declares (GGUF eos/eot/eom ids plus the control
 tokens llama.cpp treats as end-of-generation by text; HF config.json, generation_config.json and
@@ -146,12 +146,17 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt=True) -> list[int]:
         """Prompt ids for a chat, holding exactly the one BOS the runtime would send.
 
-        HF: the rendered template encoded without special tokens (transformers'
-        `apply_chat_template(tokenize=True)`). GGUF: a leading BOS the template writes is
+        HF: transformers' own `apply_chat_template(tokenize=True)` (no special tokens added
+        beyond what the template writes). GGUF: a leading BOS the template writes is
         dropped when the tokenizer adds its own (llama.cpp's common chat code)."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
         if self._hf:
-            return self.encode(text, add_bos=False)
+            self.apply_chat_template(messages, add_generation_prompt)  # TextError if none
+            ids = self._tok.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                return_dict=False,
+            )  # fmt: skip
+            return [int(i) for i in ids]
+        text = self.apply_chat_template(messages, add_generation_prompt)
         bos = self.special_tokens.get("bos_token")
         if self.add_bos_default and bos and text.startswith(bos):
             text = text[len(bos) :]
