@@ -133,7 +133,8 @@ def spm_tokenizer(out: Path, work: Path, control: list[str], template: str):
     src.mkdir()
     shutil.copy(work / "sp.model", src / "tokenizer.model")
     cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True}  # fmt: skip
+           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+           "legacy": True}  # fmt: skip
     (src / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = AutoTokenizer.from_pretrained(str(src))
     if control:
@@ -145,8 +146,16 @@ def spm_tokenizer(out: Path, work: Path, control: list[str], template: str):
 
 
 def bpe_tokenizer(out: Path, style: str):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
@@ -213,19 +222,28 @@ def _logits(model_dir: Path, tokens) -> np.ndarray:
     m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                              attn_implementation="eager").eval()  # fmt: skip
     with torch.no_grad():
-        return m(input_ids=torch.from_numpy(tokens.astype(np.int64)), use_cache=False).logits.numpy()
+        return m(
+            input_ids=torch.from_numpy(tokens.astype(np.int64)), use_cache=False
+        ).logits.numpy()
 
 
 def model(out: Path, arch: str, config: dict, seed: int, gen_eos) -> None:
-    from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM)  # fmt: skip
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,  # fmt: skip
+    )
 
     cls_cfg, cls = (MistralConfig, MistralForCausalLM) if arch == "mistral" else (
         LlamaConfig, LlamaForCausalLM)  # fmt: skip
     torch.manual_seed(seed)
     m = cls(cls_cfg(**config)).float().eval()
     randomize_(m, seed)
-    m.generation_config = GenerationConfig(bos_token_id=config["bos_token_id"], eos_token_id=gen_eos)
+    m.generation_config = GenerationConfig(
+        bos_token_id=config["bos_token_id"], eos_token_id=gen_eos
+    )
     m.save_pretrained(str(out), safe_serialization=True)
 
 
@@ -277,10 +295,13 @@ def build(style: str, seed: int) -> None:
     elif style == "mistral":
         cfg.update(num_key_value_heads=1, rope_theta=1e6, sliding_window=None)
     elif style == "llama3":
-        ends = [tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+        ends = [
+            tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+        ]
         cfg.update(num_key_value_heads=2, head_dim=16, rope_theta=500000.0, eos_token_id=ends,
                    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                     high_freq_factor=4.0, original_max_position_embeddings=32))  # fmt: skip
+                                     high_freq_factor=4.0,
+                                     original_max_position_embeddings=32))  # fmt: skip
         gen_eos = ends
     else:  # smollm2
         cfg.update(num_key_value_heads=2, rope_theta=100000.0, tie_word_embeddings=True)
