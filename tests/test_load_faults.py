@@ -98,6 +98,13 @@ def test_gguf_unsupported_rope_scaling_is_refused_by_name(tmp_path):
         load_gguf(path)
 
 
+def test_gguf_rope_freqs_with_linear_scaling_is_refused(tmp_path):
+    meta = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}
+    path = hf_to_gguf(fixture("llama3"), tmp_path / "both.gguf", pre="llama-bpe", meta=meta)
+    with pytest.raises(ConfigError, match="both rope_freqs.weight and linear"):
+        load_gguf(path)
+
+
 # --- 2. pre-tokenizers and SentencePiece GGUFs -----------------------------------------------
 
 
@@ -126,6 +133,13 @@ def test_gpt2_and_default_pre_tokenizers_follow_llama_cpp(tmp_path):
 def test_unknown_pre_tokenizer_is_refused_by_name(tmp_path):
     path = hf_to_gguf(fixture("llama3"), tmp_path / "q.gguf", pre="qwen2")
     with pytest.raises(CheckpointError, match="'qwen2'"):
+        load_tokenizer(path)
+
+
+def test_unknown_gguf_tokenizer_model_is_refused_by_name(tmp_path):
+    meta = {"tokenizer.ggml.model": "bert"}
+    path = hf_to_gguf(fixture("llama3"), tmp_path / "b.gguf", pre="llama-bpe", meta=meta)
+    with pytest.raises(CheckpointError, match="'bert'"):
         load_tokenizer(path)
 
 
