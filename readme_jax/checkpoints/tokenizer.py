@@ -306,7 +306,11 @@ def _load_gguf_tokenizer(path: Path) -> Tokenizer:
     h = hashlib.sha256()
     for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
         h.update("\n".join(_val(reader, k, [])).encode())
-    h.update(str(_val(reader, "tokenizer.ggml.pre")).encode())
+    # The name keys tokenized-data caches. gpt2 + smollm splits as before this module knew
+    # other pre-tokenizers, so it keeps its old name (and the caches built with it).
+    pre = _val(reader, "tokenizer.ggml.pre", "default")
+    if (model, pre) != ("gpt2", "smollm"):
+        h.update(f"\n{model}/{pre}/{_val(reader, 'tokenizer.ggml.scores', [])}".encode())
     bos = _val(reader, "tokenizer.ggml.bos_token_id")
     eos = _val(reader, "tokenizer.ggml.eos_token_id")
     named = {"bos_token": bos, "eos_token": eos,
@@ -377,7 +381,7 @@ def _load_hf(path: Path) -> Tokenizer:
                                                "pad_token")}  # fmt: skip
     return Tokenizer(
         tok,
-        name=f"hf-{path.name}-{len(tok)}",
+        name=f"hf-{path.name}-{len(tok)}-pp",  # -pp: encodes with the post-processor (BOS)
         bos_id=tok.bos_token_id,
         eos_ids=tuple(eos),
         add_bos=bool(getattr(tok, "add_bos_token", False)),
