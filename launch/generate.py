@@ -12,7 +12,9 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from readme_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "GGUF file or Hugging Face directory (default: SmolLM2).")
@@ -37,14 +39,6 @@ flags.DEFINE_bool("prefetch", True, "MoE: prefetch the next step's experts.")
 
 def main(argv):
     del argv
-    from readme_jax.checkpoints.errors import user_errors
-    from readme_jax.model.generate import PromptError
-
-    with user_errors(PromptError):  # one line and exit status 1, not a traceback
-        _generate()
-
-
-def _generate() -> None:
     import readme_jax as rj
     from readme_jax.checkpoints.tokenizer import prompt_ids
     from readme_jax.model.sampling import SamplingParams
@@ -89,17 +83,16 @@ def _generate() -> None:
 
 
 def _is_readme(path: str) -> bool:
-    import json
-    from pathlib import Path
+    from readme_jax.checkpoints import models
 
-    mj = Path(path) / "model.json"
-    return mj.exists() and json.loads(mj.read_text()).get("kind") == "readme_moe"
+    return models.discover(path).kind == "readme_moe"
 
 
 def _generate_moe(sp) -> None:
     """Read-ME through the serving engine: pre-gated routes, offloaded experts, cache stats."""
     from readme_jax.checkpoints.tokenizer import prompt_ids
-    from readme_jax.serve.moe_generate import format_stats, generate_moe, load_serve_model
+    from readme_jax.serve.bench.models import load_serve_model
+    from readme_jax.serve.moe_generate import format_stats, generate_moe
 
     sm = load_serve_model(FLAGS.checkpoint or None)
     ids = prompt_ids(sm.tokenizer, FLAGS.prompt, FLAGS.chat)
@@ -131,4 +124,4 @@ def _generate_moe(sp) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

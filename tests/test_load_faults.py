@@ -300,7 +300,7 @@ def test_hf_directory_without_tokenizer_files(tmp_path):
 
 def test_interrupted_readme_save_is_named(tmp_path):
     (tmp_path / "run" / "params").mkdir(parents=True)
-    with pytest.raises(CheckpointError, match="an interrupted readme_jax save"):
+    with pytest.raises(CheckpointError, match="an interrupted save"):
         rj.load(tmp_path / "run")
 
 

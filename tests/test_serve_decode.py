@@ -10,8 +10,8 @@ import pytest
 
 from readme_jax.model.readme import readme_forward
 from readme_jax.serve import decode as dec
-from readme_jax.serve.moe_generate import tiny_serve_model
 from readme_jax.serve.store import OffloadedExpertStore
+from readme_jax.testing import tiny_serve_model
 
 N, T, Q = 4, 64, 8  # shared by the serve tests, so the compiled steps are reused
 GREEDY = (0.0, 0, 1.0, 0, 0)

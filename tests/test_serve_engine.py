@@ -7,10 +7,12 @@ import pytest
 
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve.backend import ModelBackend, ReplayBackend
-from readme_jax.serve.cache import EMPTY, replay_check
+from readme_jax.serve.bench.replay import replay_check
+from readme_jax.serve.bench.trace import LengthDist, make_trace
+from readme_jax.serve.cache import EMPTY
 from readme_jax.serve.engine import Engine, EngineConfig, ServeRequest, StepClock
-from readme_jax.serve.moe_generate import generate_moe, tiny_serve_model
-from readme_jax.serve.trace import LengthDist, make_trace
+from readme_jax.serve.moe_generate import generate_moe
+from readme_jax.testing import tiny_serve_model
 
 N, T, Q = 4, 64, 8
 BASE = EngineConfig(num_slots=N, max_len=T, prefill_chunk=Q, max_batch_tokens=16, max_wait=6)

@@ -12,12 +12,13 @@ from pathlib import Path
 import jax
 from ml_collections import ConfigDict
 
+from readme_jax.checkpoints import models
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.moe import MoEConfig
 from readme_jax.model.readme import ReadMEConfig
 from readme_jax.model.router import RouterConfig
-from readme_jax.refactor import convert as cv
+from readme_jax.refactor import pipeline as rp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # configs/ is a top-level package of the repository
@@ -93,12 +94,12 @@ def build(root: Path):
     cfg = teacher_cfg()
     dense = llama.init_params(cfg, jax.random.key(0))
     recipe = {"test": True}
-    batches = cv.calibration_batches(domains, tok, 4, SEQ, "train", c.data.cache, seed=0)
-    stats = cv.calibrate(cfg, dense, batches, recipe, Path(c.run_dir) / "calib")
+    batches = rp.calibration_batches(domains, tok, 4, SEQ, "train", c.data.cache, seed=0)
+    stats = rp.calibrate(cfg, dense, batches, recipe, Path(c.run_dir) / "calib")
     mcfg = MoEConfig(len(domains), 1, False, "ragged")
     rcfg = RouterConfig(16, 2, 32)
-    params, spec = cv.refactor(dense, cfg, stats, 0.5, mcfg, rcfg, 0)
-    cv.save_readme(Path(c.run_dir) / "moe_init", params, ReadMEConfig(cfg, mcfg, rcfg), spec,
+    params, spec = rp.refactor(dense, cfg, stats, 0.5, mcfg, rcfg, 0)
+    models.save_readme(Path(c.run_dir) / "moe_init", params, ReadMEConfig(cfg, mcfg, rcfg), spec,
                    {"recipe": recipe})  # fmt: skip
     return c, tok, (cfg, dense)
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from test_train_helpers import build, copy_run
 
-from readme_jax.checkpoints import store
-from readme_jax.refactor import convert as cv
+from readme_jax.checkpoints import models, store
 from readme_jax.train import loop
 from readme_jax.train import mesh as meshlib
 from readme_jax.train.config import resolve
@@ -147,7 +146,7 @@ def test_baselines_train_on_the_same_batches_and_save_loadable_models(tiny, tmp_
     summary = loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
     run = Path(c.run_dir)
     assert set(summary) >= {"readme", "layerwise", "static"}
-    lw = cv.load_readme(run / "baseline_layerwise")
+    lw = models.load_readme(run / "baseline_layerwise")
     assert lw.rc.moe.layerwise and "router" not in lw.params
     meta = store.read_meta(run / "baseline_static")
     assert meta["kind"] == "dense_llama" and meta["config"]["ffn_dim"] == 32  # half of 64

@@ -133,27 +133,23 @@ def run_peer(cfg, params) -> dict | None:
 
 
 def quick_moe(cfg, dense, tok, remain_rate=0.5):
-    """A Read-ME MoE from a small real calibration (4 x 256 tokens per domain)."""
-    from readme_jax.model.moe import MoEConfig
-    from readme_jax.model.readme import ReadMEConfig
-    from readme_jax.model.router import RouterConfig
-    from readme_jax.refactor import convert as cv
+    """A Read-ME MoE from a small real calibration (4 x 256 tokens per domain, not cached)."""
+    from readme_jax.refactor.pipeline import Recipe, build_readme
 
-    doms = cv.parse_domains("fiction,drama,code_docs,manual")
-    batches = cv.calibration_batches(doms, tok, 4, 256)
-    stats = cv.calibrate(cfg, dense, batches, {"bench": True})
-    rc = ReadMEConfig(cfg, MoEConfig(len(doms)), RouterConfig())
-    params, spec = cv.refactor(dense, cfg, stats, remain_rate, rc.moe, rc.router)
-    return rc, params, spec
+    recipe = Recipe(
+        num_sequences=4, seq_len=256, remain_rate=remain_rate, scan_layers=cfg.scan_layers
+    )
+    m = build_readme(recipe, source=(cfg, dense, tok)).model
+    return m.rc, m.params, m.spec
 
 
 def bench_moe(cfg, dense, tok, moe_ckpt: str | None, dense_res: dict) -> dict:
+    from readme_jax.checkpoints import models
     from readme_jax.model.generate import Generator, dense_model
     from readme_jax.model.readme import decode_model
-    from readme_jax.refactor import convert as cv
 
     if moe_ckpt:
-        m = cv.load_readme(moe_ckpt)
+        m = models.load_readme(moe_ckpt)
         rc, params, spec = m.rc, m.params, m.spec
     else:
         rc, params, spec = quick_moe(cfg, dense, tok)
@@ -194,7 +190,7 @@ def bench_moe(cfg, dense, tok, moe_ckpt: str | None, dense_res: dict) -> dict:
     res["expected_speedup"] = res["bytes_per_token_dense"] / res["bytes_per_token_moe"]
     res["source"] = moe_ckpt or "quick calibration (4 x 256 tokens/domain), untrained router"
     with tempfile.TemporaryDirectory() as d:
-        ckpt = moe_ckpt or str(cv.save_readme(Path(d) / "moe", params, rc, spec))
+        ckpt = moe_ckpt or str(models.save_readme(Path(d) / "moe", params, rc, spec))
         res["ablation"] = {
             "all_cores": decode_ablation(ckpt, one_core=False),
             "one_core": decode_ablation(ckpt, one_core=True),

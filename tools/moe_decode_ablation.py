@@ -36,11 +36,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from readme_jax.checkpoints import models  # noqa: E402
 from readme_jax.model import llama, moe  # noqa: E402
 from readme_jax.model.generate import dense_model  # noqa: E402
 from readme_jax.model.readme import decode_model  # noqa: E402
 from readme_jax.model.router import init_router_cache, router_logits  # noqa: E402
-from readme_jax.refactor import convert as cv  # noqa: E402
 
 
 def timed(step, params, cache, tok, n):
@@ -67,10 +67,10 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
-    m = cv.load_readme(a.checkpoint)
+    m = models.load_readme(a.checkpoint)
     rc, spec = m.rc, m.spec
     cfg = rc.model
-    dense = cv.load_dense(scan_layers=False)[1]
+    dense = models.load_dense(scan_layers=False)[1]
     T = a.cache_len
     variants = {}
 

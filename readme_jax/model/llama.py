@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import ConfigError, LlamaConfig
 
 Params = dict[str, Any]
 # ffn(layer_params, x_BxSxD, layer_index) -> (y_BxSxD, aux pytree or None)
@@ -323,8 +323,6 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
 
 def check_params(cfg: LlamaConfig, params: Params) -> None:
     """Raise ConfigError naming the first tensor whose shape disagrees with the config."""
-    from readme_jax.model.config import ConfigError
-
     want = param_shapes(cfg)
     flat_want = dict(
         jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda s: isinstance(s, tuple))[0]

@@ -16,7 +16,8 @@ the queued prompts' experts); the backend loads the misses into the store's devi
 
 Time: the engine clock advances by each step's duration; requests arrive when the clock passes
 their `arrival_s`; an idle engine jumps to the next arrival. The duration comes from a `clock`:
-measured wall time by default, or a cost model (`costmodel.CostClock`: simulated accelerator).
+measured wall time by default, or a cost model (the lab's `serve/bench/costmodel.py:CostClock`:
+simulated accelerator).
 
 The backend computes: `ModelBackend` runs the jitted steps of `decode.py` on an
 `OffloadedExpertStore`; `ReplayBackend` returns the tokens and experts of a recorded run, so a

@@ -12,6 +12,8 @@ import dataclasses
 import math
 from typing import Any
 
+from readme_jax.model.moe import DISPATCH_MODES
+
 SIZING = (
     "rounds", "router_steps", "expert_steps", "batch_size", "router_batch_size", "seq_len",
     "micro_batch", "router_lr", "expert_lr", "save_every", "baselines",
@@ -138,8 +140,6 @@ def validate(tc: TrainConfig) -> None:
     if tc.compute_dtype not in ("float32", "bfloat16"):
         raise TrainConfigError(f"train.compute_dtype must be float32 or bfloat16, not "
                                f"{tc.compute_dtype!r}")  # fmt: skip
-    from readme_jax.model.moe import DISPATCH_MODES
-
     if tc.dispatch not in ("", "auto", *DISPATCH_MODES):
         raise TrainConfigError(f"train.dispatch must be '', 'auto' or one of {DISPATCH_MODES}, "
                                f"not {tc.dispatch!r}")  # fmt: skip

@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from readme_jax.checkpoints import models
+from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
 from readme_jax.data.pipeline import BATCH_KEYS
 from readme_jax.model import llama
 from readme_jax.model.config import ConfigError, LlamaConfig
 from readme_jax.model.moe import MoEConfig
 from readme_jax.model.router import RouterConfig, init_router
-from readme_jax.refactor import convert as cv
+from readme_jax.refactor.pipeline import parse_domains
 from readme_jax.train import mesh as meshlib
 from readme_jax.train import step as steplib
 from readme_jax.train.config import resolve
@@ -35,13 +37,8 @@ def model_config(c: Any) -> LlamaConfig:
     ck = str(c.model.checkpoint)
     over = {"dtype": c.model.dtype, "scan_layers": c.model.scan_layers}
     if ck.startswith("random:"):
-        r = cv._parse_random(ck)
-        return LlamaConfig(vocab_size=r["vocab"], dim=r["dim"], n_layers=r["layers"],
-                           n_heads=r["heads"], n_kv_heads=r["kv_heads"], ffn_dim=r["ffn"],
-                           tie_embeddings=True, **over)  # fmt: skip
+        return models.random_config(ck, **over)
     if ck == "" or ck.endswith(".gguf"):
-        from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
-
         return config_from_gguf(open_gguf(ck or default_gguf_path()), **over)
     if (Path(ck) / "config.json").exists():
         return LlamaConfig.from_hf(Path(ck) / "config.json", **over)
@@ -100,7 +97,7 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
     tc = resolve(c)
     mesh = meshlib.mesh_from_config(c)
     cfg = model_config(c)
-    E = len(cv.parse_domains(c.data.domains))
+    E = len(parse_domains(c.data.domains))
     rcfg = RouterConfig(c.router.dim, c.router.n_heads, c.router.ffn_dim)
     mcfg = MoEConfig(E, c.moe.top_k, c.moe.gate_scaling, c.moe.dispatch)
     remain = float(c.refactor.remain_rate)

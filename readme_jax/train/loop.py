@@ -26,11 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from readme_jax.checkpoints import store
+from readme_jax.checkpoints import models
+from readme_jax.data import PipelineConfig, make_iterator, prepare_domains
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
-from readme_jax.refactor import convert as cv
-from readme_jax.refactor.experts import active_ffn_fraction, expert_channel_masks
+from readme_jax.refactor.experts import (
+    active_ffn_fraction,
+    expert_channel_masks,
+    static_pruned_params,
+)
+from readme_jax.refactor.pipeline import parse_domains
+from readme_jax.refactor.stats import ActivationStats
 from readme_jax.train import flops, losses
 from readme_jax.train import mesh as meshlib
 from readme_jax.train import step as steplib
@@ -52,7 +58,7 @@ class Context:
     run: Path
     tc: TrainConfig
     mesh: Any
-    model: cv.ReadMEModel  # the refactored, untrained Read-ME model
+    model: models.ReadMEModel  # the refactored, untrained Read-ME model
     teacher_cfg: LlamaConfig
     teacher: dict  # dense params, layers stacked
     tokenizer: Any
@@ -76,27 +82,25 @@ def _saved_layout(tree: Any) -> Any:
 
 def build_context(c: Any, run: Path, tc: TrainConfig, tokenizer=None, teacher=None) -> Context:
     moe_dir = run / "moe_init"
-    if not (moe_dir / "model.json").exists():
+    if not models.exists(moe_dir):
         raise TrainingError(
             f"{moe_dir} not found: run the calibrate and refactor stages first "
             f"(--config.stages=calibrate,refactor,train)"
         )
-    model = cv.load_readme(moe_dir)
+    model = models.load_readme(moe_dir)
     if teacher is None or tokenizer is None:
-        cfg, dense, tok = cv.load_dense(
+        cfg, dense, tok = models.load_dense(
             c.model.checkpoint, c.model.dtype, model.rc.model.scan_layers, c.seed
         )
         teacher = teacher or (cfg, dense)
         tokenizer = tokenizer or tok
     tcfg, dense = teacher
-    domains = cv.parse_domains(c.data.domains)
+    domains = parse_domains(c.data.domains)
     if list(domains) != list(model.spec.domains):
         raise TrainingError(
             f"c.data.domains {list(domains)} differ from the experts' domains "
             f"{model.spec.domains} in {moe_dir}; use the domains the model was refactored with"
         )
-    from readme_jax.data import prepare_domains
-
     cache = c.data.cache or None
     _, errors = prepare_domains(dict(domains), cache=cache)
     if errors:
@@ -138,9 +142,6 @@ def make_variant(ctx: Context, kind: str) -> Variant:
         params = {"backbone": _layout(ctx.model.params["backbone"], scan)}
         kw.update(cfg=rc.model, mcfg=dataclasses.replace(rc.moe, layerwise=True), rcfg=rc.router)
     elif kind == "static":
-        from readme_jax.refactor.experts import static_pruned_params
-        from readme_jax.refactor.stats import ActivationStats
-
         calib = ctx.run / "calib"
         if not (calib / "stats.json").exists():
             raise TrainingError(f"{calib} not found: the static baseline needs the calibrate stage")
@@ -166,8 +167,6 @@ def _place(tree: Any, mesh) -> Any:
 
 
 def _pipeline_cfg(ctx: Context):
-    from readme_jax.data import PipelineConfig
-
     tc = ctx.tc
     return PipelineConfig(
         domains=tuple(ctx.domains), seq_len=tc.seq_len, batch_size=tc.data_batch,
@@ -306,8 +305,6 @@ class _Run:
 
     def run(self) -> bool:
         """Train to the end of the schedule; False if stopped early (train.stop_after)."""
-        from readme_jax.data import make_iterator
-
         it = make_iterator(_pipeline_cfg(self.ctx), self.ctx.tokenizer, self.ctx.cache,
                            state=self.pos["data"])  # fmt: skip
         for pi in range(self.pos["phase_index"], len(self.sched)):
@@ -397,7 +394,7 @@ def train_variant(ctx: Context, kind: str) -> dict:
     """Train one model kind through the whole schedule and save it; returns its summary."""
     out_dir = ctx.run / OUTPUTS[kind]
     wdir = ctx.run / "train" / kind
-    if ctx.c.resume and (out_dir / "model.json").exists():
+    if ctx.c.resume and models.exists(out_dir):
         print(f"[train] {out_dir} exists; skipping {kind} (resume)")
         return summarize(wdir / "metrics.jsonl", ctx)
     if not ctx.c.resume and wdir.exists():
@@ -423,12 +420,12 @@ def _save(ctx: Context, kind: str, params: dict, out: Path, stage: str) -> None:
         cfg = ctx.teacher_cfg.replace(
             ffn_dim=int(jax.tree.leaves(params["layers"]["w_down"])[0].shape[1])
         )
-        store.save_model(out, params, {"kind": "dense_llama", "config": cfg.to_dict(), **extra})
+        models.save_dense(out, params, cfg, extra)
     else:
         rc = ctx.model.rc
         if kind == "layerwise":
             rc = rc.replace(moe=dataclasses.replace(rc.moe, layerwise=True))
-        cv.save_readme(out, params, rc, ctx.model.spec, extra)
+        models.save_readme(out, params, rc, ctx.model.spec, extra)
     print(f"[train] {kind} ({stage}) -> {out}")
 
 

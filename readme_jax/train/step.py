@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import readme_jax.train.losses as losses
 from readme_jax.model import llama, moe
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.moe import MoEConfig
 from readme_jax.model.router import RouterConfig, router_logits, top_k_routing
-from readme_jax.train import losses
 from readme_jax.train.config import TrainConfig
 
 Params = dict[str, Any]
