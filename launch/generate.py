@@ -35,6 +35,7 @@ flags.DEFINE_bool(
 flags.DEFINE_integer("expert_capacity", None, "MoE: expert slots on the device (default: all).")
 flags.DEFINE_enum("cache_policy", "belady", ["belady", "lru", "lfu", "random"], "MoE cache policy.")
 flags.DEFINE_bool("prefetch", True, "MoE: prefetch the next step's experts.")
+flags.DEFINE_integer("max_len", 1024, "MoE: the engine's context per request slot (tokens).")
 
 
 def main(argv):
@@ -92,7 +93,7 @@ def _generate_moe(sp) -> None:
     """Read-ME through the serving engine: pre-gated routes, offloaded experts, cache stats."""
     from readme_jax.checkpoints.tokenizer import prompt_ids
     from readme_jax.serve.bench.models import load_serve_model
-    from readme_jax.serve.moe_generate import format_stats, generate_moe
+    from readme_jax.serve.engine import generate
 
     sm = load_serve_model(FLAGS.checkpoint or None)
     ids = prompt_ids(sm.tokenizer, FLAGS.prompt, FLAGS.chat)
@@ -107,7 +108,8 @@ def _generate_moe(sp) -> None:
             sys.stdout.flush()
             printed[0] = full
 
-    out = generate_moe(
+    max_len = min(FLAGS.max_len, sm.params.rc.model.max_seq_len)
+    out = generate(
         sm.params,
         [ids],
         FLAGS.max_new_tokens,
@@ -116,11 +118,24 @@ def _generate_moe(sp) -> None:
         cache_policy=FLAGS.cache_policy,
         prefetch=FLAGS.prefetch,
         seed=FLAGS.seed,
+        max_len=max_len,
         on_token=on_token,
     )
     if out.results[0].error:
         sys.exit(f"error: {out.results[0].error}")
     print("\n\n" + format_stats(out.stats), file=sys.stderr)
+
+
+def format_stats(stats: dict) -> str:
+    """One line of expert-cache statistics for the end of a generation."""
+    mb = stats["bytes_moved"] / 1e6
+    return (
+        f"[expert cache: {stats['policy']}, C={stats['capacity']} of E={stats['num_experts']}"
+        f"{', prefetch' if stats.get('prefetch') else ''}; {stats['hits']} hits, "
+        f"{stats['misses']} misses (hit ratio {100 * stats['hit_ratio']:.1f}%), {stats['loads']} "
+        f"loads = {mb:.1f} MB moved ({stats['bytes_per_token'] / 1e6:.2f} MB/token); "
+        f"{stats['steps']} steps, decode {stats['decode_tok_s']:.1f} tok/s]"
+    )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 
 from readme_jax.checkpoints import models
 from readme_jax.checkpoints.tokenizer import Tokenizer, prompt_ids, with_end_ids
+from readme_jax.decode.generator import Generator, dense_logits
+from readme_jax.decode.steps import dense_model, readme_model, validate_tokens
 from readme_jax.model.config import LlamaConfig
-from readme_jax.model.generate import Generator, dense_logits, dense_model, validate_tokens
-from readme_jax.model.readme import decode_model, readme_forward
+from readme_jax.model.readme import readme_forward
 from readme_jax.model.sampling import SamplingParams
 
 
@@ -40,7 +41,7 @@ class LoadedModel:
     def generator(self) -> Generator:
         if not hasattr(self, "_gen"):
             if self.is_moe:
-                self._gen = Generator(decode_model(self.readme), self.params)
+                self._gen = Generator(readme_model(self.readme), self.params)
             else:
                 self._gen = Generator(dense_model(self.cfg), self.params)
         return self._gen

@@ -26,12 +26,12 @@ from readme_jax.data.corpora import CorpusError
 from readme_jax.data.fetch import FetchError
 from readme_jax.data.rdata import RDataError
 from readme_jax.data.tasks import TaskError
+from readme_jax.decode.steps import PromptError
 from readme_jax.model.config import ConfigError
-from readme_jax.model.generate import PromptError
 from readme_jax.serve.bench.replay import ReplayError
 from readme_jax.serve.bench.trace import TraceError
 from readme_jax.train.config import TrainConfigError
-from readme_jax.train.loop import TrainingError
+from readme_jax.train.context import TrainingError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError,

@@ -17,10 +17,7 @@ import numpy as np
 
 from readme_jax.checkpoints.models import RANDOM_PREFIX, ReadMEModel
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.readme import ReadMEConfig
-from readme_jax.model.router import RouterConfig
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
 from readme_jax.refactor.experts import build_expert_spec, build_moe_params
 from readme_jax.serve.model import ServeModel, serve_model
 

@@ -37,8 +37,7 @@ from readme_jax.checkpoints.gguf import load_gguf
 from readme_jax.checkpoints.hf import load_hf
 from readme_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.readme import ReadMEConfig
+from readme_jax.model.config import LlamaConfig, ReadMEConfig
 from readme_jax.model.spec import ExpertSpec
 
 BUNDLED = "bundled:SmolLM2-135M-Instruct.Q4_1.gguf"  # how a recipe names the default model

@@ -31,8 +31,8 @@ from readme_jax.eval.multiple_choice import score_multiple_choice
 from readme_jax.eval.perplexity import dense_logits_fn
 from readme_jax.eval.report import headline_table, write_report
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.readme import ReadMEConfig, readme_forward, route
+from readme_jax.model.config import LlamaConfig, ReadMEConfig
+from readme_jax.model.readme import readme_forward, route
 from readme_jax.refactor.pipeline import parse_domains
 
 NICE = {
@@ -46,13 +46,10 @@ NICE = {
 
 @functools.cache
 def readme_logits_fn(rc: ReadMEConfig):
-    """Logits of a Read-ME model over whole windows. On CPU a `ragged` model is evaluated with
-    `blocked` dispatch (the same function; XLA:CPU runs ragged_dot over every expert): one
-    SmolLM2 rr-0.5 forward of [4, 512] tokens took ~4.9 s against ~6.2 s (median of 4
-    alternating rounds; `switched` ~4.6 s, but its compile and first call took 21 s against
-    14 s)."""
-    if rc.moe.dispatch == "ragged" and jax.default_backend() == "cpu":
-        rc = rc.replace(moe=dataclasses.replace(rc.moe, dispatch="blocked"))
+    """Logits of a Read-ME model over whole windows, with the evaluation dispatch that
+    `moe.pick_dispatch` picks (blocked on CPU for a ragged model; measurements there)."""
+    dispatch = moe.pick_dispatch(None, "eval", model=rc.moe.dispatch)
+    rc = rc.replace(moe=dataclasses.replace(rc.moe, dispatch=dispatch))
 
     def fn(params, tokens_BxS):
         return readme_forward(params, tokens_BxS, rc)[0]

@@ -26,10 +26,8 @@ from readme_jax.checkpoints import models
 from readme_jax.checkpoints.tokenizer import Tokenizer
 from readme_jax.data import calibration_batch, prepare_domains
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.readme import ReadMEConfig
-from readme_jax.model.router import RouterConfig, init_layerwise_gates, init_router
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.model.router import init_layerwise_gates, init_router
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor.cluster import cluster_stats
 from readme_jax.refactor.experts import active_ffn_fraction, build_expert_spec, build_moe_params
