@@ -28,6 +28,8 @@ from readme_jax.checkpoints.hf import load_hf
 from readme_jax.checkpoints.tokenizer import load_tokenizer
 from readme_jax.model.config import ConfigError
 from readme_jax.model.sampling import SamplingParams, sample
+from readme_jax.serve.model import serve_model
+from readme_jax.testing import tiny_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,6 +203,12 @@ def test_generation_stops_at_every_declared_end_token(tmp_path):
     full = m.generator().generate([m.tokenizer.encode("hi")], 5, SamplingParams(),
                                   include_eos=True)  # fmt: skip
     assert full[0] == [2]
+
+
+def test_serving_engine_config_gets_every_end_token(tmp_path):
+    m = tiny_readme(vocab=420)  # saved with eos_ids (2,), as older conversions were
+    tok = load_tokenizer(hf_to_gguf(fixture("smollm2"), tmp_path / "t.gguf", pre="smollm"))
+    assert set(serve_model(m, tok, "test").params.rc.model.eos_ids) == {0, 2}
 
 
 def test_hf_generation_config_end_tokens_are_kept(tmp_path):
