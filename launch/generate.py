@@ -41,7 +41,7 @@ flags.DEFINE_integer("max_len", 1024, "MoE: the engine's context per request slo
 def main(argv):
     del argv
     import readme_jax as rj
-    from readme_jax.decode.steps import PromptError
+    from readme_jax.checkpoints.tokenizer import prompt_ids
     from readme_jax.model.sampling import SamplingParams
 
     try:
@@ -55,30 +55,24 @@ def main(argv):
     if is_moe:
         return _generate_moe(sp)
     model = rj.load(ck, dtype=FLAGS.dtype)
-    text = FLAGS.prompt
-    if FLAGS.chat:
-        text = model.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    ids = model.tokenizer.encode(text)
+    ids = prompt_ids(model.tokenizer, FLAGS.prompt, FLAGS.chat)
     gen = model.generator()
     eos = set(model.cfg.eos_ids)
     out: list[int] = []
     printed = ""
     t0 = time.perf_counter()
     t_first = None
-    try:
-        for step in gen.stream([ids], FLAGS.max_new_tokens, sp, FLAGS.seed):
-            t_first = t_first or time.perf_counter()
-            tok = int(step[0])
-            if tok in eos:
-                break
-            out.append(tok)
-            full = model.tokenizer.decode(out)
-            if not full.endswith("\ufffd"):  # wait for a complete UTF-8 character
-                sys.stdout.write(full[len(printed) :])
-                sys.stdout.flush()
-                printed = full
-    except PromptError as e:
-        sys.exit(f"error: {e}")
+    for step in gen.stream([ids], FLAGS.max_new_tokens, sp, FLAGS.seed):
+        t_first = t_first or time.perf_counter()
+        tok = int(step[0])
+        if tok in eos:
+            break
+        out.append(tok)
+        full = model.tokenizer.decode(out)
+        if not full.endswith("\ufffd"):  # wait for a complete UTF-8 character
+            sys.stdout.write(full[len(printed) :])
+            sys.stdout.flush()
+            printed = full
     t1 = time.perf_counter()
     n = len(out)
     rate = (n - 1) / (t1 - t_first) if n > 1 and t_first else float("nan")
@@ -97,14 +91,12 @@ def _is_readme(path: str) -> bool:
 
 def _generate_moe(sp) -> None:
     """Read-ME through the serving engine: pre-gated routes, offloaded experts, cache stats."""
+    from readme_jax.checkpoints.tokenizer import prompt_ids
     from readme_jax.serve.bench.models import load_serve_model
     from readme_jax.serve.engine import generate
 
     sm = load_serve_model(FLAGS.checkpoint or None)
-    text = FLAGS.prompt
-    if FLAGS.chat:
-        text = sm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    ids = sm.tokenizer.encode(text)
+    ids = prompt_ids(sm.tokenizer, FLAGS.prompt, FLAGS.chat)
     out_ids: list[int] = []
     printed = [""]
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from readme_jax.checkpoints import models
-from readme_jax.checkpoints.tokenizer import Tokenizer
+from readme_jax.checkpoints.tokenizer import Tokenizer, prompt_ids, with_end_ids
 from readme_jax.decode.generator import Generator, dense_logits
 from readme_jax.decode.steps import dense_model, readme_model, validate_tokens
 from readme_jax.model.config import LlamaConfig
@@ -47,12 +47,20 @@ class LoadedModel:
         return self._gen
 
     def generate(
-        self, prompt: str, *, chat: bool = False, max_new_tokens: int = 64, **sampling
+        self,
+        prompt: str,
+        *,
+        chat: bool = False,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+        **sampling,
     ) -> str:
-        if chat:
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        ids = self.tokenizer.encode(prompt)
-        out = self.generator().generate([ids], max_new_tokens, SamplingParams(**sampling))
+        """Text generated after `prompt` (chat: wrapped in the checkpoint's chat template),
+        stopping at any end token the checkpoint declares (cfg.eos_ids). `seed` seeds sampling;
+        sampling keywords are SamplingParams fields. Raises TextError / ValueError."""
+        ids = prompt_ids(self.tokenizer, prompt, chat)
+        sp = SamplingParams(**sampling)
+        out = self.generator().generate([ids], max_new_tokens, sp, seed=seed)
         return self.tokenizer.decode(out[0])
 
 
@@ -68,6 +76,7 @@ def load(path: str | Path | None = None, dtype: str = "float32", **cfg_overrides
     readme_jax model directory (a Read-ME MoE written by launch/train.py). What the path holds
     is found by `checkpoints.models.discover`; raises CheckpointError if nothing it knows."""
     kind, cfg, params, tok, _ = models.load_any(path, dtype, **cfg_overrides)
-    if kind == "readme_moe":
+    if kind == "readme_moe":  # end ids of the source tokenizer (older saves kept one)
+        cfg = cfg.replace(model=with_end_ids(cfg.model, tok))
         return LoadedModel(cfg.model, params, tok, cfg)
-    return LoadedModel(cfg, params, tok)
+    return LoadedModel(with_end_ids(cfg, tok), params, tok)

@@ -21,7 +21,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from readme_jax.checkpoints.errors import CheckpointError
+from readme_jax.checkpoints.errors import CheckpointError, TextError
 from readme_jax.data.corpora import CorpusError
 from readme_jax.data.fetch import FetchError
 from readme_jax.data.rdata import RDataError
@@ -43,6 +43,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     RDataError,
     ReplayError,
     TaskError,
+    TextError,
     TraceError,
     TrainConfigError,
     TrainingError,

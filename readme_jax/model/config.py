@@ -31,14 +31,31 @@ class ConfigError(ValueError):
     """A model config that cannot describe a supported checkpoint."""
 
 
+ROPE_TYPES = ("llama3", "linear", "freq_factors")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3.x ("llama3") RoPE frequency scaling."""
+    """RoPE frequency scaling, applied by `model.llama.rope_inv_freq`.
+
+    rope_type "llama3": Llama-3.x smooth scaling (factor, low/high_freq_factor, original context).
+    "linear": every inverse frequency divided by `factor` (transformers' linear / llama.cpp's
+    `rope.scaling.type = linear`). "freq_factors": inverse frequency i divided by
+    `freq_factors[i]` (hd/2 values), as llama.cpp applies a GGUF's `rope_freqs.weight`.
+    """
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+    freq_factors: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unknown RoPE scaling {self.rope_type!r}; known: {ROPE_TYPES}")
+        if self.freq_factors is not None:
+            object.__setattr__(self, "freq_factors", tuple(float(f) for f in self.freq_factors))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +129,7 @@ class LlamaConfig:
                 f"({', '.join(SUPPORTED_ARCHITECTURES)})"
             )
         rs = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
-        rope_type = rs.get("rope_type", rs.get("type")) if rs else None
-        scaling = None
-        if rope_type == "llama3":
-            scaling = RopeScaling(
-                factor=float(rs["factor"]),
-                low_freq_factor=float(rs["low_freq_factor"]),
-                high_freq_factor=float(rs["high_freq_factor"]),
-                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-            )
-        elif rope_type not in (None, "default"):
-            raise ConfigError(f"unsupported rope_scaling type {rope_type!r}")
+        scaling, max_len = hf_rope_scaling(rs, hf.get("max_position_embeddings", 2048))
         theta = hf.get("rope_theta", rs.get("rope_theta", 10000.0) if rs else 10000.0)
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -138,13 +145,41 @@ class LlamaConfig:
             norm_eps=hf.get("rms_norm_eps", 1e-5),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            max_seq_len=hf.get("max_position_embeddings", 2048),
+            max_seq_len=max_len,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_id=hf.get("bos_token_id"),
             eos_ids=eos_ids,
         )
         kw.update(overrides)
         return cls(**kw)
+
+
+def hf_rope_scaling(rs: dict[str, Any], max_len: int) -> tuple[RopeScaling | None, int]:
+    """(scaling, usable context) for an HF `rope_scaling` / `rope_parameters` dict.
+
+    Applied as transformers' Llama applies them (modeling_rope_utils): llama3, linear, and
+    dynamic (NTK), which equals plain RoPE up to `max_position_embeddings` (transformers only
+    rescales past it), so the usable context stays there. Raises ConfigError naming any other
+    type (yarn, longrope, ...).
+    """
+    rope_type = rs.get("rope_type", rs.get("type")) if rs else None
+    if rope_type in (None, "default"):
+        return None, max_len
+    if rope_type == "llama3":
+        return RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        ), max_len
+    if rope_type == "linear":
+        return RopeScaling(factor=float(rs["factor"]), rope_type="linear"), max_len
+    if rope_type == "dynamic":
+        return None, max_len
+    raise ConfigError(
+        f"unsupported rope_scaling type {rope_type!r}; readme_jax applies llama3, linear and "
+        "dynamic RoPE scaling"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

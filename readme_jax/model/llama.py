@@ -38,12 +38,16 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
-    """Inverse frequencies [hd/2], with Llama-3 ("llama3") scaling when configured."""
+    """Inverse frequencies [hd/2], scaled by cfg.rope_scaling (llama3, linear, freq_factors)."""
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
     rs = cfg.rope_scaling
     if rs is None:
         return inv
+    if rs.rope_type == "linear":  # transformers' linear / llama.cpp's freq_scale = 1/factor
+        return inv / rs.factor
+    if rs.rope_type == "freq_factors":  # llama.cpp: theta_i / rope_freqs.weight[i]
+        return inv / jnp.asarray(rs.freq_factors, jnp.float32)
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
     wavelen = 2 * math.pi / inv

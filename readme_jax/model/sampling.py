@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,10 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p):
+            raise ValueError(f"top_p must be finite, got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -34,9 +37,15 @@ def sample(
     top_k_B: jax.Array,
     top_p_B: jax.Array,
 ) -> jax.Array:
-    """Sample one token per row; rows with temperature 0 take the argmax."""
+    """Sample one token per row; rows with temperature 0 take the argmax.
+
+    Logits are shifted so their maximum is 0 before dividing by the temperature: a tiny
+    temperature (3e-38) then sends every other logit to -inf instead of overflowing to
+    inf - inf = NaN, so it samples the argmax, the limit it approaches.
+    """
     logits = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits, axis=-1)
+    logits = logits - jnp.max(logits, axis=-1, keepdims=True)
     t = jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
     srt_BxV = jnp.sort(logits / t, axis=-1)[:, ::-1]
     V = logits.shape[-1]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from readme_jax.checkpoints import models
+from readme_jax.checkpoints.tokenizer import with_end_ids
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.serve.decode import ServeParams, split_params
 
@@ -27,8 +28,10 @@ class ServeModel:
 
 
 def serve_model(m: models.ReadMEModel, tokenizer: Any, source: str) -> ServeModel:
-    """The serving split of a loaded or freshly built Read-ME model."""
-    return ServeModel(split_params(m.rc, m.params), tokenizer, source, m.spec)
+    """The serving split of a loaded or freshly built Read-ME model. The engine stops on
+    rc.model.eos_ids, so every end id the tokenizer declares is added there."""
+    rc = m.rc if tokenizer is None else m.rc.replace(model=with_end_ids(m.rc.model, tokenizer))
+    return ServeModel(split_params(rc, m.params), tokenizer, source, m.spec)
 
 
 def load_serve_model(checkpoint: str | Path) -> ServeModel:
