@@ -7,13 +7,15 @@
 
 Each stage is skipped when its output already exists in the run directory (delete it, or pass
 --config.resume=False, to redo it). The same command runs on a laptop and on a TPU pod
-(--config.multihost=True, auto-detected on TPU).
+(auto-detected on TPU pods, SLURM and Open MPI; or --config.distributed.coordinator=HOST:PORT
+--config.distributed.num_processes=N --config.distributed.process_id=I; see README).
 """
 
 from __future__ import annotations
 
 import json
 import logging as pylogging
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,15 +37,19 @@ def _stage_list(spec: str) -> list[str]:
     return [s for s in STAGES if s in got]
 
 
-def _maybe_init_distributed(c) -> None:
-    import jax
+def _init_distributed(c) -> None:
+    """Join the processes of a multi-process run (train/distributed.py); only process 0 prints."""
+    from readme_jax.train import distributed as dist
 
-    on_tpu = any(d.platform == "tpu" for d in jax.devices()) if not c.multihost else True
-    if c.multihost or on_tpu:
-        try:
-            jax.distributed.initialize()
-        except RuntimeError as e:  # already initialised, or single host
-            logging.info("jax.distributed.initialize skipped: %s", e)
+    try:
+        how = dist.initialize(c)
+    except dist.DistributedError as e:
+        raise SystemExit(f"error: {e}") from None
+    info = dist.describe()
+    kv = ", ".join(f"{k}={v}" for k, v in info.items())
+    print(f"[distributed] {how or 'single process'}: {kv}", flush=True)
+    if not dist.is_primary():  # logs, metrics and reports come from process 0
+        sys.stdout = open(os.devnull, "w")
 
 
 def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
@@ -123,24 +129,31 @@ def main(argv):
     c = _CONFIG.value
     stages = _stage_list(c.stages)
     run = Path(c.run_dir)
+    if not c.dry_run:
+        _init_distributed(c)
+    from readme_jax.train import distributed as dist
+
+    primary = dist.is_primary()
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(c.to_dict(), indent=2, default=str))
+    if primary:
+        (run / "config.json").write_text(json.dumps(c.to_dict(), indent=2, default=str))
     if c.dry_run:
         from readme_jax.train.dry_run import dry_run
 
         dry_run(c)
         return
-    _maybe_init_distributed(c)
-    if "calibrate" in stages or "refactor" in stages:
+    if ("calibrate" in stages or "refactor" in stages) and primary:  # one process writes
         stage_calibrate_refactor(c, run, stages)
+    dist.barrier("refactor")
     if "train" in stages:
         from readme_jax.train.loop import run_training
 
         run_training(c, run)
-    if "eval" in stages:
+    if "eval" in stages and primary:  # single-device evaluation on process 0
         from readme_jax.eval.pipeline import run_eval
 
         run_eval(c, run)
+    dist.barrier("done")
     print(f"done: {run}")
 
 

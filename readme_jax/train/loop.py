@@ -31,6 +31,7 @@ from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.refactor import convert as cv
 from readme_jax.refactor.experts import active_ffn_fraction, expert_channel_masks
+from readme_jax.train import distributed as dist
 from readme_jax.train import flops, losses
 from readme_jax.train import mesh as meshlib
 from readme_jax.train import step as steplib
@@ -162,7 +163,7 @@ def _union(ctx: Context) -> jax.Array:
 def _place(tree: Any, mesh) -> Any:
     """Copies on the mesh: the train step donates its state, and the loaded model's arrays are
     still needed (baselines start from the same experts)."""
-    return jax.device_put(tree, meshlib.param_shardings(tree, mesh), may_alias=False)
+    return dist.put_global(tree, meshlib.param_shardings(tree, mesh))
 
 
 def _pipeline_cfg(ctx: Context):
@@ -224,7 +225,7 @@ class _Phase:
 
 def _host(met: dict) -> dict:
     out = {}
-    for k, v in met.items():
+    for k, v in dist.to_host(met).items():
         a = np.asarray(v)
         out[k] = a.tolist() if a.ndim else float(a)
     return out
@@ -248,7 +249,7 @@ def _record(met: dict, base: dict, domains: list[str]) -> dict:
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
     """Drop records after the restored step (they are recomputed identically on resume)."""
-    if not path.exists():
+    if not path.exists() or not dist.is_primary():
         return
     keep = [ln for ln in path.read_text().splitlines()
             if ln.strip() and json.loads(ln)["step"] <= upto_step]  # fmt: skip
@@ -274,7 +275,7 @@ class _Run:
         teacher = steplib.cast_params(  # stored once in the compute dtype
             _layout(ctx.teacher, ctx.model.rc.model.scan_layers), self.tc.compute_dtype
         )
-        union = jax.device_put(_union(ctx), meshlib.replicated(ctx.mesh))
+        union = dist.put_global(_union(ctx), meshlib.replicated(ctx.mesh))
         self.consts = {"teacher": _place(teacher, ctx.mesh), "union": union}
         self.phases: dict[str, _Phase] = {}
         self.ckpts = TrainCheckpoints(self.wdir / "ckpt", self.tc.keep)
@@ -294,7 +295,8 @@ class _Run:
                 self.p_abs, self.ctx.mesh)
         )  # fmt: skip
         if got is None:
-            self.metrics.unlink(missing_ok=True)
+            if dist.is_primary():
+                self.metrics.unlink(missing_ok=True)
             return
         g, self.state, meta = got
         self.pos.update({k: meta[k] for k in self.pos})
@@ -338,7 +340,8 @@ class _Run:
             self.state, self.params = ph.fresh_state(params), None
         lr_peak = jnp.float32(self.tc.peak_lr(phase, rnd))
         desc = f"{self.kind} r{rnd + 1}/{self.tc.rounds} {phase}"
-        with tqdm(total=n, initial=start, desc=desc, dynamic_ncols=True) as bar:
+        with tqdm(total=n, initial=start, desc=desc, dynamic_ncols=True,
+                  disable=not dist.is_primary()) as bar:  # fmt: skip
             for ps in range(start, n):
                 rows = [next(it) for _ in range(per_step)]
                 host = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -388,8 +391,9 @@ class _Run:
                 "dt": dt, "first": first, "tok_s": ntok / dt, "flops_s": fpt * ntok / dt,
                 "time": time.time()}  # fmt: skip
         rec = _record(met, base, self.ctx.domains)
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if dist.is_primary():
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
         return rec
 
 
@@ -400,13 +404,14 @@ def train_variant(ctx: Context, kind: str) -> dict:
     if ctx.c.resume and (out_dir / "model.json").exists():
         print(f"[train] {out_dir} exists; skipping {kind} (resume)")
         return summarize(wdir / "metrics.jsonl", ctx)
-    if not ctx.c.resume and wdir.exists():
+    if not ctx.c.resume and wdir.exists() and dist.is_primary():
         shutil.rmtree(wdir)
+    dist.barrier(f"fresh {kind}")
     wdir.mkdir(parents=True, exist_ok=True)
     run = _Run(ctx, kind)
     if ctx.c.resume:
         run.restore()
-    else:
+    elif dist.is_primary():
         run.metrics.unlink(missing_ok=True)
     if not run.run():
         return {"stopped": True, "step": run.pos["global_step"]}
@@ -416,7 +421,9 @@ def train_variant(ctx: Context, kind: str) -> dict:
 
 
 def _save(ctx: Context, kind: str, params: dict, out: Path, stage: str) -> None:
-    params = jax.device_get(_saved_layout(params))
+    params = dist.to_host(_saved_layout(params))  # every process joins the gather
+    if not dist.is_primary():
+        return
     extra = {"stage": stage, "train": dataclasses.asdict(ctx.tc),
              "recipe": ctx.model.meta.get("recipe")}  # fmt: skip
     if kind == "static":
@@ -502,6 +509,8 @@ def run_training(c: Any, run_dir: Path, *, tokenizer=None, teacher=None) -> dict
             return res
         summary[kind] = res
     summary["peak_matmul_flops"] = ctx.peak_flops
+    if not dist.is_primary():
+        return summary
     out = run_dir / "train"
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
