@@ -74,6 +74,7 @@ class Model:
     dense: dict  # host params (numpy, bf16), layers stacked
     moe: dict  # {"backbone", "router"} host params
     spec: Any
+    sp: Any = None  # serve.decode.ServeParams (set once by Models.get)
 
 
 # ---------------------------------------------------------------- models
@@ -146,15 +147,15 @@ def probe(smoke: bool) -> dict:
 
 # ---------------------------------------------------------------- decode
 def _decode_rate(dm: DecodeModel, params, B: int, prompt: int, steps: int, vocab: int) -> dict:
+    """Decode tokens/s of B rows after a prompt of `prompt` tokens (fed one per step too, so
+    that one compiled step serves the whole run)."""
     cache = dm.new_cache(B, prompt + steps + 4)
     step = jax.jit(dm.step, donate_argnums=(2,))
     toks = jnp.asarray(np.random.default_rng(B).integers(3, vocab, (B, prompt)), jnp.int32)
-    logits, cache = step(params, toks, cache, jnp.full((B,), prompt, jnp.int32))
     one = jnp.ones((B,), jnp.int32)
+    for i in range(prompt):
+        logits, cache = step(params, toks[:, i : i + 1], cache, one)
     nxt = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
-    for _ in range(2):  # compile + warm
-        logits, cache = step(params, nxt, cache, one)
-        nxt = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
     jax.block_until_ready(nxt)
     t = time.perf_counter()
     for _ in range(steps):
@@ -168,8 +169,8 @@ def _decode_rate(dm: DecodeModel, params, B: int, prompt: int, steps: int, vocab
 
 def decode_section(m: Model, bw: float, smoke: bool) -> dict:
     """Dense vs Read-ME (all experts resident, select dispatch) decode rates and HBM bounds."""
-    mc = cm.model_cost(split_params(m.rc, m.moe), m.name)
-    prompt, steps = (16, 4) if smoke else (128, 32)
+    mc = cm.model_cost(m.sp, m.name)
+    prompt, steps = (4, 4) if smoke else (64, 32)
     dense_bytes = nbytes(m.dense) - (m.cfg.vocab_size - 1) * m.cfg.dim * 2  # one embedding row
     out = {"model_cost": mc.to_dict(), "rows": []}
     kinds = [("dense", dense_model(m.cfg), m.dense), ("readme", readme.decode_model(m.rc), m.moe)]
@@ -195,7 +196,7 @@ def decode_section(m: Model, bw: float, smoke: bool) -> dict:
 # ---------------------------------------------------------------- expert loads
 def load_section(m: Model) -> dict:
     """Host->device copies of whole experts (and of one layer of an expert)."""
-    sp = split_params(m.rc, m.moe)
+    sp = m.sp
     out = {"memory_kinds": sorted(memory_kinds(jax.devices()[0]))}
     for name, axis in (("whole_expert", None), ("per_layer_store", 1)):
         store = OffloadedExpertStore(sp.experts, 2, layer_axis=axis)
@@ -231,7 +232,7 @@ def _predict(steps: list[dict], hw: cm.Hardware, mc: cm.ModelCost, pipelined: bo
 
 
 def cache_section(m: Model, measured: dict, caps: list[int], smoke: bool, deadline: float):
-    sp = split_params(m.rc, m.moe)
+    sp = m.sp
     mc = cm.model_cost(sp, m.name)
     n, prompt, new = (4, 8, 4) if smoke else (8, 64, 24)
     reqs = make_trace(m, n, prompt, new)
@@ -272,7 +273,8 @@ def cache_section(m: Model, measured: dict, caps: list[int], smoke: bool, deadli
 def train_section(m: Model, peak: float, smoke: bool) -> dict:
     """One jitted MoE training step (CE loss, grads, SGD update) on B x S random tokens."""
     B, S = (2, 16) if smoke else (4, 1024)
-    rc = m.rc.replace(moe=dataclasses.replace(m.rc.moe, dispatch="ragged"))
+    rc = m.rc.replace(model=m.rc.model.replace(scan_layers=True),  # one layer to compile
+                      moe=dataclasses.replace(m.rc.moe, dispatch="ragged"))  # fmt: skip
     params = jax.device_put(m.moe)
 
     def loss(p, toks):
@@ -292,7 +294,7 @@ def train_section(m: Model, peak: float, smoke: bool) -> dict:
     params = step(params, toks)
     jax.block_until_ready(params)
     dt = time.perf_counter() - t
-    cfg, mc = m.cfg, cm.model_cost(split_params(m.rc, m.moe), m.name)
+    cfg, mc = m.cfg, cm.model_cost(m.sp, m.name)
     n_active = (cfg.n_layers * (mc.dense_layer_params + mc.expert_layer_params)
                 + cfg.vocab_size * cfg.dim + mc.other_params)  # fmt: skip
     per_tok = 6 * n_active + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * S
@@ -321,8 +323,17 @@ def markdown(rep: dict) -> str:
                   f"datasheet {H200_DATASHEET['bf16_dense_flops'] / 1e12:.0f})", ""]  # fmt: skip
     for name, sh in rep["shapes"].items():
         lines += [f"## {name}", ""]
-        if "error" in sh:
-            lines += [f"error: {sh['error']}", ""]
+        for sec, err in sh.get("errors", {}).items():
+            lines += [f"- {sec} failed: {err}"]
+        if "experts" in sh:
+            x = sh["experts"]
+            lines += [
+                f"E={x['E']} experts at remain rate {x['remain_rate']}: shared width "
+                f"{x['shared_width_mean']:.0f}, expert width {x['expert_width_mean']:.0f}, "
+                f"{x['bytes_per_expert'] / 1e6:.1f} MB per expert; dense "
+                f"{x['dense_bytes'] / 1e9:.2f} GB, MoE {x['moe_bytes'] / 1e9:.2f} GB",
+                "",
+            ]
         if "decode" in sh:
             lines += ["| model | batch | tok/s | ms/step | HBM bound tok/s | of bound |",
                       "|---|---|---|---|---|---|"]  # fmt: skip
@@ -382,40 +393,72 @@ def environment() -> dict:
 SECTIONS = ("decode", "load", "cache", "train")
 
 
-def run_shape(name: str, rep: dict, args, deadline: float, save) -> None:
-    sh = rep["shapes"].setdefault(name, {"skipped": []})
-    t = time.perf_counter()
-    m = build_model(name, seed=args.seed)
-    sh["built_s"] = time.perf_counter() - t
-    sh["experts"] = {"E": NUM_EXPERTS, "remain_rate": REMAIN_RATE,
-                     "shared_width_mean": float(m.spec.shared_widths.mean()),
-                     "expert_width_mean": float(m.spec.expert_widths.mean()),
-                     "dense_bytes": nbytes(m.dense), "moe_bytes": nbytes(m.moe)}  # fmt: skip
-    save()
-    probe_ = rep.get("probe", {})
-    for sec in args.sections:
+def plan(shapes: list[str], sections: list[str]) -> list[tuple[str, str]]:
+    """(shape, section) in order of importance: every shape's decode first, then the largest
+    shape's remaining sections, then the others' (a cut-short run keeps the headline rows)."""
+    order = [(n, "decode") for n in shapes if "decode" in sections]
+    for n in reversed(shapes):  # the largest shape (listed last) first
+        order += [(n, s) for s in sections if s != "decode"]
+    return order
+
+
+class Models:
+    """Models built on first use and freed after their last planned section."""
+
+    def __init__(self, rep: dict, seed: int):
+        self.rep, self.seed, self.built = rep, seed, {}
+
+    def get(self, name: str) -> Model:
+        if name not in self.built:
+            t = time.perf_counter()
+            m = build_model(name, seed=self.seed)
+            m.sp = split_params(m.rc, m.moe)  # experts on host, backbone on device
+            sh = self.rep["shapes"].setdefault(name, {"skipped": []})
+            sh["built_s"] = time.perf_counter() - t
+            sh["experts"] = {"E": NUM_EXPERTS, "remain_rate": REMAIN_RATE,
+                             "shared_width_mean": float(m.spec.shared_widths.mean()),
+                             "expert_width_mean": float(m.spec.expert_widths.mean()),
+                             "dense_bytes": nbytes(m.dense), "moe_bytes": nbytes(m.moe),
+                             "bytes_per_expert": cm.model_cost(m.sp).bytes_per_expert}  # fmt: skip
+            self.built[name] = m
+        return self.built[name]
+
+    def free_unless(self, needed: set[str]) -> None:
+        for n in [n for n in self.built if n not in needed]:
+            del self.built[n]
+        gc.collect()
+
+
+def run_section(m: Model, sec: str, probe_: dict, args, deadline: float) -> dict:
+    if sec == "decode":
+        return decode_section(m, probe_["hbm_copy_bw"], args.smoke)
+    if sec == "load":
+        out = load_section(m)
+        probe_.setdefault("link_bw", out["whole_expert"]["bytes_per_s"])
+        return out
+    if sec == "cache":
+        return cache_section(m, probe_, args.capacities, args.smoke, deadline)
+    return train_section(m, probe_["bf16_matmul_flops"], args.smoke)
+
+
+def run_plan(rep: dict, args, shapes: list[str], deadline: float, save) -> None:
+    todo = plan(shapes, args.sections)
+    models = Models(rep, args.seed)
+    for i, (name, sec) in enumerate(todo):
+        sh = rep["shapes"].setdefault(name, {"skipped": []})
         if time.monotonic() > deadline:
             sh["skipped"].append(f"{sec} (time budget)")
             continue
         t = time.perf_counter()
         try:
-            if sec == "decode":
-                sh["decode"] = decode_section(m, probe_["hbm_copy_bw"], args.smoke)
-            elif sec == "load":
-                sh["load"] = load_section(m)
-                probe_.setdefault("link_bw", sh["load"]["whole_expert"]["bytes_per_s"])
-            elif sec == "cache":
-                sh["cache"] = cache_section(m, probe_, args.capacities, args.smoke, deadline)
-            elif sec == "train":
-                sh["train"] = train_section(m, probe_["bf16_matmul_flops"], args.smoke)
-        except Exception as e:  # report it and go on with the next section
+            sh[sec] = run_section(models.get(name), sec, rep["probe"], args, deadline)
+        except Exception as e:  # report it and go on (e.g. out of memory at one shape)
             sh.setdefault("errors", {})[sec] = f"{type(e).__name__}: {str(e)[:500]}"
             if args.smoke:
                 raise
         sh.setdefault("section_s", {})[sec] = time.perf_counter() - t
+        models.free_unless({n for n, _ in todo[i + 1 :]})
         save()
-    del m
-    gc.collect()
 
 
 def main(argv=None) -> int:
@@ -447,21 +490,10 @@ def main(argv=None) -> int:
     save = lambda: write(rep, out, t0)  # noqa: E731
     rep["probe"] = probe(args.smoke)
     save()
-    for name in shapes:
-        if time.monotonic() > deadline:
-            rep["shapes"][name] = {"skipped": ["all (time budget)"]}
-            continue
-        try:
-            run_shape(name, rep, args, deadline, save)
-        except Exception as e:  # e.g. out of memory building the model
-            rep["shapes"].setdefault(name, {})["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            if args.smoke:
-                raise
-        save()
+    run_plan(rep, args, shapes, deadline, save)
     print(markdown(rep))
     print(f"wrote {out / 'device_check.json'} and {out / 'device_check.md'}")
-    errors = {n: s.get("errors") or s.get("error") for n, s in rep["shapes"].items()}
-    return 1 if any(errors.values()) else 0
+    return 1 if any(sh.get("errors") for sh in rep["shapes"].values()) else 0
 
 
 if __name__ == "__main__":
