@@ -102,10 +102,10 @@ def _launch(run: Path, data: dict, mesh: dict, tag: str, until=None) -> str:
     port = _free_port()
     cmds, envs, logs = [], [], []
     for i in range(2):
-        cmds.append(_args(run, data, "train", mesh) + [
-            f"--config.distributed.coordinator=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-            "--config.distributed.cpu_devices=4", "--config.distributed.init_timeout_s=120"])  # fmt: skip
+        dist = {"coordinator": f"127.0.0.1:{port}", "num_processes": 2, "process_id": i,
+                "cpu_devices": 4, "init_timeout_s": 120}  # fmt: skip
+        cmds.append(_args(run, data, "train", mesh)
+                    + [f"--config.distributed.{k}={v}" for k, v in dist.items()])  # fmt: skip
         envs.append(_env(None))
         logs.append(run.parent / f"{run.name}.{tag}.p{i}.log")
     return Procs(cmds, envs, logs).wait(until)
@@ -173,3 +173,36 @@ def test_two_processes_fsdp_expert_mesh_match_one_process(reference):
     _copy_refactored(ref, run)
     assert _launch(run, data, {"data": 1, "fsdp": 2, "expert": 4}, "full") == "done"
     _assert_same_losses(_losses(run), want)
+
+
+def test_distributed_config_errors_and_cluster_detection(monkeypatch):
+    from readme_jax.train import distributed as dist
+
+    cfg = dist.DistributedConfig
+    with pytest.raises(dist.DistributedError, match="host:port"):
+        cfg(coordinator="localhost").validate()
+    with pytest.raises(dist.DistributedError, match="process_id"):
+        cfg(coordinator="127.0.0.1:1234", num_processes=2, process_id=2).validate()
+    cfg(coordinator="127.0.0.1:1234", num_processes=2, process_id=1).validate()
+    for k in (*dist._SLURM, *dist._OMPI, *dist._TPU):
+        monkeypatch.delenv(k, raising=False)
+    if not (Path("/dev/accel0").exists() or Path("/dev/vfio/0").exists()):
+        assert dist.detected_cluster() == ""
+    slurm = dict(zip(dist._SLURM, ("7", "node[1-2]", "2", "0", "0"), strict=True))
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    assert dist.detected_cluster() == "slurm"
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: nothing to join
+    assert dist.detected_cluster() != "slurm"
+
+
+def test_launch_rejects_a_bad_coordinator_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/tiny.py",
+         "--config.distributed.coordinator=nohost", "--config.distributed.num_processes=2",
+         "--config.distributed.process_id=0"],
+        cwd=ROOT, env=_env(None), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "error: distributed.coordinator must be host:port, got 'nohost'" in proc.stderr
+    assert "Traceback" not in proc.stderr
