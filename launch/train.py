@@ -149,11 +149,15 @@ def main(argv):
         from readme_jax.train.loop import run_training
 
         run_training(c, run)
-    if "eval" in stages and primary:  # single-device evaluation on process 0
+    dist.barrier("done")
+    if "eval" in stages and dist.describe()["process_count"] > 1:
+        # evaluation is single-device: a long one would outlast the other processes' shutdown
+        print("[eval] skipped in a multi-process run; run it as one process with "
+              "--config.stages=eval on the same run_dir")  # fmt: skip
+    elif "eval" in stages:
         from readme_jax.eval.pipeline import run_eval
 
         run_eval(c, run)
-    dist.barrier("done")
     print(f"done: {run}")
 
 
