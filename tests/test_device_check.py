@@ -20,6 +20,7 @@ def test_device_check_smoke_writes_every_section(tmp_path):
     rep = json.loads((out / "device_check.json").read_text())
     md = (out / "device_check.md").read_text()
     assert rep["smoke"] and rep["env"]["platform"] == "cpu"
+    assert rep["env"]["imports_absent_on_device"] == []  # grain, ml-collections, gguf
     assert rep["probe"]["hbm_copy_bw"] > 0 and rep["probe"]["bf16_matmul_flops"] > 0
     sh = rep["shapes"]["smoke"]
     assert not sh.get("errors") and not sh["skipped"]

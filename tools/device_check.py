@@ -384,11 +384,16 @@ def write(rep: dict, out: Path, t0: float) -> None:
     (out / "device_check.md").write_text(markdown(rep))
 
 
+NOT_ON_DEVICE = ("grain", "ml_collections", "gguf")  # absent from the accelerator image
+
+
 def environment() -> dict:
     d = jax.devices()[0]
+    absent = sorted({m.split(".")[0] for m in sys.modules} & set(NOT_ON_DEVICE))
     return {"jax": jax.__version__, "platform": d.platform, "device": d.device_kind,
             "device_count": jax.device_count(), "python": platform.python_version(),
-            "memory_kinds": sorted(memory_kinds(d))}  # fmt: skip
+            "memory_kinds": sorted(memory_kinds(d)),
+            "imports_absent_on_device": absent}  # fmt: skip
 
 
 SECTIONS = ("decode", "load", "cache", "train")
