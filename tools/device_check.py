@@ -311,6 +311,25 @@ def _f(x, unit: str = "", scale: float = 1.0, d: int = 2) -> str:
     return "-" if x is None else f"{x / scale:.{d}f}{unit}"
 
 
+def _cache_md(cache: dict) -> list[str]:
+    """The engine grid: measured wall time beside each cost-model prediction."""
+    runs = cache["runs"]
+    hws = (
+        [k[len("predicted_s_") :] for k in runs[0] if k.startswith("predicted_s_")] if runs else []
+    )
+    lines = ["| policy | C | prefetch | hit ratio | loads | measured s | tok/s | "
+             + " | ".join(f"predicted s ({h})" for h in hws) + " |",
+             "|---" * (7 + len(hws)) + "|"]  # fmt: skip
+    for r in runs:
+        pred = " | ".join(f"{r['predicted_s_' + h]:.3f}" for h in hws)
+        lines.append(f"| {r['policy']} | {r['capacity']} | {r['prefetch']} | "
+                     f"{r['hit_ratio']:.3f} | {r['loads']} | {r['makespan_s']:.3f} | "
+                     f"{r['throughput_tok_s']:.1f} | {pred} |")  # fmt: skip
+    if "cut_short" in cache:
+        lines.append(f"\n({cache['cut_short']})")
+    return [*lines, ""]
+
+
 def markdown(rep: dict) -> str:
     env = rep["env"]
     lines = [f"# Device check ({'smoke, CPU' if rep['smoke'] else env['device']})", "",
@@ -353,19 +372,7 @@ def markdown(rep: dict) -> str:
                                  f"{_f(ld[k]['bytes_per_s'], ' GB/s', 1e9)}")  # fmt: skip
             lines.append("")
         if "cache" in sh:
-            hws = [k[len("predicted_s_"):] for k in sh["cache"]["runs"][0]
-                   if k.startswith("predicted_s_")] if sh["cache"]["runs"] else []  # fmt: skip
-            lines += ["| policy | C | prefetch | hit ratio | loads | measured s | tok/s | "
-                      + " | ".join(f"predicted s ({h})" for h in hws) + " |",
-                      "|---" * (7 + len(hws)) + "|"]  # fmt: skip
-            for r in sh["cache"]["runs"]:
-                pred = " | ".join(f"{r['predicted_s_' + h]:.3f}" for h in hws)
-                lines.append(f"| {r['policy']} | {r['capacity']} | {r['prefetch']} | "
-                             f"{r['hit_ratio']:.3f} | {r['loads']} | {r['makespan_s']:.3f} | "
-                             f"{r['throughput_tok_s']:.1f} | {pred} |")  # fmt: skip
-            if "cut_short" in sh["cache"]:
-                lines.append(f"\n({sh['cache']['cut_short']})")
-            lines.append("")
+            lines += _cache_md(sh["cache"])
         if "train" in sh:
             t = sh["train"]
             lines += [f"- training step (B={t['batch']}, S={t['seq']}): {t['step_s']:.3f} s, "
