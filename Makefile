@@ -70,7 +70,8 @@ demo: setup
 	$(PY) launch/data.py
 	$(PY) launch/train.py --config configs/smollm2_135m.py --config.run_dir=$(RUN) \
 	  --config.stages=calibrate,refactor,train
-	$(PY) launch/serve_bench.py --checkpoint $(RUN)/moe_trained --out_dir $(RUN)/serve --num_requests 6
+	$(PY) launch/serve_bench.py --config.checkpoint=$(RUN)/moe_trained --config.out_dir=$(RUN)/serve \
+	  --config.num_requests=6
 	$(PY) launch/eval.py --checkpoint $(RUN)
 
 data: setup

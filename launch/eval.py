@@ -12,13 +12,14 @@ Writes OUT/eval/results.json and OUT/eval/report.md (+ PNG plots), where OUT is 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from readme_jax import cli
+from readme_jax.checkpoints import models
+from readme_jax.eval.pipeline import run_eval
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "Eval config.")
 flags.DEFINE_string("checkpoint", None, "Run dir, model dir, .gguf file or HF directory.")
@@ -26,34 +27,33 @@ flags.DEFINE_string("out", None, "Output directory (default: the run dir).")
 FLAGS = flags.FLAGS
 
 
+def _use_run_settings(c, run: Path) -> None:
+    """The data and model settings of the run that wrote `run` (its config.json)."""
+    saved = json.loads((run / "config.json").read_text())
+    c.model.checkpoint = saved["model"]["checkpoint"]
+    c.data.domains = saved["data"]["domains"]
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    from readme_jax.eval.pipeline import run_eval
-
     c = _CONFIG.value
     ck = Path(FLAGS.checkpoint) if FLAGS.checkpoint else None
     if ck is None:
-        run, models = Path(FLAGS.out or c.run_dir), None
-    elif not ck.exists():
-        sys.exit(f"error: checkpoint not found: {ck}")
-    elif (ck / "model.json").exists():
-        run, models = Path(FLAGS.out or ck.parent), [ck]
-        if (ck.parent / "config.json").exists():  # use the run's data/model settings
-            saved = json.loads((ck.parent / "config.json").read_text())
-            c.model.checkpoint = saved["model"]["checkpoint"]
-            c.data.domains = saved["data"]["domains"]
-    elif (ck / "config.json").exists() and any(ck.glob("*/model.json")):
-        saved = json.loads((ck / "config.json").read_text())
-        c.model.checkpoint = saved["model"]["checkpoint"]
-        c.data.domains = saved["data"]["domains"]
-        run, models = Path(FLAGS.out or ck), None
+        run, todo = Path(FLAGS.out or c.run_dir), None
+    elif ck.is_dir() and models.list_models(ck) and (ck / "config.json").exists():
+        _use_run_settings(c, ck)  # a run directory: every model in it
+        run, todo = Path(FLAGS.out or ck), None
+    elif models.discover(ck).kind in ("readme_moe", "dense"):
+        run, todo = Path(FLAGS.out or ck.parent), [ck]  # one model of a run
+        if (ck.parent / "config.json").exists():
+            _use_run_settings(c, ck.parent)
     else:  # a dense GGUF / HF checkpoint on its own
         c.model.checkpoint = str(ck)
-        run, models = Path(FLAGS.out or "runs/eval_" + ck.stem), []
+        run, todo = Path(FLAGS.out or "runs/eval_" + ck.stem), []
     run.mkdir(parents=True, exist_ok=True)
-    run_eval(c, run, models)
+    run_eval(c, run, todo)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

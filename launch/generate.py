@@ -12,7 +12,9 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from readme_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "GGUF file or Hugging Face directory (default: SmolLM2).")
@@ -33,12 +35,13 @@ flags.DEFINE_bool(
 flags.DEFINE_integer("expert_capacity", None, "MoE: expert slots on the device (default: all).")
 flags.DEFINE_enum("cache_policy", "belady", ["belady", "lru", "lfu", "random"], "MoE cache policy.")
 flags.DEFINE_bool("prefetch", True, "MoE: prefetch the next step's experts.")
+flags.DEFINE_integer("max_len", 1024, "MoE: the engine's context per request slot (tokens).")
 
 
 def main(argv):
     del argv
     import readme_jax as rj
-    from readme_jax.model.generate import PromptError
+    from readme_jax.decode.steps import PromptError
     from readme_jax.model.sampling import SamplingParams
 
     try:
@@ -87,16 +90,15 @@ def main(argv):
 
 
 def _is_readme(path: str) -> bool:
-    import json
-    from pathlib import Path
+    from readme_jax.checkpoints import models
 
-    mj = Path(path) / "model.json"
-    return mj.exists() and json.loads(mj.read_text()).get("kind") == "readme_moe"
+    return models.discover(path).kind == "readme_moe"
 
 
 def _generate_moe(sp) -> None:
     """Read-ME through the serving engine: pre-gated routes, offloaded experts, cache stats."""
-    from readme_jax.serve.moe_generate import format_stats, generate_moe, load_serve_model
+    from readme_jax.serve.bench.models import load_serve_model
+    from readme_jax.serve.engine import generate
 
     sm = load_serve_model(FLAGS.checkpoint or None)
     text = FLAGS.prompt
@@ -114,7 +116,8 @@ def _generate_moe(sp) -> None:
             sys.stdout.flush()
             printed[0] = full
 
-    out = generate_moe(
+    max_len = min(FLAGS.max_len, sm.params.rc.model.max_seq_len)
+    out = generate(
         sm.params,
         [ids],
         FLAGS.max_new_tokens,
@@ -123,6 +126,7 @@ def _generate_moe(sp) -> None:
         cache_policy=FLAGS.cache_policy,
         prefetch=FLAGS.prefetch,
         seed=FLAGS.seed,
+        max_len=max_len,
         on_token=on_token,
     )
     if out.results[0].error:
@@ -130,5 +134,17 @@ def _generate_moe(sp) -> None:
     print("\n\n" + format_stats(out.stats), file=sys.stderr)
 
 
+def format_stats(stats: dict) -> str:
+    """One line of expert-cache statistics for the end of a generation."""
+    mb = stats["bytes_moved"] / 1e6
+    return (
+        f"[expert cache: {stats['policy']}, C={stats['capacity']} of E={stats['num_experts']}"
+        f"{', prefetch' if stats.get('prefetch') else ''}; {stats['hits']} hits, "
+        f"{stats['misses']} misses (hit ratio {100 * stats['hit_ratio']:.1f}%), {stats['loads']} "
+        f"loads = {mb:.1f} MB moved ({stats['bytes_per_token'] / 1e6:.2f} MB/token); "
+        f"{stats['steps']} steps, decode {stats['decode_tok_s']:.1f} tok/s]"
+    )
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -20,8 +20,22 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, logging
+from absl import logging
 from ml_collections import config_flags
+
+from readme_jax import cli
+from readme_jax.checkpoints import models
+from readme_jax.eval.pipeline import run_eval
+from readme_jax.model.config import ConfigError
+from readme_jax.refactor.pipeline import (
+    Recipe,
+    build_readme,
+    calibrate_recipe,
+    write_refactor_report,
+)
+from readme_jax.train import distributed as dist
+from readme_jax.train.dry_run import dry_run
+from readme_jax.train.loop import run_training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/smollm2_135m.py", "Run config (ml_collections); override with --config.x=y"
@@ -33,91 +47,49 @@ def _stage_list(spec: str) -> list[str]:
     got = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [s for s in got if s not in STAGES]
     if bad:
-        raise SystemExit(f"error: unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     return [s for s in STAGES if s in got]
 
 
 def _init_distributed(c) -> None:
     """Join the processes of a multi-process run (train/distributed.py); only process 0 prints."""
-    from readme_jax.train import distributed as dist
-
     try:
         how = dist.initialize(c)
     except dist.DistributedError as e:
         raise SystemExit(f"error: {e}") from None
-    info = dist.describe()
-    kv = ", ".join(f"{k}={v}" for k, v in info.items())
+    kv = ", ".join(f"{k}={v}" for k, v in dist.describe().items())
     print(f"[distributed] {how or 'single process'}: {kv}", flush=True)
     if not dist.is_primary():  # logs, metrics and reports come from process 0
         sys.stdout = open(os.devnull, "w")
 
 
 def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
-    from readme_jax.model.moe import MoEConfig
-    from readme_jax.model.readme import ReadMEConfig
-    from readme_jax.model.router import RouterConfig
-    from readme_jax.refactor import convert as cv
-
+    """run/calib (statistics) and, with the refactor stage, run/moe_init and run/reports."""
     moe_dir = run / "moe_init"
-    if c.resume and (moe_dir / "model.json").exists():
+    if c.resume and models.exists(moe_dir):
         print(f"[calibrate/refactor] {moe_dir} exists; skipping (resume)")
         return
+    recipe = Recipe.from_config(c)
     t0 = time.time()
-    cfg, dense, tok = cv.load_dense(c.model.checkpoint, c.model.dtype, c.model.scan_layers, c.seed)
+    source = models.load_dense(recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed)
     print(
         f"[load] {c.model.checkpoint or 'SmolLM2-135M-Instruct (bundled GGUF)'}: "
-        f"{cfg.param_count() / 1e6:.1f}M params, {time.time() - t0:.1f}s"
+        f"{source[0].param_count() / 1e6:.1f}M params, {time.time() - t0:.1f}s"
     )
-    domains = cv.parse_domains(c.data.domains)
-    recipe = {
-        "checkpoint": c.model.checkpoint or "bundled:SmolLM2-135M-Instruct.Q4_1.gguf",
-        "domains": c.data.domains,
-        "num_sequences": c.calib.num_sequences,
-        "seq_len": c.calib.seq_len,
-        "split": c.calib.split,
-        "seed": c.seed,
-        "tokenizer": tok.name,
-    }
-    batches = cv.calibration_batches(
-        domains,
-        tok,
-        c.calib.num_sequences,
-        c.calib.seq_len,
-        c.calib.split,
-        c.data.cache or None,
-        seed=c.seed,
-    )
-    if c.refactor.clustering:
-        from readme_jax.refactor.cluster import cluster_stats
-        from readme_jax.refactor.stats import ActivationStats
-
-        k = c.refactor.num_clusters or len(domains)
-        recipe["clusters"] = k
-        if (run / "calib" / "stats.json").exists() and ActivationStats.load(
-            run / "calib"
-        ).recipe.get("clusters") == k:
-            stats = ActivationStats.load(run / "calib")
-        else:
-            pooled = [b for bs in batches.values() for b in bs]
-            stats = cluster_stats(dense, cfg, pooled, k, recipe, seed=c.seed)
-            stats.save(run / "calib")
-    else:
-        stats = cv.calibrate(cfg, dense, batches, recipe, run / "calib")
+    stats = calibrate_recipe(recipe, source, run / "calib")
     print(
         f"[calibrate] experts from {', '.join(stats.domains)}; tokens {stats.n_tokens} -> "
         f"{run / 'calib'}"
     )
     if "refactor" not in stages:
         return
-    mcfg = MoEConfig(len(stats.domains), c.moe.top_k, c.moe.gate_scaling, c.moe.dispatch)
-    rcfg = RouterConfig(c.router.dim, c.router.n_heads, c.router.ffn_dim)
-    params, spec = cv.refactor(dense, cfg, stats, c.refactor.remain_rate, mcfg, rcfg, c.seed)
-    rc = ReadMEConfig(cfg.replace(scan_layers=c.model.scan_layers), mcfg, rcfg)
-    cv.save_readme(moe_dir, params, rc, spec, {"recipe": recipe, "stage": "refactor"})
-    rep = cv.write_refactor_report(run / "reports", spec, stats, cfg.ffn_dim)
+    m = build_readme(recipe, source=source, stats=stats).model
+    models.save_readme(moe_dir, m.params, m.rc, m.spec, m.meta)
+    F = source[0].ffn_dim
+    rep = write_refactor_report(run / "reports", m.spec, stats, F)
     sw = rep["shared_widths"]
     print(
-        f"[refactor] shared channels per layer {min(sw)}-{max(sw)} of {cfg.ffn_dim}; active FFN "
+        f"[refactor] shared channels per layer {min(sw)}-{max(sw)} of {F}; active FFN "
         f"fraction {rep['active_ffn_fraction']:.3f}; MoE checkpoint -> {moe_dir}"
     )
 
@@ -131,23 +103,17 @@ def main(argv):
     run = Path(c.run_dir)
     if not c.dry_run:
         _init_distributed(c)
-    from readme_jax.train import distributed as dist
-
     primary = dist.is_primary()
     run.mkdir(parents=True, exist_ok=True)
     if primary:
         (run / "config.json").write_text(json.dumps(c.to_dict(), indent=2, default=str))
     if c.dry_run:
-        from readme_jax.train.dry_run import dry_run
-
         dry_run(c)
         return
     if ("calibrate" in stages or "refactor" in stages) and primary:  # one process writes
         stage_calibrate_refactor(c, run, stages)
     dist.barrier("refactor")
     if "train" in stages:
-        from readme_jax.train.loop import run_training
-
         run_training(c, run)
     dist.barrier("done")
     if "eval" in stages and dist.describe()["process_count"] > 1:
@@ -155,12 +121,9 @@ def main(argv):
         print("[eval] skipped in a multi-process run; run it as one process with "
               "--config.stages=eval on the same run_dir")  # fmt: skip
     elif "eval" in stages:
-        from readme_jax.eval.pipeline import run_eval
-
         run_eval(c, run)
     print(f"done: {run}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    app.run(main)
+    cli.run(main)

@@ -9,9 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from readme_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
+from readme_jax.checkpoints import models
+from readme_jax.checkpoints.tokenizer import Tokenizer
+from readme_jax.decode.generator import Generator, dense_logits
+from readme_jax.decode.steps import dense_model, readme_model, validate_tokens
 from readme_jax.model.config import LlamaConfig
-from readme_jax.model.generate import Generator, dense_logits, dense_model, validate_tokens
+from readme_jax.model.readme import readme_forward
 from readme_jax.model.sampling import SamplingParams
 
 
@@ -38,9 +41,7 @@ class LoadedModel:
     def generator(self) -> Generator:
         if not hasattr(self, "_gen"):
             if self.is_moe:
-                from readme_jax.model.readme import decode_model
-
-                self._gen = Generator(decode_model(self.readme), self.params)
+                self._gen = Generator(readme_model(self.readme), self.params)
             else:
                 self._gen = Generator(dense_model(self.cfg), self.params)
         return self._gen
@@ -56,8 +57,6 @@ class LoadedModel:
 
 
 def _moe_impl(p, t, rc):
-    from readme_jax.model.readme import readme_forward
-
     return readme_forward(p, t, rc)[0]
 
 
@@ -65,34 +64,10 @@ _moe_forward = jax.jit(_moe_impl, static_argnums=2)
 
 
 def load(path: str | Path | None = None, dtype: str = "float32", **cfg_overrides) -> LoadedModel:
-    """Load a model: None = bundled SmolLM2 GGUF; a .gguf file; a Hugging Face directory; or a
-    readme_jax model directory (a Read-ME MoE written by launch/train.py)."""
-    if path is not None and (Path(path) / "model.json").exists():
-        return _load_project(Path(path))
-    if path is None or Path(path).suffix == ".gguf":
-        from readme_jax.checkpoints.gguf import load_gguf
-
-        cfg, params = load_gguf(path, dtype=dtype, **cfg_overrides)
-    else:
-        from readme_jax.checkpoints.hf import load_hf
-
-        cfg, params = load_hf(path, dtype=dtype, cfg_overrides=cfg_overrides or None)
-    return LoadedModel(cfg, params, load_tokenizer(path))
-
-
-def _load_project(path: Path) -> LoadedModel:
-    from readme_jax.checkpoints import store
-
-    meta = store.read_meta(path)
-    params = store.load_params(path)
-    src = meta.get("recipe", {}).get("checkpoint", "")
-    tok = load_tokenizer(
-        None if src.startswith("bundled:") or not src or src.startswith("random:") else src
-    )
-    if meta["kind"] == "readme_moe":
-        from readme_jax.model.readme import ReadMEConfig
-
-        rc = ReadMEConfig.from_dict(meta["config"])
-        return LoadedModel(rc.model, params, tok, rc)
-    cfg = LlamaConfig.from_dict(meta["config"]).replace(scan_layers=False)
+    """Load a model: None = bundled SmolLM2 GGUF; a GGUF file; a Hugging Face directory; or a
+    readme_jax model directory (a Read-ME MoE written by launch/train.py). What the path holds
+    is found by `checkpoints.models.discover`; raises CheckpointError if nothing it knows."""
+    kind, cfg, params, tok, _ = models.load_any(path, dtype, **cfg_overrides)
+    if kind == "readme_moe":
+        return LoadedModel(cfg.model, params, tok, cfg)
     return LoadedModel(cfg, params, tok)

@@ -1,9 +1,12 @@
 """MoE dispatch equals the dense masked reference; expert parallelism equals one device."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from moe_reference import masked_experts  # tests/moe_reference.py (pytest puts tests/ on the path)
 
 from readme_jax.model import llama, moe
 from readme_jax.model.config import LlamaConfig
@@ -180,9 +183,11 @@ def test_expert_parallel_shards_tokens_over_data_and_experts_over_expert(T, want
 def test_readme_cached_decode_equals_greedy_reforward(B, P):
     """Generator (prefill with last-position logits, then cached decode steps) gives the
     greedy tokens of a full re-forward per token."""
-    from readme_jax.model.generate import Generator
-    from readme_jax.model.readme import ReadMEConfig, decode_model, readme_forward
-    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.decode.generator import Generator
+    from readme_jax.decode.steps import readme_model
+    from readme_jax.model.config import ReadMEConfig, RouterConfig
+    from readme_jax.model.readme import readme_forward
+    from readme_jax.model.router import init_router
 
     dense, _, mp = _setup()
     cfg = CFG.replace(max_seq_len=128)
@@ -191,9 +196,8 @@ def test_readme_cached_decode_equals_greedy_reforward(B, P):
     params = {"backbone": mp, "router": router}
     prompts = [[5, 17, 33, 2 + b, 60, *range(7, 7 + P - 5)] for b in range(B)]
     assert (B * P > moe.SELECT_SWITCH_MIN) == (P == 40)  # which prompt path select takes
-    gen = Generator(decode_model(rc), params)
+    gen = Generator(readme_model(rc), params)
     got = gen.generate(prompts, 6, eos_ids=[])
-    assert gen.host_steps == 0  # the in-graph path (host routing is opt-in)
     fwd = jax.jit(lambda t: readme_forward(params, t, rc)[0])
     for b, p in enumerate(prompts):
         ids = list(p)
@@ -205,36 +209,9 @@ def test_readme_cached_decode_equals_greedy_reforward(B, P):
     assert len(np.unique(np.asarray(routes))) > 1  # the decode switched experts on the way
 
 
-def test_host_routed_decode_equals_in_graph_switch():
-    """Batch 1, the host reads each token's expert and hands the step that expert's fused FFN:
-    the same tokens as the in-graph switch, greedy and sampled."""
-    from readme_jax.model.generate import Generator
-    from readme_jax.model.readme import _EXPERT_KEYS, ReadMEConfig, decode_model
-    from readme_jax.model.router import RouterConfig, init_router
-    from readme_jax.model.sampling import SamplingParams
-
-    dense, _, mp = _setup()
-    cfg = CFG.replace(max_seq_len=64)
-    rc = ReadMEConfig(cfg, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
-    router = init_router(rc.router, cfg, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
-    params = {"backbone": mp, "router": router}
-    host = Generator(decode_model(rc), params, host_routing=True)
-    graph = Generator(decode_model(rc), params)
-    prompt = [[5, 17, 33, 2, 60]]
-    for sp in (SamplingParams(), SamplingParams(temperature=1.0, top_k=20)):
-        a = host.generate(prompt, 12, sp, seed=3, eos_ids=[])
-        b = graph.generate(prompt, 12, sp, seed=3, eos_ids=[])
-        assert a == b
-    assert host.host_steps == 22 and graph.host_steps == 0
-    common, experts = decode_model(rc).host_routed.split(host.params)
-    assert len(experts) == E and not any(
-        k.startswith(_EXPERT_KEYS) for k in common["backbone"]["layers"][0]
-    )
-
-
-@pytest.mark.parametrize("fn", [moe.blocked_experts, moe.switched_experts])
+@pytest.mark.parametrize("read", ["gather", "switch"])
 @pytest.mark.parametrize("K", [1, 2])
-def test_blocked_dispatch_equals_masked_in_value_and_gradient(K, fn):
+def test_blocked_dispatch_equals_masked_in_value_and_gradient(K, read):
     """Groups of uneven size spanning several blocks, one expert unused: the blocked grouped
     matmul (gathered weights, or one switch per block) equals every-expert-on-every-token,
     forward and gradients (x and expert weights)."""
@@ -246,14 +223,16 @@ def test_blocked_dispatch_equals_masked_in_value_and_gradient(K, fn):
     e = jax.random.choice(ks[3], np.array([0, 1, 3]), (T, K))  # expert 2 unused
     w = jax.nn.softmax(jax.random.normal(ks[0], (T, K)), -1)
 
+    fn = functools.partial(moe.blocked_experts, read=read)
+
     def loss(fn, **kw):
         return lambda x, gu, down: jnp.sum(jnp.sin(fn(x, e, w, gu, down, **kw)))
 
     for blk in (8, 128):  # 8: several blocks per expert; 128: clamped to ~T*K/E rows
         got = fn(x, e, w, gu, down, block=blk)
-        np.testing.assert_allclose(got, moe.masked_experts(x, e, w, gu, down), atol=1e-5)
+        np.testing.assert_allclose(got, masked_experts(x, e, w, gu, down), atol=1e-5)
         g1 = jax.grad(loss(fn, block=blk), (0, 1, 2))(x, gu, down)
-        g2 = jax.grad(loss(moe.masked_experts), (0, 1, 2))(x, gu, down)
+        g2 = jax.grad(loss(masked_experts), (0, 1, 2))(x, gu, down)
         for a, b in zip(g1, g2, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -261,8 +240,9 @@ def test_blocked_dispatch_equals_masked_in_value_and_gradient(K, fn):
 def test_eval_logits_fn_equals_ragged_readme_forward():
     """The evaluation's logits function (blocked dispatch on CPU) gives the model's logits."""
     from readme_jax.eval.pipeline import readme_logits_fn
-    from readme_jax.model.readme import ReadMEConfig, readme_forward
-    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.model.config import ReadMEConfig, RouterConfig
+    from readme_jax.model.readme import readme_forward
+    from readme_jax.model.router import init_router
 
     dense, _, mp = _setup()
     rc = ReadMEConfig(CFG, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
@@ -278,9 +258,9 @@ def test_eval_logits_fn_equals_ragged_readme_forward():
 def test_forward_last_position_logits_equal_full_logits_there():
     """llama.forward(..., last_B=) (the prefill path): per row, the full logits at that row's
     position, for the dense decoder and for the Read-ME decode step."""
-    from readme_jax.model.generate import dense_model
-    from readme_jax.model.readme import ReadMEConfig, decode_model
-    from readme_jax.model.router import RouterConfig, init_router
+    from readme_jax.decode.steps import dense_model, readme_model
+    from readme_jax.model.config import ReadMEConfig, RouterConfig
+    from readme_jax.model.router import init_router
 
     dense, _, mp = _setup()
     rc = ReadMEConfig(CFG, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
@@ -289,9 +269,24 @@ def test_forward_last_position_logits_equal_full_logits_there():
     last = jnp.array([8, 3])
     for model, params in (
         (dense_model(CFG), dense),
-        (decode_model(rc), {"backbone": mp, "router": router}),
+        (readme_model(rc), {"backbone": mp, "router": router}),
     ):
         full, _ = model.step(params, toks, model.new_cache(2, 16), None)
         got, _ = model.step(params, toks, model.new_cache(2, 16), None, last)
         assert got.shape == (2, 1, CFG.vocab_size)
         np.testing.assert_allclose(got[:, 0], full[jnp.arange(2), last], atol=1e-5)
+
+
+def test_pick_dispatch_is_the_one_decision():
+    """prefill/decode read only the used experts (select) everywhere; training with "auto" and
+    evaluation of a ragged model use blocked on CPU and keep ragged on accelerators; an
+    explicit mode wins; an unknown phase is an error."""
+    pick = moe.pick_dispatch
+    assert pick("cpu", "decode") == pick("gpu", "prefill") == "select"
+    assert pick("cpu", "train", override="auto") == pick("cpu", "eval") == "blocked"
+    assert pick("gpu", "train", override="auto") == pick("tpu", "eval") == "ragged"
+    assert pick("cpu", "train") == "ragged"  # "" = the model's
+    assert pick("cpu", "decode", override="blocked") == "blocked"
+    assert len(moe.DISPATCH_MODES) == 3
+    with pytest.raises(ValueError, match="phase"):
+        pick("cpu", "serve")

@@ -6,6 +6,7 @@ import numpy as np
 
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
+from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor import cluster, experts, stats
 
 CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
@@ -37,7 +38,7 @@ def test_expert_spec_round_trips(tmp_path):
     s = np.random.default_rng(0).random((3, 2, 24))
     spec = experts.build_expert_spec(s, 0.5, ["a", "b", "c"])
     spec.save(tmp_path)
-    back = experts.ExpertSpec.load(tmp_path)
+    back = ExpertSpec.load(tmp_path)
     np.testing.assert_array_equal(back.expert_idx_LxExFe, spec.expert_idx_LxExFe)
     assert back.domains == ["a", "b", "c"] and back.remain_rate == 0.5
 

@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import LlamaConfig, RouterConfig
 from readme_jax.model.router import (
-    RouterConfig,
     init_layerwise_gates,
     init_router,
     init_router_cache,

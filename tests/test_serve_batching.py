@@ -11,7 +11,7 @@ from readme_jax.serve.batching import (
     schedule,
     simulate_schedule,
 )
-from readme_jax.serve.trace import arrival_times
+from readme_jax.serve.bench.trace import arrival_times
 
 E = 8
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from readme_jax.serve import costmodel as cm
-from readme_jax.serve.cache import read_log, replay_check
+from readme_jax.serve.bench import costmodel as cm
+from readme_jax.serve.bench.replay import read_log, replay_check
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,15 @@ import math
 import numpy as np
 import pytest
 
+from readme_jax.serve.bench.replay import (
+    ReplayError,
+    read_log,
+    replay_check,
+    requests_from_log,
+    run_cache,
+    simulate,
+    write_log,
+)
 from readme_jax.serve.cache import (
     LFU,
     LRU,
@@ -14,16 +23,9 @@ from readme_jax.serve.cache import (
     ExpertCache,
     Future,
     Random,
-    ReplayError,
     make_policy,
     plan_prefetch,
-    read_log,
-    replay_check,
-    requests_from_log,
-    run_cache,
-    simulate,
     split_waves,
-    write_log,
 )
 
 

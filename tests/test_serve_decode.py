@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from readme_jax.model.readme import readme_forward
+from readme_jax.model.sampling import sample_rows
 from readme_jax.serve import decode as dec
-from readme_jax.serve.moe_generate import tiny_serve_model
 from readme_jax.serve.store import OffloadedExpertStore
+from readme_jax.testing import tiny_serve_model
 
 N, T, Q = 4, 64, 8  # shared by the serve tests, so the compiled steps are reused
 GREEDY = (0.0, 0, 1.0, 0, 0)
@@ -79,10 +80,14 @@ def _greedy(d, slots, row, prompt, n, cuts=(), slot_map=lambda e: e):
     return toks, exps
 
 
-def test_decode_with_kv_cache_equals_full_recompute(model):
+@pytest.mark.parametrize("source", ["slots", "in_graph"])
+def test_decode_with_kv_cache_equals_full_recompute(model, source):
+    """Both expert sources of the step library: slot buffers, and the in-graph experts in the
+    Generator's decode layout (all resident: slot ids are expert ids)."""
     d = dec.SlotDecoder(model.params, N, T, Q)
     prompt = list(np.random.default_rng(1).integers(3, 97, 13))
-    toks, exps = _greedy(d, dec.resident_slots(model.params.experts), 2, prompt, 10, cuts=(8,))
+    slots = dec.resident_slots(model.params.experts) if source == "slots" else None
+    toks, exps = _greedy(d, slots, 2, prompt, 10, cuts=(8,))
     params, ids = _full_params(model), list(prompt)
     rc = model.params.rc
     # causal: right-padding to one shape changes nothing at the real positions
@@ -169,7 +174,7 @@ def test_per_request_sampling_depends_only_on_the_request():
     topk = jnp.asarray([0, 0, 1, 5])
     topp = jnp.asarray([1.0, 1.0, 1.0, 0.9])
     seed = jnp.asarray([0, 7, 7, 7], jnp.uint32)
-    f = jax.jit(dec.sample_rows)
+    f = jax.jit(sample_rows)
     draws = [np.asarray(f(logits, temp, topk, topp, seed, jnp.full(4, c))) for c in range(30)]
     greedy = np.asarray(jnp.argmax(logits, -1))
     assert all(d[0] == greedy[0] and d[2] == greedy[2] for d in draws)  # temp 0, top_k 1

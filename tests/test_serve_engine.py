@@ -7,10 +7,11 @@ import pytest
 
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve.backend import ModelBackend, ReplayBackend
-from readme_jax.serve.cache import EMPTY, replay_check
-from readme_jax.serve.engine import Engine, EngineConfig, ServeRequest, StepClock
-from readme_jax.serve.moe_generate import generate_moe, tiny_serve_model
-from readme_jax.serve.trace import LengthDist, make_trace
+from readme_jax.serve.bench.replay import replay_check
+from readme_jax.serve.bench.trace import LengthDist, make_trace
+from readme_jax.serve.cache import EMPTY
+from readme_jax.serve.engine import Engine, EngineConfig, ServeRequest, StepClock, generate
+from readme_jax.testing import tiny_serve_model
 
 N, T, Q = 4, 64, 8
 BASE = EngineConfig(num_slots=N, max_len=T, prefill_chunk=Q, max_batch_tokens=16, max_wait=6)
@@ -168,7 +169,7 @@ def test_generate_moe_reports_cache_statistics(model, backend):
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     streamed = []
     kw = dict(max_len=T, num_slots=N, prefill_chunk=Q, backend=backend)
-    out = generate_moe(
+    out = generate(
         model.params,
         prompts,
         6,
@@ -181,5 +182,5 @@ def test_generate_moe_reports_cache_statistics(model, backend):
     assert sorted(streamed) == sorted((i, t) for i, ts in enumerate(out.tokens) for t in ts)
     st = out.stats
     assert st["capacity"] == 2 and st["hits"] + st["misses"] > 0 and st["bytes_moved"] > 0
-    full = generate_moe(model.params, prompts, 6, capacity=None, **kw)
+    full = generate(model.params, prompts, 6, capacity=None, **kw)
     assert full.tokens == out.tokens and full.stats["policy"] == "all"

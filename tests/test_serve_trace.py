@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from readme_jax.serve.trace import (
+from readme_jax.serve.bench.trace import (
     LengthDist,
     TraceError,
     arrival_times,

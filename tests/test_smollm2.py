@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 import readme_jax as rj
-from readme_jax.model.generate import PromptError, greedy_by_reforward
+from readme_jax.decode.generator import greedy_by_reforward
+from readme_jax.decode.steps import PromptError
 
 pytestmark = pytest.mark.slow
 AUSTEN = Path(__file__).parent / "data" / "corpus" / "austen" / "prideprejudice_ch000.txt"

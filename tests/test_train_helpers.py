@@ -12,12 +12,10 @@ from pathlib import Path
 import jax
 from ml_collections import ConfigDict
 
+from readme_jax.checkpoints import models
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.readme import ReadMEConfig
-from readme_jax.model.router import RouterConfig
-from readme_jax.refactor import convert as cv
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.refactor import pipeline as rp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # configs/ is a top-level package of the repository
@@ -58,8 +56,17 @@ def _domains(root: Path) -> dict[str, str]:
 
 
 def teacher_cfg() -> LlamaConfig:
-    return LlamaConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                       tie_embeddings=True, max_seq_len=256, eos_ids=(0,))  # fmt: skip
+    return LlamaConfig(
+        vocab_size=256,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        tie_embeddings=True,
+        max_seq_len=256,
+        eos_ids=(0,),
+    )
 
 
 def make_config(root: Path, domains: dict[str, str]) -> ConfigDict:
@@ -93,13 +100,18 @@ def build(root: Path):
     cfg = teacher_cfg()
     dense = llama.init_params(cfg, jax.random.key(0))
     recipe = {"test": True}
-    batches = cv.calibration_batches(domains, tok, 4, SEQ, "train", c.data.cache, seed=0)
-    stats = cv.calibrate(cfg, dense, batches, recipe, Path(c.run_dir) / "calib")
+    batches = rp.calibration_batches(domains, tok, 4, SEQ, "train", c.data.cache, seed=0)
+    stats = rp.calibrate(cfg, dense, batches, recipe, Path(c.run_dir) / "calib")
     mcfg = MoEConfig(len(domains), 1, False, "ragged")
     rcfg = RouterConfig(16, 2, 32)
-    params, spec = cv.refactor(dense, cfg, stats, 0.5, mcfg, rcfg, 0)
-    cv.save_readme(Path(c.run_dir) / "moe_init", params, ReadMEConfig(cfg, mcfg, rcfg), spec,
-                   {"recipe": recipe})  # fmt: skip
+    params, spec = rp.refactor(dense, cfg, stats, 0.5, mcfg, rcfg, 0)
+    models.save_readme(
+        Path(c.run_dir) / "moe_init",
+        params,
+        ReadMEConfig(cfg, mcfg, rcfg),
+        spec,
+        {"recipe": recipe},
+    )
     return c, tok, (cfg, dense)
 
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from test_train_helpers import build, copy_run
 
-from readme_jax.checkpoints import store
-from readme_jax.refactor import convert as cv
-from readme_jax.train import loop
+from readme_jax.checkpoints import models, store
+from readme_jax.data import make_iterator
+from readme_jax.train import context, loop
 from readme_jax.train import mesh as meshlib
 from readme_jax.train.config import resolve
+from readme_jax.train.variants import make_variant
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +52,18 @@ def _leaves(tree):
 def test_phases_leave_frozen_parameters_bit_identical_with_no_optimizer_state(tiny, tmp_path):
     c, tok, teacher = tiny
     c = copy_run(c, tmp_path / "r")
-    ctx = loop.build_context(c, Path(c.run_dir), resolve(c), tok, teacher)
-    var = loop.make_variant(ctx, "readme")
-    params = loop._place(var.params, ctx.mesh)
+    ctx = context.build_context(c, Path(c.run_dir), resolve(c), tok, teacher)
+    var = make_variant(ctx, "readme")
+    params = context.place(var.params, ctx.mesh)
     p_abs = jax.eval_shape(lambda p: p, params)
-    consts = {"teacher": loop._place(loop._layout(ctx.teacher, False), ctx.mesh),
-              "union": loop._union(ctx)}  # fmt: skip
-    from readme_jax.data import make_iterator
-
-    it = make_iterator(loop._pipeline_cfg(ctx), tok, ctx.cache)
+    consts = {
+        "teacher": context.place(context.training_layout(ctx.teacher, False), ctx.mesh),
+        "union": context.union_mask(ctx),
+    }
+    it = make_iterator(context.pipeline_config(ctx), tok, ctx.cache)
     before = _leaves(params)
     for phase in ("router", "expert"):
-        ph = loop._Phase(ctx, var, phase, p_abs)
+        ph = loop.Phase(ctx, var, phase, p_abs)
         state = ph.fresh_state(params)
         opt_shapes = [tuple(x.shape) for x in jax.tree.leaves(state["opt"]) if x.ndim]
         pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ph.labels), strict=True)
@@ -147,7 +148,7 @@ def test_baselines_train_on_the_same_batches_and_save_loadable_models(tiny, tmp_
     summary = loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
     run = Path(c.run_dir)
     assert set(summary) >= {"readme", "layerwise", "static"}
-    lw = cv.load_readme(run / "baseline_layerwise")
+    lw = models.load_readme(run / "baseline_layerwise")
     assert lw.rc.moe.layerwise and "router" not in lw.params
     meta = store.read_meta(run / "baseline_static")
     assert meta["kind"] == "dense_llama" and meta["config"]["ffn_dim"] == 32  # half of 64

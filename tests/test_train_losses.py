@@ -1,5 +1,6 @@
 """Training losses: routing-distillation targets (Eq. 4), KL, and the chunked LM-head loss."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,8 +37,9 @@ def test_coverage_inside_the_teacher_forward_equals_the_materialised_targets():
     toks = jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size)
     rng = np.random.default_rng(0)
     union = jnp.asarray(rng.random((cfg.n_layers, cfg.ffn_dim, 3)) < 0.4, jnp.float32)
-    _, _, cov = llama.forward(params, toks, cfg, ffn=losses.coverage_ffn(union, 0.5),
-                              return_hidden=True)  # fmt: skip
+    _, _, cov = llama.forward(
+        params, toks, cfg, ffn=losses.coverage_ffn(union, 0.5), return_hidden=True
+    )
     ref = losses.routing_targets(token_activations(params, toks, cfg), union, 0.5)
     np.testing.assert_allclose(losses.normalize_counts(cov.sum(0)), ref, rtol=1e-6)
 
@@ -61,8 +63,14 @@ def test_chunked_head_loss_and_grads_equal_full_logits(transposed, kd, temp):
         w, tw = w.T, tw.T
     y = jax.random.randint(k[4], (T,), 0, V)
     wt = jax.random.uniform(k[5], (T,))
-    kw = dict(teacher_h_TxD=th, teacher_w_head=tw, lm_weight=0.7, kd_weight=kd,
-              temperature=temp, transposed=transposed)  # fmt: skip
+    kw = dict(
+        teacher_h_TxD=th,
+        teacher_w_head=tw,
+        lm_weight=0.7,
+        kd_weight=kd,
+        temperature=temp,
+        transposed=transposed,
+    )
     got, g_got = jax.value_and_grad(
         lambda h, w: losses.head_loss(h, w, y, wt, chunk=8, **kw)[0], argnums=(0, 1)
     )(h, w)
@@ -70,19 +78,19 @@ def test_chunked_head_loss_and_grads_equal_full_logits(transposed, kd, temp):
         lambda h, w: losses.reference_head_loss(h, w, y, wt, **kw), argnums=(0, 1)
     )(h, w)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_allclose(g_got[0], g_want[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(g_got[1], g_want[1], rtol=1e-4, atol=1e-5)
-    _, g_nw = jax.grad(lambda h, w: losses.head_loss(h, w, y, wt, chunk=8, need_w_grad=False,
-                                                     **kw)[0], argnums=(0, 1))(h, w)  # fmt: skip
+    chex.assert_trees_all_close(g_got, g_want, rtol=1e-4, atol=1e-5)
+    _, g_nw = jax.grad(
+        lambda h, w: losses.head_loss(h, w, y, wt, chunk=8, need_w_grad=False, **kw)[0],
+        argnums=(0, 1),
+    )(h, w)
     assert not np.any(np.asarray(g_nw))
 
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_forward_equals_forward_in_value_and_gradient(scan):
-    """The per-layer recompute path (train.remat, used by the 7B presets) rebuilds llama.forward
-    from its pieces; it must give the same hidden states and gradients."""
+    """The per-layer recompute path (train.remat, used by the 7B presets, is llama.forward's
+    remat flag) must give the same hidden states and gradients."""
     from readme_jax.model.config import LlamaConfig
-    from readme_jax.train.step import remat_forward
 
     cfg = LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24,
                       head_dim=4, max_seq_len=32, scan_layers=scan)  # fmt: skip
@@ -98,7 +106,8 @@ def test_remat_forward_equals_forward_in_value_and_gradient(scan):
                              positions_BxS=pos, return_hidden=True)[0]  # fmt: skip
 
     def remat(p):
-        return remat_forward(p, tok, cfg, llama.dense_ffn, seg, pos)[0]
+        return llama.forward(p, tok, cfg, ffn=llama.dense_ffn, segment_ids_BxS=seg,
+                             positions_BxS=pos, return_hidden=True, remat=True)[0]  # fmt: skip
 
     np.testing.assert_allclose(remat(params), plain(params), rtol=1e-5, atol=1e-5)
     g_plain = jax.grad(lambda p: jnp.sum(jnp.sin(plain(p))))(params)

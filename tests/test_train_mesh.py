@@ -3,6 +3,7 @@
 import copy
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +11,11 @@ import pytest
 from test_train_helpers import build
 
 from readme_jax.data import make_iterator
-from readme_jax.train import loop
+from readme_jax.train import context, loop
 from readme_jax.train import mesh as meshlib
 from readme_jax.train.config import resolve
 from readme_jax.train.dry_run import dry_run
+from readme_jax.train.variants import make_variant
 
 pytestmark = pytest.mark.multidevice
 
@@ -30,18 +32,20 @@ def _one_step_each_phase(c, tok, teacher, data, fsdp, expert, dispatch=None):
     c.mesh.data, c.mesh.fsdp, c.mesh.expert = data, fsdp, expert
     if dispatch is not None:
         c.train.dispatch = dispatch
-    ctx = loop.build_context(c, Path(c.run_dir), resolve(c), tok, teacher)
-    var = loop.make_variant(ctx, "readme")
-    params = loop._place(var.params, ctx.mesh)
+    ctx = context.build_context(c, Path(c.run_dir), resolve(c), tok, teacher)
+    var = make_variant(ctx, "readme")
+    params = context.place(var.params, ctx.mesh)
     p_abs = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params
     )
-    consts = {"teacher": loop._place(loop._layout(ctx.teacher, False), ctx.mesh),
-              "union": jax.device_put(loop._union(ctx), meshlib.replicated(ctx.mesh))}  # fmt: skip
-    it = make_iterator(loop._pipeline_cfg(ctx), tok, ctx.cache)
+    consts = {
+        "teacher": context.place(context.training_layout(ctx.teacher, False), ctx.mesh),
+        "union": jax.device_put(context.union_mask(ctx), meshlib.replicated(ctx.mesh)),
+    }
+    it = make_iterator(context.pipeline_config(ctx), tok, ctx.cache)
     losses, out = [], None
     for phase in ("router", "expert"):
-        ph = loop._Phase(ctx, var, phase, p_abs)
+        ph = loop.Phase(ctx, var, phase, p_abs)
         state = ph.fresh_state(params if out is None else out)
         state, met = ph.step(
             state, consts, meshlib.global_batch(next(it), ctx.mesh), jnp.float32(1e-2)
@@ -60,21 +64,20 @@ def test_step_on_8_devices_data2_expert4_matches_one_device(tiny):
     # Tokens are sharded over `data`, so gradient sums run in another order. Adam's first step
     # divides each gradient by its own magnitude, which turns an order-of-summation difference
     # in a near-zero gradient into a parameter difference of up to ~1e-5 (lr 1e-2).
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+    chex.assert_trees_all_close(p1, p8, rtol=1e-4, atol=5e-5)
 
 
 def test_blocked_train_dispatch_matches_ragged(tiny):
     """train.dispatch=auto picks `blocked` on CPU: the same losses and updated parameters."""
-    from readme_jax.train.step import train_dispatch
+    from readme_jax.model.moe import pick_dispatch
 
-    assert train_dispatch("auto") == "blocked" and train_dispatch("") == ""
+    assert pick_dispatch("cpu", "train", override="auto") == "blocked"
+    assert pick_dispatch("cpu", "train", override="") == "ragged"  # the model's
     c, tok, teacher = tiny
     rag, pr, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "ragged")
     blk, pb, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "auto")
     np.testing.assert_allclose(blk, rag, rtol=2e-5)
-    for a, b in zip(jax.tree.leaves(pr), jax.tree.leaves(pb), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+    chex.assert_trees_all_close(pr, pb, rtol=1e-4, atol=5e-5)
 
 
 def test_expert_weights_and_batches_are_sharded_by_the_rules(tiny):

@@ -8,6 +8,8 @@ Sections:
           fraction of the memory-bandwidth bound (weight bytes per token / measured bandwidth).
   moe     Read-ME MoE vs the dense model in the same process: prefill and decode tokens/s, and
           the FFN bytes each reads per decoded token.
+  engine  the serving engine (every expert resident) vs the static-batch Generator on the same
+          Read-ME model: decode tokens/s at batch 1 and 8, measured in alternating rounds.
 The peer runs in .venv-peer (Python 3.11 + torch 2.13 CPU) as a subprocess; make bench builds it.
 """
 
@@ -29,6 +31,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from readme_jax.decode.generator import Generator  # noqa: E402
+from readme_jax.decode.steps import dense_model, readme_model  # noqa: E402
+from readme_jax.serve.backend import ModelBackend  # noqa: E402
+from readme_jax.serve.decode import split_params  # noqa: E402
+from readme_jax.serve.engine import EngineConfig, generate  # noqa: E402
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -83,8 +92,6 @@ def bytes_of(tree) -> int:
 def bench_dense(cfg, params, peer: bool, rounds: int = 2) -> dict:
     """Ours and the peer measured in alternating rounds (ours, peer, ours, peer, ...); the best
     round of each is reported, so a slow spell on a shared machine does not favour either."""
-    from readme_jax.model.generate import Generator, dense_model
-
     model = dense_model(cfg)
     gen = Generator(model, params)
     prompt = list(range(1000, 1032))
@@ -133,33 +140,27 @@ def run_peer(cfg, params) -> dict | None:
 
 
 def quick_moe(cfg, dense, tok, remain_rate=0.5):
-    """A Read-ME MoE from a small real calibration (4 x 256 tokens per domain)."""
-    from readme_jax.model.moe import MoEConfig
-    from readme_jax.model.readme import ReadMEConfig
-    from readme_jax.model.router import RouterConfig
-    from readme_jax.refactor import convert as cv
+    """A Read-ME MoE from a small real calibration (4 x 256 tokens per domain, not cached)."""
+    from readme_jax.refactor.pipeline import Recipe, build_readme
 
-    doms = cv.parse_domains("fiction,drama,code_docs,manual")
-    batches = cv.calibration_batches(doms, tok, 4, 256)
-    stats = cv.calibrate(cfg, dense, batches, {"bench": True})
-    rc = ReadMEConfig(cfg, MoEConfig(len(doms)), RouterConfig())
-    params, spec = cv.refactor(dense, cfg, stats, remain_rate, rc.moe, rc.router)
-    return rc, params, spec
+    recipe = Recipe(
+        num_sequences=4, seq_len=256, remain_rate=remain_rate, scan_layers=cfg.scan_layers
+    )
+    m = build_readme(recipe, source=(cfg, dense, tok)).model
+    return m.rc, m.params, m.spec
 
 
 def bench_moe(cfg, dense, tok, moe_ckpt: str | None, dense_res: dict) -> dict:
-    from readme_jax.model.generate import Generator, dense_model
-    from readme_jax.model.readme import decode_model
-    from readme_jax.refactor import convert as cv
+    from readme_jax.checkpoints import models
 
     if moe_ckpt:
-        m = cv.load_readme(moe_ckpt)
+        m = models.load_readme(moe_ckpt)
         rc, params, spec = m.rc, m.params, m.spec
     else:
         rc, params, spec = quick_moe(cfg, dense, tok)
     prompt = list(range(1000, 1032))
     res = {}
-    gen = Generator(decode_model(rc, "select"), params)
+    gen = Generator(readme_model(rc), params)
     dgen = Generator(dense_model(cfg), dense)
     # dense and MoE alternate, two rounds, best of each: both see the same machine state. The
     # MoE runs as served: select dispatch (one switch per layer for a decoded token, blocks of
@@ -193,8 +194,9 @@ def bench_moe(cfg, dense, tok, moe_ckpt: str | None, dense_res: dict) -> dict:
     res["bytes_per_token_moe"] = other + res["ffn_bytes_moe_real"] + res["router_bytes"]
     res["expected_speedup"] = res["bytes_per_token_dense"] / res["bytes_per_token_moe"]
     res["source"] = moe_ckpt or "quick calibration (4 x 256 tokens/domain), untrained router"
+    res["engine"] = bench_engine(rc, params)
     with tempfile.TemporaryDirectory() as d:
-        ckpt = moe_ckpt or str(cv.save_readme(Path(d) / "moe", params, rc, spec))
+        ckpt = moe_ckpt or str(models.save_readme(Path(d) / "moe", params, rc, spec))
         res["ablation"] = {
             "all_cores": decode_ablation(ckpt, one_core=False),
             "one_core": decode_ablation(ckpt, one_core=True),
@@ -206,8 +208,35 @@ ABLATION_VARIANTS = {
     "dense": "dense",
     "dense_narrow": "dense, FFN cut to the MoE's active width (no routing)",
     "moe": "Read-ME, in-graph switch (as served)",
-    "moe_host": "Read-ME, expert picked on the host",
 }
+
+
+def bench_engine(rc, params, rounds: int = 2, steps: int = 40, max_len: int = 128) -> dict:
+    """Decode tokens/s of the serving engine (all experts resident: cache policy `all`, the
+    in-graph experts) and of the Generator on the same model and prompts, batch 1 and 8, in
+    alternating rounds (best of each). The engine's context is `max_len` (the Generator's
+    bucket for a 32-token prompt + 40 tokens is 128); its rate counts decode-only steps after
+    the first."""
+    gen, sp = Generator(readme_model(rc), params), split_params(rc, params)
+    prompt = list(range(1000, 1032))
+    best: dict[str, float] = {}
+    backends = {}
+    for b in (1, 8):
+        ec = EngineConfig(num_slots=b, max_len=max_len, prefill_chunk=32)
+        backends[b] = ModelBackend.for_config(sp, ec)
+        generate(sp, [prompt] * b, 4, max_len=max_len, num_slots=b, backend=backends[b])
+    for _ in range(rounds):
+        for b in (1, 8):
+            g = b / decode_step_time(gen, [prompt] * b, steps)
+            out = generate(sp, [prompt] * b, steps, max_len=max_len, num_slots=b,
+                           backend=backends[b], prefetch=False)  # fmt: skip
+            best[f"generator_b{b}"] = max(best.get(f"generator_b{b}", 0.0), g)
+            best[f"engine_b{b}"] = max(best.get(f"engine_b{b}", 0.0), out.stats["decode_tok_s"])
+            print(f"[bench] engine vs Generator, batch {b}: {out.stats['decode_tok_s']:.1f} vs "
+                  f"{g:.1f} tok/s", flush=True)  # fmt: skip
+    for b in (1, 8):
+        best[f"ratio_b{b}"] = best[f"engine_b{b}"] / best[f"generator_b{b}"]
+    return best
 
 
 def decode_ablation(ckpt: str, one_core: bool, rounds: int = 6) -> dict | None:
@@ -316,8 +345,27 @@ def render(dense: dict, moe: dict | None, cmd: str) -> str:
                     f"{o['dense'] / o[k]:.2f}x |"
                 )
             lines += ["", f"Bytes predict {moe['expected_speedup']:.2f}x."]
+        lines += engine_lines(moe.get("engine"))
     lines.append(END)
     return "\n".join(lines)
+
+
+def engine_lines(en: dict | None) -> list[str]:
+    if not en:
+        return []
+    lines = [
+        "",
+        "#### Serving engine vs Generator (same Read-ME model, every expert resident)",
+        "",
+        "| decode tok/s | Generator | engine | ratio (engine/Generator) |",
+        "|---|---|---|---|",
+    ]
+    for b in (1, 8):
+        lines.append(
+            f"| batch {b} | {en[f'generator_b{b}']:.1f} | {en[f'engine_b{b}']:.1f} | "
+            f"{en[f'ratio_b{b}']:.2f}x |"
+        )
+    return lines
 
 
 def write_section(out: Path, section: str) -> None:

@@ -11,11 +11,11 @@ rewritten after each, so a run cut short still reports what it measured):
 
   probe      HBM copy bandwidth (device->device) and the bf16 matmul rate: the ceilings
   decode     dense vs Read-ME decode tokens/s at batch 1 and 8, all experts resident, next to
-             the HBM bound (bytes a step must read / measured bandwidth); `generate.DecodeModel`
+             the HBM bound (bytes a step must read / measured bandwidth); `decode.steps.DecodeModel`
   load       host->device expert load bandwidth from `pinned_host` (`OffloadedExpertStore`)
   cache      the serving engine (`serve.engine.Engine`) on one recorded trace: on-demand vs
              prefetch at C = 2..6 with Belady and LRU, measured wall time, next to the cost
-             model's prediction (`serve.costmodel.CostClock`) for the same steps, with the
+             model's prediction (`serve.bench.costmodel.CostClock`) for the same steps, with the
              datasheet H200 profile and with the bandwidths measured above (run last for a
              shape, in at most 60% of the time left)
   train      one training step of the MoE (forward + backward + SGD update): model FLOP
@@ -43,15 +43,12 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from readme_jax.decode.steps import DecodeModel, dense_model, readme_model  # noqa: E402
 from readme_jax.model import llama, readme  # noqa: E402
-from readme_jax.model.config import LlamaConfig  # noqa: E402
-from readme_jax.model.generate import DecodeModel, dense_model  # noqa: E402
-from readme_jax.model.moe import MoEConfig  # noqa: E402
-from readme_jax.model.readme import ReadMEConfig  # noqa: E402
-from readme_jax.model.router import RouterConfig  # noqa: E402
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig  # noqa: E402
 from readme_jax.refactor import experts as ex  # noqa: E402
-from readme_jax.serve import costmodel as cm  # noqa: E402
 from readme_jax.serve.backend import ModelBackend  # noqa: E402
+from readme_jax.serve.bench import costmodel as cm  # noqa: E402
 from readme_jax.serve.decode import split_params  # noqa: E402
 from readme_jax.serve.engine import Engine, EngineConfig, ServeRequest  # noqa: E402
 from readme_jax.serve.store import OffloadedExpertStore, memory_kinds  # noqa: E402
@@ -174,7 +171,7 @@ def decode_section(m: Model, bw: float, smoke: bool) -> dict:
     prompt, steps = (4, 4) if smoke else (64, 32)
     dense_bytes = nbytes(m.dense) - (m.cfg.vocab_size - 1) * m.cfg.dim * 2  # one embedding row
     out = {"model_cost": mc.to_dict(), "rows": []}
-    kinds = [("dense", dense_model(m.cfg), m.dense), ("readme", readme.decode_model(m.rc), m.moe)]
+    kinds = [("dense", dense_model(m.cfg), m.dense), ("readme", readme_model(m.rc), m.moe)]
     for kind, dm, host in kinds:
         params = jax.device_put(dm.prepare(host))
         for B in (1, 8):

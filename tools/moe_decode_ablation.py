@@ -11,11 +11,6 @@ Variants (batch 1, 128-slot per-layer KV cache, greedy, one jitted step with a d
   moe_unfused    the same with the shared expert and the routed expert as two FFNs
   moe_fixed      the served MoE backbone with the expert given as an input (no router)
   moe_step_switch  one lax.switch per step over E whole-backbone branches (instead of one per layer)
-  moe_host       the host picks the expert: a token's route is known before the step (pre-gating),
-                 so the step gets that expert's fused FFN weights as arguments and runs the plain
-                 dense step on them, then the router on the sampled token; the host reads the
-                 next expert id (one scalar sync per token); `Generator(host_routing=True)`
-  moe_as_dense   the dense step on the MoE's weights with expert 0's fused FFN (no routing)
   router         the router step alone
 Each round times every variant in turn (median of --steps calls); prints the median and the best
 round per variant and writes them as JSON with --out. The machine is shared: compare best rounds.
@@ -36,11 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from readme_jax.checkpoints import models  # noqa: E402
+from readme_jax.decode.steps import dense_model, readme_model  # noqa: E402
 from readme_jax.model import llama, moe  # noqa: E402
-from readme_jax.model.generate import dense_model  # noqa: E402
-from readme_jax.model.readme import decode_model  # noqa: E402
 from readme_jax.model.router import init_router_cache, router_logits  # noqa: E402
-from readme_jax.refactor import convert as cv  # noqa: E402
 
 
 def timed(step, params, cache, tok, n):
@@ -67,11 +61,11 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
-    m = cv.load_readme(a.checkpoint)
+    m = models.load_readme(a.checkpoint)
     rc, spec = m.rc, m.spec
     cfg = rc.model
-    dense = cv.load_dense(scan_layers=False)[1]
-    T = a.cache_len
+    dense = models.load_dense(scan_layers=False)[1]
+    M = a.cache_len
     variants = {}
 
     width = int(round(float(spec.shared_widths.mean() + spec.expert_widths.mean())))
@@ -86,7 +80,7 @@ def main():
         lg, c = dm.step(p, tok[:, None], c, None)
         return greedy(lg), c
 
-    variants["dense"] = (dstep, dp, lambda: dm.new_cache(1, T))
+    variants["dense"] = (dstep, dp, lambda: dm.new_cache(1, M))
     narrow = {
         **dp,
         "layers": [
@@ -98,17 +92,17 @@ def main():
             for lp in dp["layers"]
         ],
     }
-    variants["dense_narrow"] = (dstep, narrow, lambda: dm.new_cache(1, T))
+    variants["dense_narrow"] = (dstep, narrow, lambda: dm.new_cache(1, M))
 
-    rm = decode_model(rc, "select")
+    rm = readme_model(rc)
     rp = rm.prepare(m.params)
 
     def mstep(p, c, tok):
         lg, c = rm.step(p, tok[:, None], c, None)
         return greedy(lg), c
 
-    variants["moe"] = (mstep, rp, lambda: rm.new_cache(1, T))
-    mcfg = dataclasses.replace(rc.moe, dispatch="select")
+    variants["moe"] = (mstep, rp, lambda: rm.new_cache(1, M))
+    mcfg = dataclasses.replace(rc.moe, dispatch=moe.pick_dispatch(None, "decode"))
 
     def fstep(p, c, tok):
         e = (c["expert"][:, None, None], jnp.ones((1, 1, 1), jnp.float32))
@@ -119,7 +113,7 @@ def main():
         fstep,
         rp["backbone"],
         lambda: {
-            "kv": llama.init_cache(cfg, 1, T, per_layer=True),
+            "kv": llama.init_cache(cfg, 1, M, per_layer=True),
             "expert": jnp.zeros((1,), jnp.int32),
         },
     )
@@ -128,7 +122,7 @@ def main():
         "backbone": moe.unstack_experts(m.params["backbone"], trim=True),
         "router": rp["router"],
     }
-    variants["moe_unfused"] = (mstep, unfused, lambda: rm.new_cache(1, T))
+    variants["moe_unfused"] = (mstep, unfused, lambda: rm.new_cache(1, M))
 
     def wstep(p, c, tok):  # one switch per step over E whole-backbone branches
         rlog, rcache = router_logits(p["router"], tok[:, None], rc.router, cfg, cache=c["router"])
@@ -146,38 +140,7 @@ def main():
         lg, kv = jax.lax.switch(e, [branch(i) for i in range(mcfg.num_experts)], c["backbone"])
         return greedy(lg), {"backbone": kv, "router": rcache}
 
-    variants["moe_step_switch"] = (wstep, rp, lambda: rm.new_cache(1, T))
-
-    hr = rm.host_routed  # the library's host-picked path (Generator(host_routing=True))
-    common, per_expert = hr.split(rp)
-
-    def astep(p, c, tok):  # the dense step on expert 0's fused FFNs (hr.step), no routing
-        lg, c = hr.step(p["common"], p["expert"], tok[:, None], c)
-        return greedy(lg), c
-
-    variants["moe_as_dense"] = (
-        astep,
-        {"common": common, "expert": per_expert[0]},
-        lambda: rm.new_cache(1, T),
-    )
-
-    def hstep_impl(p, ffn_e, c, tok):
-        lg, c = hr.step(p, ffn_e, tok[:, None], c)
-        nxt = greedy(lg)
-        e_B, c = hr.route(p, nxt[:, None], c)
-        return nxt, e_B[0], c
-
-    hjit = jax.jit(hstep_impl, donate_argnums=(2,))
-
-    def hstep(p, c, tok):  # host loop: not jitted again
-        nxt, e, kv = hjit(p["common"], p["experts"][c["e"]], c["kv"], tok)
-        return nxt, {"kv": kv, "e": int(e)}
-
-    variants["moe_host"] = (
-        hstep,
-        {"common": common, "experts": per_expert},
-        lambda: {"kv": rm.new_cache(1, T), "e": 0},
-    )
+    variants["moe_step_switch"] = (wstep, rp, lambda: rm.new_cache(1, M))
 
     def rstep(p, c, tok):
         lg, c = router_logits(p, tok[:, None], rc.router, cfg, cache=c)
@@ -186,14 +149,10 @@ def main():
     variants["router"] = (
         rstep,
         rp["router"],
-        lambda: init_router_cache(rc.router, cfg, 1, T, per_layer=True),
+        lambda: init_router_cache(rc.router, cfg, 1, M, per_layer=True),
     )
     names = [v for v in a.variants.split(",") if v in variants]
-    host_loops = {"moe_host"}
-    jitted = {
-        k: variants[k][0] if k in host_loops else jax.jit(variants[k][0], donate_argnums=(1,))
-        for k in names
-    }
+    jitted = {k: jax.jit(variants[k][0], donate_argnums=(1,)) for k in names}
     res = {k: [] for k in names}
     for r in range(a.rounds):
         for k in names:

@@ -7,10 +7,12 @@ Uses RUN/calib statistics (run `launch/train.py --config.stages=calibrate` first
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from readme_jax.checkpoints.models import load_dense
+from readme_jax.data import load_tokens
+from readme_jax.eval import refactor_quality as analysis
+from readme_jax.refactor.stats import ActivationStats
 
 
 def main():
@@ -20,15 +22,8 @@ def main():
     ap.add_argument("--rates", default="0.5,0.75")
     ap.add_argument("--split", default="validation")
     a = ap.parse_args()
-    from readme_jax.data import load_tokens
-    from readme_jax.refactor import analysis
-    from readme_jax.refactor.convert import load_dense
-    from readme_jax.refactor.stats import ActivationStats
-
     stats = ActivationStats.load(Path(a.run) / "calib")
-    cfg, dense, tok = load_dense(
-        stats.recipe.get("checkpoint", "").replace("bundled:SmolLM2-135M-Instruct.Q4_1.gguf", "")
-    )
+    cfg, dense, tok = load_dense(stats.recipe.get("checkpoint", ""))  # "bundled:..." too
     toks = {d: load_tokens(d, a.split, tok)[: a.tokens].astype("int32") for d in stats.domains}
     q = analysis.refactor_quality(
         cfg, dense, stats, toks, tuple(float(r) for r in a.rates.split(","))

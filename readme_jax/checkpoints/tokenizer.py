@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from readme_jax.checkpoints.errors import CheckpointError
+from readme_jax.checkpoints.gguf import default_gguf_path, open_gguf
 
 CHATML_TEMPLATE = "chatml"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -120,8 +121,6 @@ def _gguf_backend(reader, pre: str):
 
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """Tokenizer for a GGUF file, an HF directory, or (default) the bundled SmolLM2 GGUF."""
-    from readme_jax.checkpoints.gguf import default_gguf_path, open_gguf
-
     path = Path(path) if path is not None else default_gguf_path()
     if path.is_dir():
         return _load_hf(path)

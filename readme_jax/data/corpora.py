@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from readme_jax.data import extract, fetch
+import readme_jax.data.extract as extract
+import readme_jax.data.fetch as fetch
 from readme_jax.data.extract import Document
 
 SPLITS = ("train", "validation", "test")

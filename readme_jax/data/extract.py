@@ -16,7 +16,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from readme_jax.data import fetch, rdata
+import readme_jax.data.fetch as fetch
+import readme_jax.data.rdata as rdata
 
 MIN_DOC_CHARS = 200  # drops tables of contents, empty stubs and title pages
 EXTRACTOR_VERSION = 1  # bump to invalidate prepared corpora when extraction changes

@@ -32,7 +32,8 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from readme_jax.data import corpora, fetch
+import readme_jax.data.corpora as corpora
+import readme_jax.data.fetch as fetch
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "domain")
 

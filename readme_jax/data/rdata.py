@@ -1,18 +1,19 @@
-"""A small reader for R's serialization format (XDR/binary) and lazy-load databases.
+"""R lazy-load databases, read with the `rdata` package (PyPI).
 
-R packages ship their data as lazy-load databases: `name.rdx` is a gzip-compressed serialized
-index and `name.rdb` holds one compressed serialized object per variable. This module reads
-them without R, which is how the default `fiction` corpus gets Jane Austen and Moby Dick out
-of Debian's `r-cran-janeaustenr` and `r-cran-tokenizers`.
-
-Supported: NULL, symbols, pairlists/language objects, character/logical/integer/double/complex/
-raw vectors, lists, environments, references, ALTREP compact sequences and wrappers, and
-attributes. Closures and bytecode are read far enough to be skipped, not interpreted.
+R packages ship their data as lazy-load databases: `name.rdx` is a compressed serialized index
+and `name.rdb` holds one compressed serialized object per variable. The `rdata` package parses
+R's serialization format; what it lacks, and this module adds, is the database plumbing (the
+index, the per-record compression) and the persistent references (PERSISTSXP, PACKAGESXP) by
+which a database's objects point at environments stored elsewhere in it. That is how the
+default `fiction` corpus gets Jane Austen and Moby Dick out of Debian's `r-cran-janeaustenr`
+and `r-cran-tokenizers` without R.
 
 Values map to Python as: character vector -> list[str | None]; integer/logical -> np.int32
-array; double -> np.float64 array; list -> list; pairlist -> dict (tagged) or list. A value
-with attributes becomes `RObject(value, attrs)`; `as_data_frame` turns an R data.frame into
-a dict of columns.
+array (NA as NA_INTEGER); double -> np.float64 array; list -> list; pairlist -> dict (tagged)
+or list. A value with attributes becomes `RObject(value, attrs)`; `as_data_frame` turns an R
+data.frame into a dict of columns. Closures, bytecode, builtins and pointers are read past and
+returned as `RSpecial` placeholders, not interpreted. (`rdata.conversion` maps to pandas and
+xarray instead and drops attributes such as the Rd help pages' `Rd_tag`, so the mapping is ours.)
 """
 
 from __future__ import annotations
@@ -27,17 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rdata.parser import DEFAULT_ALTREP_MAP, CharFlags, RObjectType
+from rdata.parser import RObject as ParsedObject
+from rdata.parser._binary import ParserBinary
+from rdata.parser._xdr import ParserXDR
 
-# SEXP types (R internals, serialize.c).
-NILSXP, SYMSXP, LISTSXP, CLOSXP, ENVSXP, PROMSXP, LANGSXP = 0, 1, 2, 3, 4, 5, 6
-SPECIALSXP, BUILTINSXP, CHARSXP, LGLSXP, INTSXP, REALSXP, CPLXSXP = 7, 8, 9, 10, 13, 14, 15
-STRSXP, DOTSXP, VECSXP, EXPRSXP, BCODESXP, EXTPTRSXP, WEAKREFSXP = 16, 17, 19, 20, 21, 22, 23
-RAWSXP, S4SXP = 24, 25
-REFSXP, NILVALUE_SXP, GLOBALENV_SXP, UNBOUNDVALUE_SXP, MISSINGARG_SXP = 255, 254, 253, 252, 251
-BASENAMESPACE_SXP, NAMESPACESXP, PACKAGESXP, PERSISTSXP = 250, 249, 248, 247
-EMPTYENV_SXP, BASEENV_SXP, ATTRLANGSXP, ATTRLISTSXP, ALTREP_SXP = 242, 241, 240, 239, 238
-_BC_REPS = {243, 244}  # BCREPREF, BCREPDEF: only inside bytecode constant pools
 NA_INTEGER = -(2**31)
+_PERSISTSXP, _PACKAGESXP = 247, 248  # persistent-name references (R's serialize.c)
 
 
 class RDataError(ValueError):
@@ -66,140 +63,163 @@ class REnvironment:
 
 @dataclasses.dataclass
 class RSpecial:
-    """Something we do not interpret: builtins, bytecode, external pointers, global env."""
+    """Something we do not interpret: builtins, bytecode, closures, pointers, environments."""
 
     kind: str
     value: Any = None
 
 
-class _Reader:
-    def __init__(self, data: bytes):
-        self.buf = memoryview(data)
-        self.pos = 0
-        self.refs: list[Any] = []
-        fmt = bytes(self.buf[:2])
-        if fmt == b"X\n":
-            self.endian = ">"
-        elif fmt == b"B\n":
-            self.endian = "<"
-        else:
-            raise RDataError(f"unsupported R serialization format {fmt!r} (want XDR 'X\\n')")
-        self.pos = 2
-        version = self.int()
-        self.int(), self.int()  # writer version, minimal reader version
-        if version == 3:
-            self.encoding = self.bytes(self.int()).decode("ascii")
-        elif version == 2:
-            self.encoding = "latin1"
-        else:
-            raise RDataError(f"unsupported R serialization version {version}")
+# ---------------------------------------------------------------- parsing (rdata)
+class _PersistentRefs:
+    """rdata's parser plus persistent-name references: a PERSISTSXP/PACKAGESXP item is a string
+    vector naming an object stored outside the stream; it joins the reference table as R does."""
 
-    def bytes(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            raise RDataError("truncated R serialization stream")
-        out = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
+    file: Any
+
+    def parse_R_object(self, reference_list=None, bytecode_rep_list=None, info_int=None):  # noqa: N802
+        if info_int is None:
+            pos = self.file.tell()
+            t = self.parse_int() & 0xFF
+            if t in (_PERSISTSXP, _PACKAGESXP):
+                if reference_list is None:
+                    reference_list = []
+                return self._persistent(reference_list, t)
+            self.file.seek(pos)
+        return super().parse_R_object(reference_list, bytecode_rep_list, info_int=info_int)
+
+    def _persistent(self, reference_list: list, t: int) -> ParsedObject:
+        if self.parse_int() != 0:
+            raise RDataError("bad persistent-name string vector")
+        names = [self.parse_R_object(reference_list) for _ in range(self.parse_int())]
+        kind = "persistent" if t == _PERSISTSXP else "package"
+        out = ParsedObject(info=_Persistent(kind), value=names, attributes=None)
+        reference_list.append(out)
         return out
 
-    def int(self) -> int:
-        return struct.unpack(self.endian + "i", self.bytes(4))[0]
 
-    def array(self, dtype: str, n: int) -> np.ndarray:
-        dt = np.dtype(dtype).newbyteorder(self.endian)
-        return np.frombuffer(self.bytes(n * dt.itemsize), dtype=dt).astype(dtype)
+@dataclasses.dataclass
+class _Persistent:
+    """The parsed info of a persistent reference (stands in for rdata's RObjectInfo)."""
 
-    def length(self) -> int:
-        n = self.int()
-        if n == -1:
-            hi, lo = self.int(), self.int()
-            n = (hi << 32) + lo
-        return n
+    kind: str
+    type: str = "persistent"
+    attributes: bool = False
 
-    def charsxp(self, levels: int) -> str | None:
-        n = self.int()
-        if n == -1:
+
+class _XDR(_PersistentRefs, ParserXDR):
+    pass
+
+
+class _Native(_PersistentRefs, ParserBinary):
+    pass
+
+
+def unserialize(data: bytes) -> Any:
+    """Parses one serialized R object (the bytes after decompression). Raises RDataError for
+    bytes that are not an XDR or native-binary R stream, or a truncated or corrupt one."""
+    fmt = bytes(data[:2])
+    parsers = {b"X\n": _XDR, b"B\n": _Native}
+    if fmt not in parsers:
+        raise RDataError(f"unsupported R serialization format {fmt!r} (want XDR 'X\\n')")
+    parser = parsers[fmt](
+        memoryview(data)[2:], expand_altrep=True, altrep_constructor_dict=DEFAULT_ALTREP_MAP
+    )
+    try:
+        parsed = parser.parse_all()
+    except RDataError:
+        raise
+    except (ValueError, IndexError, KeyError, AssertionError, NotImplementedError) as e:
+        raise RDataError(f"truncated or corrupt R serialization stream ({e!r})") from e
+    return _Converter().convert(parsed.object)
+
+
+# ---------------------------------------------------------------- parsed tree -> Python
+_PAIRLISTS = (RObjectType.LIST, RObjectType.DOT, RObjectType.ATTRLIST)
+_LANGUAGE = (RObjectType.LANG, RObjectType.PROM, RObjectType.ATTRLANG)
+_ENVS = (RObjectType.GLOBALENV, RObjectType.BASEENV, RObjectType.EMPTYENV)
+
+
+class _Converter:
+    """rdata's parsed tree -> the mapping in the module docstring. References resolve to the
+    same Python object (environments are memoized before their frames, which may refer back)."""
+
+    def __init__(self):
+        self.memo: dict[int, Any] = {}
+
+    def convert(self, obj: ParsedObject | None) -> Any:
+        if obj is None:
             return None
-        raw = self.bytes(n)
-        if levels & 4:  # LATIN1_MASK
-            return raw.decode("latin1")
-        if levels & 2:  # BYTES_MASK
-            return raw.decode("latin1")
-        return raw.decode("utf-8", errors="replace")
-
-    def item(self) -> Any:
-        flags = self.int()
-        t = flags & 0xFF
-        levels = flags >> 12
-        has_attr = bool(flags & (1 << 9))
-        has_tag = bool(flags & (1 << 10))
-        simple = self._special(t, flags)
-        if simple is not _NOT_SPECIAL:
-            return simple
-        if t in (LISTSXP, LANGSXP, CLOSXP, PROMSXP, DOTSXP, ATTRLANGSXP, ATTRLISTSXP):
-            return self._pairlist(t, has_attr, has_tag)
-        if t == CHARSXP:
-            return self.charsxp(levels)
-        value = self._vector(t, levels)
-        if has_attr:
-            return RObject(value, _attrs(self.item()), t)
+        if obj.referenced_object is not None:  # REFSXP
+            return self.convert(obj.referenced_object)
+        if id(obj) in self.memo:
+            return self.memo[id(obj)]
+        t = obj.info.type
+        if t in _PAIRLISTS or t in _LANGUAGE:
+            return self._pairlist(obj)
+        value = self._value(obj, t)
+        if t in (RObjectType.SYM, RObjectType.NAMESPACE, "persistent"):
+            self.memo[id(obj)] = value
+        if obj.attributes is not None and t != RObjectType.ENV:
+            return RObject(value, _attrs(self.convert(obj.attributes)), getattr(t, "value", 0))
         return value
 
-    def _special(self, t: int, flags: int) -> Any:
-        if t == NILVALUE_SXP or t == NILSXP:
+    def _value(self, obj: ParsedObject, t: Any) -> Any:
+        v = obj.value
+        if t == "persistent":
+            return RSpecial(obj.info.kind, [self.convert(x) for x in v])
+        if t in (RObjectType.NIL, RObjectType.NILVALUE):
             return None
-        if t == REFSXP:
-            idx = flags >> 8
-            return self.refs[(idx if idx else self.int()) - 1]
-        if t in (GLOBALENV_SXP, EMPTYENV_SXP, BASEENV_SXP, BASENAMESPACE_SXP):
-            return RSpecial("environment", t)
-        if t in (UNBOUNDVALUE_SXP, MISSINGARG_SXP):
-            return RSpecial("missing", t)
-        if t in (NAMESPACESXP, PACKAGESXP, PERSISTSXP):
-            if self.int() != 0:
-                raise RDataError("bad persistent-name string vector")
-            names = [self.item() for _ in range(self.int())]
-            out = RSpecial("namespace" if t == NAMESPACESXP else "persistent", names)
-            self.refs.append(out)
-            return out
-        if t == SYMSXP:
-            sym = RSymbol(self.item() or "")
-            self.refs.append(sym)
-            return sym
-        if t == ENVSXP:
-            env = REnvironment()
-            self.refs.append(env)
-            self.int()  # locked
-            env.enclosure = self.item()
-            env.frame = self.item()
-            hashtab = self.item()
-            self.item()  # attributes
-            if env.frame is None and hashtab is not None:
-                env.frame = hashtab
+        if t == RObjectType.CHAR:
+            return _char(obj)
+        if t == RObjectType.SYM:
+            return RSymbol(self.convert(v) or "")
+        if t == RObjectType.STR:
+            return [self.convert(x) for x in v]
+        if t in (RObjectType.INT, RObjectType.LGL):
+            data = np.asarray(np.ma.getdata(v)).astype(np.int32)
+            return np.where(np.ma.getmaskarray(v), NA_INTEGER, data).astype(np.int32)
+        if t in (RObjectType.REAL, RObjectType.CPLX):
+            return np.asarray(v)
+        if t == RObjectType.RAW:
+            return bytes(np.asarray(v, np.uint8))
+        if t in (RObjectType.VEC, RObjectType.EXPR):
+            return [self.convert(x) for x in v]
+        if t == RObjectType.ENV:
+            env = self.memo[id(obj)] = REnvironment()
+            env.enclosure = self.convert(v.enclosure)
+            env.frame = self.convert(v.frame)
+            if env.frame is None:
+                env.frame = self.convert(v.hash_table)
             return env
-        if t == ALTREP_SXP:
-            return self._altrep()
-        return _NOT_SPECIAL
+        if t == RObjectType.NAMESPACE:
+            return RSpecial("namespace", [self.convert(x) for x in v])
+        if t in _ENVS:
+            return RSpecial("environment", t.value)
+        if t == RObjectType.MISSINGARG:
+            return RSpecial("missing", t.value)
+        if t in (RObjectType.SPECIAL, RObjectType.BUILTIN):
+            return RSpecial("builtin", bytes(v or b"").decode("latin1"))
+        kinds = {RObjectType.CLO: "closure", RObjectType.BCODE: "bytecode", RObjectType.S4: "s4"}
+        return RSpecial(kinds.get(t, "pointer"))
 
-    def _pairlist(self, t: int, has_attr: bool, has_tag: bool) -> Any:
+    def _pairlist(self, obj: ParsedObject) -> Any:
+        """A (possibly long) pairlist walked iteratively: dict if every node is tagged."""
         items: list[tuple[str | None, Any]] = []
-        attrs = None
+        attrs = _attrs(self.convert(obj.attributes)) if obj.attributes is not None else None
+        kind = obj.info.type
+        node = obj
         while True:
-            if has_attr:
-                a = _attrs(self.item())
-                attrs = attrs or a
-            tag = self.item() if has_tag else None
-            items.append((tag.name if isinstance(tag, RSymbol) else None, self.item()))
-            # The cdr is read iteratively so that long pairlists do not recurse deeply.
-            flags = self.int()
-            nt = flags & 0xFF
-            if nt not in (LISTSXP, LANGSXP, DOTSXP, ATTRLISTSXP, ATTRLANGSXP) or t == CLOSXP:
-                self.pos -= 4
-                tail = self.item()
+            tag = self.convert(node.tag)
+            car, cdr = node.value
+            items.append((tag.name if isinstance(tag, RSymbol) else None, self.convert(car)))
+            nt = cdr.info.type if cdr.referenced_object is None else None
+            if nt not in _PAIRLISTS and nt not in _LANGUAGE:
+                tail = self.convert(cdr)
                 if tail is not None:
                     items.append((None, tail))
                 break
-            has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
-        if t in (LANGSXP, ATTRLANGSXP, CLOSXP, PROMSXP):
+            node = cdr
+        if kind in _LANGUAGE:
             value: Any = RSpecial("language", items)
         elif all(k is not None for k, _ in items):
             value = dict(items)
@@ -207,96 +227,14 @@ class _Reader:
             value = [v for _, v in items]
         return RObject(value, attrs) if attrs else value
 
-    def _vector(self, t: int, levels: int) -> Any:
-        if t == STRSXP:
-            out = []
-            for _ in range(self.length()):
-                flags = self.int()
-                out.append(self.charsxp(flags >> 12))
-            return out
-        if t in (LGLSXP, INTSXP):
-            return self.array("i4", self.length())
-        if t == REALSXP:
-            return self.array("f8", self.length())
-        if t == CPLXSXP:
-            v = self.array("f8", 2 * self.length())
-            return v[0::2] + 1j * v[1::2]
-        if t == RAWSXP:
-            return self.bytes(self.length())
-        if t in (VECSXP, EXPRSXP):
-            return [self.item() for _ in range(self.length())]
-        if t == S4SXP:
-            return RSpecial("s4")
-        if t in (SPECIALSXP, BUILTINSXP):
-            return RSpecial("builtin", self.bytes(self.int()).decode("latin1"))
-        if t in (EXTPTRSXP, WEAKREFSXP):
-            out = RSpecial("pointer")
-            self.refs.append(out)
-            if t == EXTPTRSXP:
-                self.item(), self.item()  # protected value, tag
-            return out
-        if t == BCODESXP:
-            return self._bytecode()
-        raise RDataError(f"unsupported R SEXP type {t} at byte {self.pos}")
 
-    def _altrep(self) -> Any:
-        info = self.item()
-        state = self.item()
-        attr = self.item()
-        cls = info[0].name if isinstance(info, list) and isinstance(info[0], RSymbol) else ""
-        if cls == "compact_intseq":
-            n, start, step = (int(x) for x in state)
-            value: Any = np.arange(start, start + n * step, step, dtype=np.int32)
-        elif cls == "compact_realseq":
-            n, start, step = state
-            value = start + step * np.arange(int(n), dtype=np.float64)
-        elif cls.startswith("wrap_"):
-            value = state[0] if isinstance(state, list) else state
-        elif cls == "deferred_string":
-            arg = state[0] if isinstance(state, list) else state
-            arg = arg.value if isinstance(arg, RObject) else arg
-            value = [None if x == NA_INTEGER else str(x) for x in np.asarray(arg).tolist()]
-        else:
-            raise RDataError(f"unsupported ALTREP class {cls!r}")
-        if attr is not None:
-            return RObject(value, _attrs(attr))
-        return value
-
-    def _bytecode(self) -> RSpecial:
-        reps = [None] * self.int()
-        self._bc(reps)
-        return RSpecial("bytecode")
-
-    def _bc(self, reps: list) -> None:
-        self.item()  # code (integer vector)
-        for _ in range(self.int()):  # constant pool
-            t = self.int()
-            if t == BCODESXP:
-                self._bc(reps)
-            elif t in (LANGSXP, LISTSXP, ATTRLANGSXP, ATTRLISTSXP) or t in _BC_REPS:
-                self._bclang(t, reps)
-            else:
-                self.item()
-
-    def _bclang(self, t: int, reps: list) -> None:
-        # Mirrors ReadBCLang in R's serialize.c; a non-language slot is a 0 pad then an item.
-        if t == 243:  # BCREPREF
-            self.int()
-            return
-        if t in (244, LANGSXP, LISTSXP, ATTRLANGSXP, ATTRLISTSXP):
-            if t == 244:  # BCREPDEF: position, then the real type
-                self.int()
-                t = self.int()
-            if t in (ATTRLANGSXP, ATTRLISTSXP):
-                self.item()
-            self.item()  # tag
-            self._bclang(self.int(), reps)  # car
-            self._bclang(self.int(), reps)  # cdr
-            return
-        self.item()
-
-
-_NOT_SPECIAL = object()
+def _char(obj: ParsedObject) -> str | None:
+    if obj.value is None:
+        return None
+    raw = bytes(obj.value)
+    if obj.info.gp & (CharFlags.LATIN1 | CharFlags.BYTES):
+        return raw.decode("latin1")
+    return raw.decode("utf-8", errors="replace")
 
 
 def _attrs(pairlist: Any) -> dict[str, Any]:
@@ -305,11 +243,7 @@ def _attrs(pairlist: Any) -> dict[str, Any]:
     return {}
 
 
-def unserialize(data: bytes) -> Any:
-    """Parses one serialized R object (the bytes after decompression)."""
-    return _Reader(data).item()
-
-
+# ---------------------------------------------------------------- files and databases
 def read_rds(path: str | Path) -> Any:
     """Reads an `.rds` file (gzip, bzip2, xz or uncompressed serialization)."""
     return unserialize(_decompress_any(Path(path).read_bytes()))

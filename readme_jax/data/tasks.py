@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from readme_jax.data import fetch
+import readme_jax.data.fetch as fetch
 
 LETTERS = ("A", "B", "C", "D")
 CONTINUATIONS = tuple(" " + c for c in LETTERS)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+import readme_jax.data.pipeline as pipeline
 from readme_jax.eval.perplexity import LogitsFn, perplexity, perplexity_and_fidelity
 
 
@@ -24,8 +25,6 @@ def domain_stream(
     A stream cut to `max_tokens` counts the bytes of its own decoded text (special tokens
     skipped), so bits per byte stays exact for quick runs.
     """
-    from readme_jax.data import pipeline
-
     tokens = pipeline.load_tokens(domain, split, tokenizer, cache)
     if max_tokens is None or len(tokens) <= max_tokens:
         return np.asarray(tokens), int(

@@ -23,13 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from readme_jax.checkpoints import store
+from readme_jax.checkpoints import models
+from readme_jax.data.tasks import by_subject, kshot_prompt, load_mmlu
 from readme_jax.eval import routing as rt
 from readme_jax.eval.domains import domain_stream, evaluate_domains
+from readme_jax.eval.multiple_choice import score_multiple_choice
 from readme_jax.eval.perplexity import dense_logits_fn
+from readme_jax.eval.report import headline_table, write_report
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.readme import ReadMEConfig, readme_forward, route
+from readme_jax.model.config import LlamaConfig, ReadMEConfig
+from readme_jax.model.readme import readme_forward, route
+from readme_jax.refactor.pipeline import parse_domains
 
 NICE = {
     "moe_init": "Read-ME (before training)",
@@ -42,13 +46,10 @@ NICE = {
 
 @functools.cache
 def readme_logits_fn(rc: ReadMEConfig):
-    """Logits of a Read-ME model over whole windows. On CPU a `ragged` model is evaluated with
-    `blocked` dispatch (the same function; XLA:CPU runs ragged_dot over every expert): one
-    SmolLM2 rr-0.5 forward of [4, 512] tokens took ~4.9 s against ~6.2 s (median of 4
-    alternating rounds; `switched` ~4.6 s, but its compile and first call took 21 s against
-    14 s)."""
-    if rc.moe.dispatch == "ragged" and jax.default_backend() == "cpu":
-        rc = rc.replace(moe=dataclasses.replace(rc.moe, dispatch="blocked"))
+    """Logits of a Read-ME model over whole windows, with the evaluation dispatch that
+    `moe.pick_dispatch` picks (blocked on CPU for a ragged model; measurements there)."""
+    dispatch = moe.pick_dispatch(None, "eval", model=rc.moe.dispatch)
+    rc = rc.replace(moe=dataclasses.replace(rc.moe, dispatch=dispatch))
 
     def fn(params, tokens_BxS):
         return readme_forward(params, tokens_BxS, rc)[0]
@@ -57,30 +58,22 @@ def readme_logits_fn(rc: ReadMEConfig):
 
 
 def load_any(path: Path) -> tuple[str, Any, Any, dict]:
-    """(kind, config, params, meta) for a model directory of this project."""
-    meta = store.read_meta(path)
-    params = store.load_params(path)
-    if meta["kind"] == "readme_moe":
-        return "readme_moe", ReadMEConfig.from_dict(meta["config"]), params, meta
-    if meta["kind"] in ("dense", "dense_llama"):
-        return "dense", LlamaConfig.from_dict(meta["config"]), params, meta
-    raise ValueError(f"{path}: unknown model kind {meta['kind']!r}")
+    """(kind, config, params, meta) for a model directory of this project (kind "dense" or
+    "readme_moe"; meta is model.json with "_path")."""
+    return models.load_project(path)
 
 
 def discover(run: Path, skip: tuple[str, ...] = ()) -> list[Path]:
     order = ["moe_init", "moe_router", "moe_trained", "baseline_layerwise", "baseline_static"]
-    found = [p.parent for p in sorted(run.glob("*/model.json")) if p.parent.name not in skip]
+    found = models.list_models(run, skip)
     return sorted(found, key=lambda p: (order.index(p.name) if p.name in order else 99, p.name))
 
 
 def _active_params(kind: str, cfg, meta: dict, params) -> tuple[int, int]:
     if kind == "dense":
         return cfg.param_count(), cfg.param_count()
-    from readme_jax.refactor.experts import ExpertSpec
-
-    spec_dir = Path(meta["_path"]) / "experts"
     m = cfg.model
-    spec = ExpertSpec.load(spec_dir)
+    spec = models.load_expert_spec(meta["_path"])
     a = moe.active_param_count(m, spec.shared_widths, spec.expert_widths, cfg.moe.top_k)
     total = (
         m.param_count()
@@ -122,9 +115,6 @@ def layerwise_analysis(rc: ReadMEConfig, params, streams, window: int):
 
 
 def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
-    from readme_jax.data.tasks import by_subject, kshot_prompt, load_mmlu
-    from readme_jax.eval.multiple_choice import score_multiple_choice
-
     qs = load_mmlu()
     out = {}
     shots = [int(s) for s in str(c.eval.mmlu_shots).split(",") if s.strip()]
@@ -145,13 +135,23 @@ def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
     return out
 
 
+def _meta(c) -> dict[str, Any]:
+    return {
+        "title": f"Read-ME evaluation: {c.name}",
+        "command": shlex.join(["python", *sys.argv]),  # the command that ran it
+        "checkpoint": c.model.checkpoint or "SmolLM2-135M-Instruct (bundled GGUF)",
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+        "notes": [
+            f"held-out split '{c.eval.split}', first {c.eval.max_tokens_per_domain} "
+            f"tokens per domain, windows of {c.eval.seq_len}"
+        ],
+    }
+
+
 def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, Any]:
     """Evaluate the dense teacher and every model in `run` into run/eval/ (JSON + report)."""
-    from readme_jax.eval.report import headline_table, write_report
-    from readme_jax.refactor.convert import load_dense, parse_domains
-
     t0 = time.time()
-    cfg, dense, tok = load_dense(c.model.checkpoint, c.model.dtype, False, c.seed)
+    cfg, dense, tok = models.load_dense(c.model.checkpoint, c.model.dtype, False, c.seed)
     domains = list(parse_domains(c.data.domains))
     streams = {
         d: domain_stream(
@@ -165,19 +165,7 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     }
     kw = dict(max_length=c.eval.seq_len, stride=None, batch_size=c.eval.batch_size)
     teacher = (dense_logits_fn(cfg), llama.unstack_layers(dense))
-    results: dict[str, Any] = {
-        "meta": {
-            "title": f"Read-ME evaluation: {c.name}",
-            "command": shlex.join(["python", *sys.argv]),  # the command that ran it
-            "checkpoint": c.model.checkpoint or "SmolLM2-135M-Instruct (bundled GGUF)",
-            "created": time.strftime("%Y-%m-%d %H:%M"),
-            "notes": [
-                f"held-out split '{c.eval.split}', first {c.eval.max_tokens_per_domain} "
-                f"tokens per domain, windows of {c.eval.seq_len}"
-            ],
-        },
-        "models": {},
-    }
+    results: dict[str, Any] = {"meta": _meta(c), "models": {}}
     do_mmlu = c.eval.mmlu_limit > 0
     row = evaluate_domains(teacher[0], teacher[1], streams, **kw)
     row.update(kind="dense", total_params=cfg.param_count(), active_params=cfg.param_count())
@@ -187,7 +175,6 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     skip = tuple(s for s in str(c.eval.get("skip_models", "")).split(",") if s)
     for path in checkpoints if checkpoints is not None else discover(run, skip):
         kind, mc, params, meta = load_any(path)
-        meta["_path"] = str(path)
         name = NICE.get(path.name, meta.get("label", path.name))
         if kind == "dense":
             fn, p = dense_logits_fn(mc.replace(scan_layers=False)), llama.unstack_layers(params)

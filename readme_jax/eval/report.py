@@ -55,7 +55,7 @@ def fmt_params(n: float | None) -> str:
     return str(int(n))
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return NA
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
@@ -65,7 +65,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return NA if x is None else f"{100 * x:.1f}%"
 
 
@@ -75,13 +75,13 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, np.floating):
@@ -105,30 +105,30 @@ def _columns(models: Mapping[str, Any]) -> list[tuple[str, Callable[[dict], str]
         (
             "mean ppl",
             lambda m: _mean([d.get("ppl") for d in m.get("perplexity", {}).values()]),
-            lambda x: _fmt(x, 2),
+            lambda x: fmt(x, 2),
         ),
         (
             "mean bpb",
             lambda m: _mean([d.get("bpb") for d in m.get("perplexity", {}).values()]),
-            lambda x: _fmt(x, 3),
+            lambda x: fmt(x, 3),
         ),
         (
             "KL(dense‖model)",
             lambda m: _mean([d.get("kl") for d in m.get("fidelity", {}).values()]),
-            lambda x: _fmt(x, 4),
+            lambda x: fmt(x, 4),
         ),
         (
             "top-1 agree",
             lambda m: _mean([d.get("top1_agreement") for d in m.get("fidelity", {}).values()]),
-            _pct,
+            pct,
         ),
     ]
     settings = sorted({s for m in models.values() for s in m.get("mmlu", {})})
     for s in settings:
         cols.append(
-            (f"MMLU {s}", lambda m, s=s: m.get("mmlu", {}).get(s, {}).get("macro_acc"), _pct)
+            (f"MMLU {s}", lambda m, s=s: m.get("mmlu", {}).get(s, {}).get("macro_acc"), pct)
         )
-    cols.append(("decode tok/s", lambda m: m.get("decode_tok_s"), lambda x: _fmt(x, 1)))
+    cols.append(("decode tok/s", lambda m: m.get("decode_tok_s"), lambda x: fmt(x, 1)))
     keep = [(n, g, f) for n, g, f in cols if any(g(m) is not None for m in models.values())]
     return [(n, lambda m, g=g, f=f: f(g(m)) if g(m) is not None else NA) for n, g, f in keep]
 
@@ -143,7 +143,7 @@ def headline_table(results: Mapping[str, Any]) -> str:
     return md_table(["model"] + [n for n, _ in cols], rows)
 
 
-def _by_domain_table(models: Mapping[str, Any], section: str, key: str, fmt) -> str:
+def _by_domain_table(models: Mapping[str, Any], section: str, key: str, cell) -> str:
     domains: list[str] = []
     for m in models.values():
         domains += [d for d in m.get(section, {}) if d not in domains]
@@ -157,7 +157,7 @@ def _by_domain_table(models: Mapping[str, Any], section: str, key: str, fmt) -> 
     rows = []
     for n in has:
         sec = models[n].get(section, {})
-        rows.append([n] + [fmt(sec[d].get(key)) if d in sec else NA for d in domains])
+        rows.append([n] + [cell(sec[d].get(key)) if d in sec else NA for d in domains])
     return md_table(["model"] + domains, rows)
 
 
@@ -166,8 +166,8 @@ def _mmlu_details(models: Mapping[str, Any]) -> str:
     for name, m in models.items():
         for setting, r in m.get("mmlu", {}).items():
             per = r.get("per_subject", {})
-            rows = [[s, _pct(v.get("acc")), _fmt(v.get("n"))] for s, v in sorted(per.items())]
-            rows.append(["**macro average**", _pct(r.get("macro_acc")), _fmt(r.get("n"))])
+            rows = [[s, pct(v.get("acc")), fmt(v.get("n"))] for s, v in sorted(per.items())]
+            rows.append(["**macro average**", pct(r.get("macro_acc")), fmt(r.get("n"))])
             out.append(
                 f"<details><summary>{name}, MMLU {setting}: per subject</summary>\n\n"
                 + md_table(["subject", "acc", "n"], rows)
@@ -180,7 +180,7 @@ def _generic_table(table: Mapping[str, Mapping[str, Any]], first: str) -> str:
     cols: list[str] = []
     for r in table.values():
         cols += [c for c in r if c not in cols]
-    rows = [[str(k)] + [_fmt(r.get(c)) for c in cols] for k, r in table.items()]
+    rows = [[str(k)] + [fmt(r.get(c)) for c in cols] for k, r in table.items()]
     return md_table([first] + cols, rows)
 
 
@@ -291,7 +291,7 @@ def plot_locality(locality: Mapping[str, Mapping[str, Any]], path: Path) -> Path
         binned[RUN_CAP] = tokens[RUN_CAP:].sum()
         ls = np.arange(1, RUN_CAP + 1)
         kf = locality[name].get("keep_fraction")
-        label = f"{name} (keep {_pct(kf)})" if kf is not None else name
+        label = f"{name} (keep {pct(kf)})" if kf is not None else name
         offset = (i - (len(items) - 1) / 2) * width
         ax.bar(ls + offset, binned[1:] / binned.sum(), width, label=label)
     ax.set_xticks([1, 5, 10, 15, RUN_CAP], ["1", "5", "10", "15", f"≥{RUN_CAP}"])
@@ -416,7 +416,7 @@ def _routing_md(routing: Mapping[str, Any], plots: Mapping[str, Path]) -> list[s
         counts = np.asarray(usage["counts"], np.float64)
         frac = counts / np.maximum(counts.sum(1, keepdims=True), 1)
         experts = routing.get("experts") or [f"E{i}" for i in range(counts.shape[1])]
-        rows = [[d] + [_pct(v) for v in r] for d, r in zip(usage["domains"], frac, strict=True)]
+        rows = [[d] + [pct(v) for v in r] for d, r in zip(usage["domains"], frac, strict=True)]
         out += ["### Expert usage by domain\n", md_table(["domain"] + list(experts), rows)]
     if "routing_usage" in plots:
         out.append("![expert usage](routing_usage.png)\n")
@@ -425,9 +425,9 @@ def _routing_md(routing: Mapping[str, Any], plots: Mapping[str, Path]) -> list[s
         rows = [
             [
                 n,
-                _pct(v.get("keep_fraction")),
-                f"{_fmt(v.get('n_kept'))} / {_fmt(v.get('n_pairs'))}",
-                _fmt(v.get("mean_run_length"), 2),
+                pct(v.get("keep_fraction")),
+                f"{fmt(v.get('n_kept'))} / {fmt(v.get('n_pairs'))}",
+                fmt(v.get("mean_run_length"), 2),
             ]
             for n, v in loc.items()
         ]
@@ -441,12 +441,12 @@ def _routing_md(routing: Mapping[str, Any], plots: Mapping[str, Path]) -> list[s
     if lw and lw.get("mutual_information"):
         nmi = lw.get("normalized_mi") or [None] * len(lw["mutual_information"])
         rows = [
-            [f"{i}→{i + 1}", _fmt(m, 4), _fmt(n, 3)]
+            [f"{i}→{i + 1}", fmt(m, 4), fmt(n, 3)]
             for i, (m, n) in enumerate(zip(lw["mutual_information"], nmi, strict=True))
         ]
         out += [
             "### Layer-wise routers: mutual information between adjacent layers\n",
-            f"log E = {_fmt(lw.get('log_n_experts'), 4)} nats (identical choices).\n",
+            f"log E = {fmt(lw.get('log_n_experts'), 4)} nats (identical choices).\n",
             md_table(["layers", "MI (nats)", "normalized MI"], rows),
         ]
     if "layer_mi" in plots:
@@ -462,7 +462,7 @@ def _serving_md(serving: Mapping[str, Any], plots: Mapping[str, Path]) -> list[s
         rows = []
         for policy, curve in hit.items():
             byc = {float(c): r for c, r in curve.items()}
-            rows.append([policy] + [_pct(byc.get(c)) for c in caps])
+            rows.append([policy] + [pct(byc.get(c)) for c in caps])
         hdr = ["policy"] + [f"C={int(c) if c.is_integer() else c}" for c in caps]
         out += ["### Expert cache hit ratio\n", md_table(hdr, rows)]
     if "hit_ratio" in plots:
@@ -492,13 +492,13 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, Path] | None
     if models:
         out += ["## Summary\n", headline_table(results)]
         sections = [
-            ("Perplexity by domain", "perplexity", "ppl", lambda x: _fmt(x, 2)),
-            ("Bits per byte by domain", "perplexity", "bpb", lambda x: _fmt(x, 3)),
-            ("KL(dense ‖ model) by domain (nats/token)", "fidelity", "kl", lambda x: _fmt(x, 4)),
-            ("Top-1 agreement with the dense model by domain", "fidelity", "top1_agreement", _pct),
+            ("Perplexity by domain", "perplexity", "ppl", lambda x: fmt(x, 2)),
+            ("Bits per byte by domain", "perplexity", "bpb", lambda x: fmt(x, 3)),
+            ("KL(dense ‖ model) by domain (nats/token)", "fidelity", "kl", lambda x: fmt(x, 4)),
+            ("Top-1 agreement with the dense model by domain", "fidelity", "top1_agreement", pct),
         ]
-        for title, sec, key, fmt in sections:
-            t = _by_domain_table(models, sec, key, fmt)
+        for title, sec, key, cell in sections:
+            t = _by_domain_table(models, sec, key, cell)
             if t:
                 out += [f"### {title}\n", t]
     if "ppl_vs_active" in plots:
@@ -521,7 +521,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, A
     """Write results.json, report.md and the PNGs; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = _jsonable(results)
+    results = jsonable(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     plots = make_plots(results, out_dir)
     (out_dir / "report.md").write_text(render_markdown(results, plots))

@@ -1,7 +1,18 @@
-"""Model configuration for Llama-family decoders.
+"""Configuration types: the dense decoder (`LlamaConfig`), the MoE FFN (`MoEConfig`), the
+pre-gating router (`RouterConfig`) and the Read-ME model that joins them (`ReadMEConfig`).
 
-Dimension letters used across the project: B batch, S sequence, T tokens (flattened), L layers,
-D model width, F ffn width, E experts, C cache slots, H heads, K kv heads, G = H // K, V vocab.
+The dimension glossary, one letter per meaning, used in variable names (`x_BxSxD`) and docstrings
+across the project:
+
+  B  batch (rows)                          L  layers
+  S  sequence: the new tokens of a call    D  model width
+  T  tokens flattened (B * S)              F  FFN width
+  M  key / KV-cache length (positions)     E  experts
+  A  experts active per token (top-k)      C  expert-cache slots
+  N  request slots (serving)               Q  prefill chunk (tokens)
+  H  query heads                           K  kv heads (never top-k)
+  G  query heads per kv head (H // K)      hd head dim
+  V  vocabulary
 """
 
 from __future__ import annotations
@@ -12,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "LlamaForCausalLM", "MistralForCausalLM")
+# MoE expert dispatch implementations (model/moe.py describes each)
+DISPATCH_MODES = ("ragged", "blocked", "select")
 
 
 class ConfigError(ValueError):
@@ -132,3 +145,75 @@ class LlamaConfig:
         )
         kw.update(overrides)
         return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The MoE FFN: E routed experts (A of them per token) beside an always-on shared expert.
+
+    dispatch names the expert kernel (`DISPATCH_MODES`; model/moe.py describes each); layerwise
+    selects the baseline with one gate per layer instead of the pre-gating router.
+    Raises ValueError for an unknown dispatch or top_k outside [1, num_experts]."""
+
+    num_experts: int
+    top_k: int = 1
+    gate_scaling: bool = False
+    dispatch: str = "ragged"
+    layerwise: bool = False  # baseline: a gate per layer instead of the pre-gating router
+
+    def __post_init__(self):
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """The pre-gating router: a one-layer causal decoder over token ids (model/router.py)."""
+
+    dim: int = 128  # paper: 512 at Llama-2 scale; scaled down for SmolLM2
+    n_heads: int = 4
+    ffn_dim: int = 256
+    rope_theta: float = 10000.0
+
+    def backbone(self, cfg: LlamaConfig) -> LlamaConfig:
+        """The router's one-layer decoder config (vocab and context from the backbone)."""
+        return LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            dim=self.dim,
+            n_layers=1,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_heads,
+            ffn_dim=self.ffn_dim,
+            norm_eps=cfg.norm_eps,
+            rope_theta=self.rope_theta,
+            max_seq_len=cfg.max_seq_len,
+            tie_embeddings=True,  # the E-way head replaces the LM head
+            dtype=cfg.dtype,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadMEConfig:
+    """A Read-ME model: the MoE backbone (`model`, `moe`) and its pre-gating router."""
+
+    model: LlamaConfig
+    moe: MoEConfig
+    router: RouterConfig = RouterConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "moe": dataclasses.asdict(self.moe),
+            "router": dataclasses.asdict(self.router),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReadMEConfig:
+        return cls(
+            LlamaConfig.from_dict(d["model"]), MoEConfig(**d["moe"]), RouterConfig(**d["router"])
+        )
+
+    def replace(self, **kw) -> ReadMEConfig:
+        return dataclasses.replace(self, **kw)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import ConfigError, LlamaConfig
 
 Params = dict[str, Any]
 # ffn(layer_params, x_BxSxD, layer_index) -> (y_BxSxD, aux pytree or None)
@@ -66,16 +66,16 @@ def apply_rope(x_BxSxNxhd: jax.Array, positions_BxS: jax.Array, inv_freq: jax.Ar
     return out.astype(x_BxSxNxhd.dtype)
 
 
-def attention(q_BxSxHxhd, k_BxTxKxhd, v_BxTxKxhd, mask_BxSxT) -> jax.Array:
+def attention(q_BxSxHxhd, k_BxMxKxhd, v_BxMxKxhd, mask_BxSxM) -> jax.Array:
     """Grouped-query attention; softmax in f32. Returns [B, S, H, hd]."""
     B, S, H, hd = q_BxSxHxhd.shape
-    K = k_BxTxKxhd.shape[2]
+    K = k_BxMxKxhd.shape[2]
     q = q_BxSxHxhd.reshape(B, S, K, H // K, hd)
-    s_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q, k_BxTxKxhd, preferred_element_type=jnp.float32)
-    s_BxKxGxSxT = s_BxKxGxSxT / math.sqrt(hd)
-    s_BxKxGxSxT = jnp.where(mask_BxSxT[:, None, None], s_BxKxGxSxT, -1e30)
-    p = jax.nn.softmax(s_BxKxGxSxT, axis=-1).astype(v_BxTxKxhd.dtype)
-    o = jnp.einsum("bkgst,btkd->bskgd", p, v_BxTxKxhd)
+    s_BxKxGxSxM = jnp.einsum("bskgd,bmkd->bkgsm", q, k_BxMxKxhd, preferred_element_type=jnp.float32)
+    s_BxKxGxSxM = s_BxKxGxSxM / math.sqrt(hd)
+    s_BxKxGxSxM = jnp.where(mask_BxSxM[:, None, None], s_BxKxGxSxM, -1e30)
+    p = jax.nn.softmax(s_BxKxGxSxM, axis=-1).astype(v_BxMxKxhd.dtype)
+    o = jnp.einsum("bkgsm,bmkd->bskgd", p, v_BxMxKxhd)
     return o.reshape(B, S, H, hd)
 
 
@@ -86,9 +86,9 @@ def dense_ffn(lp: Params, x_BxSxD: jax.Array, layer: Any = None) -> tuple[jax.Ar
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False):
-    """KV cache: k/v [L, B, T, K, hd] and the number of filled positions per row.
+    """KV cache: k/v [L, B, M, K, hd] and the number of filled positions per row.
 
-    per_layer=True holds k/v as lists of L arrays [B, T, K, hd] instead. The unrolled decode
+    per_layer=True holds k/v as lists of L arrays [B, M, K, hd] instead. The unrolled decode
     uses it: in isolation, 30 in-place updates of a stacked cache each followed by a read of that
     layer's slice took 8.4 ms on XLA:CPU (the slice is copied), per-layer arrays 0.4 ms."""
     dtype = dtype or _dtype(cfg)
@@ -125,41 +125,70 @@ def out_proj(o_BxSxHxhd: jax.Array, wo_HxhdxD: jax.Array) -> jax.Array:
     return jnp.dot(o_BxSxHxhd.reshape(B, S, H * hd), wo_HxhdxD.reshape(H * hd, D))
 
 
-def _block(lp, x, ctx, kv_update, cfg: LlamaConfig, ffn: FFN, layer):
-    """One decoder layer. kv_update(k, v) writes the new keys/values into this layer's cache and
-    returns the full (k_BxTxKxhd, v_BxTxKxhd) to attend over; None means no cache."""
+def block(lp: Params, x_BxSxD, ctx: Params, kv_update, cfg: LlamaConfig, ffn: FFN, layer):
+    """One decoder layer: the only place the layer is written. Every forward (scan or unrolled,
+    remat or not), prefill and decode step, including the serving engine's layer-streamed
+    prefill, is a loop over it.
+
+    ctx: from `context` (positions, mask, RoPE frequencies). kv_update(k, v) writes the new keys
+    and values [B, S, K, hd] into this layer's cache and returns the full (k_BxMxKxhd,
+    v_BxMxKxhd) to attend over; None means no cache. Returns (x_BxSxD, (k, v), ffn aux)."""
     H, K = cfg.n_heads, cfg.n_kv_heads
-    h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+    h = rms_norm(x_BxSxD, lp["attn_norm"], cfg.norm_eps)
     qkv = qkv_proj(h, lp["wqkv"])
     q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
     q = apply_rope(q, ctx["positions"], ctx["inv_freq"])
     k = apply_rope(k, ctx["positions"], ctx["inv_freq"])
     k_all, v_all = (k, v) if kv_update is None else kv_update(k, v)
     o = attention(q, k_all, v_all, ctx["mask"])
-    x = x + out_proj(o, lp["wo"]).astype(x.dtype)
+    x = x_BxSxD + out_proj(o, lp["wo"]).astype(x_BxSxD.dtype)
     y, aux = ffn(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), layer)
     return x + y.astype(x.dtype), (k_all, v_all), aux
 
 
-def _context(cfg, tokens_BxS, positions, segment_ids, cache):
+def context(
+    cfg: LlamaConfig,
+    tokens_BxS: jax.Array,
+    positions_BxS: jax.Array | None = None,
+    segment_ids_BxS: jax.Array | None = None,
+    lengths_B: jax.Array | None = None,
+    cache_len: int | None = None,
+) -> Params:
+    """What every layer of one call shares: RoPE frequencies, positions [B, S], mask [B, S, S]
+    (no cache; causal, within segments) or [B, S, M] (a cache of M positions whose row b holds
+    lengths_B[b] tokens: the new tokens sit at lengths_B[b] + 0..S-1)."""
     B, S = tokens_BxS.shape
     ctx: dict[str, Any] = {"inv_freq": rope_inv_freq(cfg)}
-    if cache is None:
+    if lengths_B is None:
         idx = jnp.arange(S)
         mask = jnp.broadcast_to(idx[None, :] <= idx[:, None], (B, S, S))
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        ctx["positions"] = positions if positions is not None else jnp.broadcast_to(idx, (B, S))
+        if segment_ids_BxS is not None:
+            mask = mask & (segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :])
+        pos = positions_BxS if positions_BxS is not None else jnp.broadcast_to(idx, (B, S))
+        ctx["positions"] = pos
     else:
-        start = cache["lengths"]
-        pos = start[:, None] + jnp.arange(S)[None, :]
-        ctx["positions"] = pos if positions is None else positions
-        T = cache["k"][0].shape[1] if is_per_layer(cache) else cache["k"].shape[2]
-        mask = jnp.arange(T)[None, None, :] <= pos[:, :, None]
+        pos = lengths_B[:, None] + jnp.arange(S)[None, :]
+        ctx["positions"] = pos if positions_BxS is None else positions_BxS
+        mask = jnp.arange(cache_len)[None, None, :] <= pos[:, :, None]
         ctx["write_rows"] = jnp.broadcast_to(jnp.arange(B)[:, None], (B, S))
         ctx["write_cols"] = pos
     ctx["mask"] = mask
     return ctx
+
+
+def write_kv(kc_BxMxKxhd, vc_BxMxKxhd, k_BxSxKxhd, v_BxSxKxhd, ctx: Params):
+    """One layer's cache with the new keys/values written at the call's positions (`context`);
+    positions past the cache are dropped."""
+    rows, cols = ctx["write_rows"], ctx["write_cols"]
+    return (
+        kc_BxMxKxhd.at[rows, cols].set(k_BxSxKxhd.astype(kc_BxMxKxhd.dtype), mode="drop"),
+        vc_BxMxKxhd.at[rows, cols].set(v_BxSxKxhd.astype(vc_BxMxKxhd.dtype), mode="drop"),
+    )
+
+
+def cache_len(cache: Params) -> int:
+    """M, the positions a KV cache holds (stacked [L, B, M, K, hd] or per-layer lists)."""
+    return cache["k"][0].shape[1] if is_per_layer(cache) else cache["k"].shape[2]
 
 
 def forward(
@@ -174,8 +203,14 @@ def forward(
     ffn: FFN = dense_ffn,
     return_hidden: bool = False,
     last_B: jax.Array | None = None,
+    remat: bool = False,
 ) -> tuple[jax.Array, Params | None, Any]:
     """Run the decoder. Returns (logits_BxSxV or hidden_BxSxD, new cache or None, aux [L, ...]).
+
+    One loop over `block`: a `lax.scan` when cfg.scan_layers and the layers (and cache) are
+    stacked, else unrolled over the layers (per-layer lists, the decode layout). remat=True
+    puts each layer under `jax.checkpoint` (training: only layer inputs are kept for the
+    backward pass; attention scores are [B, H, S, S] per layer).
 
     last_B (one position per row): logits [B, 1, V] of those positions only. A prompt needs only
     its last position's; by parameter count the LM head over all positions is ~1/5 of a SmolLM2
@@ -184,61 +219,18 @@ def forward(
     With a cache, the S new tokens of row b sit at positions lengths[b] + 0..S-1 and the cache
     grows by num_new_B[b] (default S); right-padding beyond num_new is overwritten later.
     """
-    ctx = _context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, cache)
+    lengths = None if cache is None else cache["lengths"]
+    M = None if cache is None else cache_len(cache)
+    ctx = context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, lengths, M)
     x = params["embed"][tokens_BxS]
-    layers = params["layers"]
-    if cache is not None:
-        rows, cols = ctx["write_rows"], ctx["write_cols"]
-    per_layer = cache is not None and is_per_layer(cache)
-    if cfg.scan_layers and not isinstance(layers, list) and not per_layer:
-        xs = (layers, jnp.arange(cfg.n_layers))
-        if cache is not None:
-            xs = xs + ((cache["k"], cache["v"]),)
 
-        def body(x, sl):
-            upd = None
-            if cache is not None:
-                kc, vc = sl[2]
-                upd = lambda k, v: (
-                    kc.at[rows, cols].set(k.astype(kc.dtype), mode="drop"),
-                    vc.at[rows, cols].set(v.astype(vc.dtype), mode="drop"),
-                )
-            x, kv, aux = _block(sl[0], x, ctx, upd, cfg, ffn, sl[1])
-            return x, (kv if cache is not None else None, aux)
+    def layer_step(lp, x, layer, kv):
+        upd = None if kv is None else (lambda k, v: write_kv(*kv, k, v, ctx))
+        x, kv_new, aux = block(lp, x, ctx, upd, cfg, ffn, layer)
+        return x, (None if kv is None else kv_new), aux
 
-        x, (new_kv, aux) = jax.lax.scan(body, x, xs)
-    else:
-        kv_state = None
-        if cache is not None:
-            kv_state = [cache["k"], cache["v"]]
-            if per_layer:
-                kv_state = [list(cache["k"]), list(cache["v"])]
-        auxs = []
-        for i in range(cfg.n_layers):
-            lp = (
-                layers[i] if isinstance(layers, list) else jax.tree.map(lambda a, i=i: a[i], layers)
-            )
-            upd = None
-            if cache is not None:
-
-                def upd_layer(k, v, i=i):
-                    kc, vc = kv_state[0][i], kv_state[1][i]
-                    kv_state[0][i] = kc.at[rows, cols].set(k.astype(kc.dtype), mode="drop")
-                    kv_state[1][i] = vc.at[rows, cols].set(v.astype(vc.dtype), mode="drop")
-                    return kv_state[0][i], kv_state[1][i]
-
-                def upd_stacked(k, v, i=i):
-                    kc, vc = kv_state
-                    kv_state[0] = kc.at[i, rows, cols].set(k.astype(kc.dtype), mode="drop")
-                    kv_state[1] = vc.at[i, rows, cols].set(v.astype(vc.dtype), mode="drop")
-                    return kv_state[0][i], kv_state[1][i]
-
-                upd = upd_layer if per_layer else upd_stacked
-
-            x, _, aux = _block(lp, x, ctx, upd, cfg, ffn, i)
-            auxs.append(aux)
-        aux = None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs)
-        new_kv = tuple(kv_state) if cache is not None else None
+    step = jax.checkpoint(layer_step, static_argnums=(2,)) if remat else layer_step
+    x, new_kv, aux = _layer_loop(params["layers"], x, cache, cfg, layer_step, step, remat)
     new_cache = None
     if cache is not None:
         inc = num_new_B if num_new_B is not None else tokens_BxS.shape[1]
@@ -249,6 +241,42 @@ def forward(
     if last_B is not None:
         x = jnp.take_along_axis(x, last_B[:, None, None], axis=1)
     return lm_head(params, x, cfg), new_cache, aux
+
+
+def _layer_loop(layers, x, cache, cfg: LlamaConfig, layer_step, step, remat: bool):
+    """(x, (k, v) in the cache's layout or None, aux stacked over L): the layers in order."""
+    kv = None if cache is None else (cache["k"], cache["v"])
+    per_layer = cache is not None and is_per_layer(cache)
+    if cfg.scan_layers and not isinstance(layers, list) and not per_layer:
+        scan_step = jax.checkpoint(layer_step) if remat else layer_step  # layer is traced here
+
+        def body(x, xs):
+            x, kv_l, aux = scan_step(xs[0], x, xs[1], xs[2])
+            return x, (kv_l, aux)
+
+        x, (new_kv, aux) = jax.lax.scan(body, x, (layers, jnp.arange(cfg.n_layers), kv))
+        return x, new_kv, aux
+    L = cfg.n_layers
+    lps = layers if isinstance(layers, list) else [_index(layers, i) for i in range(L)]
+    if kv is None:
+        kvs = [None] * L
+    elif per_layer:
+        kvs = list(zip(kv[0], kv[1], strict=True))
+    else:  # stacked cache in an unrolled loop: per-layer slices, restacked at the end
+        kvs = [(kv[0][i], kv[1][i]) for i in range(L)]
+    auxs = []
+    for i in range(L):
+        x, kvs[i], aux = step(lps[i], x, i, kvs[i])
+        auxs.append(aux)
+    aux = None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+    if kv is None:
+        return x, None, aux
+    ks, vs = [k for k, _ in kvs], [v for _, v in kvs]
+    return x, ((ks, vs) if per_layer else (jnp.stack(ks), jnp.stack(vs))), aux
+
+
+def _index(tree, i: int):
+    return jax.tree.map(lambda a: a[i], tree)
 
 
 def lm_head(params: Params, x_BxSxD: jax.Array, cfg: LlamaConfig) -> jax.Array:
@@ -319,8 +347,6 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
 
 def check_params(cfg: LlamaConfig, params: Params) -> None:
     """Raise ConfigError naming the first tensor whose shape disagrees with the config."""
-    from readme_jax.model.config import ConfigError
-
     want = param_shapes(cfg)
     flat_want = dict(
         jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda s: isinstance(s, tuple))[0]

@@ -4,59 +4,73 @@ MoE layer parameters replace `w_gate_up`/`w_down` with
   shared_gate_up [L, D, 2, Fs], shared_down [L, Fs, D],
   expert_gate_up [L, E, D, 2, Fe], expert_down [L, E, Fe, D]
 (zero-padded widths: silu(0) * 0 = 0, so padding is exact), and for the layer-wise baseline a
-gate [L, D, E]. One routing decision per token (experts [B, S, K], weights [B, S, K]) holds in
+gate [L, D, E]. One routing decision per token (experts [B, S, A], weights [B, S, A]) holds in
 every layer (Read-ME); the layer-wise baseline instead routes per layer from the hidden state.
 
-Dispatch modes:
+Dispatch modes (`pick_dispatch` chooses one from the backend and the phase):
   ragged  sort tokens by expert, grouped matmul with `jax.lax.ragged_dot` (GPU/TPU grouped GEMM;
-          on XLA:CPU it lowers to a masked dense product over all experts).
-  select  per expert, `lax.cond` on whether any token uses it: reads only the needed experts'
-          bytes, which is what makes batch-1 decode faster than dense on CPU.
+          on XLA:CPU it lowers to a masked dense product over all experts). Expert parallelism.
   blocked tokens sorted by expert into blocks of one expert each (groups zero-padded to the block
-          size), one batched matmul over the blocks with each block's expert weights gathered:
-          computes ~T + E * block rows instead of E * T. On XLA:CPU a forward+backward of one
-          SmolLM2-sized MoE FFN (1,024 tokens, 4 experts) measured ~2x faster than ragged.
-  switched the same blocks, each run by one `lax.switch` over the experts (weights read in
-          place, padding blocks skipped): the fastest forward on XLA:CPU, slow backward. `select`
-          uses it for prompts (more than SELECT_SWITCH_MIN (token, expert) pairs).
-  masked  every expert on every token, weighted by the one-hot routing (simple reference).
+          size), ~T + E * block rows instead of E * T. Two read strategies: `gather` (one
+          batched matmul with each block's expert weights gathered; differentiable and fast
+          backward: CPU training, a SmolLM2-sized MoE FFN forward+backward of 1,024 tokens, 4
+          experts, measured ~2x faster than ragged) and `switch` (each block run by one
+          `lax.switch`, weights read in place, padding blocks skipped: the fastest CPU
+          forward, used for prompts).
+  select  per expert, `lax.cond` on whether any token uses it: reads only the needed experts'
+          bytes, which is what makes batch-1 decode faster than dense on CPU; above
+          SELECT_SWITCH_MIN (token, expert) pairs (a prompt) blocked with the switch read.
+The reference (every expert on every token, masked) lives with the tests (tests/moe_reference.py).
 Expert parallelism: `shard_map` over the `expert` mesh axis; tokens replicated, each shard runs
 its local experts with ragged_dot, results combined with `psum`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import DISPATCH_MODES as DISPATCH_MODES  # moe.DISPATCH_MODES
+from readme_jax.model.config import LlamaConfig, MoEConfig
 from readme_jax.model.router import top_k_routing
 
 Params = dict[str, Any]
-DISPATCH_MODES = ("ragged", "select", "blocked", "switched", "masked")
+PHASES = ("train", "eval", "prefill", "decode")
 SELECT_SWITCH_MIN = 32  # select: above this many (token, expert) pairs, switched dispatch
 
 
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    num_experts: int
-    top_k: int = 1
-    gate_scaling: bool = False
-    dispatch: str = "ragged"
-    layerwise: bool = False  # baseline: a gate per layer instead of the pre-gating router
+def pick_dispatch(backend: str | None, phase: str, num_tokens: int | None = None, *,
+                  model: str = "ragged", override: str = "") -> str:  # fmt: skip
+    """The one place that decides which MoE dispatch runs.
 
-    def __post_init__(self):
-        if self.dispatch not in DISPATCH_MODES:
-            raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+    backend: `jax.default_backend()` (None: ask JAX); phase: train | eval | prefill | decode;
+    num_tokens: T of the call (select itself switches to blocked blocks above
+    SELECT_SWITCH_MIN pairs); model: the model config's mode; override: a configured choice
+    ("" = the model's, "auto" = the measured choice, or a mode, which wins).
+      prefill, decode  select (reads only the used experts: CPU batch-1 decode beats dense)
+      train            the model's; with "auto", blocked on CPU (a SmolLM2 expert step 10.4 vs
+                       11.9 s per 1,024 tokens against ragged, which XLA:CPU runs over every
+                       expert) and the model's (ragged, a grouped GEMM) on GPU/TPU
+      eval             blocked on CPU for a ragged model (one SmolLM2 rr-0.5 forward of [4, 512]
+                       tokens ~4.9 s against ~6.2 s), the model's elsewhere."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if override not in ("", "auto"):
+        return override
+    if phase in ("prefill", "decode"):
+        return "select"
+    cpu = (backend or jax.default_backend()) == "cpu"
+    if cpu and model == "ragged" and (phase == "eval" or override == "auto"):
+        return "blocked"
+    return model
 
 
 def _swiglu(x_TxD, gu_Dx2xF, down_FxD):
@@ -77,35 +91,35 @@ def shared_ffn(lp: Params, x_TxD: jax.Array) -> jax.Array:
     return _swiglu(x_TxD, lp["shared_gate_up"], lp["shared_down"])
 
 
-def ragged_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, first_expert=0):
+def ragged_experts(x_TxD, experts_TxA, weights_TxA, gu_Ex, down_ExFxD, first_expert=0):
     """Tokens sorted by expert, grouped matmuls with ragged_dot. Only experts
     first_expert .. first_expert + E_local - 1 are computed (the rest contribute 0), which is
     how each expert-parallel shard handles its local experts."""
-    T, K = experts_TxK.shape
+    T, A = experts_TxA.shape
     E_loc, D, _, F = gu_Ex.shape
-    local_TK = experts_TxK.reshape(-1) - first_expert
-    in_range = (local_TK >= 0) & (local_TK < E_loc)
-    key_TK = jnp.where(in_range, local_TK, E_loc)  # out-of-shard tokens sort last
-    order = jnp.argsort(key_TK, stable=True)
-    tok = order // K
-    group_sizes = jnp.bincount(key_TK, length=E_loc + 1)[:E_loc].astype(jnp.int32)
+    local_TA = experts_TxA.reshape(-1) - first_expert
+    in_range = (local_TA >= 0) & (local_TA < E_loc)
+    key_TA = jnp.where(in_range, local_TA, E_loc)  # out-of-shard tokens sort last
+    order = jnp.argsort(key_TA, stable=True)
+    tok = order // A
+    group_sizes = jnp.bincount(key_TA, length=E_loc + 1)[:E_loc].astype(jnp.int32)
     xs = x_TxD[tok]
     gu = jax.lax.ragged_dot(xs, gu_Ex.reshape(E_loc, D, 2 * F), group_sizes)
     h = jax.nn.silu(gu[:, :F]) * gu[:, F:]
     y = jax.lax.ragged_dot(h.astype(down_ExFxD.dtype), down_ExFxD, group_sizes)
-    w = jnp.where(in_range, weights_TxK.reshape(-1), 0.0)[order]
+    w = jnp.where(in_range, weights_TxA.reshape(-1), 0.0)[order]
     return jnp.zeros((T, D), y.dtype).at[tok].add(y * w[:, None].astype(y.dtype))
 
 
-def _block_layout(experts_TxK, E: int, block: int):
+def _block_layout(experts_TxA, E: int, block: int):
     """Rows of the (token, k) pairs sorted by expert, each expert's group zero-padded to a
     multiple of the block size b, so every block holds one expert's rows. Static shapes: N =
-    ceil(T*K / b) + E blocks. Returns (b, N, dest [T*K] row of each pair, src [N*b] token of
+    ceil(T*A / b) + E blocks. Returns (b, N, dest [T*A] row of each pair, src [N*b] token of
     each row (T for padding), block_expert [N] (E for an all-padding block))."""
-    T, K = experts_TxK.shape
-    n = T * K
+    T, A = experts_TxA.shape
+    n = T * A
     b = min(block, max(8, -(-n // E)))
-    key = experts_TxK.reshape(-1)
+    key = experts_TxA.reshape(-1)
     order = jnp.argsort(key, stable=True)
     sizes = jnp.bincount(key, length=E)
     padded = -(-sizes // b) * b
@@ -114,7 +128,7 @@ def _block_layout(experts_TxK, E: int, block: int):
     rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[ks]
     dest = jnp.zeros((n,), jnp.int32).at[order].set((ends - padded)[ks] + rank)
     N = -(-n // b) + E
-    src = jnp.full((N * b,), T, jnp.int32).at[dest].set(jnp.arange(n) // K)
+    src = jnp.full((N * b,), T, jnp.int32).at[dest].set(jnp.arange(n) // A)
     block_expert = jnp.searchsorted(ends, jnp.arange(N) * b, side="right")
     return b, N, dest, src, block_expert
 
@@ -124,35 +138,38 @@ def _gather_blocks(x_TxD, src, N, b):
     return jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])[src].reshape(N, b, D)
 
 
-def _combine_blocks(y_NbxD, dest, weights_TxK):
-    T, K = weights_TxK.shape
-    y = y_NbxD[dest].reshape(T, K, -1)
-    return jnp.sum(y * weights_TxK[..., None].astype(y.dtype), axis=1)
+def _combine_blocks(y_NbxD, dest, weights_TxA):
+    T, A = weights_TxA.shape
+    y = y_NbxD[dest].reshape(T, A, -1)
+    return jnp.sum(y * weights_TxA[..., None].astype(y.dtype), axis=1)
 
 
-def blocked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: int = 128):
-    """Grouped matmul by blocks (see `_block_layout`): one batched matmul with each block's
-    expert weights gathered (a padding block computes zeros)."""
+def blocked_experts(x_TxD, experts_TxA, weights_TxA, gu_Ex, down_ExFxD, block: int = 128,
+                    read: str = "gather"):  # fmt: skip
+    """Grouped matmul by blocks (see `_block_layout`).
+
+    read="gather": one batched matmul with each block's expert weights gathered (a padding
+    block computes zeros); the training path. read="switch": each block run by one
+    `lax.switch` over the experts (weights read in place, padding blocks skipped; blocks of
+    64): the CPU prefill path, one SmolLM2-sized MoE FFN forward (512 tokens, 4 experts, 70% on
+    one) took 11.5 ms against ragged 19.9, gather 14.9 and the dense FFN 17.6. Differentiable,
+    but its backward is slow on CPU. With read="switch" gu_Ex/down may be lists of E (trimmed
+    experts of different widths)."""
+    if read == "switch":
+        return _switched(x_TxD, experts_TxA, weights_TxA, gu_Ex, down_ExFxD, min(block, 64))
     E, D, _, F = gu_Ex.shape
-    b, N, dest, src, block_expert = _block_layout(experts_TxK, E, block)
+    b, N, dest, src, block_expert = _block_layout(experts_TxA, E, block)
     xs = _gather_blocks(x_TxD, src, N, b)
     be = jnp.minimum(block_expert, E - 1)
     gu = jnp.einsum("nbd,ndf->nbf", xs, gu_Ex.reshape(E, D, 2 * F)[be])
     h = (jax.nn.silu(gu[..., :F]) * gu[..., F:]).astype(down_ExFxD.dtype)
     y = jnp.einsum("nbf,nfd->nbd", h, down_ExFxD[be]).reshape(N * b, D)
-    return _combine_blocks(y, dest, weights_TxK)
+    return _combine_blocks(y, dest, weights_TxA)
 
 
-def switched_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: int = 64):
-    """Grouped matmul by blocks (see `_block_layout`), each block run by one `lax.switch` over
-    the experts: reads its expert's weights in place (no gathered copy) and skips padding
-    blocks. The CPU prefill path: one SmolLM2-sized MoE FFN forward (512 tokens, 4 experts,
-    70% on one) took 11.5 ms against ragged 19.9, blocked 14.9 and the dense FFN 17.6 (blocks
-    unrolled; the loop over blocks measured 8.8 vs 9.2 ms unrolled in a later run).
-    Differentiable, but its backward is slow on CPU: train with `blocked`. gu_Ex/down may be
-    stacked arrays or lists of E (trimmed experts of different widths)."""
+def _switched(x_TxD, experts_TxA, weights_TxA, gu_Ex, down_ExFxD, block: int):
     E = len(gu_Ex) if isinstance(gu_Ex, list) else gu_Ex.shape[0]
-    b, N, dest, src, block_expert = _block_layout(experts_TxK, E, block)
+    b, N, dest, src, block_expert = _block_layout(experts_TxA, E, block)
     xs = _gather_blocks(x_TxD, src, N, b)
     branches = [
         lambda xb, g=gu_Ex[e], d=down_ExFxD[e]: _swiglu(xb, g, d).astype(xb.dtype) for e in range(E)
@@ -160,23 +177,24 @@ def switched_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD, block: 
     # a loop over the blocks, not N unrolled switches: the graph (and compile time) stays
     # constant in T (2,048 tokens: compile and first call 0.6 s vs 2.6 s; no slower to run)
     ys = jax.lax.map(lambda a: jax.lax.switch(a[1], branches, a[0]), (xs, block_expert))
-    return _combine_blocks(ys.reshape(N * b, -1), dest, weights_TxK)
+    return _combine_blocks(ys.reshape(N * b, -1), dest, weights_TxA)
 
 
-def select_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
+def select_experts(x_TxD, experts_TxA, weights_TxA, gu_Ex, down_ExFxD):
     """Per expert, run it (on all T tokens) only if some token picked it. Reads only the needed
     experts' weights: the CPU decode path. Above SELECT_SWITCH_MIN (token, expert) pairs (a
     prompt) running each used expert on every token costs up to E times the FLOPs, so the
-    tokens go through `switched_experts` instead. gu_Ex/down may be stacked arrays or lists."""
+    tokens go through blocked dispatch with the switch read instead. gu_Ex/down may be stacked
+    arrays or lists."""
     E = len(gu_Ex) if isinstance(gu_Ex, list) else gu_Ex.shape[0]
-    if experts_TxK.size == 1:  # one token, top-1 (batch-1 decode): one switch, not E conds
-        y = _switch_swiglu(experts_TxK[0, 0], list(gu_Ex), list(down_ExFxD), x_TxD)
-        return y * weights_TxK.astype(y.dtype)
-    if experts_TxK.size > SELECT_SWITCH_MIN:
-        return switched_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD)
+    if experts_TxA.size == 1:  # one token, top-1 (batch-1 decode): one switch, not E conds
+        y = _switch_swiglu(experts_TxA[0, 0], list(gu_Ex), list(down_ExFxD), x_TxD)
+        return y * weights_TxA.astype(y.dtype)
+    if experts_TxA.size > SELECT_SWITCH_MIN:
+        return _switched(x_TxD, experts_TxA, weights_TxA, gu_Ex, down_ExFxD, 64)
     out = jnp.zeros_like(x_TxD)
     for e in range(E):
-        w_T = jnp.sum(jnp.where(experts_TxK == e, weights_TxK, 0.0), axis=-1)
+        w_T = jnp.sum(jnp.where(experts_TxA == e, weights_TxA, 0.0), axis=-1)
         out = jax.lax.cond(
             jnp.any(w_T != 0),
             lambda o, e=e, w_T=w_T: (
@@ -186,15 +204,6 @@ def select_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
             out,
         )
     return out
-
-
-def masked_experts(x_TxD, experts_TxK, weights_TxK, gu_Ex, down_ExFxD):
-    """Every expert on every token, weighted by the (one-hot) routing: the simple reference."""
-    E = gu_Ex.shape[0]
-    w_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, E) * weights_TxK[..., None], axis=1)
-    gu = jnp.einsum("td,edgf->tegf", x_TxD, gu_Ex)
-    h_TxExF = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
-    return jnp.einsum("tef,efd,te->td", h_TxExF, down_ExFxD, w_TxE.astype(h_TxExF.dtype))
 
 
 def expert_parallel(fn, mesh, expert_axis: str = "expert"):
@@ -233,7 +242,7 @@ def _constrain(a, mesh, spec):
 def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
     """The FFN callable for `llama.forward`: shared expert + routed experts.
 
-    routing: (experts_BxSxK, weights_BxSxK) from the pre-gating router (same in every layer);
+    routing: (experts_BxSxA, weights_BxSxA) from the pre-gating router (same in every layer);
     None with mcfg.layerwise: route per layer from that layer's normed hidden state.
     aux per layer: the layer-wise gate logits [B, S, E] (None for Read-ME)."""
 
@@ -249,29 +258,25 @@ def moe_ffn(mcfg: MoEConfig, routing=None, mesh=None):
             aux = logits
         else:
             experts, weights = routing
-        e_TxK = experts.reshape(B * S, -1)
-        w_TxK = weights.reshape(B * S, -1)
+        e_TxA = experts.reshape(B * S, -1)
+        w_TxA = weights.reshape(B * S, -1)
         gu, down = lp["expert_gate_up"], lp["expert_down"]
-        lists_ok = mcfg.dispatch in ("select", "switched") and mesh is None
+        lists_ok = mcfg.dispatch == "select" and mesh is None
         if isinstance(gu, list) and not lists_ok:
             gu, down = jnp.stack(gu), jnp.stack(down)
-        if mcfg.dispatch == "select" and "fused_gate_up" in lp and e_TxK.size == 1:
+        if mcfg.dispatch == "select" and "fused_gate_up" in lp and e_TxA.size == 1:
             # one top-1 token (batch-1 decode; its weight is 1): one switch over E FFNs that
             # each hold the shared channels and one expert's, so a single gate/up and down pair
-            y = _switch_swiglu(e_TxK[0, 0], lp["fused_gate_up"], lp["fused_down"], x)
+            y = _switch_swiglu(e_TxA[0, 0], lp["fused_gate_up"], lp["fused_down"], x)
             return y.reshape(B, S, D), aux
         if mesh is not None:
-            y = expert_parallel(ragged_experts, mesh)(x, e_TxK, w_TxK, gu, down)
+            y = expert_parallel(ragged_experts, mesh)(x, e_TxA, w_TxA, gu, down)
         elif mcfg.dispatch == "ragged":
-            y = ragged_experts(x, e_TxK, w_TxK, gu, down)
+            y = ragged_experts(x, e_TxA, w_TxA, gu, down)
         elif mcfg.dispatch == "select":
-            y = select_experts(x, e_TxK, w_TxK, gu, down)
-        elif mcfg.dispatch == "blocked":
-            y = blocked_experts(x, e_TxK, w_TxK, gu, down)
-        elif mcfg.dispatch == "switched":
-            y = switched_experts(x, e_TxK, w_TxK, gu, down)
+            y = select_experts(x, e_TxA, w_TxA, gu, down)
         else:
-            y = masked_experts(x, e_TxK, w_TxK, gu, down)
+            y = blocked_experts(x, e_TxA, w_TxA, gu, down)
         y = y + shared_ffn(lp, x)
         return y.reshape(B, S, D), aux
 
@@ -365,3 +370,76 @@ def active_param_count(cfg: LlamaConfig, shared_widths_L, expert_widths_LxE, top
         "active_ffn": active_ffn,
         "dense_ffn": dense_ffn,
     }
+
+
+def init_moe_layer(
+    mcfg: MoEConfig, dim: int, shared_width: int, expert_width: int, key: jax.Array, dtype=None
+) -> Params:
+    """Random MoE FFN parameters of one layer (normal, std 0.02), for tests and from-scratch
+    work: shared_gate_up [D, 2, Fs], shared_down [Fs, D], expert_gate_up [E, D, 2, Fe],
+    expert_down [E, Fe, D], and with mcfg.layerwise a gate [D, E]."""
+    D, Fs, Fe, E = dim, shared_width, expert_width, mcfg.num_experts
+    shapes = {
+        "shared_gate_up": (D, 2, Fs),
+        "shared_down": (Fs, D),
+        "expert_gate_up": (E, D, 2, Fe),
+        "expert_down": (E, Fe, D),
+    }
+    if mcfg.layerwise:
+        shapes["gate"] = (D, E)
+    keys = jax.random.split(key, len(shapes))
+    dtype = dtype or jnp.float32
+    return {
+        name: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+        for k, (name, shape) in zip(keys, shapes.items(), strict=True)
+    }
+
+
+class MoEFFN(nnx.Module):
+    """Flax NNX MoE FFN layer: the always-on shared expert plus E routed experts, holding one
+    layer's parameters (`init_moe_layer` names and shapes) as nnx.Param leaves and calling
+    `moe_ffn`, so it can sit inside a user's own Flax model and still go through nnx.split /
+    nnx.merge for jit.
+
+    `ffn(x_BxSxD, routing)` -> y [B, S, D], routing = (experts [B, S, A] int32, weights
+    [B, S, A]) from a `Router` (or any router); with mcfg.layerwise, routing=None routes from
+    x with the layer's own gate, and `return_aux=True` also returns its logits [B, S, E].
+    Without `params`, random ones of widths `shared_width` / `expert_width`."""
+
+    def __init__(
+        self,
+        mcfg: MoEConfig,
+        params: Params | None = None,
+        *,
+        dim: int | None = None,
+        shared_width: int | None = None,
+        expert_width: int | None = None,
+        rngs: nnx.Rngs | None = None,
+        mesh=None,
+    ):
+        self.mcfg, self.mesh = mcfg, mesh
+        if params is None:
+            if None in (dim, shared_width, expert_width):
+                raise ValueError("MoEFFN needs params, or dim, shared_width and expert_width")
+            key = (rngs or nnx.Rngs(0)).params()
+            params = init_moe_layer(mcfg, dim, shared_width, expert_width, key)
+        D = params["shared_down"].shape[-1]
+        chex.assert_shape(params["expert_gate_up"], (mcfg.num_experts, D, 2, None))
+        self.weights = nnx.data(jax.tree.map(nnx.Param, params))
+
+    @property
+    def params(self) -> Params:
+        """One layer's parameters as plain arrays (what `moe_ffn`'s callable takes)."""
+        return jax.tree.map(
+            lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param)
+        )
+
+    def __call__(self, x_BxSxD: jax.Array, routing=None, *, return_aux: bool = False):
+        chex.assert_shape(x_BxSxD, (None, None, self.params["shared_down"].shape[-1]))
+        if routing is None and not self.mcfg.layerwise:
+            raise ValueError("MoEFFN needs routing (experts, weights) unless mcfg.layerwise")
+        if routing is not None:
+            chex.assert_equal_shape(routing)
+            chex.assert_shape(routing[0], x_BxSxD.shape[:2] + (self.mcfg.top_k,))
+        y, aux = moe_ffn(self.mcfg, routing, self.mesh)(self.params, x_BxSxD, None)
+        return (y, aux) if return_aux else y

@@ -8,41 +8,18 @@ reuses `llama.forward` (RoPE, RMSNorm, GQA, KV cache) unchanged.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import LlamaConfig, MoEConfig, RouterConfig
 
 Params = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class RouterConfig:
-    dim: int = 128  # paper: 512 at Llama-2 scale; scaled down for SmolLM2
-    n_heads: int = 4
-    ffn_dim: int = 256
-    rope_theta: float = 10000.0
-
-    def backbone(self, cfg: LlamaConfig) -> LlamaConfig:
-        """The router's one-layer decoder config (vocab and context from the backbone)."""
-        return LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            dim=self.dim,
-            n_layers=1,
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_heads,
-            ffn_dim=self.ffn_dim,
-            norm_eps=cfg.norm_eps,
-            rope_theta=self.rope_theta,
-            max_seq_len=cfg.max_seq_len,
-            tie_embeddings=True,  # the E-way head replaces the LM head
-            dtype=cfg.dtype,
-        )
 
 
 def init_router(
@@ -120,3 +97,48 @@ def init_layerwise_gates(cfg: LlamaConfig, num_experts: int, key: jax.Array) -> 
     """Layer-wise baseline: one linear gate per layer on that layer's FFN input, [L, D, E]."""
     w = 0.02 * jax.random.normal(key, (cfg.n_layers, cfg.dim, num_experts), jnp.float32)
     return w.astype(jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
+
+
+class Router(nnx.Module):
+    """Flax NNX pre-gating router: holds the router's parameter tree (`init_router`) as
+    nnx.Param leaves and calls `router_logits` and `top_k_routing`, so it can sit inside a
+    user's own Flax model and still go through nnx.split / nnx.merge for jit.
+
+    `router(tokens_BxS)` -> (logits [B, S, E] f32, (experts [B, S, A] int32, weights [B, S, A]
+    f32)), A = mcfg.top_k. Without `params`, a random router (`init_router`, key from
+    `rngs.params()`; `backbone_embed_VxD` as there). Raises ConfigError (llama.check_params)
+    when `params` disagree with the configs."""
+
+    def __init__(
+        self,
+        rcfg: RouterConfig,
+        cfg: LlamaConfig,
+        mcfg: MoEConfig,
+        params: Params | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+        backbone_embed_VxD: jax.Array | None = None,
+    ):
+        self.rcfg, self.cfg, self.mcfg = rcfg, cfg, mcfg
+        if params is None:
+            key = (rngs or nnx.Rngs(0)).params()
+            params = init_router(rcfg, cfg, mcfg.num_experts, key, backbone_embed_VxD)
+        llama.check_params(rcfg.backbone(cfg), {k: v for k, v in params.items() if k != "head"})
+        chex.assert_shape(params["head"], (rcfg.dim, mcfg.num_experts))
+        self.weights = nnx.data(jax.tree.map(nnx.Param, params))
+
+    @property
+    def params(self) -> Params:
+        """The parameter tree as plain arrays (what `router_logits` takes)."""
+        return jax.tree.map(
+            lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param)
+        )
+
+    def __call__(
+        self, tokens_BxS: jax.Array, *, segment_ids_BxS: jax.Array | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        chex.assert_rank(tokens_BxS, 2)
+        logits, _ = router_logits(
+            self.params, tokens_BxS, self.rcfg, self.cfg, segment_ids_BxS=segment_ids_BxS
+        )
+        return logits, top_k_routing(logits, self.mcfg.top_k, self.mcfg.gate_scaling)

@@ -66,3 +66,11 @@ def sample_uniform(logits_BxV: jax.Array, key: jax.Array, sp: SamplingParams) ->
         jnp.full((B,), sp.top_k, jnp.int32),
         jnp.full((B,), sp.top_p, jnp.float32),
     )
+
+
+def sample_rows(logits_BxV, temp_B, top_k_B, top_p_B, seed_B, count_B) -> jax.Array:
+    """Next token per row with its own settings; row b's randomness is the key
+    fold_in(key(seed_b), count_b) alone, so a request's tokens do not depend on its batch."""
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed_B, count_B)
+    one = lambda l, k, t, tk, tp: sample(l[None], k, t[None], tk[None], tp[None])[0]
+    return jax.vmap(one)(logits_BxV, keys, temp_B, top_k_B, top_p_B)

@@ -1,6 +1,8 @@
 """Compute backends of the serving engine.
 
-`ModelBackend`: the jitted steps of `decode.py` over an `OffloadedExpertStore` whose C device
+`ModelBackend`: the step library (decode/steps.py, driven by `decode.SlotDecoder`). With every
+expert resident (cache policy `all`: expert e in slot e) the steps read the in-graph experts, as
+the static-batch `Generator` does; otherwise they read an `OffloadedExpertStore` whose C device
 slots mirror the engine's `ExpertCache` (every load the cache decides is a real host->device copy).
 `ReplayBackend`: the tokens and experts of a recorded run, for re-timing a schedule under a cost
 model without running the model.
@@ -8,7 +10,7 @@ model without running the model.
 Both expose: num_experts, top_k, eos_ids, vocab_size, bytes_per_expert, num_slots;
 reset(cache), route_prompt(req), load(expert, slot) (a whole expert, before a decode call, or a
 prefetch), prefill(live, start, n, waves, is_last) (one chunk; each wave carries its slot ids,
-weights and the loads to stream layer by layer before it), decode(rows, slot_NxK, w_NxK),
+weights and the loads to stream layer by layer before it), decode(rows, slot_NxA, w_NxA),
 fetch(handle).
 """
 
@@ -58,6 +60,7 @@ class ModelBackend:
         self.bytes_per_expert = sum(v[0].nbytes for v in sp.experts.values())
         self.host_memory_kind = host_memory_kind
         self.store: OffloadedExpertStore | None = None
+        self.in_graph = False  # every expert resident in its own slot: the in-graph experts
 
     @classmethod
     def for_config(cls, sp: ServeParams, cfg, **kw) -> ModelBackend:
@@ -77,6 +80,8 @@ class ModelBackend:
             if rec["kind"] == "preload" and self.store.expert_in(rec["slot"]) != rec["expert"]:
                 self.store.load(rec["expert"], rec["slot"])
         self.store.wait()
+        pre = {r["expert"]: r["slot"] for r in cache.log if r["kind"] == "preload"}
+        self.in_graph = pre == {e: e for e in range(self.num_experts)}
         self.decoder.reset()
 
     def route_prompt(self, req) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +91,13 @@ class ModelBackend:
         self.store.load(expert, slot)
 
     def prefill(self, live, start, n, waves, is_last):
-        """One chunk, streamed by layer; waves: [(slot_ids [n, K], weights [n, K], loads)]."""
+        """One chunk; waves: [(slot_ids [n, A], weights [n, A], loads)] (streamed by layer
+        unless every expert is resident)."""
         toks = list(live.req.prompt[start : start + n])
         sp = tuple(c[0] for c in _sampling([live]))
         store = self.store
+        if self.in_graph:
+            return self.decoder.prefill(None, live.row, start, toks, waves, is_last, sp)
         return self.decoder.prefill(
             lambda l: store.slots[l],
             live.row,
@@ -101,10 +109,11 @@ class ModelBackend:
             load_layer=store.load_layer,
         )
 
-    def decode(self, rows, slot_NxK, w_NxK):
+    def decode(self, rows, slot_NxA, w_NxA):
         tok = np.asarray([0 if l is None else l.tokens[-1] for l in rows], np.int32)
         active = np.asarray([l is not None for l in rows])
-        return self.decoder.decode(self.store.slots, tok, slot_NxK, w_NxK, active, _sampling(rows))
+        slots = None if self.in_graph else self.store.slots
+        return self.decoder.decode(slots, tok, slot_NxA, w_NxA, active, _sampling(rows))
 
     @staticmethod
     def fetch(handle):
@@ -164,9 +173,9 @@ class ReplayBackend:
         tok, e, w = self._token(live.req.id, 0)
         return tok, np.asarray(e, np.int32), np.asarray(w, np.float32)
 
-    def decode(self, rows, slot_NxK, w_NxK):
-        N, K = len(rows), self.top_k
-        tok, e, w = np.zeros(N, np.int32), np.zeros((N, K), np.int32), np.zeros((N, K), np.float32)
+    def decode(self, rows, slot_NxA, w_NxA):
+        N, A = len(rows), self.top_k
+        tok, e, w = np.zeros(N, np.int32), np.zeros((N, A), np.int32), np.zeros((N, A), np.float32)
         for b, l in enumerate(rows):
             if l is not None:
                 tok[b], e[b], w[b] = self._token(l.req.id, len(l.tokens))

@@ -1,6 +1,5 @@
-"""The serving engine: request queue, admission, prefill, decode, completion, expert cache.
-
-Dimension letters: N request slots, E experts, C expert cache slots, K experts per token.
+"""The serving engine: request queue, admission, prefill, decode, completion, expert cache;
+`generate` runs it over a list of prompts. Dimension letters: the glossary in model/config.py.
 
 Each engine *step* runs one batch chosen by `batching.schedule` as a sequence of *calls*:
   decode   rows of decoding requests grouped by their next token's experts, at most C per
@@ -16,7 +15,8 @@ the queued prompts' experts); the backend loads the misses into the store's devi
 
 Time: the engine clock advances by each step's duration; requests arrive when the clock passes
 their `arrival_s`; an idle engine jumps to the next arrival. The duration comes from a `clock`:
-measured wall time by default, or a cost model (`costmodel.CostClock`: simulated accelerator).
+measured wall time by default, or a cost model (the lab's `serve/bench/costmodel.py:CostClock`:
+simulated accelerator).
 
 The backend computes: `ModelBackend` runs the jitted steps of `decode.py` on an
 `OffloadedExpertStore`; `ReplayBackend` returns the tokens and experts of a recorded run, so a
@@ -33,12 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from readme_jax.model.generate import PromptError, validate_tokens
+from readme_jax.decode.steps import PromptError, validate_tokens
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve import batching
+from readme_jax.serve.backend import ModelBackend
 from readme_jax.serve.cache import ExpertCache, Future, dedup, make_policy
+from readme_jax.serve.decode import ServeParams
 
 OK, ERROR = "ok", "error"
+GREEDY = SamplingParams()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,7 @@ class RequestResult:
     tokens: list[int] = dataclasses.field(default_factory=list)
     experts: list[list[int]] = dataclasses.field(default_factory=list)  # per generated token
     weights: list[list[float]] = dataclasses.field(default_factory=list)
-    prompt_experts: list[list[int]] = dataclasses.field(default_factory=list)  # [S][K]
+    prompt_experts: list[list[int]] = dataclasses.field(default_factory=list)  # [S][A]
     prompt_weights: list[list[float]] = dataclasses.field(default_factory=list)
     arrival_s: float = 0.0
     first_token_s: float | None = None
@@ -111,8 +114,8 @@ class RequestResult:
 class _Live:
     req: ServeRequest
     sched: batching.Request
-    prompt_experts: np.ndarray  # [S, K]
-    prompt_weights: np.ndarray  # [S, K]
+    prompt_experts: np.ndarray  # [S, A]
+    prompt_weights: np.ndarray  # [S, A]
     res: RequestResult
     row: int | None = None
     done: int = 0  # prompt tokens prefilled
@@ -399,7 +402,7 @@ class Engine:
         """Issue a call. waves: per wave, (expert -> slot after its access, its loads)."""
         if c.kind == "prefill":
             l = c.rows[0]
-            pe = l.prompt_experts[c.start : c.start + c.n]  # [n, K]
+            pe = l.prompt_experts[c.start : c.start + c.n]  # [n, A]
             pw = l.prompt_weights[c.start : c.start + c.n]
             args = []
             for slot_of, loads in waves:
@@ -410,14 +413,14 @@ class Engine:
         ((slot_of, loads),) = waves
         for e, s in loads:
             self.backend.load(e, s)
-        N, K = self.cfg.num_slots, self.backend.top_k
-        slot_NxK, w_NxK = np.zeros((N, K), np.int32), np.zeros((N, K), np.float32)
+        N, A = self.cfg.num_slots, self.backend.top_k
+        slot_NxA, w_NxA = np.zeros((N, A), np.int32), np.zeros((N, A), np.float32)
         rows: list[_Live | None] = [None] * N
         for l in c.rows:
             rows[l.row] = l
-            slot_NxK[l.row] = [slot_of[e] for e in l.next_experts]
-            w_NxK[l.row] = l.next_weights
-        return self.backend.decode(rows, slot_NxK, w_NxK)
+            slot_NxA[l.row] = [slot_of[e] for e in l.next_experts]
+            w_NxA[l.row] = l.next_weights
+        return self.backend.decode(rows, slot_NxA, w_NxA)
 
     # ------------------------------------------------------------------ run
 
@@ -512,3 +515,64 @@ class Engine:
                     l.next_weights = tuple(float(x) for x in wt)
                     l.sched.next_expert = l.next_experts[0]
         return finished
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@dataclasses.dataclass
+class MoEGeneration:
+    tokens: list[list[int]]
+    results: list[RequestResult]
+    stats: dict
+
+
+def generate(
+    sp: ServeParams,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams = GREEDY,
+    *,
+    capacity: int | None = None,
+    cache_policy: str = "belady",
+    prefetch: bool = False,
+    seed: int = 0,
+    max_len: int = EngineConfig.max_len,
+    num_slots: int | None = None,
+    prefill_chunk: int = 32,
+    on_token: Callable[[int, int], None] | None = None,
+    backend: ModelBackend | None = None,
+) -> MoEGeneration:
+    """Generate for every prompt (all arrive at once) with C = `capacity` expert slots
+    (None: all resident). Prompt i's result is request i; errors (e.g. a prompt too long) are
+    reported in `results[i].error` with empty tokens. `on_token(i, token)` streams.
+
+    Every shape comes from the engine's configuration (num_slots, max_len, prefill_chunk), not
+    from the prompts' lengths: a request never recompiles a step; one that does not fit
+    max_len is an error result."""
+    E = sp.num_experts
+    if capacity is None or capacity >= E:
+        capacity, cache_policy = E, "all"
+    longest = max(len(p) for p in prompts)
+    cfg = EngineConfig(
+        num_slots=num_slots or min(8, len(prompts)),
+        max_len=max_len,
+        prefill_chunk=prefill_chunk,
+        max_batch_tokens=max(128, longest),
+        cache_policy=cache_policy,
+        capacity=capacity,
+        prefetch=prefetch,
+    )
+    backend = backend or ModelBackend.for_config(sp, cfg)
+    reqs = [
+        ServeRequest(i, list(p), max_new_tokens, sampling=sampling, seed=seed + i)
+        for i, p in enumerate(prompts)
+    ]
+    run = Engine(backend, cfg).run(reqs, on_token=on_token)
+    stats = run.summary() | {"capacity": capacity, "num_experts": E, "policy": cache_policy}
+    stats["prefetch"] = prefetch
+    # decode rate over decode-only steps, the first one (which compiles) left out
+    dec = [st for st in run.steps if not st["prefill"]][1:]
+    span = sum(st["duration_s"] for st in dec)
+    stats["decode_tok_s"] = sum(len(st["decode"]) for st in dec) / span if span else float("nan")
+    return MoEGeneration([r.tokens for r in run.results], run.results, stats)

@@ -2,6 +2,7 @@
 the mesh, and the paper-scale dry run."""
 
 from readme_jax.train.config import TrainConfig, TrainConfigError, resolve
-from readme_jax.train.loop import TrainingError, run_training
+from readme_jax.train.context import TrainingError
+from readme_jax.train.loop import run_training
 
 __all__ = ["TrainConfig", "TrainConfigError", "TrainingError", "resolve", "run_training"]

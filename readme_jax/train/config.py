@@ -12,10 +12,21 @@ import dataclasses
 import math
 from typing import Any
 
+from readme_jax.model.config import DISPATCH_MODES
+
 SIZING = (
-    "rounds", "router_steps", "expert_steps", "batch_size", "router_batch_size", "seq_len",
-    "micro_batch", "router_lr", "expert_lr", "save_every", "baselines",
-)  # fmt: skip
+    "rounds",
+    "router_steps",
+    "expert_steps",
+    "batch_size",
+    "router_batch_size",
+    "seq_len",
+    "micro_batch",
+    "router_lr",
+    "expert_lr",
+    "save_every",
+    "baselines",
+)
 PHASES = ("router", "expert")
 BASELINES = ("layerwise", "static")
 
@@ -133,16 +144,17 @@ def validate(tc: TrainConfig) -> None:
                 f"train.micro_batch={tc.micro_batch}"
             )
     if tc.expert_params not in ("ffn", "backbone"):
-        raise TrainConfigError(f"train.expert_params must be 'ffn' or 'backbone', not "
-                               f"{tc.expert_params!r}")  # fmt: skip
+        raise TrainConfigError(
+            f"train.expert_params must be 'ffn' or 'backbone', not {tc.expert_params!r}"
+        )
     if tc.compute_dtype not in ("float32", "bfloat16"):
-        raise TrainConfigError(f"train.compute_dtype must be float32 or bfloat16, not "
-                               f"{tc.compute_dtype!r}")  # fmt: skip
-    from readme_jax.model.moe import DISPATCH_MODES
-
+        raise TrainConfigError(
+            f"train.compute_dtype must be float32 or bfloat16, not {tc.compute_dtype!r}"
+        )
     if tc.dispatch not in ("", "auto", *DISPATCH_MODES):
-        raise TrainConfigError(f"train.dispatch must be '', 'auto' or one of {DISPATCH_MODES}, "
-                               f"not {tc.dispatch!r}")  # fmt: skip
+        raise TrainConfigError(
+            f"train.dispatch must be '', 'auto' or one of {DISPATCH_MODES}, not {tc.dispatch!r}"
+        )
     if tc.rounds < 1 or tc.router_steps < 0 or tc.expert_steps < 0:
         raise TrainConfigError("train.rounds must be >= 1 and the step counts >= 0")
     if not tc.target_temperature > 0:

@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 # environment variables by which JAX's cluster auto-detection recognises a multi-process launch
 # (jax/_src/clusters: slurm_cluster.py, ompi_cluster.py, cloud_tpu_cluster.py)
@@ -138,8 +139,6 @@ def is_primary() -> bool:
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name` (no-op with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -147,8 +146,6 @@ def assert_same(value: Any, name: str) -> None:
     """Raise DistributedError unless the JSON-able `value` is identical on every process."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).digest()
     mine = np.frombuffer(digest, np.uint8)
     every = np.asarray(multihost_utils.process_allgather(mine))
@@ -175,7 +172,6 @@ def to_host(tree: Any) -> Any:
     (the gather is a collective); single-process arrays come back as they are."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
 
     def one(x):
         if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:

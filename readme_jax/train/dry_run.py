@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import readme_jax.train.mesh as meshlib
+import readme_jax.train.step as steplib
+from readme_jax.checkpoints import models
+from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
 from readme_jax.data.pipeline import BATCH_KEYS
 from readme_jax.model import llama
-from readme_jax.model.config import ConfigError, LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.router import RouterConfig, init_router
-from readme_jax.refactor import convert as cv
-from readme_jax.train import mesh as meshlib
-from readme_jax.train import step as steplib
+from readme_jax.model.config import ConfigError, LlamaConfig, MoEConfig, RouterConfig
+from readme_jax.model.router import init_router
+from readme_jax.refactor.pipeline import parse_domains
 from readme_jax.train.config import resolve
 
 
@@ -35,29 +36,27 @@ def model_config(c: Any) -> LlamaConfig:
     ck = str(c.model.checkpoint)
     over = {"dtype": c.model.dtype, "scan_layers": c.model.scan_layers}
     if ck.startswith("random:"):
-        r = cv._parse_random(ck)
-        return LlamaConfig(vocab_size=r["vocab"], dim=r["dim"], n_layers=r["layers"],
-                           n_heads=r["heads"], n_kv_heads=r["kv_heads"], ffn_dim=r["ffn"],
-                           tie_embeddings=True, **over)  # fmt: skip
+        return models.random_config(ck, **over)
     if ck == "" or ck.endswith(".gguf"):
-        from readme_jax.checkpoints.gguf import config_from_gguf, default_gguf_path, open_gguf
-
         return config_from_gguf(open_gguf(ck or default_gguf_path()), **over)
     if (Path(ck) / "config.json").exists():
         return LlamaConfig.from_hf(Path(ck) / "config.json", **over)
     if "hf_config" in c.model:
         print(f"[dry run] {ck} not found; using the model shape in config.model.hf_config")
         return LlamaConfig.from_hf(dict(c.model.hf_config), **over)
-    raise ConfigError(f"model.checkpoint {ck!r} has no config.json and config.model.hf_config "
-                      "is not set: the dry run needs the model's shape")  # fmt: skip
+    raise ConfigError(
+        f"model.checkpoint {ck!r} has no config.json and config.model.hf_config "
+        "is not set: the dry run needs the model's shape"
+    )
 
 
 def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(x) for x in shape), dtype)
 
 
-def abstract_params(cfg: LlamaConfig, E: int, rcfg: RouterConfig, remain: float,
-                    shared_frac: float) -> tuple[dict, dict]:  # fmt: skip
+def abstract_params(
+    cfg: LlamaConfig, E: int, rcfg: RouterConfig, remain: float, shared_frac: float
+) -> tuple[dict, dict]:
     """(Read-ME params, dense teacher params) as ShapeDtypeStructs (layers stacked)."""
     dt = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     shapes = llama.param_shapes(cfg)
@@ -68,10 +67,12 @@ def abstract_params(cfg: LlamaConfig, E: int, rcfg: RouterConfig, remain: float,
     Fe = max(1, int(round(remain * F)) - Fs)
     layers = {k: v for k, v in dense["layers"].items() if k not in ("w_gate_up", "w_down")}
     layers.update(
-        shared_gate_up=_sds((L, D, 2, Fs), dt), shared_down=_sds((L, Fs, D), dt),
-        expert_gate_up=_sds((L, E, D, 2, Fe), dt), expert_down=_sds((L, E, Fe, D), dt),
+        shared_gate_up=_sds((L, D, 2, Fs), dt),
+        shared_down=_sds((L, Fs, D), dt),
+        expert_gate_up=_sds((L, E, D, 2, Fe), dt),
+        expert_down=_sds((L, E, Fe, D), dt),
         gate=_sds((L, D, E), dt),
-    )  # fmt: skip
+    )
     router = jax.eval_shape(lambda k: init_router(rcfg, cfg, E, k), jax.random.key(0))
     return {"backbone": {**dense, "layers": layers}, "router": router}, dense
 
@@ -100,7 +101,7 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
     tc = resolve(c)
     mesh = meshlib.mesh_from_config(c)
     cfg = model_config(c)
-    E = len(cv.parse_domains(c.data.domains))
+    E = len(parse_domains(c.data.domains))
     rcfg = RouterConfig(c.router.dim, c.router.n_heads, c.router.ffn_dim)
     mcfg = MoEConfig(E, c.moe.top_k, c.moe.gate_scaling, c.moe.dispatch)
     remain = float(c.refactor.remain_rate)
@@ -113,17 +114,28 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
     params = _with_shardings(params, meshlib.param_shardings(params, mesh))
     teacher = jax.eval_shape(lambda t: steplib.cast_params(t, tc.compute_dtype), teacher)
     teacher = _with_shardings(teacher, meshlib.param_shardings(teacher, mesh))
-    union = jax.ShapeDtypeStruct((cfg.n_layers, cfg.ffn_dim, E), jnp.float32,
-                                 sharding=meshlib.replicated(mesh))  # fmt: skip
+    union = jax.ShapeDtypeStruct(
+        (cfg.n_layers, cfg.ffn_dim, E), jnp.float32, sharding=meshlib.replicated(mesh)
+    )
     consts = {"teacher": teacher, "union": union}
-    print(f"[dry run] {c.name}: {cfg.param_count() / 1e9:.2f}B dense params, {E} experts, "
-          f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} "
-          f"devices; shared expert {shared_frac:.2f}F (assumed), remain rate {remain}")  # fmt: skip
+    print(
+        f"[dry run] {c.name}: {cfg.param_count() / 1e9:.2f}B dense params, {E} experts, "
+        f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} "
+        f"devices; shared expert {shared_frac:.2f}F (assumed), remain rate {remain}"
+    )
     out = {}
     for phase in ("router", "expert"):
-        s = steplib.Setup(kind="readme", phase=phase, cfg=cfg, teacher_cfg=cfg, tc=tc,
-                          n_domains=E, mcfg=mcfg, rcfg=rcfg,
-                          expert_parallel=mesh.shape["expert"] > 1)  # fmt: skip
+        s = steplib.Setup(
+            kind="readme",
+            phase=phase,
+            cfg=cfg,
+            teacher_cfg=cfg,
+            tc=tc,
+            n_domains=E,
+            mcfg=mcfg,
+            rcfg=rcfg,
+            expert_parallel=mesh.shape["expert"] > 1,
+        )
         label_tree = steplib.labels(params, "readme", phase, tc.expert_params)
         tx = steplib.make_optimizer(tc, phase, label_tree)
         st = jax.eval_shape(
@@ -132,8 +144,12 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
         st = _with_shardings(st, meshlib.state_shardings(st, mesh))
         B, S = tc.phase_batch(phase), tc.seq_len
         bsh = meshlib.batch_sharding(mesh)
-        batch = {k: jax.ShapeDtypeStruct((B, S), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                         sharding=bsh) for k in BATCH_KEYS}  # fmt: skip
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                (B, S), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=bsh
+            )
+            for k in BATCH_KEYS
+        }
         fn = steplib.make_step(s, tx, label_tree, mesh)
         t0 = time.time()
         shardings = jax.tree.map(lambda a: a.sharding, st)
@@ -151,8 +167,9 @@ def dry_run(c: Any, shared_frac: float = 0.25) -> dict[str, dict[str, float]]:
             "alias_bytes": getattr(m, "alias_size_in_bytes", 0),
             "temp_bytes": getattr(m, "temp_size_in_bytes", 0),
         }
-        rec["peak_bytes"] = (rec["argument_bytes"] + rec["output_bytes"] - rec["alias_bytes"]
-                             + rec["temp_bytes"])  # fmt: skip
+        rec["peak_bytes"] = (
+            rec["argument_bytes"] + rec["output_bytes"] - rec["alias_bytes"] + rec["temp_bytes"]
+        )
         out[phase] = rec
         print(
             f"[dry run] {phase} step: batch {B} x {S} ({tc.accum(phase)} micro-batches), "

@@ -13,8 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.router import RouterConfig
+from readme_jax.model.config import LlamaConfig, RouterConfig
 
 
 @functools.cache
@@ -49,8 +48,12 @@ def decoder_macs(cfg: LlamaConfig, ffn_width: float, seq_len: int) -> dict[str, 
     """Per token: body (attention + FFN at ffn_width), ffn part alone, head."""
     ffn = 3 * cfg.dim * ffn_width
     body = cfg.n_layers * (_attn_macs(cfg) + _score_macs(cfg, seq_len) + ffn)
-    return {"body": body, "ffn": cfg.n_layers * ffn, "attn_w": cfg.n_layers * _attn_macs(cfg),
-            "head": cfg.dim * cfg.vocab_size}  # fmt: skip
+    return {
+        "body": body,
+        "ffn": cfg.n_layers * ffn,
+        "attn_w": cfg.n_layers * _attn_macs(cfg),
+        "head": cfg.dim * cfg.vocab_size,
+    }
 
 
 def step_flops_per_token(

@@ -95,8 +95,15 @@ def routing_kl(target_BxSxE, logits_BxSxE, mask_BxS) -> jax.Array:
     return jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def routing_metrics(experts_BxS, domain_BxS, mask_BxS, n_domains: int, n_experts: int,
-                    logits_BxSxE=None, target_BxSxE=None) -> dict[str, jax.Array]:  # fmt: skip
+def routing_metrics(
+    experts_BxS,
+    domain_BxS,
+    mask_BxS,
+    n_domains: int,
+    n_experts: int,
+    logits_BxSxE=None,
+    target_BxSxE=None,
+) -> dict[str, jax.Array]:
     """Sums (divide by "tokens" on the host): router entropy, accuracy against the target's
     argmax, and the expert load per domain [n_domains, E] (token counts)."""
     m = mask_BxS.astype(jnp.float32)
@@ -233,9 +240,19 @@ def head_loss(
     )
 
 
-def reference_head_loss(h_TxD, w_head, targets_T, weight_T, *, teacher_h_TxD=None,
-                        teacher_w_head=None, lm_weight=1.0, kd_weight=0.0, temperature=1.0,
-                        transposed=False):  # fmt: skip
+def reference_head_loss(
+    h_TxD,
+    w_head,
+    targets_T,
+    weight_T,
+    *,
+    teacher_h_TxD=None,
+    teacher_w_head=None,
+    lm_weight=1.0,
+    kd_weight=0.0,
+    temperature=1.0,
+    transposed=False,
+):
     """The same loss with full [T, V] logits and plain autodiff (tests)."""
     z = _logits(h_TxD, w_head, transposed)
     ls = jax.nn.log_softmax(z, -1)

@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
-from readme_jax.model.router import RouterConfig, router_logits, top_k_routing
-from readme_jax.train import losses
+import readme_jax.train.losses as losses
+from readme_jax.model import llama, moe, readme
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.model.router import router_logits
 from readme_jax.train.config import TrainConfig
 
 Params = dict[str, Any]
@@ -143,47 +142,11 @@ def teacher_pass(s: Setup, consts: Params, b: Params):
     return jax.lax.stop_gradient(h), (None if cov is None else jax.lax.stop_gradient(cov))
 
 
-def remat_forward(params: Params, tokens_BxS, cfg: LlamaConfig, ffn, segment_ids_BxS,
-                  positions_BxS):  # fmt: skip
-    """`llama.forward(..., return_hidden=True)` with each layer under `jax.checkpoint`: only layer
-    inputs are kept for the backward pass (attention scores are [B, H, S, S] per layer).
-    Built from llama's layer pieces because llama.forward has no remat option."""
-    ctx = llama._context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, None)
-    x = params["embed"][tokens_BxS]
-
-    @jax.checkpoint
-    def block(lp, x, layer):
-        x, _, aux = llama._block(lp, x, ctx, None, cfg, ffn, layer)
-        return x, aux
-
-    layers = params["layers"]
-    if isinstance(layers, list):
-        auxs = []
-        for i, lp in enumerate(layers):
-            x, aux = block(lp, x, i)
-            auxs.append(aux)
-        aux = None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs)
-    else:
-        x, aux = jax.lax.scan(lambda x, sl: block(sl[0], x, sl[1]), x,
-                              (layers, jnp.arange(cfg.n_layers)))  # fmt: skip
-    return llama.rms_norm(x, params["final_norm"], cfg.norm_eps), aux
-
-
 def _decoder(s: Setup, params: Params, b: Params, ffn):
-    if s.tc.remat:
-        return remat_forward(params, b["tokens"], s.cfg, ffn, b["segment_ids"], b["positions"])
     h, _, aux = llama.forward(params, b["tokens"], s.cfg, ffn=ffn, segment_ids_BxS=b["segment_ids"],
-                              positions_BxS=b["positions"], return_hidden=True)  # fmt: skip
+                              positions_BxS=b["positions"], return_hidden=True,
+                              remat=s.tc.remat)  # fmt: skip
     return h, aux
-
-
-def train_dispatch(name: str) -> str:
-    """The MoE dispatch a train step uses: "" = the model's; "auto" = `blocked` on CPU (a
-    SmolLM2 expert step measured 10.4 vs 11.9 s per 1,024 tokens against `ragged`, which XLA:CPU
-    runs over every expert), the model's elsewhere (ragged_dot is a grouped GEMM on GPU/TPU)."""
-    if name == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else ""
-    return name
 
 
 def student_hidden(s: Setup, params: Params, b: Params, routing, mesh):
@@ -191,18 +154,16 @@ def student_hidden(s: Setup, params: Params, b: Params, routing, mesh):
     if s.kind == "static":
         return _decoder(s, params, b, llama.dense_ffn)
     mcfg = s.mcfg
-    dispatch = train_dispatch(s.tc.dispatch)
-    if dispatch:
-        mcfg = dataclasses.replace(mcfg, dispatch=dispatch)
+    dispatch = moe.pick_dispatch(None, "train", model=mcfg.dispatch, override=s.tc.dispatch)
+    mcfg = dataclasses.replace(mcfg, dispatch=dispatch)
     ffn = moe.moe_ffn(mcfg, routing, mesh if s.expert_parallel else None)
     return _decoder(s, params["backbone"], b, ffn)
 
 
 def _route(s: Setup, params: Params, b: Params):
-    logits, _ = router_logits(
-        params["router"], b["tokens"], s.rcfg, s.cfg, segment_ids_BxS=b["segment_ids"]
-    )
-    return logits, top_k_routing(logits, s.mcfg.top_k, s.mcfg.gate_scaling)
+    rc = ReadMEConfig(s.cfg, s.mcfg, s.rcfg)
+    logits, routing, _ = readme.route(params, b["tokens"], rc, b["segment_ids"])
+    return logits, routing
 
 
 # ---------------------------------------------------------------- losses per phase

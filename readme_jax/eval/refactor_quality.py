@@ -22,8 +22,7 @@ import numpy as np
 
 from readme_jax.eval.perplexity import dense_logits_fn, perplexity
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig
-from readme_jax.model.moe import MoEConfig
+from readme_jax.model.config import LlamaConfig, MoEConfig
 from readme_jax.refactor.experts import (
     active_ffn_fraction,
     build_expert_spec,

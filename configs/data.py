@@ -1,0 +1,26 @@
+"""Data preparation config (`launch/data.py`); override with --config.x=y. The old flag names
+(--domains=..., --tasks=, --bench_batches=N, --notokenize, ...) still work."""
+
+from ml_collections import ConfigDict
+
+from readme_jax.data.corpora import DEFAULT_DOMAINS
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax
+    # default names, or name=PATH for a folder of .txt, a .jsonl with a "text" field, or a
+    # .parquet with a "text" column
+    c.domains = ",".join(DEFAULT_DOMAINS)
+    c.split_seed = 0  # seed that assigns documents to splits
+    c.validation = 0.05  # fraction of documents held out for validation
+    c.test = 0.05  # fraction held out for test
+    c.tokenizer = ""  # GGUF file or HF directory for the tokenizer ("" = the SmolLM2 GGUF)
+    c.tokenize = True  # tokenize and cache the splits
+    c.tasks = "mmlu"  # tasks to fetch (mmlu, or "" for none)
+    c.force = False  # rebuild prepared domains even if up to date
+    c.bench_batches = 0  # time this many pipeline batches (0: skip)
+    c.seq_len = 512  # for bench_batches
+    c.batch_size = 8  # for bench_batches
+    c.out = ""  # JSON report path ("" = CACHE/data_report.json)
+    return c

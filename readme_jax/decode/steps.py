@@ -1,0 +1,296 @@
+"""One decode step library: the jitted prefill and decode steps of the dense model and Read-ME.
+
+Two drivers use it: the static-batch `decode.generator.Generator` and the serving engine
+(`serve/decode.py:SlotDecoder`, `serve/backend.py`). Dimension letters: the glossary in
+`model/config.py` (N request slots, Q prefill chunk, M cache length, A experts per token).
+
+A step is `llama.forward` (one loop over `llama.block`) with an FFN; for Read-ME the FFN's
+routed-expert weights come from one of two sources, a parameter of every step:
+  in-graph  the model's own experts in the decode layout (`decode_layout`: per-layer lists,
+            zero padding trimmed, shared + expert fused for top-1), read by `select` dispatch;
+  slots     device slot buffers (`OffloadedExpertStore.slots`, a list over L of
+            {"gate_up": [C, D, 2, Fe], "down": [C, Fe, D]}) through per-token slot ids.
+The Generator and the all-resident engine both run the in-graph source (the same FFN, the same
+layout); the engine with C < E experts on device runs the slots.
+
+Engine steps end with an epilogue: sample the next token per row (per-request keys), then route
+it, so the host knows every request's next experts before the next step (expert batching and
+the Belady cache need them). Their shapes come from the engine's configuration only (N slots,
+Q chunk, M context), never from a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from readme_jax.model import llama, moe, readme
+from readme_jax.model.config import LlamaConfig
+from readme_jax.model.readme import ReadMEConfig
+from readme_jax.model.router import init_router_cache
+from readme_jax.model.sampling import sample_rows
+
+Params = dict[str, Any]
+
+
+class PromptError(ValueError):
+    """A prompt that the model cannot take (too long, empty, out-of-range token ids)."""
+
+
+def validate_tokens(ids: Sequence[int], vocab_size: int, what: str = "prompt") -> None:
+    if len(ids) == 0:
+        raise PromptError(f"{what} is empty")
+    arr = np.asarray(ids)
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise PromptError(
+            f"{what} has token id {int(arr[i])} at position {i}, outside the vocabulary "
+            f"[0, {vocab_size})"
+        )
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeModel:
+    """What the Generator needs from a model. step(params, tokens_BxS, cache, num_new_B,
+    last_B=None) -> (logits, cache): logits [B, S, V], or [B, 1, V] at positions last_B."""
+
+    cfg: LlamaConfig
+    step: Callable[..., tuple[jax.Array, Any]]
+    new_cache: Callable[[int, int], Any]
+    prepare: Callable[[Any], Any] = llama.unstack_layers  # params -> decode layout
+
+
+def dense_model(cfg: LlamaConfig) -> DecodeModel:
+    def step(params, tokens_BxS, cache, num_new_B, last_B=None):
+        logits, cache, _ = llama.forward(
+            params, tokens_BxS, cfg, cache=cache, num_new_B=num_new_B, last_B=last_B
+        )
+        return logits, cache
+
+    # the unrolled decode keeps one KV array per layer (see llama.init_cache)
+    per_layer = not cfg.scan_layers
+    return DecodeModel(cfg, step, lambda b, m: llama.init_cache(cfg, b, m, per_layer=per_layer))
+
+
+def decode_layout(rc: ReadMEConfig, params: Params) -> Params:
+    """{"backbone", "router"} in the decode layout of the in-graph expert source: per-layer
+    lists, experts trimmed to their real widths, shared + expert fused for top-1 models."""
+    return {
+        "backbone": moe.unstack_experts(
+            params["backbone"], trim=True, fuse_shared=rc.moe.top_k == 1
+        ),
+        "router": llama.unstack_layers(params["router"]),
+    }
+
+
+def readme_cache(rc: ReadMEConfig, batch: int, max_len: int) -> Params:
+    """Backbone and router KV caches, one array per layer (the unrolled decode's layout)."""
+    return {
+        "backbone": llama.init_cache(rc.model, batch, max_len, per_layer=True),
+        "router": init_router_cache(rc.router, rc.model, batch, max_len, per_layer=True),
+    }
+
+
+def backbone(rc: ReadMEConfig, bb: Params, tokens_BxS, cache, routing, num_new_B=None, **kw):
+    """The MoE backbone on tokens whose routing (experts [B, S, A], weights [B, S, A]) is
+    known. `slots` (keyword) = device slot buffers with routing's experts as slot ids; absent:
+    the in-graph experts of `bb` (decode layout). Returns (logits or hidden, cache)."""
+    slots = kw.pop("slots", None)
+    if slots is None:
+        mcfg = dataclasses.replace(rc.moe, dispatch=moe.pick_dispatch(None, "decode"))
+        ffn = moe.moe_ffn(mcfg, routing)
+    else:
+        ffn = slot_ffn(slots, *routing)
+    out, cache, _ = llama.forward(
+        bb, tokens_BxS, rc.model, cache=cache, num_new_B=num_new_B, ffn=ffn, **kw
+    )
+    return out, cache
+
+
+def readme_model(rc: ReadMEConfig) -> DecodeModel:
+    """Read-ME for the Generator: each step routes its tokens (the router has its own KV
+    cache), then the backbone runs them with the in-graph experts."""
+
+    def step(params, tokens_BxS, cache, num_new_B, last_B=None):
+        _, routing, rcache = readme.route(
+            params, tokens_BxS, rc, cache=cache["router"], num_new_B=num_new_B
+        )
+        logits, bcache = backbone(
+            rc, params["backbone"], tokens_BxS, cache["backbone"], routing, num_new_B,
+            last_B=last_B,
+        )  # fmt: skip
+        return logits, {"backbone": bcache, "router": rcache}
+
+    rc = rc.replace(model=rc.model.replace(scan_layers=False))
+    return DecodeModel(
+        rc.model, step, lambda b, m: readme_cache(rc, b, m), lambda p: decode_layout(rc, p)
+    )
+
+
+def slot_ffn(slots_L: list[Params], slot_BxSxA: jax.Array, weights_BxSxA: jax.Array):
+    """FFN for `llama.forward`: shared expert + the routed experts read from slot buffers.
+
+    Weight-0 tokens (inactive rows, padding) trigger no expert; per slot, the expert runs only
+    when some token uses it (`moe.select_experts`), so only the needed slots are read."""
+
+    def ffn(lp: Params, x_BxSxD: jax.Array, layer: int):
+        B, S, D = x_BxSxD.shape
+        x_TxD = x_BxSxD.reshape(B * S, D)
+        y = _slot_experts(slots_L[layer], x_TxD, slot_BxSxA, weights_BxSxA)
+        return (y + moe.shared_ffn(lp, x_TxD)).reshape(B, S, D), None
+
+    return ffn
+
+
+def _slot_experts(sl: Params, x_TxD, slot_xA, w_xA):
+    A = slot_xA.shape[-1]
+    return moe.select_experts(
+        x_TxD, slot_xA.reshape(-1, A), w_xA.reshape(-1, A), sl["gate_up"], sl["down"]
+    )
+
+
+# ----------------------------------------------------------------------------- cache rows
+
+
+def cache_row(cache: Params, row: jax.Array, start: jax.Array) -> Params:
+    """Row `row` of a per-layer slot cache as a batch-1 cache whose length is reset to `start`."""
+    take = lambda a: [jax.lax.dynamic_slice_in_dim(x, row, 1, axis=0) for x in a]
+    return {"k": take(cache["k"]), "v": take(cache["v"]), "lengths": start[None]}
+
+
+def put_row(cache: Params, c1: Params, row: jax.Array) -> Params:
+    """`cache` with row `row` replaced by the batch-1 cache `c1`."""
+    put = lambda a, x: [
+        jax.lax.dynamic_update_slice_in_dim(c, r, row, axis=0) for c, r in zip(a, x, strict=True)
+    ]
+    lengths = jax.lax.dynamic_update_slice_in_dim(cache["lengths"], c1["lengths"], row, axis=0)
+    return {"k": put(cache["k"], c1["k"]), "v": put(cache["v"], c1["v"]), "lengths": lengths}
+
+
+# ----------------------------------------------------------------------------- epilogue
+
+
+def _sample(logits_BxV, sp_B, sampled: bool):
+    """Next token per row. sampled=False (no row has a temperature): argmax, no sort."""
+    if not sampled:
+        return jnp.argmax(logits_BxV.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    return sample_rows(logits_BxV, *sp_B)
+
+
+def _route_next(rc, router, tok_B, rcache, n_B):
+    """Route the sampled tokens (their router KV counts where n_B is 1): experts, weights [B, A]."""
+    _, (e, w), rcache = readme.route(
+        {"router": router}, tok_B[:, None], rc, cache=rcache, num_new_B=n_B
+    )
+    return e[:, 0], w[:, 0], rcache
+
+
+# ----------------------------------------------------------------------------- engine steps
+
+
+def decode_step(params, slots, cache, rcache, tok_N, exp_NxA, w_NxA, active_N, sp_N, *, rc,
+                sampled: bool):  # fmt: skip
+    """One token for every active slot row. params: {"backbone", "router"}; slots: None (the
+    in-graph experts, exp_NxA expert ids) or slot buffers (exp_NxA slot ids). sp_N:
+    (temperature, top_k, top_p, seed, count) [N]. Returns (next tokens [N], their experts
+    [N, A], weights [N, A], cache, rcache); inactive rows do not advance."""
+    n_N = active_N.astype(jnp.int32)
+    w_NxA = jnp.where(active_N[:, None], w_NxA, 0.0)
+    logits, cache = backbone(
+        rc, params["backbone"], tok_N[:, None], cache, (exp_NxA[:, None], w_NxA[:, None]),
+        n_N, slots=slots,
+    )  # fmt: skip
+    nxt_N = _sample(logits[:, 0], sp_N, sampled)
+    e, w, rcache = _route_next(rc, params["router"], nxt_N, rcache, n_N)
+    return nxt_N, e, w, cache, rcache
+
+
+def prefill_step(params, slots, cache, rcache, row, start, tok_Q, exp_QxA, w_QxA, n, is_last,
+                 sp_row, *, rc, sampled: bool):  # fmt: skip
+    """One prompt chunk of one request (every expert it needs on device) in one call: the
+    chunk's Q tokens (n real) at positions start.., the next token sampled and routed.
+
+    Returns (next token, its experts [A], weights [A], cache, rcache); the next token and its
+    router KV only count when `is_last` (the chunk ends the prompt)."""
+    c1 = cache_row(cache, row, start)
+    last = (n - 1)[None]
+    logits, c1 = backbone(
+        rc, params["backbone"], tok_Q[None], c1, (exp_QxA[None], w_QxA[None]), n[None],
+        slots=slots, last_B=last,
+    )  # fmt: skip
+    return _prefill_epilogue(params["router"], cache, rcache, c1, logits[:, 0], row, start,
+                             tok_Q, n, is_last, sp_row, rc, sampled)  # fmt: skip
+
+
+def _prefill_epilogue(router, cache, rcache, c1, logits_1xV, row, start, tok_Q, n, is_last,
+                      sp_row, rc, sampled):  # fmt: skip
+    nxt_1 = _sample(logits_1xV, tuple(jnp.asarray(v)[None] for v in sp_row), sampled)
+    r1 = cache_row(rcache, row, start)
+    _, _, r1 = readme.route({"router": router}, tok_Q[None], rc, cache=r1, num_new_B=n[None])
+    e, w, r1 = _route_next(rc, router, nxt_1, r1, is_last[None].astype(jnp.int32))
+    cache, rcache = put_row(cache, c1, row), put_row(rcache, r1, row)
+    return nxt_1[0], e[0], w[0], cache, rcache
+
+
+# layer-streamed prefill (experts streamed into C < E slots, layer by layer)
+
+
+def pf_begin(bb, cache, row, start, tok_Q):
+    """Embed a prefill chunk and cut the slot's KV row out: (x [1, Q, D], k, v: lists of L
+    arrays [1, M, K, hd])."""
+    c1 = cache_row(cache, row, start)
+    return bb["embed"][tok_Q][None], c1["k"], c1["v"]
+
+
+def chunk_layer(lp, x_1xQxD, k_c, v_c, start, *, rc: ReadMEConfig):
+    """`llama.block` for the chunk at positions start + 0..Q-1 with the shared expert as its
+    FFN. k_c, v_c: this layer's KV row [1, M, K, hd]. Returns (x, h = the FFN input [Q, D],
+    k_c, v_c); the routed experts are added by `pf_experts`, one call per wave."""
+    Q, M = x_1xQxD.shape[1], k_c.shape[1]
+    ctx = llama.context(rc.model, jnp.zeros((1, Q), jnp.int32), None, None, start[None], M)
+    shared = lambda lp, h, layer: (moe.shared_ffn(lp, h[0])[None], h[0])
+    upd = lambda k, v: llama.write_kv(k_c, v_c, k, v, ctx)
+    x, (k_c, v_c), h_QxD = llama.block(lp, x_1xQxD, ctx, upd, rc.model, shared, None)
+    return x, h_QxD, k_c, v_c
+
+
+def pf_experts(slots_l, x_1xQxD, h_QxD, slot_QxA, w_QxA):
+    """Add the routed experts of one wave (weight 0 outside it) from layer slot buffers."""
+    y = _slot_experts(slots_l, h_QxD, slot_QxA, w_QxA)
+    return x_1xQxD + y[None].astype(x_1xQxD.dtype)
+
+
+def pf_end(bb, router, cache, rcache, k_c, v_c, x_1xQxD, row, start, tok_Q, n, is_last, sp_row,
+           *, rc: ReadMEConfig, sampled: bool):  # fmt: skip
+    """Final norm and head at the chunk's last token, then the prefill epilogue."""
+    cfg = rc.model
+    x = llama.rms_norm(x_1xQxD, bb["final_norm"], cfg.norm_eps)
+    last_1x1xD = jax.lax.dynamic_slice_in_dim(x, n - 1, 1, axis=1)
+    logits_1xV = llama.lm_head(bb, last_1x1xD, cfg)[:, 0]
+    c1 = {"k": k_c, "v": v_c, "lengths": (start + n)[None]}
+    return _prefill_epilogue(router, cache, rcache, c1, logits_1xV, row, start, tok_Q, n,
+                             is_last, sp_row, rc, sampled)  # fmt: skip
+
+
+def route_prompt(router, tok_1xS, *, rc: ReadMEConfig):
+    """Experts and weights [1, S, A] of prompt tokens (no cache: at arrival)."""
+    return readme.route({"router": router}, tok_1xS, rc)[1]
+
+
+# module-level, so every driver of the same config shares the compiled steps
+decode_jit = jax.jit(decode_step, static_argnames=("rc", "sampled"), donate_argnums=(2, 3))
+prefill_jit = jax.jit(prefill_step, static_argnames=("rc", "sampled"), donate_argnums=(2, 3))
+pf_begin_jit = jax.jit(pf_begin)
+chunk_layer_jit = jax.jit(chunk_layer, static_argnames=("rc",), donate_argnums=(2, 3))
+pf_experts_jit = jax.jit(pf_experts, donate_argnums=(1,))
+pf_end_jit = jax.jit(pf_end, static_argnames=("rc", "sampled"), donate_argnums=(2, 3))
+route_prompt_jit = jax.jit(route_prompt, static_argnames=("rc",))

@@ -1,0 +1,57 @@
+"""refactor/pipeline.py: the calibrate -> refactor wiring that launch/train.py, serving and the
+benchmark share, on a random teacher and real text (tests/data/corpus)."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from readme_jax.checkpoints import models
+from readme_jax.refactor.pipeline import Recipe, build_readme, parse_domains
+from readme_jax.testing import random_checkpoint
+
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
+DOMAINS = f"drama={CORPUS / 'shakespeare'},whaling={CORPUS / 'melville.jsonl'}"
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("data")
+    ck = random_checkpoint(vocab=49152, dim=32, layers=2, heads=4, kv_heads=2, ffn=64)
+    return Recipe(
+        checkpoint=ck, domains=DOMAINS, num_sequences=2, seq_len=32, data_cache=str(cache)
+    )
+
+
+def test_build_readme_caches_statistics_and_saves_a_loadable_model(recipe, tmp_path):
+    calib = tmp_path / "calib"
+    built = build_readme(recipe, calib)
+    m = built.model
+    assert m.spec.domains == ["drama", "whaling"] and m.rc.moe.num_experts == 2
+    rec = m.meta["recipe"]
+    assert rec["checkpoint"] == recipe.checkpoint and rec["tokenizer"] == built.tokenizer.name
+    assert built.stats.recipe == rec  # the statistics record the same recipe
+    stamp = (calib / "stats.json").stat().st_mtime_ns
+    again = build_readme(recipe, calib)  # same recipe: the cached statistics are reused
+    assert (calib / "stats.json").stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(again.stats.mean_abs_ExLxF, built.stats.mean_abs_ExLxF)
+    path = models.save_readme(tmp_path / "moe", m.params, m.rc, m.spec, m.meta)
+    back = models.load_readme(path)
+    assert back.meta["recipe"] == rec and back.rc == m.rc
+    assert models.tokenizer_for(back.meta).name == built.tokenizer.name
+
+
+def test_clusters_and_remain_rate_follow_the_recipe(recipe):
+    wide = build_readme(dataclasses.replace(recipe, remain_rate=0.75)).model
+    narrow = build_readme(recipe).model
+    assert wide.spec.remain_rate == 0.75 and narrow.spec.remain_rate == 0.5
+    assert wide.spec.domain_masks_ExLxF.sum() > narrow.spec.domain_masks_ExLxF.sum()
+    k3 = build_readme(dataclasses.replace(recipe, clusters=3))
+    assert k3.model.spec.num_experts == 3 and k3.model.meta["recipe"]["clusters"] == 3
+
+
+def test_parse_domains_needs_two():
+    assert parse_domains("a, b=/x") == {"a": None, "b": "/x"}
+    with pytest.raises(ValueError, match="at least 2 domains"):
+        parse_domains("only")
