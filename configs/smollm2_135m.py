@@ -1,15 +1,25 @@
 """Default: SmolLM2-135M-Instruct (bundled GGUF) refactored over the four default domains.
 
 python launch/train.py --config configs/smollm2_135m.py [--config.key=value ...]
+python launch/train.py --config configs/smollm2_135m.py:eight   # eight domains, eight experts
 """
 
 from ml_collections import ConfigDict, config_dict
 
+# data.corpora.DOMAIN_PRESETS, spelled out so that a config file imports nothing heavy
+DOMAINS = {
+    "four": "fiction,drama,code_docs,manual",
+    "eight": "fiction,drama,code_docs,manual,scripture,man_pages,perl_docs,sql_docs",
+}
 
-def get_config() -> ConfigDict:
+
+def get_config(variant: str = "") -> ConfigDict:
+    """`variant`: "" (four domains) or "eight" (one expert per domain of the eight)."""
+    if variant not in ("", *DOMAINS):
+        raise ValueError(f"unknown config variant {variant!r}; choose '' or one of {list(DOMAINS)}")
     c = ConfigDict()
-    c.name = "smollm2_135m"
-    c.run_dir = "runs/smollm2_135m"
+    c.name = "smollm2_135m" + (f"_{variant}" if variant else "")
+    c.run_dir = f"runs/{c.name}"
     c.stages = "calibrate,refactor,train,eval"  # any subset, in this order
     c.seed = 0
     c.preset = "demo"  # demo | compare | full: token budgets of training (see train.presets)
@@ -31,7 +41,7 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict()
     # domain names, or name=/path (folder of .txt, .jsonl, .parquet)
-    c.data.domains = "fiction,drama,code_docs,manual"
+    c.data.domains = DOMAINS[variant or "four"]
     c.data.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax
     c.data.seq_len = 512
 
@@ -92,6 +102,9 @@ def get_config() -> ConfigDict:
     # router learns little from it: a router-only probe (12 x 1024 tokens) took the MoE from
     # 132 to 103 mean ppl with T=1 and to 80 with T=0.05 (domain-oracle routing: ~76).
     c.train.target_temperature = 0.05
+    # router phase: + locality_weight * mean switch (total variation of the router's distribution
+    # between consecutive tokens of a document, train.losses.switch_penalty); 0 = off (paper)
+    c.train.locality_weight = 0.0
     c.train.head_chunk = 512  # tokens per LM-head chunk (the [T, V] logits never exist at once)
     c.train.compute_dtype = "float32"  # or "bfloat16" (f32 master weights)
     # MoE dispatch while training: "auto" = blocked on CPU, the model's (ragged) elsewhere

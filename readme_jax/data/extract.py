@@ -163,8 +163,9 @@ class _HTMLText(html.parser.HTMLParser):
     """HTML -> paragraphs of text; keeps <pre> verbatim and drops navigation and tables of
     contents."""
 
-    def __init__(self):
+    def __init__(self, skip_classes: frozenset[str] = frozenset()):
         super().__init__(convert_charrefs=True)
+        self.skip_classes = _SKIP_CLASSES | skip_classes
         self.blocks: list[str] = []
         self.parts: list[str] = []
         self.stack: list[str] = []
@@ -178,7 +179,7 @@ class _HTMLText(html.parser.HTMLParser):
         if (
             self.skip_depth
             or tag in _SKIP_TAGS
-            or classes & _SKIP_CLASSES
+            or classes & self.skip_classes
             or a.get("id") in _SKIP_IDS
         ):
             self.skip_depth += 1
@@ -229,8 +230,10 @@ class _HTMLText(html.parser.HTMLParser):
         return "\n\n".join(self.blocks)
 
 
-def html_to_text(source: str) -> str:
-    parser = _HTMLText()
+def html_to_text(source: str, skip_classes: frozenset[str] = frozenset()) -> str:
+    """Paragraphs of an HTML page; `skip_classes`: more CSS classes whose elements are dropped
+    (besides navigation and tables of contents)."""
+    parser = _HTMLText(skip_classes)
     parser.feed(source)
     parser.close()
     return clean_text(parser.text())

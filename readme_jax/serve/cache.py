@@ -207,11 +207,29 @@ class AllResident(Policy):
         raise RuntimeError("all-resident cache asked to evict; capacity must be >= num_experts")
 
 
-POLICIES = {"belady": Belady, "lru": LRU, "lfu": LFU, "random": Random, "all": AllResident}
+@dataclasses.dataclass
+class OnlineBelady(Belady):
+    """Belady's rule over only what the engine knows at each step: queued prompts' experts and
+    the current step (a decoding request's next expert is known one step ahead). The rule is
+    Belady's; the caller passes the known future (`serve.cachesim.KnownFuture`). Given the
+    whole future it is Belady."""
+
+    name = "online_belady"
+
+
+POLICIES = {
+    "belady": Belady,
+    "online_belady": OnlineBelady,
+    "lru": LRU,
+    "lfu": LFU,
+    "random": Random,
+    "all": AllResident,
+}
 
 
 def make_policy(name: str, **kwargs) -> Policy:
-    """Policy by name: belady (window=), lru, lfu (persistent=), random (seed=), all (preload=)."""
+    """Policy by name: belady (window=), online_belady, lru, lfu (persistent=), random (seed=),
+    all (preload=)."""
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose one of {sorted(POLICIES)}")
     return POLICIES[name](**kwargs)

@@ -120,6 +120,47 @@ def routing_metrics(
     return out
 
 
+# ---------------------------------------------------------------- temporal locality
+def consecutive_pairs(segment_ids_BxS) -> jax.Array:
+    """1.0 where token t and token t-1 are in the same (non-padding) segment: [B, S-1]."""
+    seg = jnp.asarray(segment_ids_BxS)
+    return ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
+
+
+def switch_penalty(logits_BxSxE, segment_ids_BxS, kind: str = "tv") -> jax.Array:
+    """Locality term: mean over consecutive token pairs of one document of how much the
+    router's distribution moves, scalar in [0, 1].
+
+    kind "tv": total variation 0.5 * sum_e |p_t,e - p_t-1,e| (0 for any constant distribution,
+    1 for a switch between one-hot experts); "overlap": 1 - <p_t, p_t-1> (0 only for the same
+    one-hot expert; also pushes each p towards one-hot). Pairs that cross a document (segment)
+    boundary or touch padding (segment id 0) are masked: a new document may change expert
+    freely. Our addition (no published conversion method tunes the router for locality); it
+    targets the serving cache, whose hits come from consecutive tokens keeping their expert.
+
+    Raises:
+      ValueError: unknown `kind`.
+    """
+    if kind not in ("tv", "overlap"):
+        raise ValueError(f"switch_penalty kind must be 'tv' or 'overlap', got {kind!r}")
+    p = jax.nn.softmax(logits_BxSxE.astype(jnp.float32), axis=-1)
+    if kind == "tv":
+        move = 0.5 * jnp.sum(jnp.abs(p[:, 1:] - p[:, :-1]), axis=-1)
+    else:
+        move = 1.0 - jnp.sum(p[:, 1:] * p[:, :-1], axis=-1)
+    pairs = consecutive_pairs(segment_ids_BxS)
+    return jnp.sum(move * pairs) / jnp.maximum(jnp.sum(pairs), 1.0)
+
+
+def temporal_locality(experts_BxS, segment_ids_BxS) -> tuple[jax.Array, jax.Array]:
+    """(pairs keeping the previous token's expert, pairs) within documents: sums, so that
+    batches add up; locality = kept / pairs (paper: 71% on its trained router)."""
+    e = jnp.asarray(experts_BxS)
+    pairs = consecutive_pairs(segment_ids_BxS)
+    kept = jnp.sum((e[:, 1:] == e[:, :-1]).astype(jnp.float32) * pairs)
+    return kept, jnp.sum(pairs)
+
+
 # ---------------------------------------------------------------- LM head losses
 def _chunks(x, n, c):
     pad = n * c - x.shape[0]

@@ -177,6 +177,8 @@ def router_loss(s: Setup, params: Params, b: Params, cov, mesh):
         )
         target = losses.normalize_counts(jnp.sum(cov, axis=0), s.tc.target_temperature)
         loss = losses.routing_kl(target, logits, mask)
+        if s.tc.locality_weight:  # temporal locality for the serving cache (H17)
+            loss += s.tc.locality_weight * losses.switch_penalty(logits, b["segment_ids"])
         met = losses.routing_metrics(
             jnp.argmax(logits, -1), b["domain"], mask, s.n_domains, E, logits, target
         )
