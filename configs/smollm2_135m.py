@@ -25,7 +25,14 @@ def get_config(variant: str = "") -> ConfigDict:
     c.preset = "demo"  # demo | compare | full: token budgets of training (see train.presets)
     c.dry_run = False
     c.resume = True
-    c.multihost = False
+    c.multihost = False  # True: jax.distributed.initialize() with JAX's cluster auto-detection
+    # multi-process runs (readme_jax/train/distributed.py; README "Multi-process training")
+    c.distributed = ConfigDict()
+    c.distributed.coordinator = ""  # "host:port" of process 0; "" = auto-detect or one process
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.cpu_devices = 0  # CPU devices per process (jax_num_cpu_devices); 0 = default
+    c.distributed.init_timeout_s = 300
 
     c.model = ConfigDict()
     c.model.checkpoint = ""  # "" = bundled SmolLM2 GGUF; or a .gguf file / HF directory

@@ -7,7 +7,8 @@
 
 Each stage is skipped when its output already exists in the run directory (delete it, or pass
 --config.resume=False, to redo it). The same command runs on a laptop and on a TPU pod
-(--config.multihost=True, auto-detected on TPU).
+(auto-detected on TPU pods, SLURM and Open MPI; or --config.distributed.coordinator=HOST:PORT
+--config.distributed.num_processes=N --config.distributed.process_id=I; see README).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging as pylogging
+import os
+import sys
 import time
 from pathlib import Path
 
-import jax
 from absl import logging
 from ml_collections import config_flags
 
+import readme_jax.train.distributed as dist
+import readme_jax.train.local_distill as local_distill
 from readme_jax import cli
 from readme_jax.checkpoints import models
 from readme_jax.eval.pipeline import run_eval
@@ -35,7 +39,6 @@ from readme_jax.refactor.pipeline import (
     parse_domains,
     write_refactor_report,
 )
-from readme_jax.train import local_distill
 from readme_jax.train.dry_run import dry_run
 from readme_jax.train.loop import run_training
 
@@ -53,13 +56,16 @@ def _stage_list(spec: str) -> list[str]:
     return [s for s in STAGES if s in got]
 
 
-def _maybe_init_distributed(c) -> None:
-    on_tpu = any(d.platform == "tpu" for d in jax.devices()) if not c.multihost else True
-    if c.multihost or on_tpu:
-        try:
-            jax.distributed.initialize()
-        except RuntimeError as e:  # already initialised, or single host
-            logging.info("jax.distributed.initialize skipped: %s", e)
+def _init_distributed(c) -> None:
+    """Join the processes of a multi-process run (train/distributed.py); only process 0 prints."""
+    try:
+        how = dist.initialize(c)
+    except dist.DistributedError as e:
+        raise SystemExit(f"error: {e}") from None
+    kv = ", ".join(f"{k}={v}" for k, v in dist.describe().items())
+    print(f"[distributed] {how or 'single process'}: {kv}", flush=True)
+    if not dist.is_primary():  # logs, metrics and reports come from process 0
+        sys.stdout = open(os.devnull, "w")
 
 
 def _trains_static(c) -> bool:
@@ -132,17 +138,26 @@ def main(argv):
     c = _CONFIG.value
     stages = _stage_list(c.stages)
     run = Path(c.run_dir)
+    if not c.dry_run:
+        _init_distributed(c)
+    primary = dist.is_primary()
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(c.to_dict(), indent=2, default=str))
+    if primary:
+        (run / "config.json").write_text(json.dumps(c.to_dict(), indent=2, default=str))
     if c.dry_run:
         dry_run(c)
         return
-    _maybe_init_distributed(c)
-    if "calibrate" in stages or "refactor" in stages:
+    if ("calibrate" in stages or "refactor" in stages) and primary:  # one process writes
         stage_calibrate_refactor(c, run, stages)
+    dist.barrier("refactor")
     if "train" in stages:
         run_training(c, run)
-    if "eval" in stages:
+    dist.barrier("done")
+    if "eval" in stages and dist.describe()["process_count"] > 1:
+        # evaluation is single-device: a long one would outlast the other processes' shutdown
+        print("[eval] skipped in a multi-process run; run it as one process with "
+              "--config.stages=eval on the same run_dir")  # fmt: skip
+    elif "eval" in stages:
         run_eval(c, run)
     print(f"done: {run}")
 

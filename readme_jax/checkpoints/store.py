@@ -36,7 +36,11 @@ def save_model(path: str | Path, params: Any, meta: dict[str, Any]) -> Path:
     (path / MODEL_JSON).unlink(missing_ok=True)  # mark incomplete while writing
     if (path / "params").exists():
         shutil.rmtree(path / "params")
-    ck = ocp.StandardCheckpointer()
+    # multi-process runs save from one process (train/distributed.py): no barrier with the others
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    ck = ocp.StandardCheckpointer(multiprocessing_options=mp) if jax.process_count() > 1 else (
+        ocp.StandardCheckpointer())  # fmt: skip
     ck.save(path / "params", params)
     ck.wait_until_finished()
     _write_json_atomic(path / MODEL_JSON, meta)
@@ -59,6 +63,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{mj} is corrupt: {e}") from e
 
 
+def _local_target(ck: Any, path: Path) -> Any:
+    """The saved tree as ShapeDtypeStructs on this process's first device."""
+    meta = ck.metadata(path).item_metadata
+    tree = getattr(meta, "tree", meta)
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+
+
 def load_params(path: str | Path, abstract: Any | None = None) -> Any:
     """Restore params; with `abstract` (a tree of ShapeDtypeStruct), shapes are checked."""
     import orbax.checkpoint as ocp
@@ -68,7 +80,9 @@ def load_params(path: str | Path, abstract: Any | None = None) -> Any:
         raise CheckpointError(f"{path} has no params/ directory")
     ck = ocp.StandardCheckpointer()
     try:
-        restored = ck.restore(path / "params")
+        # multi-process: the saving process's devices may not be ours; each restores a copy
+        target = _local_target(ck, path / "params") if jax.process_count() > 1 else None
+        restored = ck.restore(path / "params", target)
     except Exception as e:
         raise CheckpointError(
             f"could not restore {path / 'params'}: {type(e).__name__}: {e}"

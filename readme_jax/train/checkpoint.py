@@ -4,6 +4,11 @@ record of where the run is (round, phase, step in phase, global step, grain iter
 Orbax writes each step into a temporary directory and renames it when complete, so a crash
 mid-save leaves the previous checkpoints intact. `restore_latest` walks back from the newest
 step and skips (with a warning) any that fails to restore.
+
+Multi-process runs: every process calls save and restore with its global arrays (orbax's
+multi-host path: each writes its own shards, process 0 the metadata and the JSON record), so the
+directory must be one that all processes see. The JSON record is written once, so it must be
+the same on every process (checked at each save).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+import readme_jax.train.distributed as dist
 
 
 class TrainCheckpoints:
@@ -29,6 +36,7 @@ class TrainCheckpoints:
         return sorted(self.mgr.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        dist.assert_same(meta, f"the checkpoint record of step {step}")
         if step in self.mgr.all_steps():  # a step redone after a fallback: replace it
             self.mgr.delete(step)
         self.mgr.save(

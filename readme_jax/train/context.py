@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+import readme_jax.train.distributed as dist
 from readme_jax.checkpoints import models
 from readme_jax.data import PipelineConfig, prepare_domains
 from readme_jax.model import llama
@@ -63,7 +64,7 @@ def place(tree: Any, mesh) -> Any:
     """Copies of `tree` on the mesh, sharded by the parameter rules (train/mesh.py). Copies, not
     aliases: the train step donates its state, and the loaded model's arrays are still needed
     (baselines start from the same experts)."""
-    return jax.device_put(tree, param_shardings(tree, mesh), may_alias=False)
+    return dist.put_global(tree, param_shardings(tree, mesh))
 
 
 def union_mask(ctx: Context) -> jax.Array:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+import readme_jax.train.distributed as dist
 import readme_jax.train.step as steplib
 from readme_jax.checkpoints import models
 from readme_jax.data import make_iterator
@@ -128,7 +129,7 @@ class Phase:
 # ---------------------------------------------------------------- metrics records
 def _host(met: dict) -> dict:
     out = {}
-    for k, v in met.items():
+    for k, v in dist.to_host(met).items():
         a = np.asarray(v)
         out[k] = a.tolist() if a.ndim else float(a)
     return out
@@ -155,7 +156,7 @@ def _record(met: dict, base: dict, domains: list[str]) -> dict:
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
     """Drop records after the restored step (they are recomputed identically on resume)."""
-    if not path.exists():
+    if not path.exists() or not dist.is_primary():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep = [ln for ln in lines if json.loads(ln)["step"] <= upto_step]
@@ -182,7 +183,7 @@ class _Run:
         teacher = steplib.cast_params(  # stored once in the compute dtype
             training_layout(ctx.teacher, ctx.model.rc.model.scan_layers), self.tc.compute_dtype
         )
-        union = jax.device_put(union_mask(ctx), replicated(ctx.mesh))
+        union = dist.put_global(union_mask(ctx), replicated(ctx.mesh))
         self.consts = {"teacher": place(teacher, ctx.mesh), "union": union}
         self.phases: dict[str, Phase] = {}
         self.ckpts = TrainCheckpoints(self.wdir / "ckpt", self.tc.keep)
@@ -205,7 +206,8 @@ class _Run:
 
         got = self.ckpts.restore_latest(abstract)
         if got is None:
-            self.metrics.unlink(missing_ok=True)
+            if dist.is_primary():
+                self.metrics.unlink(missing_ok=True)
             return
         g, self.state, meta = got
         self.pos.update({k: meta[k] for k in self.pos})
@@ -248,7 +250,8 @@ class _Run:
             self.state, self.params = ph.fresh_state(params), None
         lr_peak = jnp.float32(self.tc.peak_lr(phase, rnd))
         desc = f"{self.kind} r{rnd + 1}/{self.tc.rounds} {phase}"
-        with tqdm(total=n, initial=start, desc=desc, dynamic_ncols=True) as bar:
+        bar_kw = dict(total=n, initial=start, desc=desc, dynamic_ncols=True)
+        with tqdm(**bar_kw, disable=not dist.is_primary()) as bar:
             for ps in range(start, n):
                 rows = [next(it) for _ in range(per_step)]
                 host = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -308,8 +311,9 @@ class _Run:
             "time": time.time(),
         }
         rec = _record(met, base, self.ctx.domains)
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if dist.is_primary():
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
         return rec
 
 
@@ -320,13 +324,14 @@ def train_variant(ctx: Context, kind: str) -> dict:
     if ctx.c.resume and models.exists(out_dir):
         print(f"[train] {out_dir} exists; skipping {kind} (resume)")
         return summarize(wdir / "metrics.jsonl", ctx.peak_flops)
-    if not ctx.c.resume and wdir.exists():
+    if not ctx.c.resume and wdir.exists() and dist.is_primary():
         shutil.rmtree(wdir)
+    dist.barrier(f"fresh {kind}")
     wdir.mkdir(parents=True, exist_ok=True)
     run = _Run(ctx, kind)
     if ctx.c.resume:
         run.restore()
-    else:
+    elif dist.is_primary():
         run.metrics.unlink(missing_ok=True)
     if not run.run():
         return {"stopped": True, "step": run.pos["global_step"]}
@@ -336,7 +341,9 @@ def train_variant(ctx: Context, kind: str) -> dict:
 
 
 def _save(ctx: Context, kind: str, params: dict, out: Path, stage: str) -> None:
-    params = jax.device_get(saved_layout(params))
+    params = dist.to_host(saved_layout(params))  # every process joins the gather
+    if not dist.is_primary():
+        return
     recipe = ctx.model.meta.get("recipe")
     extra = {"stage": stage, "train": dataclasses.asdict(ctx.tc), "recipe": recipe}
     if kind == "static":
@@ -375,6 +382,8 @@ def run_training(c: Any, run_dir: Path, *, tokenizer=None, teacher=None) -> dict
             return res
         summary[kind] = res
     summary["peak_matmul_flops"] = ctx.peak_flops
+    if not dist.is_primary():
+        return summary
     out = run_dir / "train"
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
