@@ -109,12 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_table(report))
     if "tasks" in report:
-        print(f"\nMMLU: {report['tasks']['mmlu']['questions']:,} questions, "
-              f"{report['tasks']['mmlu']['subjects']} subjects")  # fmt: skip
+        print(
+            f"\nMMLU: {report['tasks']['mmlu']['questions']:,} questions, "
+            f"{report['tasks']['mmlu']['subjects']} subjects"
+        )
     if "pipeline_bench" in report:
         b = report["pipeline_bench"]
-        print(f"\npipeline: {b['batches_per_s']:,.0f} batches/s of {b['batch']}, "
-              f"{b['tokens_per_s'] / 1e6:,.2f}M tokens/s")  # fmt: skip
+        print(
+            f"\npipeline: {b['batches_per_s']:,.0f} batches/s of {b['batch']}, "
+            f"{b['tokens_per_s'] / 1e6:,.2f}M tokens/s"
+        )
     out = Path(c.out) if c.out else cache / "data_report.json"
     fetch.atomic_write_text(out, json.dumps(report, indent=1))
     print(f"\nreport: {out}")

@@ -53,11 +53,19 @@ def train_router(run: Path, w: str) -> Path:
     for sub in ("calib", "moe_init"):
         if not (r / sub).exists():
             (r / sub).symlink_to((run / sub).resolve())
-    cmd = [sys.executable, "launch/train.py", f"--config={_CONFIG.value}",
-           f"--config.run_dir={r}", "--config.stages=train", "--config.preset=demo",
-           "--config.train.rounds=1", f"--config.train.router_steps={_STEPS.value}",
-           "--config.train.expert_steps=0", "--config.train.baselines=none",
-           f"--config.train.locality_weight={w}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        f"--config={_CONFIG.value}",
+        f"--config.run_dir={r}",
+        "--config.stages=train",
+        "--config.preset=demo",
+        "--config.train.rounds=1",
+        f"--config.train.router_steps={_STEPS.value}",
+        "--config.train.expert_steps=0",
+        "--config.train.baselines=none",
+        f"--config.train.locality_weight={w}",
+    ]
     subprocess.run(cmd, check=True)
     return r / "moe_trained"
 
@@ -76,10 +84,14 @@ def measure(ckpt: Path, streams, tok_streams, mc) -> dict:
         n += x[:, 1:].size
         seqs += [route(row) for row in x]
     E = rc.moe.num_experts
-    reqs = cs.routed_requests(route, streams, 60, 4.0, (32, 128), "default",
-                              np.random.default_rng(0))  # fmt: skip
-    sim = cs.simulate(reqs, cs.SimConfig("decode", "online_belady", E // 2, E),
-                      cm.CostClock(cm.a100_pcie4(mc.layers), mc, pipelined=False))  # fmt: skip
+    reqs = cs.routed_requests(
+        route, streams, 60, 4.0, (32, 128), "default", np.random.default_rng(0)
+    )
+    sim = cs.simulate(
+        reqs,
+        cs.SimConfig("decode", "online_belady", E // 2, E),
+        cm.CostClock(cm.a100_pcie4(mc.layers), mc, pipelined=False),
+    )
     hits = cs.hit_ratios(sim["trace"], ["belady"], [E // 2], E)
     return {
         "perplexity": float(np.exp(nll / n)),
@@ -114,13 +126,17 @@ def main(argv):
         raise app.UsageError("--run is required")
     run = Path(_RUN.value)
     if not (run / "moe_init").is_dir():
-        print(f"error: {run}/moe_init is missing; run the calibrate,refactor stages first",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {run}/moe_init is missing; run the calibrate,refactor stages first",
+            file=sys.stderr,
+        )
         return 2
     tok = load_tokenizer()
     domains = list(ExpertSpec.load(run / "moe_init" / "experts").domains)
-    streams = {d: (pipeline.load_tokens(d, "validation", tok),
-                   pipeline.load_offsets(d, "validation", tok)) for d in domains}  # fmt: skip
+    streams = {
+        d: (pipeline.load_tokens(d, "validation", tok), pipeline.load_offsets(d, "validation", tok))
+        for d in domains
+    }
     tok_streams = {d: s[0] for d, s in streams.items()}
     rc = ReadMEConfig.from_dict(store.read_meta(run / "moe_init")["config"])
     mc = cost_7b(run / "moe_init", rc)
@@ -133,8 +149,9 @@ def main(argv):
         print(json.dumps(rows[-1]))
         out = Path(_OUT.value)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"command": " ".join(sys.argv),
-                                                        "rows": rows}, indent=1))  # fmt: skip
+        out.with_suffix(".json").write_text(
+            json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1)
+        )
     if len(rows) > 1:
         plot(rows, Path(_OUT.value).with_suffix(".png"))
     return 0

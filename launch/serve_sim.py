@@ -72,9 +72,19 @@ def router_fn(params, rc: ReadMEConfig):
 
 def cost_7b(ckpt: Path, rc: ReadMEConfig) -> cm.ModelCost:
     spec, m = ExpertSpec.load(ckpt / "experts"), rc.model
-    base = cm.ModelCost("served", m.n_layers, m.dim, m.n_heads, m.n_kv_heads, m.head_dim,
-                        m.vocab_size, ffn=m.ffn_dim, shared_width=int(spec.shared_widths.max()),
-                        expert_width=int(spec.expert_widths.max()), top_k=rc.moe.top_k)  # fmt: skip
+    base = cm.ModelCost(
+        "served",
+        m.n_layers,
+        m.dim,
+        m.n_heads,
+        m.n_kv_heads,
+        m.head_dim,
+        m.vocab_size,
+        ffn=m.ffn_dim,
+        shared_width=int(spec.shared_widths.max()),
+        expert_width=int(spec.expert_widths.max()),
+        top_k=rc.moe.top_k,
+    )
     return cm.scaled_cost(base, "Read-ME at Llama-2-7B scale (bf16)", **cm.LLAMA2_7B)
 
 
@@ -92,8 +102,10 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
             res = cs.simulate(reqs, cfg, _clock(hw, mc))
             name = f"{kind}-{b}-C{C}"
             write_log(out / "logs" / f"{name}.jsonl", res["cache_log"])
-            runs.append({"name": name, "log": f"logs/{name}.jsonl"} | {
-                k: v for k, v in res.items() if k not in ("trace", "cache_log")})  # fmt: skip
+            runs.append(
+                {"name": name, "log": f"logs/{name}.jsonl"}
+                | {k: v for k, v in res.items() if k not in ("trace", "cache_log")}
+            )
     return {
         "trace": kind,
         "requests": len(reqs),
@@ -102,11 +114,11 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
         "locality": {
             "prompt": rt.temporal_locality(prompt).to_dict(),
             "whole requests": rt.temporal_locality(whole).to_dict(),
-        },  # fmt: skip
+        },
         "hit_ratio": hits,
         "online_gap_points": {
             C: 100 * (hits["belady"][C] - hits["online_belady"][C]) for C in caps
-        },  # fmt: skip
+        },
         "batching": runs,
         "hardware": dataclasses.asdict(hw),
         "model_cost": mc.to_dict(),
@@ -119,18 +131,27 @@ def _clock(hw, mc):
 
 def markdown(res: dict) -> str:
     caps = sorted(int(c) for c in next(iter(res["hit_ratio"].values())))
-    lines = [f"## {res['trace']} trace ({res['requests']} requests)", "",
-             "| policy | " + " | ".join(f"C={c}" for c in caps) + " |",
-             "|---" * (len(caps) + 1) + "|"]  # fmt: skip
+    lines = [
+        f"## {res['trace']} trace ({res['requests']} requests)",
+        "",
+        "| policy | " + " | ".join(f"C={c}" for c in caps) + " |",
+        "|---" * (len(caps) + 1) + "|",
+    ]
     for p, row in res["hit_ratio"].items():
         lines.append(f"| {p} | " + " | ".join(f"{100 * row[c]:.1f}%" for c in caps) + " |")
-    lines += ["", "| batching | C | uniq. experts/batch | mean / p95 norm. latency (s/token) "
-              "| throughput (tok/s) | hit ratio |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| batching | C | uniq. experts/batch | mean / p95 norm. latency (s/token) "
+        "| throughput (tok/s) | hit ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["batching"]:
         c, hit = r["config"], 100 * r["cache"]["hit_ratio"]
-        lines.append(f"| {c['batching']} | {c['capacity']} | {r['mean_unique_experts']:.2f} | "
-                     f"{r['mean_norm_latency_s']:.4f} / {r['p95_norm_latency_s']:.4f} | "
-                     f"{r['throughput_tok_s']:.1f} | {hit:.1f}% |")  # fmt: skip
+        lines.append(
+            f"| {c['batching']} | {c['capacity']} | {r['mean_unique_experts']:.2f} | "
+            f"{r['mean_norm_latency_s']:.4f} / {r['p95_norm_latency_s']:.4f} | "
+            f"{r['throughput_tok_s']:.1f} | {hit:.1f}% |"
+        )
     loc = res["locality"]["whole requests"]
     lines += ["", f"Temporal locality of the routed requests: {loc}"]
     return "\n".join(lines) + "\n"
@@ -147,9 +168,13 @@ def main(argv):
         return 2
     rc, params = ReadMEConfig.from_dict(meta["config"]), store.load_params(ckpt)
     tok, E = load_tokenizer(), rc.moe.num_experts
-    streams = {d: (pipeline.load_tokens(d, "validation", tok, _CACHE.value),
-                   pipeline.load_offsets(d, "validation", tok, _CACHE.value))
-               for d in _domains(ckpt)}  # fmt: skip
+    streams = {
+        d: (
+            pipeline.load_tokens(d, "validation", tok, _CACHE.value),
+            pipeline.load_offsets(d, "validation", tok, _CACHE.value),
+        )
+        for d in _domains(ckpt)
+    }
     mc, rng = cost_7b(ckpt, rc), np.random.default_rng(_SEED.value)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)

@@ -83,14 +83,27 @@ def _refine(c, recipe: Recipe, source, m: models.ReadMEModel, stats) -> models.R
     if rcfg.mode == "none" and lcfg.steps <= 0:
         return m
     batches = calibration_batches(
-        parse_domains(recipe.domains), tok, recipe.num_sequences, recipe.seq_len, recipe.split,
-        recipe.data_cache, seed=recipe.seed,
-    )  # fmt: skip
+        parse_domains(recipe.domains),
+        tok,
+        recipe.num_sequences,
+        recipe.seq_len,
+        recipe.split,
+        recipe.data_cache,
+        seed=recipe.seed,
+    )
     moe_dir = Path(c.run_dir) / "moe_init"
     p = reconstruct.at_refactor(
-        rcfg, dense, cfg, m.params, m.spec, stats.mean_abs_ExLxF, batches, moe_dir,
-        recipe.top_k, _trains_static(c),
-    )  # fmt: skip
+        rcfg,
+        dense,
+        cfg,
+        m.params,
+        m.spec,
+        stats.mean_abs_ExLxF,
+        batches,
+        moe_dir,
+        recipe.top_k,
+        _trains_static(c),
+    )
     p = local_distill.at_refactor(lcfg, dense, cfg, p, m.spec.domains, batches)
     meta = {
         **m.meta,
@@ -155,8 +168,10 @@ def main(argv):
     dist.barrier("done")
     if "eval" in stages and dist.describe()["process_count"] > 1:
         # evaluation is single-device: a long one would outlast the other processes' shutdown
-        print("[eval] skipped in a multi-process run; run it as one process with "
-              "--config.stages=eval on the same run_dir")  # fmt: skip
+        print(
+            "[eval] skipped in a multi-process run; run it as one process with "
+            "--config.stages=eval on the same run_dir"
+        )
     elif "eval" in stages:
         run_eval(c, run)
     print(f"done: {run}")

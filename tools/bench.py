@@ -228,12 +228,22 @@ def bench_engine(rc, params, rounds: int = 2, steps: int = 40, max_len: int = 12
     for _ in range(rounds):
         for b in (1, 8):
             g = b / decode_step_time(gen, [prompt] * b, steps)
-            out = generate(sp, [prompt] * b, steps, max_len=max_len, num_slots=b,
-                           backend=backends[b], prefetch=False)  # fmt: skip
+            out = generate(
+                sp,
+                [prompt] * b,
+                steps,
+                max_len=max_len,
+                num_slots=b,
+                backend=backends[b],
+                prefetch=False,
+            )
             best[f"generator_b{b}"] = max(best.get(f"generator_b{b}", 0.0), g)
             best[f"engine_b{b}"] = max(best.get(f"engine_b{b}", 0.0), out.stats["decode_tok_s"])
-            print(f"[bench] engine vs Generator, batch {b}: {out.stats['decode_tok_s']:.1f} vs "
-                  f"{g:.1f} tok/s", flush=True)  # fmt: skip
+            print(
+                f"[bench] engine vs Generator, batch {b}: {out.stats['decode_tok_s']:.1f} vs "
+                f"{g:.1f} tok/s",
+                flush=True,
+            )
     for b in (1, 8):
         best[f"ratio_b{b}"] = best[f"engine_b{b}"] / best[f"generator_b{b}"]
     return best

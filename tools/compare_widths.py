@@ -93,8 +93,9 @@ def render(runs: list[dict[str, Any]], cmd: str) -> str:
     for r in runs:
         dense = r["models"].get("dense teacher", {}).get("ppl")
         tok = r["train_tokens"]
-        tok_s = ", ".join(f"{k}: " + " + ".join(f"{v} {ph}" for ph, v in t.items())
-                          for k, t in tok.items())  # fmt: skip
+        tok_s = ", ".join(
+            f"{k}: " + " + ".join(f"{v} {ph}" for ph, v in t.items()) for k, t in tok.items()
+        )
         domains = list(next(iter(r["models"].values()))["ppl_by_domain"])
         lines += [
             f"## remain rate {r['remain_rate']} (`{r['run']}`, preset {r['preset']})",
@@ -111,8 +112,10 @@ def render(runs: list[dict[str, Any]], cmd: str) -> str:
             ratio = f"{m['ppl'] / dense:.2f}x" if dense else "–"
             per = " | ".join(f"{m['ppl_by_domain'][d]:.2f}" for d in domains)
             kl = f"{m['kl']:.3f}" if m["kl"] is not None else "–"
-            lines.append(f"| {name} | {m['active_params'] / 1e6:.1f}M | {m['ppl']:.2f} | {ratio} | "
-                         f"{kl} | {per} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {m['active_params'] / 1e6:.1f}M | {m['ppl']:.2f} | {ratio} | "
+                f"{kl} | {per} |"
+            )
         lines += ["", f"Verdict: {verdict(r)}.", ""]
     lines += ["![held-out perplexity vs active parameters](ppl_vs_active.png)", ""]
     return "\n".join(lines)

@@ -54,12 +54,14 @@ from readme_jax.serve.engine import Engine, EngineConfig, ServeRequest  # noqa: 
 from readme_jax.serve.store import OffloadedExpertStore, memory_kinds  # noqa: E402
 
 SHAPES = {  # vocab, width, layers, heads, kv heads, FFN width; router (dim, heads, ffn)
-    "llama2-7b": dict(vocab=32000, dim=4096, layers=32, heads=32, kv=32, ffn=11008,
-                      router=(512, 8, 1024)),
-    "tinyllama-1.1b": dict(vocab=32000, dim=2048, layers=22, heads=32, kv=4, ffn=5632,
-                           router=(256, 4, 512)),
+    "llama2-7b": dict(
+        vocab=32000, dim=4096, layers=32, heads=32, kv=32, ffn=11008, router=(512, 8, 1024)
+    ),
+    "tinyllama-1.1b": dict(
+        vocab=32000, dim=2048, layers=22, heads=32, kv=4, ffn=5632, router=(256, 4, 512)
+    ),
     "smoke": dict(vocab=256, dim=64, layers=2, heads=4, kv=2, ffn=128, router=(32, 2, 64)),
-}  # fmt: skip
+}
 H200_DATASHEET = {"hbm_bw": 4.8e12, "bf16_dense_flops": 989e12}  # NVIDIA H200 datasheet
 NUM_EXPERTS, REMAIN_RATE = 8, 0.5
 
@@ -95,9 +97,18 @@ def _init(shapes: dict, make) -> dict:
 def build_model(name: str, dtype: str = "bfloat16", seed: int = 0) -> Model:
     """Random weights of the named shape, refactored into 8 experts at remain rate 0.5."""
     s = SHAPES[name]
-    cfg = LlamaConfig(vocab_size=s["vocab"], dim=s["dim"], n_layers=s["layers"],
-                      n_heads=s["heads"], n_kv_heads=s["kv"], ffn_dim=s["ffn"],
-                      max_seq_len=4096, dtype=dtype, eos_ids=(2,), bos_id=1)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=s["vocab"],
+        dim=s["dim"],
+        n_layers=s["layers"],
+        n_heads=s["heads"],
+        n_kv_heads=s["kv"],
+        ffn_dim=s["ffn"],
+        max_seq_len=4096,
+        dtype=dtype,
+        eos_ids=(2,),
+        bos_id=1,
+    )
     npdt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     make = _filler(0, npdt, seed)
     rc = ReadMEConfig(cfg, MoEConfig(NUM_EXPERTS, dispatch="select"), RouterConfig(*s["router"]))
@@ -114,8 +125,12 @@ def build_model(name: str, dtype: str = "bfloat16", seed: int = 0) -> Model:
 
 
 def nbytes(tree) -> int:
-    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
-                   for x in jax.tree.leaves(tree)))  # fmt: skip
+    return int(
+        sum(
+            np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
+            for x in jax.tree.leaves(tree)
+        )
+    )
 
 
 # ---------------------------------------------------------------- probes
@@ -139,8 +154,12 @@ def probe(smoke: bool) -> dict:
     a = jnp.ones((m, m), jnp.bfloat16)
     mm = jax.jit(lambda a: a @ a)
     tm = _best(lambda: mm(a), 5)
-    return {"hbm_copy_bw": 2 * x.nbytes / t, "copy_bytes": 2 * x.nbytes,
-            "bf16_matmul_flops": 2 * m**3 / tm, "matmul_n": m}  # fmt: skip
+    return {
+        "hbm_copy_bw": 2 * x.nbytes / t,
+        "copy_bytes": 2 * x.nbytes,
+        "bf16_matmul_flops": 2 * m**3 / tm,
+        "matmul_n": m,
+    }
 
 
 # ---------------------------------------------------------------- decode
@@ -161,8 +180,13 @@ def _decode_rate(dm: DecodeModel, params, B: int, prompt: int, steps: int, vocab
         nxt = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
     jax.block_until_ready(nxt)
     dt = time.perf_counter() - t
-    return {"batch": B, "steps": steps, "s_per_step": dt / steps, "tok_s": B * steps / dt,
-            "context": prompt + steps}  # fmt: skip
+    return {
+        "batch": B,
+        "steps": steps,
+        "s_per_step": dt / steps,
+        "tok_s": B * steps / dt,
+        "context": prompt + steps,
+    }
 
 
 def decode_section(m: Model, bw: float, smoke: bool) -> dict:
@@ -182,8 +206,12 @@ def decode_section(m: Model, bw: float, smoke: bool) -> dict:
             else:  # backbone + router + the distinct experts of B tokens (at most E)
                 need = mc.dense_params * mc.dtype_bytes + min(B, NUM_EXPERTS) * mc.bytes_per_expert
                 need += kv
-            r |= {"model": kind, "bytes_per_step": need, "hbm_bound_tok_s": B * bw / need,
-                  "datasheet_bound_tok_s": B * H200_DATASHEET["hbm_bw"] / need}  # fmt: skip
+            r |= {
+                "model": kind,
+                "bytes_per_step": need,
+                "hbm_bound_tok_s": B * bw / need,
+                "datasheet_bound_tok_s": B * H200_DATASHEET["hbm_bw"] / need,
+            }
             r["fraction_of_bound"] = r["tok_s"] / r["hbm_bound_tok_s"]
             out["rows"].append(r)
         del params
@@ -206,8 +234,12 @@ def load_section(m: Model) -> dict:
             store.load(e, e % 2, block=True)
             times.append(time.perf_counter() - t)
         med = float(np.median(times))
-        out[name] = {"bytes_per_expert": store.bytes_per_expert, "median_s": med,
-                     "bytes_per_s": store.bytes_per_expert / med, "loads": len(times)}  # fmt: skip
+        out[name] = {
+            "bytes_per_expert": store.bytes_per_expert,
+            "median_s": med,
+            "bytes_per_s": store.bytes_per_expert / med,
+            "loads": len(times),
+        }
         del store
         gc.collect()
     return out
@@ -217,8 +249,10 @@ def load_section(m: Model) -> dict:
 def make_trace(m: Model, n: int, prompt: int, new: int, seed: int = 0) -> list[ServeRequest]:
     """n requests of random token prompts, all arriving at t=0 (recorded in the report)."""
     rng = np.random.default_rng(seed)
-    return [ServeRequest(i, rng.integers(3, m.cfg.vocab_size, prompt).tolist(), new, 0.0, seed=i)
-            for i in range(n)]  # fmt: skip
+    return [
+        ServeRequest(i, rng.integers(3, m.cfg.vocab_size, prompt).tolist(), new, 0.0, seed=i)
+        for i in range(n)
+    ]
 
 
 def _predict(steps: list[dict], hw: cm.Hardware, mc: cm.ModelCost, pipelined: bool) -> float:
@@ -234,18 +268,31 @@ def cache_section(m: Model, measured: dict, caps: list[int], smoke: bool, deadli
     mc = cm.model_cost(sp, m.name)
     n, prompt, new = (4, 8, 4) if smoke else (6, 32, 16)
     reqs = make_trace(m, n, prompt, new)
-    base = EngineConfig(num_slots=8, max_len=prompt + new + 8, prefill_chunk=32,
-                        max_batch_tokens=64, batching="expert")  # fmt: skip
+    base = EngineConfig(
+        num_slots=8,
+        max_len=prompt + new + 8,
+        prefill_chunk=32,
+        max_batch_tokens=64,
+        batching="expert",
+    )
     backend = ModelBackend.for_config(sp, base)
     hws = {"h200_datasheet": cm.h200(mc.layers)}
     if measured.get("hbm_copy_bw") and measured.get("link_bw"):
         hws["measured_bw"] = dataclasses.replace(
-            hws["h200_datasheet"], name="H200 (measured bandwidths)",
-            hbm_bw=measured["hbm_copy_bw"], link_bw=measured["link_bw"])  # fmt: skip
+            hws["h200_datasheet"],
+            name="H200 (measured bandwidths)",
+            hbm_bw=measured["hbm_copy_bw"],
+            link_bw=measured["link_bw"],
+        )
     grid = [("all", NUM_EXPERTS, False)]
     grid += [(p, c, pf) for c in caps for p in ("belady", "lru") for pf in (False, True)]
-    out = {"trace": [{"id": r.id, "prompt": list(r.prompt), "max_new_tokens": r.max_new_tokens}
-                     for r in reqs], "engine": dataclasses.asdict(base), "runs": []}  # fmt: skip
+    out = {
+        "trace": [
+            {"id": r.id, "prompt": list(r.prompt), "max_new_tokens": r.max_new_tokens} for r in reqs
+        ],
+        "engine": dataclasses.asdict(base),
+        "runs": [],
+    }
     warmed: set[int] = set()
     for pol, C, pf in grid:
         if time.monotonic() > deadline:
@@ -258,9 +305,19 @@ def cache_section(m: Model, measured: dict, caps: list[int], smoke: bool, deadli
         run = Engine(backend, cfg).run(reqs)
         s = run.summary()
         row = {"policy": pol, "capacity": C, "prefetch": pf}
-        row |= {k: s[k] for k in ("makespan_s", "throughput_tok_s", "mean_norm_latency_s",
-                                  "hit_ratio", "loads", "bytes_moved", "steps",
-                                  "generated_tokens")}  # fmt: skip
+        row |= {
+            k: s[k]
+            for k in (
+                "makespan_s",
+                "throughput_tok_s",
+                "mean_norm_latency_s",
+                "hit_ratio",
+                "loads",
+                "bytes_moved",
+                "steps",
+                "generated_tokens",
+            )
+        }
         for hname, hw in hws.items():
             row[f"predicted_s_{hname}"] = _predict(run.steps, hw, mc, pf)
         out["runs"].append(row)
@@ -271,8 +328,10 @@ def cache_section(m: Model, measured: dict, caps: list[int], smoke: bool, deadli
 def train_section(m: Model, peak: float, smoke: bool) -> dict:
     """One jitted MoE training step (CE loss, grads, SGD update) on B x S random tokens."""
     B, S = (2, 16) if smoke else (4, 1024)
-    rc = m.rc.replace(model=m.rc.model.replace(scan_layers=True),  # one layer to compile
-                      moe=dataclasses.replace(m.rc.moe, dispatch="ragged"))  # fmt: skip
+    rc = m.rc.replace(
+        model=m.rc.model.replace(scan_layers=True),  # one layer to compile
+        moe=dataclasses.replace(m.rc.moe, dispatch="ragged"),
+    )
     params = jax.device_put(m.moe)
 
     def loss(p, toks):
@@ -293,14 +352,23 @@ def train_section(m: Model, peak: float, smoke: bool) -> dict:
     jax.block_until_ready(params)
     dt = time.perf_counter() - t
     cfg, mc = m.cfg, cm.model_cost(m.sp, m.name)
-    n_active = (cfg.n_layers * (mc.dense_layer_params + mc.expert_layer_params)
-                + cfg.vocab_size * cfg.dim + mc.other_params)  # fmt: skip
+    n_active = (
+        cfg.n_layers * (mc.dense_layer_params + mc.expert_layer_params)
+        + cfg.vocab_size * cfg.dim
+        + mc.other_params
+    )
     per_tok = 6 * n_active + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * S
     flops = per_tok * B * S
-    return {"batch": B, "seq": S, "step_s": dt, "active_params": n_active,
-            "flops_per_token": per_tok, "model_flops_s": flops / dt,
-            "mfu_vs_measured_matmul": flops / dt / peak,
-            "mfu_vs_datasheet": flops / dt / H200_DATASHEET["bf16_dense_flops"]}  # fmt: skip
+    return {
+        "batch": B,
+        "seq": S,
+        "step_s": dt,
+        "active_params": n_active,
+        "flops_per_token": per_tok,
+        "model_flops_s": flops / dt,
+        "mfu_vs_measured_matmul": flops / dt / peak,
+        "mfu_vs_datasheet": flops / dt / H200_DATASHEET["bf16_dense_flops"],
+    }
 
 
 # ---------------------------------------------------------------- report
@@ -314,14 +382,19 @@ def _cache_md(cache: dict) -> list[str]:
     hws = (
         [k[len("predicted_s_") :] for k in runs[0] if k.startswith("predicted_s_")] if runs else []
     )
-    lines = ["| policy | C | prefetch | hit ratio | loads | measured s | tok/s | "
-             + " | ".join(f"predicted s ({h})" for h in hws) + " |",
-             "|---" * (7 + len(hws)) + "|"]  # fmt: skip
+    lines = [
+        "| policy | C | prefetch | hit ratio | loads | measured s | tok/s | "
+        + " | ".join(f"predicted s ({h})" for h in hws)
+        + " |",
+        "|---" * (7 + len(hws)) + "|",
+    ]
     for r in runs:
         pred = " | ".join(f"{r['predicted_s_' + h]:.3f}" for h in hws)
-        lines.append(f"| {r['policy']} | {r['capacity']} | {r['prefetch']} | "
-                     f"{r['hit_ratio']:.3f} | {r['loads']} | {r['makespan_s']:.3f} | "
-                     f"{r['throughput_tok_s']:.1f} | {pred} |")  # fmt: skip
+        lines.append(
+            f"| {r['policy']} | {r['capacity']} | {r['prefetch']} | "
+            f"{r['hit_ratio']:.3f} | {r['loads']} | {r['makespan_s']:.3f} | "
+            f"{r['throughput_tok_s']:.1f} | {pred} |"
+        )
     if "cut_short" in cache:
         lines.append(f"\n({cache['cut_short']})")
     return [*lines, ""]
@@ -329,15 +402,22 @@ def _cache_md(cache: dict) -> list[str]:
 
 def markdown(rep: dict) -> str:
     env = rep["env"]
-    lines = [f"# Device check ({'smoke, CPU' if rep['smoke'] else env['device']})", "",
-             f"{env['device']} x{env['device_count']}; jax {env['jax']}; {rep['command']}; "
-             f"{rep.get('elapsed_s', 0):.0f} s", ""]  # fmt: skip
+    lines = [
+        f"# Device check ({'smoke, CPU' if rep['smoke'] else env['device']})",
+        "",
+        f"{env['device']} x{env['device_count']}; jax {env['jax']}; {rep['command']}; "
+        f"{rep.get('elapsed_s', 0):.0f} s",
+        "",
+    ]
     p = rep.get("probe")
     if p:
-        lines += [f"Ceilings measured: HBM copy {_f(p['hbm_copy_bw'], ' GB/s', 1e9, 0)} "
-                  f"(datasheet {H200_DATASHEET['hbm_bw'] / 1e9:.0f}); bf16 matmul "
-                  f"{_f(p['bf16_matmul_flops'], ' TFLOP/s', 1e12, 1)} (n={p['matmul_n']}; "
-                  f"datasheet {H200_DATASHEET['bf16_dense_flops'] / 1e12:.0f})", ""]  # fmt: skip
+        lines += [
+            f"Ceilings measured: HBM copy {_f(p['hbm_copy_bw'], ' GB/s', 1e9, 0)} "
+            f"(datasheet {H200_DATASHEET['hbm_bw'] / 1e9:.0f}); bf16 matmul "
+            f"{_f(p['bf16_matmul_flops'], ' TFLOP/s', 1e12, 1)} (n={p['matmul_n']}; "
+            f"datasheet {H200_DATASHEET['bf16_dense_flops'] / 1e12:.0f})",
+            "",
+        ]
     for name, sh in rep["shapes"].items():
         lines += [f"## {name}", ""]
         for sec, err in sh.get("errors", {}).items():
@@ -352,30 +432,39 @@ def markdown(rep: dict) -> str:
                 "",
             ]
         if "decode" in sh:
-            lines += ["| model | batch | tok/s | ms/step | HBM bound tok/s | of bound |",
-                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "| model | batch | tok/s | ms/step | HBM bound tok/s | of bound |",
+                "|---|---|---|---|---|---|",
+            ]
             for r in sh["decode"]["rows"]:
-                lines.append(f"| {r['model']} | {r['batch']} | {r['tok_s']:.1f} | "
-                             f"{1e3 * r['s_per_step']:.2f} | {r['hbm_bound_tok_s']:.1f} | "
-                             f"{r['fraction_of_bound']:.0%} |")  # fmt: skip
+                lines.append(
+                    f"| {r['model']} | {r['batch']} | {r['tok_s']:.1f} | "
+                    f"{1e3 * r['s_per_step']:.2f} | {r['hbm_bound_tok_s']:.1f} | "
+                    f"{r['fraction_of_bound']:.0%} |"
+                )
             lines.append("")
         if "load" in sh:
             ld = sh["load"]
             for k in ("whole_expert", "per_layer_store"):
                 if k in ld:
-                    lines.append(f"- expert load ({k}, from {ld['host_memory_kind']}): "
-                                 f"{_f(ld[k]['bytes_per_expert'], ' MB', 1e6, 1)} in "
-                                 f"{_f(ld[k]['median_s'], ' ms', 1e-3)} = "
-                                 f"{_f(ld[k]['bytes_per_s'], ' GB/s', 1e9)}")  # fmt: skip
+                    lines.append(
+                        f"- expert load ({k}, from {ld['host_memory_kind']}): "
+                        f"{_f(ld[k]['bytes_per_expert'], ' MB', 1e6, 1)} in "
+                        f"{_f(ld[k]['median_s'], ' ms', 1e-3)} = "
+                        f"{_f(ld[k]['bytes_per_s'], ' GB/s', 1e9)}"
+                    )
             lines.append("")
         if "cache" in sh:
             lines += _cache_md(sh["cache"])
         if "train" in sh:
             t = sh["train"]
-            lines += [f"- training step (B={t['batch']}, S={t['seq']}): {t['step_s']:.3f} s, "
-                      f"{t['model_flops_s'] / 1e12:.2f} TFLOP/s model FLOPs = MFU "
-                      f"{t['mfu_vs_measured_matmul']:.1%} of the measured matmul rate, "
-                      f"{t['mfu_vs_datasheet']:.1%} of the datasheet", ""]  # fmt: skip
+            lines += [
+                f"- training step (B={t['batch']}, S={t['seq']}): {t['step_s']:.3f} s, "
+                f"{t['model_flops_s'] / 1e12:.2f} TFLOP/s model FLOPs = MFU "
+                f"{t['mfu_vs_measured_matmul']:.1%} of the measured matmul rate, "
+                f"{t['mfu_vs_datasheet']:.1%} of the datasheet",
+                "",
+            ]
         for k in sh.get("skipped", []):
             lines.append(f"- skipped: {k}")
     return "\n".join(lines) + "\n"
@@ -394,10 +483,15 @@ NOT_ON_DEVICE = ("grain", "ml_collections", "gguf")  # absent from the accelerat
 def environment() -> dict:
     d = jax.devices()[0]
     absent = sorted({m.split(".")[0] for m in sys.modules} & set(NOT_ON_DEVICE))
-    return {"jax": jax.__version__, "platform": d.platform, "device": d.device_kind,
-            "device_count": jax.device_count(), "python": platform.python_version(),
-            "memory_kinds": sorted(memory_kinds(d)),
-            "imports_absent_on_device": absent}  # fmt: skip
+    return {
+        "jax": jax.__version__,
+        "platform": d.platform,
+        "device": d.device_kind,
+        "device_count": jax.device_count(),
+        "python": platform.python_version(),
+        "memory_kinds": sorted(memory_kinds(d)),
+        "imports_absent_on_device": absent,
+    }
 
 
 SECTIONS = ("decode", "load", "cache", "train")
@@ -426,11 +520,15 @@ class Models:
             m.sp = split_params(m.rc, m.moe)  # experts on host, backbone on device
             sh = self.rep["shapes"].setdefault(name, {"skipped": []})
             sh["built_s"] = time.perf_counter() - t
-            sh["experts"] = {"E": NUM_EXPERTS, "remain_rate": REMAIN_RATE,
-                             "shared_width_mean": float(m.spec.shared_widths.mean()),
-                             "expert_width_mean": float(m.spec.expert_widths.mean()),
-                             "dense_bytes": nbytes(m.dense), "moe_bytes": nbytes(m.moe),
-                             "bytes_per_expert": cm.model_cost(m.sp).bytes_per_expert}  # fmt: skip
+            sh["experts"] = {
+                "E": NUM_EXPERTS,
+                "remain_rate": REMAIN_RATE,
+                "shared_width_mean": float(m.spec.shared_widths.mean()),
+                "expert_width_mean": float(m.spec.expert_widths.mean()),
+                "dense_bytes": nbytes(m.dense),
+                "moe_bytes": nbytes(m.moe),
+                "bytes_per_expert": cm.model_cost(m.sp).bytes_per_expert,
+            }
             self.built[name] = m
         return self.built[name]
 
@@ -485,8 +583,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
     bad = [s for s in args.sections if s not in SECTIONS]
-    shapes = [s for s in (args.shapes or ("smoke" if args.smoke else
-                                          "tinyllama-1.1b,llama2-7b")).split(",") if s]  # fmt: skip
+    shapes = [
+        s
+        for s in (args.shapes or ("smoke" if args.smoke else "tinyllama-1.1b,llama2-7b")).split(",")
+        if s
+    ]
     bad += [s for s in shapes if s not in SHAPES]
     if bad:
         print(f"error: unknown section(s)/shape(s) {bad}", file=sys.stderr)

@@ -169,9 +169,14 @@ async def run(args) -> dict:
     prompts = heldout_prompts(tok, args.domains.split(","), hi, seed=args.seed)
     out_len = LengthDist("lognormal", median=med, sigma=0.6, lo=min(4, mx), hi=mx)
     trace = make_trace(
-        prompts, args.num_requests, args.rate, cv=args.cv, output_len=out_len,
-        prompt_len=LengthDist("uniform", lo=lo, hi=hi), seed=args.seed,
-    )  # fmt: skip
+        prompts,
+        args.num_requests,
+        args.rate,
+        cv=args.cv,
+        output_len=out_len,
+        prompt_len=LengthDist("uniform", lo=lo, hi=hi),
+        seed=args.seed,
+    )
     model = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"][0]["id"]
     before = scrape(args.url)
     stats = {"rejected_429": 0, "rejected_503": 0, "5xx": 0, "4xx": 0}

@@ -88,21 +88,43 @@ LLAMA3_RE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]  # fmt: skip
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             rms_norm_eps=1e-5)  # fmt: skip
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+]
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rms_norm_eps=1e-5,
+)
 
 
 def _spm(work: Path, control: list[str]):
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        input=str(CORPUS), model_prefix=str(work / "sp"), vocab_size=600, model_type="bpe",
-        byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, control_symbols=control,
-        split_digits=True, minloglevel=2, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-    )  # fmt: skip
+        input=str(CORPUS),
+        model_prefix=str(work / "sp"),
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        control_symbols=control,
+        split_digits=True,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+    )
     return spm.SentencePieceProcessor(model_file=str(work / "sp.model"))
 
 
@@ -121,8 +143,11 @@ def _spm_vocab(sp) -> dict:
         else:
             types.append(1)
     n = sp.get_piece_size()
-    return {"tokens": [sp.id_to_piece(i) for i in range(n)],
-            "scores": [sp.get_score(i) for i in range(n)], "types": types}  # fmt: skip
+    return {
+        "tokens": [sp.id_to_piece(i) for i in range(n)],
+        "scores": [sp.get_score(i) for i in range(n)],
+        "types": types,
+    }
 
 
 def spm_tokenizer(out: Path, work: Path, control: list[str], template: str):
@@ -132,9 +157,15 @@ def spm_tokenizer(out: Path, work: Path, control: list[str], template: str):
     src = work / "hf_spm"
     src.mkdir()
     shutil.copy(work / "sp.model", src / "tokenizer.model")
-    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-           "legacy": True}  # fmt: skip
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+    }
     (src / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = AutoTokenizer.from_pretrained(str(src))
     if control:
@@ -158,8 +189,9 @@ def bpe_tokenizer(out: Path, style: str):
     )
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
-                                          use_regex=style != "llama3")  # fmt: skip
+    byte_level = pre_tokenizers.ByteLevel(
+        add_prefix_space=False, trim_offsets=True, use_regex=style != "llama3"
+    )
     if style == "llama3":
         tok = Tokenizer(models.BPE(ignore_merges=True))
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -174,24 +206,32 @@ def bpe_tokenizer(out: Path, style: str):
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=420, special_tokens=specials, show_progress=False,
+        vocab_size=420,
+        special_tokens=specials,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train([str(CORPUS)], trainer)
     if style == "llama3":  # Llama-3's specials follow the regular vocabulary
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in LLAMA3_SPECIALS])  # fmt: skip
+        tok.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS]
+        )
         bos = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            single="<|begin_of_text|> $A",
+            pair="<|begin_of_text|> $A <|begin_of_text|> $B",
             special_tokens=[("<|begin_of_text|>", bos)],
-        )  # fmt: skip
+        )
         names = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
         template = LLAMA3_TEMPLATE
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        names = dict(bos_token="<|im_start|>", eos_token="<|im_end|>",
-                     unk_token="<|endoftext|>", pad_token="<|im_end|>")  # fmt: skip
+        names = dict(
+            bos_token="<|im_start|>",
+            eos_token="<|im_end|>",
+            unk_token="<|endoftext|>",
+            pad_token="<|im_end|>",
+        )
         template = SMOLLM2_TEMPLATE
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     fast.chat_template = template
@@ -219,8 +259,9 @@ def randomize_(model, seed: int) -> None:
 def _logits(model_dir: Path, tokens) -> np.ndarray:
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                             attn_implementation="eager").eval()  # fmt: skip
+    m = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         return m(
             input_ids=torch.from_numpy(tokens.astype(np.int64)), use_cache=False
@@ -233,11 +274,14 @@ def model(out: Path, arch: str, config: dict, seed: int, gen_eos) -> None:
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
-        MistralForCausalLM,  # fmt: skip
+        MistralForCausalLM,
     )
 
-    cls_cfg, cls = (MistralConfig, MistralForCausalLM) if arch == "mistral" else (
-        LlamaConfig, LlamaForCausalLM)  # fmt: skip
+    cls_cfg, cls = (
+        (MistralConfig, MistralForCausalLM)
+        if arch == "mistral"
+        else (LlamaConfig, LlamaForCausalLM)
+    )
     torch.manual_seed(seed)
     m = cls(cls_cfg(**config)).float().eval()
     randomize_(m, seed)
@@ -287,8 +331,14 @@ def build(style: str, seed: int) -> None:
     else:
         tok = bpe_tokenizer(out, style)
     V = len(tok)
-    cfg = dict(SMALL, vocab_size=V, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+    cfg = dict(
+        SMALL,
+        vocab_size=V,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     gen_eos = tok.eos_token_id
     if style == "llama2":
         cfg.update(num_key_value_heads=4, rope_theta=10000.0)
@@ -298,10 +348,19 @@ def build(style: str, seed: int) -> None:
         ends = [
             tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
         ]
-        cfg.update(num_key_value_heads=2, head_dim=16, rope_theta=500000.0, eos_token_id=ends,
-                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                     high_freq_factor=4.0,
-                                     original_max_position_embeddings=32))  # fmt: skip
+        cfg.update(
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_theta=500000.0,
+            eos_token_id=ends,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        )
         gen_eos = ends
     else:  # smollm2
         cfg.update(num_key_value_heads=2, rope_theta=100000.0, tie_word_embeddings=True)
@@ -330,8 +389,10 @@ def build(style: str, seed: int) -> None:
         golden["probes"][text] = entry
     (out / "golden.json").write_text(json.dumps(golden, indent=1, ensure_ascii=False))
     size = sum(p.stat().st_size for p in out.iterdir())
-    print(f"{style}: V={V} {size / 1024:.0f} KiB logits std {np.load(out / 'logits.npy').std():.2f}"
-          f" files {sorted(p.name for p in out.iterdir())}")  # fmt: skip
+    print(
+        f"{style}: V={V} {size / 1024:.0f} KiB logits std {np.load(out / 'logits.npy').std():.2f}"
+        f" files {sorted(p.name for p in out.iterdir())}"
+    )
 
 
 def main() -> None:

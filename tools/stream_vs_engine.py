@@ -66,9 +66,15 @@ def main() -> None:
     E = sp.num_experts
     C = min(2, E)
     cfg = EngineConfig(
-        num_slots=8, max_len=256, prefill_chunk=32, max_batch_tokens=128, batching="expert",
-        cache_policy="belady" if C < E else "all", capacity=C, prefetch=C < E,
-    )  # fmt: skip
+        num_slots=8,
+        max_len=256,
+        prefill_chunk=32,
+        max_batch_tokens=128,
+        batching="expert",
+        cache_policy="belady" if C < E else "all",
+        capacity=C,
+        prefetch=C < E,
+    )
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
     backend = ModelBackend.for_config(sp, cfg)
     engine_rate(backend, cfg, ids, 8)  # compile

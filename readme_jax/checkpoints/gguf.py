@@ -109,9 +109,17 @@ def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
 
 # Control tokens llama.cpp ends generation on by their text (llama-vocab.cpp, special_eog_ids).
 GGUF_EOG_TEXTS = (
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
-)  # fmt: skip
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+)
 
 
 def gguf_end_ids(reader) -> tuple[int, ...]:

@@ -62,8 +62,12 @@ _ST_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 _WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")
-_NP_TO_ST = {np.dtype("float32"): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
-             np.dtype("float16"): "F16", np.dtype("float64"): "F64"}  # fmt: skip
+_NP_TO_ST = {
+    np.dtype("float32"): "F32",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype("float16"): "F16",
+    np.dtype("float64"): "F64",
+}
 # Tensors some exporters write that carry nothing we need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -250,18 +254,33 @@ def _slots(cfg: LlamaConfig) -> list[_Slot]:
         p = f"model.layers.{i}."
         slots += [
             _Slot(p + "input_layernorm.weight", (D,), ("layers", "attn_norm"), (i,), False),
-            _Slot(p + "self_attn.q_proj.weight", (H * hd, D), ("layers", "wqkv"),
-                  (i, S_, slice(0, H)), True),
-            _Slot(p + "self_attn.k_proj.weight", (K * hd, D), ("layers", "wqkv"),
-                  (i, S_, slice(H, H + K)), True),
-            _Slot(p + "self_attn.v_proj.weight", (K * hd, D), ("layers", "wqkv"),
-                  (i, S_, slice(H + K, H + 2 * K)), True),
+            _Slot(
+                p + "self_attn.q_proj.weight",
+                (H * hd, D),
+                ("layers", "wqkv"),
+                (i, S_, slice(0, H)),
+                True,
+            ),
+            _Slot(
+                p + "self_attn.k_proj.weight",
+                (K * hd, D),
+                ("layers", "wqkv"),
+                (i, S_, slice(H, H + K)),
+                True,
+            ),
+            _Slot(
+                p + "self_attn.v_proj.weight",
+                (K * hd, D),
+                ("layers", "wqkv"),
+                (i, S_, slice(H + K, H + 2 * K)),
+                True,
+            ),
             _Slot(p + "self_attn.o_proj.weight", (D, H * hd), ("layers", "wo"), (i,), True),
             _Slot(p + "post_attention_layernorm.weight", (D,), ("layers", "mlp_norm"), (i,), False),
             _Slot(p + "mlp.gate_proj.weight", (F, D), ("layers", "w_gate_up"), (i, S_, 0), True),
             _Slot(p + "mlp.up_proj.weight", (F, D), ("layers", "w_gate_up"), (i, S_, 1), True),
             _Slot(p + "mlp.down_proj.weight", (D, F), ("layers", "w_down"), (i,), True),
-        ]  # fmt: skip
+        ]
     slots.append(_Slot("model.norm.weight", (D,), ("final_norm",), (), False))
     if not cfg.tie_embeddings:
         slots.append(_Slot("lm_head.weight", (V, D), ("lm_head",), (), True))
@@ -281,9 +300,10 @@ def _check_tensors(root: Path, cfg: LlamaConfig, slots: list[_Slot], tensors) ->
         raise CheckpointError(f"{root}: checkpoint is missing tensors: {_names(missing)}")
     ignorable = set() if not cfg.tie_embeddings else {"lm_head.weight"}
     extra = sorted(
-        n for n in tensors
+        n
+        for n in tensors
         if n not in wanted and n not in ignorable and not n.endswith(_IGNORED_SUFFIXES)
-    )  # fmt: skip
+    )
     if extra:
         raise CheckpointError(
             f"{root}: checkpoint has tensors the config does not account for (config.json "
@@ -438,8 +458,11 @@ def _write_safetensors(
     offset = 0
     for name, shape, dtype, _ in entries:
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _NP_TO_ST[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        header[name] = {
+            "dtype": _NP_TO_ST[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned

@@ -39,8 +39,11 @@ def save_model(path: str | Path, params: Any, meta: dict[str, Any]) -> Path:
     # multi-process runs save from one process (train/distributed.py): no barrier with the others
     me = jax.process_index()
     mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    ck = ocp.StandardCheckpointer(multiprocessing_options=mp) if jax.process_count() > 1 else (
-        ocp.StandardCheckpointer())  # fmt: skip
+    ck = (
+        ocp.StandardCheckpointer(multiprocessing_options=mp)
+        if jax.process_count() > 1
+        else (ocp.StandardCheckpointer())
+    )
     ck.save(path / "params", params)
     ck.wait_until_finished()
     _write_json_atomic(path / MODEL_JSON, meta)

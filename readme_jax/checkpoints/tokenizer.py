@@ -148,9 +148,11 @@ class Tokenizer:
         if self._hf:
             self.apply_chat_template(messages, add_generation_prompt)  # TextError if none
             ids = self._tok.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                messages,
+                tokenize=True,
+                add_generation_prompt=add_generation_prompt,
                 return_dict=False,
-            )  # fmt: skip
+            )
             return [int(i) for i in ids]
         text = self.apply_chat_template(messages, add_generation_prompt)
         bos = self.special_tokens.get("bos_token")
@@ -227,9 +229,14 @@ def _gguf_bpe(reader, path: Path):
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = HFTok(
-        models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
-                   ignore_merges=pre in _LLAMA3_GROUP)
-    )  # fmt: skip
+        models.BPE(
+            vocab=vocab,
+            merges=pairs,
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=pre in _LLAMA3_GROUP,
+        )
+    )
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in GGUF_PRE_SPLITS[pre]]
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -250,9 +257,14 @@ def _gguf_spm(reader, path: Path):
     unk = _val(reader, "tokenizer.ggml.unknown_token_id", 0)
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = HFTok(
-        models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), fuse_unk=True,
-                   byte_fallback=True, unk_token=tokens[int(unk)])
-    )  # fmt: skip
+        models.BPE(
+            vocab=vocab,
+            merges=_spm_merges(tokens, scores, types),
+            fuse_unk=True,
+            byte_fallback=True,
+            unk_token=tokens[int(unk)],
+        )
+    )
     prefix = bool(_val(reader, "tokenizer.ggml.add_space_prefix", True))
     norm = [normalizers.Prepend("▁")] if prefix else []
     tok.normalizer = normalizers.Sequence([*norm, normalizers.Replace(" ", "▁")])
@@ -290,9 +302,12 @@ def _load_gguf_tokenizer(path: Path) -> Tokenizer:
         h.update(f"\n{model}/{pre}/{_val(reader, 'tokenizer.ggml.scores', [])}".encode())
     bos = _val(reader, "tokenizer.ggml.bos_token_id")
     eos = _val(reader, "tokenizer.ggml.eos_token_id")
-    named = {"bos_token": bos, "eos_token": eos,
-             "unk_token": _val(reader, "tokenizer.ggml.unknown_token_id"),
-             "pad_token": _val(reader, "tokenizer.ggml.padding_token_id")}  # fmt: skip
+    named = {
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": _val(reader, "tokenizer.ggml.unknown_token_id"),
+        "pad_token": _val(reader, "tokenizer.ggml.padding_token_id"),
+    }
     return Tokenizer(
         backend,
         name=f"gguf-{path.stem}-{h.hexdigest()[:12]}",
@@ -354,8 +369,7 @@ def _load_hf(path: Path) -> Tokenizer:
             f"could not load a tokenizer from {path}: {type(e).__name__}: {e}"
         ) from e
     eos = hf_end_ids(path) or _ids(tok.eos_token_id)
-    named = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token",
-                                               "pad_token")}  # fmt: skip
+    named = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     return Tokenizer(
         tok,
         name=f"hf-{path.name}-{len(tok)}-pp",  # -pp: encodes with the post-processor (BOS)

@@ -151,9 +151,30 @@ def extract_code_docs(cache: Path | None) -> tuple[list[Document], list[str]]:
 
 # ---------------------------------------------------------------- manual
 _BLOCK = {
-    "p", "div", "pre", "li", "dt", "dd", "tr", "table", "ul", "ol", "dl", "blockquote",
-    "h1", "h2", "h3", "h4", "h5", "h6", "title", "br", "hr", "figure", "caption",
-}  # fmt: skip
+    "p",
+    "div",
+    "pre",
+    "li",
+    "dt",
+    "dd",
+    "tr",
+    "table",
+    "ul",
+    "ol",
+    "dl",
+    "blockquote",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "title",
+    "br",
+    "hr",
+    "figure",
+    "caption",
+}
 _SKIP_TAGS = {"head", "script", "style"}
 _SKIP_CLASSES = {"docnav", "toc", "list-of-tables", "list-of-figures", "list-of-examples"}
 _SKIP_IDS = {"banner", "title"}

@@ -166,8 +166,14 @@ class TokenWindows:
     Picklable without copying the stream: the memmap is reopened lazily in each process.
     """
 
-    def __init__(self, path: Path, offsets: np.ndarray, seq_len: int, domain_index: int,
-                 pad_tail: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        offsets: np.ndarray,
+        seq_len: int,
+        domain_index: int,
+        pad_tail: bool = False,
+    ):
         self.path, self.offsets, self.seq_len = Path(path), offsets, seq_len
         self.domain_index = domain_index
         self._tokens: np.ndarray | None = None
@@ -175,9 +181,16 @@ class TokenWindows:
         self.length = -(-(total - 1) // seq_len) if pad_tail else (total - 1) // seq_len
 
     @classmethod
-    def open(cls, domain: str, split: str, tokenizer: TokenizerLike, seq_len: int,
-             domain_index: int = 0, cache: str | Path | None = None,
-             pad_tail: bool = False) -> TokenWindows:  # fmt: skip
+    def open(
+        cls,
+        domain: str,
+        split: str,
+        tokenizer: TokenizerLike,
+        seq_len: int,
+        domain_index: int = 0,
+        cache: str | Path | None = None,
+        pad_tail: bool = False,
+    ) -> TokenWindows:
         offsets = load_offsets(domain, split, tokenizer, cache)
         path = _token_dir(tokenizer, domain, cache) / f"{split}.npy"
         return cls(path, offsets, seq_len, domain_index, pad_tail)
@@ -341,9 +354,11 @@ def calibration_batch(
 
 
 def split_table(
-    domains: Sequence[str], tokenizer: TokenizerLike, cache: str | Path | None = None,
+    domains: Sequence[str],
+    tokenizer: TokenizerLike,
+    cache: str | Path | None = None,
     progress: bool = False,
-) -> dict[str, dict[str, dict[str, int]]]:  # fmt: skip
+) -> dict[str, dict[str, dict[str, int]]]:
     """{domain: {split: {"documents", "tokens", "bytes"}}}, tokenizing where needed."""
     out = {}
     for d in domains:

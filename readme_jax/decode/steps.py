@@ -125,9 +125,14 @@ def readme_model(rc: ReadMEConfig) -> DecodeModel:
             params, tokens_BxS, rc, cache=cache["router"], num_new_B=num_new_B
         )
         logits, bcache = backbone(
-            rc, params["backbone"], tokens_BxS, cache["backbone"], routing, num_new_B,
+            rc,
+            params["backbone"],
+            tokens_BxS,
+            cache["backbone"],
+            routing,
+            num_new_B,
             last_B=last_B,
-        )  # fmt: skip
+        )
         return logits, {"backbone": bcache, "router": rcache}
 
     rc = rc.replace(model=rc.model.replace(scan_layers=False))
@@ -197,8 +202,9 @@ def _route_next(rc, router, tok_B, rcache, n_B):
 # ----------------------------------------------------------------------------- engine steps
 
 
-def decode_step(params, slots, cache, rcache, tok_N, exp_NxA, w_NxA, active_N, sp_N, *, rc,
-                sampled: bool):  # fmt: skip
+def decode_step(
+    params, slots, cache, rcache, tok_N, exp_NxA, w_NxA, active_N, sp_N, *, rc, sampled: bool
+):
     """One token for every active slot row. params: {"backbone", "router"}; slots: None (the
     in-graph experts, exp_NxA expert ids) or slot buffers (exp_NxA slot ids). sp_N:
     (temperature, top_k, top_p, seed, count) [N]. Returns (next tokens [N], their experts
@@ -206,16 +212,36 @@ def decode_step(params, slots, cache, rcache, tok_N, exp_NxA, w_NxA, active_N, s
     n_N = active_N.astype(jnp.int32)
     w_NxA = jnp.where(active_N[:, None], w_NxA, 0.0)
     logits, cache = backbone(
-        rc, params["backbone"], tok_N[:, None], cache, (exp_NxA[:, None], w_NxA[:, None]),
-        n_N, slots=slots,
-    )  # fmt: skip
+        rc,
+        params["backbone"],
+        tok_N[:, None],
+        cache,
+        (exp_NxA[:, None], w_NxA[:, None]),
+        n_N,
+        slots=slots,
+    )
     nxt_N = _sample(logits[:, 0], sp_N, sampled)
     e, w, rcache = _route_next(rc, params["router"], nxt_N, rcache, n_N)
     return nxt_N, e, w, cache, rcache
 
 
-def prefill_step(params, slots, cache, rcache, row, start, tok_Q, exp_QxA, w_QxA, n, is_last,
-                 sp_row, *, rc, sampled: bool):  # fmt: skip
+def prefill_step(
+    params,
+    slots,
+    cache,
+    rcache,
+    row,
+    start,
+    tok_Q,
+    exp_QxA,
+    w_QxA,
+    n,
+    is_last,
+    sp_row,
+    *,
+    rc,
+    sampled: bool,
+):
     """One prompt chunk of one request (every expert it needs on device) in one call: the
     chunk's Q tokens (n real) at positions start.., the next token sampled and routed.
 
@@ -224,15 +250,35 @@ def prefill_step(params, slots, cache, rcache, row, start, tok_Q, exp_QxA, w_QxA
     c1 = cache_row(cache, row, start)
     last = (n - 1)[None]
     logits, c1 = backbone(
-        rc, params["backbone"], tok_Q[None], c1, (exp_QxA[None], w_QxA[None]), n[None],
-        slots=slots, last_B=last,
-    )  # fmt: skip
-    return _prefill_epilogue(params["router"], cache, rcache, c1, logits[:, 0], row, start,
-                             tok_Q, n, is_last, sp_row, rc, sampled)  # fmt: skip
+        rc,
+        params["backbone"],
+        tok_Q[None],
+        c1,
+        (exp_QxA[None], w_QxA[None]),
+        n[None],
+        slots=slots,
+        last_B=last,
+    )
+    return _prefill_epilogue(
+        params["router"],
+        cache,
+        rcache,
+        c1,
+        logits[:, 0],
+        row,
+        start,
+        tok_Q,
+        n,
+        is_last,
+        sp_row,
+        rc,
+        sampled,
+    )
 
 
-def _prefill_epilogue(router, cache, rcache, c1, logits_1xV, row, start, tok_Q, n, is_last,
-                      sp_row, rc, sampled):  # fmt: skip
+def _prefill_epilogue(
+    router, cache, rcache, c1, logits_1xV, row, start, tok_Q, n, is_last, sp_row, rc, sampled
+):
     nxt_1 = _sample(logits_1xV, tuple(jnp.asarray(v)[None] for v in sp_row), sampled)
     r1 = cache_row(rcache, row, start)
     _, _, r1 = readme.route({"router": router}, tok_Q[None], rc, cache=r1, num_new_B=n[None])
@@ -269,16 +315,33 @@ def pf_experts(slots_l, x_1xQxD, h_QxD, slot_QxA, w_QxA):
     return x_1xQxD + y[None].astype(x_1xQxD.dtype)
 
 
-def pf_end(bb, router, cache, rcache, k_c, v_c, x_1xQxD, row, start, tok_Q, n, is_last, sp_row,
-           *, rc: ReadMEConfig, sampled: bool):  # fmt: skip
+def pf_end(
+    bb,
+    router,
+    cache,
+    rcache,
+    k_c,
+    v_c,
+    x_1xQxD,
+    row,
+    start,
+    tok_Q,
+    n,
+    is_last,
+    sp_row,
+    *,
+    rc: ReadMEConfig,
+    sampled: bool,
+):
     """Final norm and head at the chunk's last token, then the prefill epilogue."""
     cfg = rc.model
     x = llama.rms_norm(x_1xQxD, bb["final_norm"], cfg.norm_eps)
     last_1x1xD = jax.lax.dynamic_slice_in_dim(x, n - 1, 1, axis=1)
     logits_1xV = llama.lm_head(bb, last_1x1xD, cfg)[:, 0]
     c1 = {"k": k_c, "v": v_c, "lengths": (start + n)[None]}
-    return _prefill_epilogue(router, cache, rcache, c1, logits_1xV, row, start, tok_Q, n,
-                             is_last, sp_row, rc, sampled)  # fmt: skip
+    return _prefill_epilogue(
+        router, cache, rcache, c1, logits_1xV, row, start, tok_Q, n, is_last, sp_row, rc, sampled
+    )
 
 
 def route_prompt(router, tok_1xS, *, rc: ReadMEConfig):

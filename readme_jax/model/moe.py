@@ -47,8 +47,14 @@ PHASES = ("train", "eval", "prefill", "decode")
 SELECT_SWITCH_MIN = 32  # select: above this many (token, expert) pairs, switched dispatch
 
 
-def pick_dispatch(backend: str | None, phase: str, num_tokens: int | None = None, *,
-                  model: str = "ragged", override: str = "") -> str:  # fmt: skip
+def pick_dispatch(
+    backend: str | None,
+    phase: str,
+    num_tokens: int | None = None,
+    *,
+    model: str = "ragged",
+    override: str = "",
+) -> str:
     """The one place that decides which MoE dispatch runs.
 
     backend: `jax.default_backend()` (None: ask JAX); phase: train | eval | prefill | decode;
@@ -144,8 +150,9 @@ def _combine_blocks(y_NbxD, dest, weights_TxA):
     return jnp.sum(y * weights_TxA[..., None].astype(y.dtype), axis=1)
 
 
-def blocked_experts(x_TxD, experts_TxA, weights_TxA, gu_Ex, down_ExFxD, block: int = 128,
-                    read: str = "gather"):  # fmt: skip
+def blocked_experts(
+    x_TxD, experts_TxA, weights_TxA, gu_Ex, down_ExFxD, block: int = 128, read: str = "gather"
+):
     """Grouped matmul by blocks (see `_block_layout`).
 
     read="gather": one batched matmul with each block's expert weights gathered (a padding

@@ -167,9 +167,21 @@ class SlotDecoder:
         if slots is None:
             ((sl, w, _),) = padded
             nxt, e, wt, self.cache, self.rcache = steps.prefill_jit(
-                self.graph, None, self.cache, self.rcache, i32(row), i32(start), tok, sl, w,
-                i32(n), i32(is_last), spa, rc=self.rc, sampled=sampled,
-            )  # fmt: skip
+                self.graph,
+                None,
+                self.cache,
+                self.rcache,
+                i32(row),
+                i32(start),
+                tok,
+                sl,
+                w,
+                i32(n),
+                i32(is_last),
+                spa,
+                rc=self.rc,
+                sampled=sampled,
+            )
             return nxt, e, wt
         slots_at = slots if callable(slots) else slots.__getitem__
         bb = self.sp.backbone
@@ -184,9 +196,22 @@ class SlotDecoder:
                     load_layer(e, s, l)
                 x = steps.pf_experts_jit(slots_at(l), x, h, sl, w)
         nxt, e, wt, self.cache, self.rcache = steps.pf_end_jit(
-            bb, self.sp.router, self.cache, self.rcache, k_c, v_c, x, i32(row), i32(start), tok,
-            i32(n), i32(is_last), spa, rc=self.rc, sampled=sampled,
-        )  # fmt: skip
+            bb,
+            self.sp.router,
+            self.cache,
+            self.rcache,
+            k_c,
+            v_c,
+            x,
+            i32(row),
+            i32(start),
+            tok,
+            i32(n),
+            i32(is_last),
+            spa,
+            rc=self.rc,
+            sampled=sampled,
+        )
         return nxt, e, wt
 
     def decode(self, slots, tok_N, slot_NxA, w_NxA, active_N, sp_N):

@@ -108,8 +108,11 @@ def initialize(c: Any) -> str:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kw: dict[str, Any] = {"initialization_timeout": int(d.init_timeout_s)}
     if d.coordinator:
-        kw.update(coordinator_address=d.coordinator, num_processes=int(d.num_processes),
-                  process_id=int(d.process_id))  # fmt: skip
+        kw.update(
+            coordinator_address=d.coordinator,
+            num_processes=int(d.num_processes),
+            process_id=int(d.process_id),
+        )
     try:
         jax.distributed.initialize(**kw)
     except Exception as e:

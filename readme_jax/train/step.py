@@ -115,9 +115,11 @@ def cast_params(tree, dtype: str):
     if dtype == "float32":
         return tree
     return jax.tree.map(
-        lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) and a.ndim >= 2
-        else a, tree,
-    )  # fmt: skip
+        lambda a: (
+            a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) and a.ndim >= 2 else a
+        ),
+        tree,
+    )
 
 
 def _head(params: Params, cfg: LlamaConfig):
@@ -136,16 +138,28 @@ def teacher_pass(s: Setup, consts: Params, b: Params):
         ffn = losses.coverage_ffn(consts["union"], s.tc.target_top_frac)
     teacher = cast_params(consts["teacher"], s.tc.compute_dtype)
     h, _, cov = llama.forward(
-        teacher, b["tokens"], s.teacher_cfg, ffn=ffn, segment_ids_BxS=b["segment_ids"],
-        positions_BxS=b["positions"], return_hidden=True,
-    )  # fmt: skip
+        teacher,
+        b["tokens"],
+        s.teacher_cfg,
+        ffn=ffn,
+        segment_ids_BxS=b["segment_ids"],
+        positions_BxS=b["positions"],
+        return_hidden=True,
+    )
     return jax.lax.stop_gradient(h), (None if cov is None else jax.lax.stop_gradient(cov))
 
 
 def _decoder(s: Setup, params: Params, b: Params, ffn):
-    h, _, aux = llama.forward(params, b["tokens"], s.cfg, ffn=ffn, segment_ids_BxS=b["segment_ids"],
-                              positions_BxS=b["positions"], return_hidden=True,
-                              remat=s.tc.remat)  # fmt: skip
+    h, _, aux = llama.forward(
+        params,
+        b["tokens"],
+        s.cfg,
+        ffn=ffn,
+        segment_ids_BxS=b["segment_ids"],
+        positions_BxS=b["positions"],
+        return_hidden=True,
+        remat=s.tc.remat,
+    )
     return h, aux
 
 
@@ -191,14 +205,29 @@ def router_loss(s: Setup, params: Params, b: Params, cov, mesh):
     flat = lambda a: a.reshape(L * a.shape[1], *a.shape[2:])
     rep = lambda a: jnp.concatenate([a] * L, axis=0)
     met = losses.routing_metrics(
-        jnp.argmax(flat(layer_logits), -1), rep(b["domain"]), rep(mask), s.n_domains, E,
-        flat(layer_logits), flat(target),
-    )  # fmt: skip
+        jnp.argmax(flat(layer_logits), -1),
+        rep(b["domain"]),
+        rep(mask),
+        s.n_domains,
+        E,
+        flat(layer_logits),
+        flat(target),
+    )
     return loss, met
 
 
-def expert_loss(s: Setup, params: Params, b: Params, teacher: Params, t_hidden, cov, routing,
-                router_logits_BxSxE, need_w: bool, mesh):  # fmt: skip
+def expert_loss(
+    s: Setup,
+    params: Params,
+    b: Params,
+    teacher: Params,
+    t_hidden,
+    cov,
+    routing,
+    router_logits_BxSxE,
+    need_w: bool,
+    mesh,
+):
     """KL to the teacher + LM loss through the chunked head; returns (loss, metrics)."""
     tc = s.tc
     h, layer_logits = student_hidden(s, params, b, routing, mesh)
@@ -209,11 +238,19 @@ def expert_loss(s: Setup, params: Params, b: Params, teacher: Params, t_hidden, 
     lm = b["loss_mask"].reshape(-1).astype(jnp.float32)
     wt = lm / jnp.maximum(jnp.sum(lm), 1.0)
     loss, sums = losses.head_loss(
-        h.reshape(B * S, D), w, b["targets"].reshape(-1), wt,
-        teacher_h_TxD=t_hidden.reshape(B * S, D), teacher_w_head=tw, lm_weight=tc.lm_weight,
-        kd_weight=tc.kd_weight, temperature=tc.temperature, transposed=transposed,
-        chunk=tc.head_chunk, need_w_grad=need_w,
-    )  # fmt: skip
+        h.reshape(B * S, D),
+        w,
+        b["targets"].reshape(-1),
+        wt,
+        teacher_h_TxD=t_hidden.reshape(B * S, D),
+        teacher_w_head=tw,
+        lm_weight=tc.lm_weight,
+        kd_weight=tc.kd_weight,
+        temperature=tc.temperature,
+        transposed=transposed,
+        chunk=tc.head_chunk,
+        need_w_grad=need_w,
+    )
     met = {k: v for k, v in sums.items() if k != "loss"}
     if s.kind != "static":  # routing load and entropy (accuracy is a router-phase metric)
         mask = b["segment_ids"] > 0
@@ -222,17 +259,20 @@ def expert_loss(s: Setup, params: Params, b: Params, teacher: Params, t_hidden, 
         else:  # layer-wise: report layer 0's routing
             logits = layer_logits[0]
             experts = jnp.argmax(logits, -1)
-        met.update(losses.routing_metrics(
-            experts, b["domain"], mask, s.n_domains, logits.shape[-1], logits
-        ))  # fmt: skip
+        met.update(
+            losses.routing_metrics(
+                experts, b["domain"], mask, s.n_domains, logits.shape[-1], logits
+            )
+        )
     return loss, met
 
 
 # ---------------------------------------------------------------- the step
 def _micro(batch: Params, A: int) -> Params:
     """[B, S] -> [A, B/A, S], micro-batch a = rows a, a+A, ... (keeps each device's rows local)."""
-    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // A, A, *x.shape[1:]), 0, 1),
-                        batch)  # fmt: skip
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // A, A, *x.shape[1:]), 0, 1), batch
+    )
 
 
 def make_step(s: Setup, tx: optax.GradientTransformation, label_tree: Params, mesh=None):
@@ -253,8 +293,9 @@ def make_step(s: Setup, tx: optax.GradientTransformation, label_tree: Params, me
             full = cast_params(merge(v, params), tc.compute_dtype)
             if s.phase == "router":
                 return router_loss(s, full, b, cov, mesh)
-            return expert_loss(s, full, b, consts["teacher"], t_hidden, cov, routing, r_logits,
-                               need_w, mesh)  # fmt: skip
+            return expert_loss(
+                s, full, b, consts["teacher"], t_hidden, cov, routing, r_logits, need_w, mesh
+            )
 
         (loss, met), g = jax.value_and_grad(loss_fn, has_aux=True)(view)
         return g, {**met, "loss": loss}
@@ -283,8 +324,10 @@ def make_step(s: Setup, tx: optax.GradientTransformation, label_tree: Params, me
         lr = jnp.asarray(lr_peak, jnp.float32)
         new_params = jax.tree.map(
             lambda u, p: p if _is_masked(u) else (p + lr * u.astype(p.dtype)).astype(p.dtype),
-            updates, params, is_leaf=_is_masked,
-        )  # fmt: skip
+            updates,
+            params,
+            is_leaf=_is_masked,
+        )
         met["grad_norm"] = grad_norm
         return {"params": new_params, "opt": opt}, met
 

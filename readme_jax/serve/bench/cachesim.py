@@ -314,8 +314,11 @@ def routed_requests(
       outputs: a key of `OUTPUT_LENGTHS`. rate: Poisson arrivals per second.
     """
     spec = OUTPUT_LENGTHS[outputs]
-    outs = np.clip(np.round(spec["median"] * np.exp(spec["sigma"] * rng.standard_normal(n))),
-                   spec["lo"], spec["hi"]).astype(int)  # fmt: skip
+    outs = np.clip(
+        np.round(spec["median"] * np.exp(spec["sigma"] * rng.standard_normal(n))),
+        spec["lo"],
+        spec["hi"],
+    ).astype(int)
     arrivals = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0 / rate, n)[1:])])
     names, reqs = list(streams), []
     for i in range(n):
@@ -326,6 +329,7 @@ def routed_requests(
         d = int(ok[int(rng.integers(len(ok)))]) if len(ok) else int(np.argmax(lens))
         a = int(offs[d]) + int(rng.integers(0, max(1, lens[d] - P - m + 1)))
         e = np.asarray(route_fn(np.asarray(toks[a : a + P + m - 1], np.int32)))
-        reqs.append(RoutedRequest(i, float(arrivals[i]), tuple(map(int, e[:P])),
-                                  tuple(map(int, e[P:]))))  # fmt: skip
+        reqs.append(
+            RoutedRequest(i, float(arrivals[i]), tuple(map(int, e[:P])), tuple(map(int, e[P:])))
+        )
     return reqs
