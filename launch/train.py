@@ -35,8 +35,6 @@ from readme_jax.refactor.pipeline import (
     Recipe,
     build_readme,
     calibrate_recipe,
-    calibration_batches,
-    parse_domains,
     write_refactor_report,
 )
 from readme_jax.train.dry_run import dry_run
@@ -82,15 +80,7 @@ def _refine(c, recipe: Recipe, source, m: models.ReadMEModel, stats) -> models.R
     lcfg = local_distill.LocalDistillConfig.from_config(c.refactor)
     if rcfg.mode == "none" and lcfg.steps <= 0:
         return m
-    batches = calibration_batches(
-        parse_domains(recipe.domains),
-        tok,
-        recipe.num_sequences,
-        recipe.seq_len,
-        recipe.split,
-        recipe.data_cache,
-        seed=recipe.seed,
-    )
+    batches = recipe.batches(tok)
     moe_dir = Path(c.run_dir) / "moe_init"
     p = reconstruct.at_refactor(
         rcfg,

@@ -87,6 +87,18 @@ class Recipe:
             router=RouterConfig(c.router.dim, c.router.n_heads, c.router.ffn_dim),
         )
 
+    def batches(self, tok: Tokenizer) -> dict[str, list[np.ndarray]]:
+        """The recipe's calibration batches per domain (`calibration_batches`)."""
+        return calibration_batches(
+            parse_domains(self.domains),
+            tok,
+            self.num_sequences,
+            self.seq_len,
+            self.split,
+            self.data_cache,
+            seed=self.seed,
+        )
+
     def record(self, tokenizer_name: str) -> dict[str, Any]:
         """What the statistics (and the MoE's model.json) record of this recipe: the keys that
         decide the statistics, so a cached `stats.json` is reused only when they match."""
@@ -193,15 +205,7 @@ def calibrate_recipe(
     """Statistics of `source` = (cfg, params, tokenizer) on the recipe's calibration text."""
     cfg, dense, tok = source
     rec = recipe.record(tok.name)
-    batches = calibration_batches(
-        parse_domains(recipe.domains),
-        tok,
-        recipe.num_sequences,
-        recipe.seq_len,
-        recipe.split,
-        recipe.data_cache,
-        seed=recipe.seed,
-    )
+    batches = recipe.batches(tok)
     if not recipe.clusters:
         return calibrate(cfg, dense, batches, rec, calib_dir)
     if calib_dir is not None and (Path(calib_dir) / "stats.json").exists():
