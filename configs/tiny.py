@@ -1,6 +1,16 @@
 """Tiny random-weight config for tests: the whole pipeline in seconds."""
 
-from configs.smollm2_135m import get_config as _base
+import importlib.util
+import pathlib
+
+# the sibling config by path: config_flags loads this file by path, so `configs` need not be on
+# sys.path (launch scripts run from launch/)
+_spec = importlib.util.spec_from_file_location(
+    "readme_jax_configs_smollm2_135m", pathlib.Path(__file__).with_name("smollm2_135m.py")
+)
+_smollm2 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_smollm2)
+_base = _smollm2.get_config
 
 
 def get_config():
