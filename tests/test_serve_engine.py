@@ -184,3 +184,40 @@ def test_generate_moe_reports_cache_statistics(model, backend):
     assert st["capacity"] == 2 and st["hits"] + st["misses"] > 0 and st["bytes_moved"] > 0
     full = generate(model.params, prompts, 6, capacity=None, **kw)
     assert full.tokens == out.tokens and full.stats["policy"] == "all"
+
+
+def test_lookahead_decode_changes_no_output(model):
+    """The lookahead step (next decode dispatched before this one is read) is taken, rewound
+    when requests finish, and dropped when a prefill comes first; outputs stay identical."""
+    be = ModelBackend.for_config(model.params, BASE)
+    reqs = _requests(n=6, seed=3, sampled=(1, 4))
+    outs = {}
+    for batching in ("expert", "prefill"):
+        for la in (False, True):
+            be.lookahead_stats = {"hits": 0, "dropped": 0}
+            run = _run(be, reqs, lookahead=la, batching=batching)
+            assert all(r.status == "ok" for r in run.results)
+            outs[batching, la] = _tokens(run)
+            if la:
+                assert be.lookahead_stats["hits"] > 0, be.lookahead_stats
+            else:
+                assert be.lookahead_stats == {"hits": 0, "dropped": 0}
+    assert outs["expert", True] == outs["expert", False] == outs["prefill", False]
+    assert outs["prefill", True] == outs["prefill", False]
+    # a live session: request 1 arrives mid-decode of request 0, and the scheduler runs its
+    # prefill first (prefill priority): the pending lookahead step is dropped and rewound
+    alone = {}
+    for la in (False, True):
+        be.lookahead_stats = {"hits": 0, "dropped": 0}
+        eng = Engine(be, EngineConfig(**{**BASE.__dict__, "lookahead": la, "batching": "prefill"}))
+        eng.start()
+        eng.submit(ServeRequest(0, [5, 6, 7, 8], 9))
+        for _ in range(4):
+            eng.step()
+        eng.submit(ServeRequest(1, list(range(9, 25)), 5))  # 16 tokens: the whole budget
+        while eng.has_work:
+            eng.step()
+        alone[la] = _tokens(eng.result())
+        if la:
+            assert be.lookahead_stats["dropped"] >= 1, be.lookahead_stats
+    assert alone[True] == alone[False]

@@ -68,9 +68,9 @@ class SlowBackend(ModelBackend):
             raise RuntimeError("injected fault")
         return super().route_prompt(req)
 
-    def decode(self, rows, slot_NxK, w_NxK):
+    def decode(self, rows, slot_NxA, w_NxA, lookahead=False):
         time.sleep(self.delay_s)
-        return super().decode(rows, slot_NxK, w_NxK)
+        return super().decode(rows, slot_NxA, w_NxA, lookahead=lookahead)
 
 
 def start(model, tok, cfg=None, delay_s=0.0, **kw):

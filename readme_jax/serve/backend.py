@@ -61,6 +61,8 @@ class ModelBackend:
         self.host_memory_kind = host_memory_kind
         self.store: OffloadedExpertStore | None = None
         self.in_graph = False  # every expert resident in its own slot: the in-graph experts
+        self._ahead = None  # (handle it continues, its active rows, its sampling, its handle)
+        self.lookahead_stats = {"hits": 0, "dropped": 0}
 
     @classmethod
     def for_config(cls, sp: ServeParams, cfg, **kw) -> ModelBackend:
@@ -68,6 +70,7 @@ class ModelBackend:
 
     def reset(self, cache) -> None:
         """Fresh KV caches; a store of the cache's capacity holding what the cache preloaded."""
+        self._ahead = None
         if self.store is None or self.store.capacity != cache.capacity:
             self.store = None  # free the old slots first
             self.store = OffloadedExpertStore(
@@ -88,11 +91,13 @@ class ModelBackend:
         return self.decoder.route_prompt(list(req.prompt))
 
     def load(self, expert: int, slot: int) -> None:
+        self.drop_ahead()
         self.store.load(expert, slot)
 
     def prefill(self, live, start, n, waves, is_last):
         """One chunk; waves: [(slot_ids [n, A], weights [n, A], loads)] (streamed by layer
         unless every expert is resident)."""
+        self.drop_ahead()
         toks = list(live.req.prompt[start : start + n])
         sp = tuple(c[0] for c in _sampling([live]))
         store = self.store
@@ -109,11 +114,57 @@ class ModelBackend:
             load_layer=store.load_layer,
         )
 
-    def decode(self, rows, slot_NxA, w_NxA):
+    def decode(self, rows, slot_NxA, w_NxA, lookahead: bool = False):
+        """Dispatch one decode step; returns its device handle.
+
+        lookahead (every expert resident only): also dispatch the *next* step now, on this
+        step's device outputs with the same rows, before the host reads this one (as the
+        Generator does), so the host's work overlaps the device's. The next `decode` whose
+        inputs are what that step assumed (the same rows or a subset, each with the token,
+        experts and weights it produced) takes its result; rows it advanced that the engine
+        did not continue are rewound (their cache length back by one). Any other call drops
+        it the same way. Outputs are identical with and without lookahead."""
         tok = np.asarray([0 if l is None else l.tokens[-1] for l in rows], np.int32)
         active = np.asarray([l is not None for l in rows])
-        slots = None if self.in_graph else self.store.slots
-        return self.decoder.decode(slots, tok, slot_NxA, w_NxA, active, _sampling(rows))
+        sp = _sampling(rows)
+        handle = self._take_ahead(tok, slot_NxA, w_NxA, active, sp)
+        if handle is None:
+            slots = None if self.in_graph else self.store.slots
+            handle = self.decoder.decode(slots, tok, slot_NxA, w_NxA, active, sp)
+        if lookahead and self.in_graph:
+            nxt_sp = (*sp[:4], sp[4] + active)
+            ahead = self.decoder.decode(None, handle[0], handle[1], handle[2], active, nxt_sp)
+            self._ahead = (handle, active, nxt_sp, ahead)
+        return handle
+
+    def _take_ahead(self, tok, slot_NxA, w_NxA, active, sp):
+        """The lookahead step's handle if it ran on exactly these inputs (else None); rewinds
+        the rows it advanced that these inputs do not continue."""
+        if self._ahead is None:
+            return None
+        (tok0, exp0, w0), active0, sp0, ahead = (
+            tuple(np.asarray(x) for x in self._ahead[0]),
+            *self._ahead[1:],
+        )
+        self._ahead = None
+        r = active
+        hit = (
+            not np.any(active & ~active0)
+            and np.array_equal(tok[r], tok0[r])
+            and np.array_equal(slot_NxA[r], exp0[r])
+            and np.array_equal(w_NxA[r], w0[r])
+            and all(np.array_equal(a[r], b[r]) for a, b in zip(sp, sp0, strict=True))
+        )
+        self.decoder.rewind(active0 & ~active if hit else active0)
+        self.lookahead_stats["hits" if hit else "dropped"] += 1
+        return ahead if hit else None
+
+    def drop_ahead(self) -> None:
+        """Discard a pending lookahead step (rewinding the rows it advanced)."""
+        if self._ahead is not None:
+            self.decoder.rewind(self._ahead[1])
+            self._ahead = None
+            self.lookahead_stats["dropped"] += 1
 
     @staticmethod
     def fetch(handle):
@@ -173,7 +224,7 @@ class ReplayBackend:
         tok, e, w = self._token(live.req.id, 0)
         return tok, np.asarray(e, np.int32), np.asarray(w, np.float32)
 
-    def decode(self, rows, slot_NxA, w_NxA):
+    def decode(self, rows, slot_NxA, w_NxA, lookahead: bool = False):
         N, A = len(rows), self.top_k
         tok, e, w = np.zeros(N, np.int32), np.zeros((N, A), np.int32), np.zeros((N, A), np.float32)
         for b, l in enumerate(rows):

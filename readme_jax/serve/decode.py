@@ -214,6 +214,14 @@ class SlotDecoder:
         )
         return nxt, e, wt
 
+    def rewind(self, rows_N) -> None:
+        """Undo the last decode step of rows_N ([N] bool): their backbone and router cache
+        lengths go back by one (the key/value written there is masked, then overwritten)."""
+        back = jnp.asarray(np.asarray(rows_N, np.int32))
+        if np.any(rows_N):
+            self.cache = {**self.cache, "lengths": self.cache["lengths"] - back}
+            self.rcache = {**self.rcache, "lengths": self.rcache["lengths"] - back}
+
     def decode(self, slots, tok_N, slot_NxA, w_NxA, active_N, sp_N):
         """Dispatch one decode step over all slots (slots None: in-graph experts, slot ids =
         expert ids); returns device (tok [N], experts [N, A], weights [N, A])."""
@@ -223,15 +231,24 @@ class SlotDecoder:
             slots,
             self.cache,
             self.rcache,
-            np.asarray(tok_N, np.int32),
-            np.asarray(slot_NxA, np.int32),
-            np.asarray(w_NxA, np.float32),
+            _host_or_device(tok_N, np.int32),  # device arrays: the lookahead step, no sync
+            _host_or_device(slot_NxA, np.int32),
+            _host_or_device(w_NxA, np.float32),
             np.asarray(active_N, bool),
             spa,
             rc=self.rc,
             sampled=bool(np.any(spa[0] > 0)),
         )
         return nxt, e, w
+
+
+_DEVICE = lambda: jax.devices()[0]
+
+
+def _host_or_device(x, dtype):
+    """x on the device, committed like a step's outputs (a lookahead step passes those), so
+    both kinds of input share one compiled step."""
+    return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x, dtype), _DEVICE())
 
 
 def _sp_arrays(sp) -> tuple:

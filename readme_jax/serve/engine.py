@@ -73,6 +73,9 @@ class EngineConfig:
     belady_window: int | None = None
     policy_seed: int = 0
     include_eos: bool = False
+    # dispatch the next decode step before reading this one when nothing waits to be admitted
+    # and every expert is resident (ModelBackend.decode); outputs are the same either way
+    lookahead: bool = True
 
     def __post_init__(self):
         if self.batching not in batching.POLICIES:
@@ -329,7 +332,17 @@ class Engine:
             rows[l.row] = l
             slot_NxA[l.row] = [slot_of[e] for e in l.next_experts]
             w_NxA[l.row] = l.next_weights
-        return self.backend.decode(rows, slot_NxA, w_NxA)
+        ahead = self.cfg.lookahead and self._quiet() and any(
+            len(l.res.tokens) + 1 < l.req.max_new_tokens for l in c.rows
+        )
+        return self.backend.decode(rows, slot_NxA, w_NxA, lookahead=ahead)
+
+    def _quiet(self) -> bool:
+        """Nothing submitted or waiting for a slot: the next step is most likely this decode
+        batch again."""
+        return not self._pending and all(
+            l.sched.state != batching.WAITING for l in self._live.values()
+        )
 
     # ------------------------------------------------------------------ live loop
 
