@@ -332,8 +332,10 @@ class Engine:
             rows[l.row] = l
             slot_NxA[l.row] = [slot_of[e] for e in l.next_experts]
             w_NxA[l.row] = l.next_weights
-        ahead = self.cfg.lookahead and self._quiet() and any(
-            len(l.res.tokens) + 1 < l.req.max_new_tokens for l in c.rows
+        ahead = (
+            self.cfg.lookahead
+            and self._quiet()
+            and any(len(l.res.tokens) + 1 < l.req.max_new_tokens for l in c.rows)
         )
         return self.backend.decode(rows, slot_NxA, w_NxA, lookahead=ahead)
 
