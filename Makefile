@@ -43,8 +43,13 @@ $(SMOLLM_STAMP): $(STAMP)
 
 setup: $(STAMP) $(SMOLLM_STAMP)
 
+# Two pytest-xdist workers (CI has 2 cores); --dist loadfile keeps a file's module fixtures in
+# one worker. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) $(PYTEST) tests
 
 # The suite against the lowest supported versions (pyproject floors; jax 0.11.2 is what the
 # accelerator image has), in its own venv so the main one is untouched.
@@ -61,7 +66,7 @@ $(MIN)/.installed: pyproject.toml
 
 test-min: $(MIN)/.installed
 	$(MIN)/bin/python -c "import jax; print('test-min: jax', jax.__version__)"
-	$(MIN)/bin/python -m pytest -q tests
+	$(MIN)/bin/python $(PYTEST) tests
 
 RUN ?= runs/smollm2_135m
 # The whole default pipeline on SmolLM2-135M: data, calibrate, refactor, train (demo preset),

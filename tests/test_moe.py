@@ -178,8 +178,9 @@ def test_expert_parallel_shards_tokens_over_data_and_experts_over_expert(T, want
     np.testing.assert_allclose(y, moe.ragged_experts(x, e, w, gu, dn), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("B", [1, 2])  # B=1: the fused single-token switch; B=2: select conds
-@pytest.mark.parametrize("P", [5, 40])  # 40: the prompt runs through switched blocks
+# B=1: the fused single-token switch; B=2: select conds. P=40: the prompt runs through
+# switched blocks. Two pairs cover each path of each (the other two pairs added 30 s, no path).
+@pytest.mark.parametrize(("B", "P"), [(1, 5), (2, 40)])
 def test_readme_cached_decode_equals_greedy_reforward(B, P):
     """Generator (prefill with last-position logits, then cached decode steps) gives the
     greedy tokens of a full re-forward per token."""

@@ -1,8 +1,8 @@
 """Multi-process training on loopback: 2 processes x 4 CPU devices run `launch/train.py` on the
-tiny config with one 8-device mesh over both (data=2, expert=4 and fsdp=2, expert=4). Their
-losses must equal a single-process 8-device run of the same steps, and a run whose two
-processes are both SIGKILLed must resume from the checkpoint they wrote together and go on
-with the same losses.
+tiny config with one 8-device mesh over both. Their losses must equal a single-process 8-device
+run of the same steps: a run on the data=2, expert=4 mesh whose two processes are both SIGKILLed
+resumes, on the fsdp=2, expert=4 mesh, from the checkpoint they wrote together and goes on with
+the same losses (one kill-and-resume covers both meshes: three launches in all).
 
 Every child has a timeout; when one fails or a deadline passes, all children are killed."""
 
@@ -143,14 +143,17 @@ def _assert_same_losses(got: dict, want: dict) -> None:
         assert got[k] == pytest.approx(want[k], rel=2e-5, abs=1e-6), (k, got[k], want[k])
 
 
-def test_two_processes_killed_and_resumed_match_one_process(reference):
+def test_two_processes_killed_and_resumed_on_another_mesh_match_one_process(reference):
+    """Both processes SIGKILLed mid-run on the data=2, expert=4 mesh; resumed on fsdp=2,
+    expert=4 (orbax restores onto the new mesh's shardings): the losses of both meshes equal
+    the single-process run's."""
     root, data, ref, want = reference
-    run = root / "mp_data_expert"
+    run = root / "mp_resume"
     _copy_refactored(ref, run)
-    mesh = {"data": 2, "fsdp": 1, "expert": 4}
     ckpt = run / "train" / "readme" / "ckpt"
     # SIGKILL both once the router phase's checkpoint (step 2) is complete: they are then
     # compiling or running the expert phase
+    mesh = {"data": 2, "fsdp": 1, "expert": 4}
     how = _launch(run, data, mesh, "killed", until=lambda: (ckpt / "2").is_dir())
     assert how == "until", "the run finished before it could be killed"
     assert not (run / "moe_trained").exists()
@@ -159,20 +162,13 @@ def test_two_processes_killed_and_resumed_match_one_process(reference):
     assert "process_index=0, process_count=2, global_devices=8, local_devices=4" in log0
     assert "process_index=1, process_count=2, global_devices=8, local_devices=4" in log1
     assert "[train]" in log0 and "[train]" not in log1  # process 0 alone logs
+    mesh = {"data": 1, "fsdp": 2, "expert": 4}
     assert _launch(run, data, mesh, "resumed") == "done"
     log0 = (root / f"{run.name}.resumed.p0.log").read_text()
     assert "resumed from step 2" in log0
     _assert_same_losses(_losses(run), want)
     assert (run / "moe_trained" / "model.json").exists()
     assert (run / "train" / "summary.json").exists()
-
-
-def test_two_processes_fsdp_expert_mesh_match_one_process(reference):
-    root, data, ref, want = reference
-    run = root / "mp_fsdp_expert"
-    _copy_refactored(ref, run)
-    assert _launch(run, data, {"data": 1, "fsdp": 2, "expert": 4}, "full") == "done"
-    _assert_same_losses(_losses(run), want)
 
 
 def test_distributed_config_errors_and_cluster_detection(monkeypatch):

@@ -43,11 +43,16 @@ def test_build_readme_caches_statistics_and_saves_a_loadable_model(recipe, tmp_p
 
 
 def test_clusters_and_remain_rate_follow_the_recipe(recipe):
-    wide = build_readme(dataclasses.replace(recipe, remain_rate=0.75)).model
-    narrow = build_readme(recipe).model
+    src = models.load_dense(recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed)
+    built = build_readme(recipe, source=src)
+    narrow = built.model
+    # the same statistics at another remain rate (build_readme(stats=...) skips calibration)
+    wide = build_readme(
+        dataclasses.replace(recipe, remain_rate=0.75), source=src, stats=built.stats
+    ).model
     assert wide.spec.remain_rate == 0.75 and narrow.spec.remain_rate == 0.5
     assert wide.spec.domain_masks_ExLxF.sum() > narrow.spec.domain_masks_ExLxF.sum()
-    k3 = build_readme(dataclasses.replace(recipe, clusters=3))
+    k3 = build_readme(dataclasses.replace(recipe, clusters=3), source=src)
     assert k3.model.spec.num_experts == 3 and k3.model.meta["recipe"]["clusters"] == 3
 
 

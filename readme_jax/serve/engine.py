@@ -592,4 +592,6 @@ def generate(
     dec = [st for st in run.steps if not st["prefill"]][1:]
     span = sum(st["duration_s"] for st in dec)
     stats["decode_tok_s"] = sum(len(st["decode"]) for st in dec) / span if span else float("nan")
+    durs = [st["duration_s"] for st in dec]
+    stats["decode_step_median_s"] = float(np.median(durs)) if durs else float("nan")
     return MoEGeneration([r.tokens for r in run.results], run.results, stats)
