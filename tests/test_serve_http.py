@@ -242,8 +242,9 @@ def test_full_queue_429_and_disconnect_frees_the_slot(model, tok):
                 assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
                 assert busy.json()["error"]["type"] == "rate_limit_error"
                 ra.close()  # client A goes away after its first chunk
-                t0 = time.monotonic()
+                t0, rejected = time.monotonic(), 1
                 while (r := complete(url, prompt="hi", max_tokens=2)).status_code == 429:
+                    rejected += 1  # the cancellation lands between engine steps
                     assert time.monotonic() - t0 < 3, "the slot was not freed"
                     time.sleep(0.05)
                 assert r.status_code == 200
@@ -253,7 +254,7 @@ def test_full_queue_429_and_disconnect_frees_the_slot(model, tok):
         assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]
         m = httpx.get(f"{url}/metrics").text
         assert 'readme_requests_total{status="cancelled"} 1.0' in m
-        assert 'readme_requests_total{status="rejected"} 1.0' in m
+        assert f'readme_requests_total{{status="rejected"}} {float(rejected)}' in m
         names = ("time_to_first_token_seconds", "inter_token_latency_seconds", "queue_length")
         names += ("unique_experts_per_step", "expert_cache_bytes_moved_total", "tokens_per_second")
         assert all(f"readme_{n}" in m for n in names)
