@@ -44,9 +44,9 @@ $(SMOLLM_STAMP): $(STAMP)
 setup: $(STAMP) $(SMOLLM_STAMP)
 
 # Two pytest-xdist workers (CI has 2 cores); --dist loadfile keeps a file's module fixtures in
-# one worker. TEST_WORKERS=0 runs in this process.
+# one worker; the 25 slowest tests are listed at the end. TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
-PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test: setup
 	$(PY) $(PYTEST) tests
