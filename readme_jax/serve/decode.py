@@ -217,8 +217,8 @@ class SlotDecoder:
     def rewind(self, rows_N) -> None:
         """Undo the last decode step of rows_N ([N] bool): their backbone and router cache
         lengths go back by one (the key/value written there is masked, then overwritten)."""
-        back = jnp.asarray(np.asarray(rows_N, np.int32))
         if np.any(rows_N):
+            back = jnp.asarray(np.asarray(rows_N, np.int32))
             self.cache = {**self.cache, "lengths": self.cache["lengths"] - back}
             self.rcache = {**self.rcache, "lengths": self.rcache["lengths"] - back}
 
