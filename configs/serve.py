@@ -31,6 +31,9 @@ def get_config():
     c.prefill_chunk = 32
     c.max_batch_tokens = 128  # token budget per step (prefill tokens + decode rows)
     c.max_wait = 32  # fairness bound in steps
+    # all experts resident and nothing waiting: dispatch the next decode step before reading
+    # this one (EngineConfig.lookahead; outputs are the same either way)
+    c.lookahead = True
     # admission and shutdown
     c.max_queue = 64  # requests waiting beyond the N slots; more -> 429 with Retry-After
     c.retry_after_s = 1
