@@ -99,7 +99,7 @@ def engine_config(c, sp) -> EngineConfig:
         prefetch=bool(c.prefetch) and policy != "all",
         max_wait=c.max_wait,
         policy_seed=c.seed,
-        lookahead=bool(c.get("lookahead", True)),
+        lookahead=bool(c.lookahead),
     )
 
 

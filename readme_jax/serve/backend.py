@@ -142,18 +142,13 @@ class ModelBackend:
         the rows it advanced that these inputs do not continue."""
         if self._ahead is None:
             return None
-        (tok0, exp0, w0), active0, sp0, ahead = (
-            tuple(np.asarray(x) for x in self._ahead[0]),
-            *self._ahead[1:],
-        )
+        prev, active0, sp0, ahead = self._ahead
         self._ahead = None
+        assumed = [np.asarray(x) for x in prev]  # its inputs: this step's outputs (ready)
         r = active
-        hit = (
-            not np.any(active & ~active0)
-            and np.array_equal(tok[r], tok0[r])
-            and np.array_equal(slot_NxA[r], exp0[r])
-            and np.array_equal(w_NxA[r], w0[r])
-            and all(np.array_equal(a[r], b[r]) for a, b in zip(sp, sp0, strict=True))
+        hit = not np.any(active & ~active0) and all(
+            np.array_equal(a[r], b[r])
+            for a, b in zip((tok, slot_NxA, w_NxA, *sp), (*assumed, *sp0), strict=True)
         )
         self.decoder.rewind(active0 & ~active if hit else active0)
         self.lookahead_stats["hits" if hit else "dropped"] += 1

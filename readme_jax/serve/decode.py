@@ -116,6 +116,7 @@ class SlotDecoder:
         self.sp, self.rc = sp, sp.rc
         self.num_slots, self.max_len, self.chunk = num_slots, max_len, prefill_chunk
         self.top_k = sp.rc.moe.top_k
+        self.device = jax.devices()[0]
         self._graph = None
         self.params = {"backbone": sp.backbone, "router": sp.router}
         self.reset()
@@ -128,8 +129,7 @@ class SlotDecoder:
 
     def reset(self) -> None:
         # committed like the step outputs, so the second call does not recompile
-        dev = jax.devices()[0]
-        rc, N, M = self.rc, self.num_slots, self.max_len
+        dev, rc, N, M = self.device, self.rc, self.num_slots, self.max_len
         self.cache = jax.device_put(llama.init_cache(rc.model, N, M, per_layer=True), dev)
         self.rcache = jax.device_put(
             init_router_cache(rc.router, rc.model, N, M, per_layer=True), dev
@@ -214,6 +214,11 @@ class SlotDecoder:
         )
         return nxt, e, wt
 
+    def _on_device(self, x, dtype):
+        """x committed on the device like a step's outputs (a lookahead step passes those), so
+        both kinds of input share one compiled step."""
+        return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x, dtype), self.device)
+
     def rewind(self, rows_N) -> None:
         """Undo the last decode step of rows_N ([N] bool): their backbone and router cache
         lengths go back by one (the key/value written there is masked, then overwritten)."""
@@ -231,24 +236,15 @@ class SlotDecoder:
             slots,
             self.cache,
             self.rcache,
-            _host_or_device(tok_N, np.int32),  # device arrays: the lookahead step, no sync
-            _host_or_device(slot_NxA, np.int32),
-            _host_or_device(w_NxA, np.float32),
+            self._on_device(tok_N, np.int32),  # device arrays: the lookahead step, no sync
+            self._on_device(slot_NxA, np.int32),
+            self._on_device(w_NxA, np.float32),
             np.asarray(active_N, bool),
             spa,
             rc=self.rc,
             sampled=bool(np.any(spa[0] > 0)),
         )
         return nxt, e, w
-
-
-_DEVICE = lambda: jax.devices()[0]
-
-
-def _host_or_device(x, dtype):
-    """x on the device, committed like a step's outputs (a lookahead step passes those), so
-    both kinds of input share one compiled step."""
-    return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x, dtype), _DEVICE())
 
 
 def _sp_arrays(sp) -> tuple:

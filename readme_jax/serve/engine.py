@@ -590,8 +590,8 @@ def generate(
     stats["prefetch"] = prefetch
     # decode rate over decode-only steps, the first one (which compiles) left out
     dec = [st for st in run.steps if not st["prefill"]][1:]
-    span = sum(st["duration_s"] for st in dec)
-    stats["decode_tok_s"] = sum(len(st["decode"]) for st in dec) / span if span else float("nan")
     durs = [st["duration_s"] for st in dec]
+    span = sum(durs)
+    stats["decode_tok_s"] = sum(len(st["decode"]) for st in dec) / span if span else float("nan")
     stats["decode_step_median_s"] = float(np.median(durs)) if durs else float("nan")
     return MoEGeneration([r.tokens for r in run.results], run.results, stats)
