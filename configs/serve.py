@@ -36,7 +36,10 @@ def get_config():
     c.lookahead = True
     # admission and shutdown
     c.max_queue = 64  # requests waiting beyond the N slots; more -> 429 with Retry-After
+    # Retry-After (seconds): a 503's, and the least of a 429's; a 429's grows with the queue and
+    # the recent service time up to retry_after_max_s (serve.http.retry_after_estimate)
     c.retry_after_s = 1
+    c.retry_after_max_s = 60
     c.shutdown_grace_s = 10.0  # on SIGTERM: in-flight requests get this long, then cancelled
     c.warmup = True  # compile the steps before accepting requests
     # network

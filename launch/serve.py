@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         model_name=c.model_name or name,
         max_queue=c.max_queue,
         retry_after_s=c.retry_after_s,
+        retry_after_max_s=c.retry_after_max_s,
         warmup=c.warmup,
     )
     print(f"[serve] model {srv.state.model_name!r} on http://{c.host}:{c.port}", flush=True)

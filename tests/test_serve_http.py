@@ -1,8 +1,9 @@
 """HTTP server (loopback only): the official openai client gets completions and streams; greedy
 outputs over HTTP equal offline generation under several batching and cache policies with
 requests in flight at once; bad input gets its status code while the server keeps serving; a
-full queue gets 429 + Retry-After; a client disconnect frees its slot; an engine fault fails one
-request alone; SIGTERM drains within its bound.
+full queue gets 429 + a Retry-After that grows with the queue; a client disconnect frees its
+slot; an engine fault fails one request alone; SIGTERM drains within its bound; the lookahead
+counters reach /metrics (and a backend without them does not break it).
 
 One tiny random Read-ME model (2 layers, width 32) with the bundled SmolLM2 tokenizer; every
 server has the same N, context and C, so the compiled steps are shared."""
@@ -11,6 +12,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -21,11 +23,14 @@ from readme_jax.checkpoints.tokenizer import load_tokenizer
 from readme_jax.decode.generator import greedy_by_reforward
 from readme_jax.model import llama
 from readme_jax.model.sampling import SamplingParams
-from readme_jax.serve.backend import ModelBackend
+from readme_jax.serve.backend import ModelBackend, ReplayBackend
 from readme_jax.serve.dense import dense_serve_params
-from readme_jax.serve.engine import EngineConfig, generate
+from readme_jax.serve.engine import Engine, EngineConfig, RequestResult, generate
+from readme_jax.serve.http import ServerState, retry_after_estimate
+from readme_jax.serve.metrics import ServeMetrics
 from readme_jax.serve.server import _GracefulServer, build_server, free_port, run_server
 from readme_jax.serve.textstream import TextStream
+from readme_jax.serve.worker import EngineWorker
 from readme_jax.testing import np_init, tiny_llama_config, tiny_serve_model
 
 N, T, Q, C = 2, 128, 16, 2
@@ -257,9 +262,75 @@ def test_full_queue_429_and_disconnect_frees_the_slot(model, tok):
         assert f'readme_requests_total{{status="rejected"}} {float(rejected)}' in m
         names = ("time_to_first_token_seconds", "inter_token_latency_seconds", "queue_length")
         names += ("unique_experts_per_step", "expert_cache_bytes_moved_total", "tokens_per_second")
+        names += ("lookahead_hits_total", "lookahead_dropped_total", "retry_after_seconds")
         assert all(f"readme_{n}" in m for n in names)
+        # C = 2 of 4 experts: no lookahead step; the counters follow the backend's own
+        ahead = srv.worker.engine.backend.lookahead_stats
+        assert f"readme_lookahead_hits_total {float(ahead['hits'])}" in m
+        assert srv.worker.mean_service_s > 0  # the finished requests' service times
     finally:
         srv.stop()
+
+
+def test_retry_after_grows_with_the_queue_and_the_service_time():
+    est = lambda q, n=8, s=2.0: retry_after_estimate(q, n, s, 1, 60)  # noqa: E731
+    assert retry_after_estimate(64, 8, None, 1, 60) == 1  # nothing finished yet: the minimum
+    assert [est(q) for q in (0, 7, 15, 31, 63)] == [1, 2, 4, 8, 16]
+    assert est(16, s=4.0) > est(16, s=2.0) > est(16, n=16, s=2.0)
+    assert est(10**4) == 60 and est(0, s=0.01) == 1  # clamped to [min, max]
+    assert retry_after_estimate(3, 2, 5.0, 2, 60) == 10
+    # the server's 429: requests beyond the slots + the worker's recent mean service time
+    worker = SimpleNamespace(engine=SimpleNamespace(cfg=ecfg()), outstanding=N, mean_service_s=None)
+    st = ServerState(worker, None, NAME, T, retry_after_s=1, retry_after_max_s=30)
+    assert st.busy_retry_after() == 1
+    worker.mean_service_s = 3.0
+    got = []
+    for queued in (0, 4, 16, 64):
+        worker.outstanding = N + queued
+        got.append(st.busy_retry_after())
+    assert got == [2, 8, 26, 30] and got == sorted(got)
+
+
+class _AheadReplay(ReplayBackend):
+    """A replay backend that reports a lookahead hit per decode (as ModelBackend counts)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.lookahead_stats = {"hits": 0, "dropped": 0}
+
+    def decode(self, rows, slot_NxA, w_NxA, lookahead=False):
+        self.lookahead_stats["hits"] += 1
+        return super().decode(rows, slot_NxA, w_NxA, lookahead)
+
+
+@pytest.mark.parametrize("backend_cls", [ReplayBackend, _AheadReplay])
+def test_lookahead_counters_on_metrics(backend_cls):
+    rec = RequestResult(0, 3, finish_reason="length", tokens=[5, 6, 7, 8])
+    rec.experts, rec.weights = [[i % 4] for i in range(4)], [[1.0]] * 4
+    rec.prompt_experts, rec.prompt_weights = [[0]] * 3, [[1.0]] * 3
+    be = backend_cls({0: rec}, num_experts=4, num_slots=N)
+    worker = EngineWorker(Engine(be, EngineConfig(num_slots=N, max_len=16, prefill_chunk=4)))
+    worker.start()
+    done = threading.Event()
+    worker.submit([1, 2, 3], 4, SamplingParams(), 0, lambda ev: ev[0] == "done" and done.set())
+    try:
+        assert done.wait(30)
+    finally:
+        worker.drain(0.0)
+        assert worker.join(10)
+    m = worker.metrics
+    hits = 3.0 if backend_cls is _AheadReplay else 0.0  # 3 decode steps after the prefill
+    assert m.ahead_hits._value.get() == hits and m.ahead_dropped._value.get() == 0
+    assert worker.mean_service_s is not None
+    # deltas between steps; stats that go back (replaced or reset) count from 0 again
+    m = ServeMetrics()
+    stats = SimpleNamespace(hits=0, misses=0, loads=0, bytes_moved=0)
+    for ahead in ({"hits": 2, "dropped": 1}, {"hits": 5, "dropped": 1}, {"hits": 1, "dropped": 0}):
+        m.on_step(0.0, 1, None, stats, ahead)
+    m.on_step(0.0, 1, None, stats, None)
+    text = m.render().decode()
+    assert "readme_lookahead_hits_total 6.0" in text
+    assert "readme_lookahead_dropped_total 1.0" in text
 
 
 def test_engine_fault_fails_that_request_alone(server, tok):

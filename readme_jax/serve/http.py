@@ -14,8 +14,10 @@ tokens). Streams are server-sent events in the OpenAI chunk format, ending `data
 Errors use the OpenAI body {"error": {"message", "type", "param", "code"}}: malformed JSON, a
 field of the wrong type, bad sampling values, n != 1, a prompt longer than the context or
 max_tokens past it -> 400 (the message names the limit); an unknown model -> 404; a full queue
--> 429 with Retry-After; shutting down -> 503 with Retry-After; a request that fails inside the
-engine -> 500 for that request alone. A client that disconnects (stream or not) has its request
+-> 429 with Retry-After (an estimate of when a slot frees, growing with the queue and the recent
+service time: `retry_after_estimate`, so that rejected clients spread their retries); shutting
+down -> 503 with Retry-After `retry_after_s`; a request that fails inside the engine -> 500 for
+that request alone. A client that disconnects (stream or not) has its request
 cancelled, which frees its request slot.
 
 Threads: the `EngineWorker` thread owns the engine; handlers run on the event loop and only
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -56,8 +59,32 @@ class ServerState:
     tokenizer: Any
     model_name: str
     max_len: int  # serving context per request (prompt + max_tokens), EngineConfig.max_len
-    retry_after_s: int = 1
+    retry_after_s: int = 1  # Retry-After of a 503, and the least of a 429's (seconds)
     disconnect_poll_s: float = 0.25
+    retry_after_max_s: int = 60  # the most a 429's Retry-After says (seconds)
+
+    def busy_retry_after(self) -> int:
+        """The Retry-After of a 429 now (seconds): `retry_after_estimate` over the requests
+        that hold no slot, the request slots and the worker's recent mean service time."""
+        w = self.worker
+        slots = w.engine.cfg.num_slots
+        queued = max(0, w.outstanding - slots)
+        return retry_after_estimate(
+            queued, slots, w.mean_service_s, self.retry_after_s, self.retry_after_max_s
+        )
+
+
+def retry_after_estimate(queued: int, slots: int, service_s: float | None, lo: int, hi: int) -> int:
+    """Seconds until a request slot is likely free for a client turned away now:
+    ceil((queued + 1) / slots * service_s), clamped to [lo, hi] (whole seconds, as HTTP's
+    Retry-After). `queued`: requests waiting for a slot (ahead of this client); `slots`: the
+    request slots; `service_s`: the recent mean time a request holds a slot (seconds; None
+    before any request finished: then `lo`). With N slots busy, one frees about every
+    service_s / N seconds, and the client needs the queue ahead of it, then one more, to go."""
+    if service_s is None:
+        return lo
+    est = math.ceil((queued + 1) / max(1, slots) * service_s)
+    return int(min(max(est, lo), max(lo, hi)))
 
 
 class ApiError(Exception):
@@ -199,7 +226,7 @@ class _Generation:
         try:
             self.rid = st.worker.submit(ids, max_tokens, sp, seed, sink)
         except QueueFull as e:
-            hdr = {"Retry-After": str(st.retry_after_s)}
+            hdr = {"Retry-After": str(st.busy_retry_after())}
             raise ApiError(429, f"the server is busy: {e}; retry later", headers=hdr) from None
         except Draining as e:
             hdr = {"Retry-After": str(st.retry_after_s)}
@@ -320,6 +347,7 @@ def create_app(st: ServerState) -> FastAPI:
     app = FastAPI(title="readme_jax server", version="1")
     app.state.serve = st
     metrics = st.worker.metrics
+    metrics.retry_after.set_function(st.busy_retry_after)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):

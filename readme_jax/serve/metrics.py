@@ -5,13 +5,17 @@ invalid), queue_length, running_requests, generated_tokens_total, tokens_per_sec
 last `window_s` seconds of wall time), time_to_first_token_seconds and
 inter_token_latency_seconds (histograms, wall time seen by the engine thread),
 expert_cache_{hits,misses,loads}_total, expert_cache_bytes_moved_total, engine_steps_total,
-unique_experts_per_step (histogram of the distinct experts a step's batch needs).
+unique_experts_per_step (histogram of the distinct experts a step's batch needs),
+lookahead_{hits,dropped}_total (the backend's lookahead decode steps taken / discarded; they
+stay 0 on a backend without `lookahead_stats`), retry_after_seconds (the Retry-After a 429
+would carry now; set by the HTTP app, see `http.retry_after_estimate`).
 """
 
 from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -61,12 +65,31 @@ class ServeMetrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
             registry=r,
         )
+        self.ahead_hits = Counter(
+            "readme_lookahead_hits", "Lookahead decode steps taken", registry=r
+        )
+        self.ahead_dropped = Counter(
+            "readme_lookahead_dropped", "Lookahead decode steps discarded", registry=r
+        )
+        self.retry_after = Gauge(
+            "readme_retry_after_seconds", "Retry-After a 429 would carry now", registry=r
+        )
         self.window_s = window_s
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._last_cache = (0, 0, 0, 0)
+        self._last_ahead = (0, 0)
 
-    def on_step(self, now: float, new_tokens: int, unique_experts: int | None, cache) -> None:
-        """After an engine step: token rate, step counters, cache deltas (`cache`: CacheStats)."""
+    def on_step(
+        self,
+        now: float,
+        new_tokens: int,
+        unique_experts: int | None,
+        cache,
+        lookahead: Mapping[str, int] | None = None,
+    ) -> None:
+        """After an engine step: token rate, step counters, cache deltas (`cache`: CacheStats),
+        lookahead deltas (`lookahead`: the backend's {"hits", "dropped"}, None if it has none).
+        A source that went back (a fresh cache, reset stats) counts from 0 again."""
         self.tokens.inc(new_tokens)
         self._recent.append((now, new_tokens))
         while self._recent and self._recent[0][0] < now - self.window_s:
@@ -77,12 +100,12 @@ class ServeMetrics:
             self.steps.inc()
             self.unique.observe(unique_experts)
         cur = (cache.hits, cache.misses, cache.loads, cache.bytes_moved)
-        for c, a, b in zip(
-            (self.hits, self.misses, self.loads, self.bytes), cur, self._last_cache, strict=True
-        ):
-            if a > b:
-                c.inc(a - b)
+        _add((self.hits, self.misses, self.loads, self.bytes), cur, self._last_cache)
         self._last_cache = cur
+        if lookahead is not None:
+            cur = (lookahead.get("hits", 0), lookahead.get("dropped", 0))
+            _add((self.ahead_hits, self.ahead_dropped), cur, self._last_ahead)
+            self._last_ahead = cur
 
     def idle(self) -> None:
         self.tok_s.set(0.0)
@@ -90,6 +113,13 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _add(counters, cur, last) -> None:
+    """Increment each counter by its source's growth since `last` (all of it after a reset)."""
+    for c, a, b in zip(counters, cur, last, strict=True):
+        if a != b:
+            c.inc(a - b if a > b else a)
 
 
 def now() -> float:

@@ -71,28 +71,39 @@ def build_server(
     model_name: str,
     max_queue: int = 64,
     retry_after_s: int = 1,
+    retry_after_max_s: int = 60,
     warmup: bool = False,
     backend=None,
 ) -> ServerHandle:
     """Engine on `sp` under `ecfg` (on `backend` if given, else a `ModelBackend`), its thread
     started, and the app. With `warmup`, one short request runs first so that the steps are
-    compiled before the first client arrives."""
+    compiled before the first client arrives. A 429's Retry-After lies in [retry_after_s,
+    retry_after_max_s] seconds (`http.retry_after_estimate`); a 503's is retry_after_s."""
     if tokenizer is None:
         raise ValueError("the HTTP server needs a tokenizer (the model has none)")
     engine = Engine(backend or ModelBackend.for_config(sp, ecfg), ecfg)
     worker = EngineWorker(engine, max_queue).start()
     if warmup:
         _warmup(worker, tokenizer, ecfg)
-    state = ServerState(worker, tokenizer, model_name, ecfg.max_len, retry_after_s)
+    state = ServerState(
+        worker,
+        tokenizer,
+        model_name,
+        ecfg.max_len,
+        retry_after_s,
+        retry_after_max_s=retry_after_max_s,
+    )
     return ServerHandle(create_app(state), state, worker)
 
 
 def _warmup(worker: EngineWorker, tokenizer, ecfg: EngineConfig) -> None:
-    """One request of a full prefill chunk plus a partial one, two decode steps."""
+    """One request of a full prefill chunk plus a partial one, two decode steps; its service
+    time (compiling included) is then forgotten, so it does not inflate Retry-After."""
     done = threading.Event()
     ids = (tokenizer.encode("Hello, world. " * 64) * 2)[: ecfg.prefill_chunk + 3]
     worker.submit(ids, 2, SamplingParams(), 0, lambda ev: ev[0] == "done" and done.set())
     done.wait()
+    worker.clear_service_times()
 
 
 class _GracefulServer(uvicorn.Server):

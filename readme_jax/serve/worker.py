@@ -10,10 +10,16 @@ passed, then are cancelled, and the thread ends.
 Events passed to a request's sink, from the engine thread: ("token", token_id) for every
 generated token as its step completes, then exactly one ("done", RequestResult) (status ok,
 error or cancelled).
+
+Service time (for the HTTP layer's Retry-After): `mean_service_s` is the mean wall time, in
+seconds, from first token to finish of the last `SERVICE_WINDOW` requests that finished with at
+least one token (ok or cancelled, not error); None before any has. It leaves out a request's
+prefill, so it slightly underestimates how long a request holds its slot.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -28,6 +34,7 @@ from readme_jax.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 Sink = Callable[[tuple[str, object]], None]
+SERVICE_WINDOW = 32  # finished requests averaged into `mean_service_s`
 
 
 class QueueFull(Exception):
@@ -42,6 +49,7 @@ class Draining(Exception):
 class _Entry:
     sink: Sink
     submitted: float
+    first_token: float | None = None
     last_token: float | None = None
 
 
@@ -59,6 +67,8 @@ class EngineWorker:
         self._entries: dict[int, _Entry] = {}
         self._drain_deadline: float | None = None
         self._stopped = threading.Event()
+        self._service: collections.deque[float] = collections.deque(maxlen=SERVICE_WINDOW)
+        self.mean_service_s: float | None = None  # written by the engine thread only
         self._thread = threading.Thread(target=self._loop, name="readme-engine", daemon=True)
 
     # ------------------------------------------------------------------ any thread
@@ -104,6 +114,12 @@ class EngineWorker:
             if self._drain_deadline is None:
                 self._drain_deadline = time.monotonic() + grace_s
         self._inbox.put(("wake",))
+
+    def clear_service_times(self) -> None:
+        """Forget the recorded service times (e.g. a warmup request's, which includes compiling);
+        call while no request is in flight."""
+        self._service.clear()
+        self.mean_service_s = None
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end (after `drain`); True if it did."""
@@ -169,6 +185,7 @@ class EngineWorker:
                 continue
             if e.last_token is None:
                 m.ttft.observe(t - e.submitted)
+                e.first_token = t
             else:
                 m.itl.observe(t - e.last_token)
             e.last_token = t
@@ -181,6 +198,7 @@ class EngineWorker:
             len(out.tokens),
             None if rec is None else len(rec["batch_experts"]),
             self.engine.cache_stats,
+            getattr(self.engine.backend, "lookahead_stats", None),
         )
         m.queue.set(self.engine.num_waiting)
         m.running.set(self.engine.num_running)
@@ -193,6 +211,9 @@ class EngineWorker:
             return
         status = "ok" if res.status not in (ERROR, CANCELLED) else res.status
         self.metrics.requests.labels(status).inc()
+        if e.first_token is not None and status != ERROR:
+            self._service.append(time.monotonic() - e.first_token)
+            self.mean_service_s = sum(self._service) / len(self._service)
         with self._lock:
             self._outstanding -= 1
         e.sink(("done", res))
