@@ -205,6 +205,37 @@ def test_generation_stops_at_every_declared_end_token(tmp_path):
     assert full[0] == [2]
 
 
+def test_gguf_tokenizer_is_cached_on_disk_and_a_torn_cache_is_rebuilt(tmp_path, monkeypatch):
+    from readme_jax.checkpoints import tokenizer as tk
+
+    monkeypatch.setenv("READMEJAX_CACHE_DIR", str(tmp_path / "cache"))
+    path = hf_to_gguf(fixture("smollm2"), tmp_path / "c.gguf", pre="smollm")
+    texts = ["Hello world, 1234 tokens!", "  spaces\n\ttabs <|im_end|> and ünïcode"]
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def fresh():  # a new process: nothing cached in memory
+        tk._cached_gguf_tokenizer.cache_clear()
+        return load_tokenizer(path)
+
+    parsed = fresh()
+    (entry,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
+    cached = fresh()
+    assert cached is not parsed and cached.name == parsed.name
+    for a in ("bos_id", "eos_ids", "add_bos_default", "chat_template", "special_tokens"):
+        assert getattr(cached, a) == getattr(parsed, a), a
+    for t in texts:
+        assert cached.encode(t) == parsed.encode(t)
+        assert cached.decode(parsed.encode(t)) == parsed.decode(parsed.encode(t))
+    assert cached.encode_chat(msgs) == parsed.encode_chat(msgs)
+    entry.write_text(entry.read_text()[:100])  # torn: rebuilt from the GGUF, then rewritten
+    assert fresh().encode(texts[0]) == parsed.encode(texts[0])
+    assert len(entry.read_text()) > 100
+    monkeypatch.setenv("READMEJAX_CACHE_DIR", "off")
+    entry.unlink()
+    fresh()
+    assert not entry.exists()
+
+
 def test_serving_engine_config_gets_every_end_token(tmp_path):
     m = tiny_readme(vocab=420)  # saved with eos_ids (2,), as older conversions were
     tok = load_tokenizer(hf_to_gguf(fixture("smollm2"), tmp_path / "t.gguf", pre="smollm"))

@@ -12,6 +12,7 @@ are every end-of-generation id the file declares (`gguf_end_ids`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -52,14 +53,32 @@ def is_gguf(path: str | Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
+def file_identity(path: str | Path) -> tuple:
+    """(resolved path, size, mtime_ns, inode): a key that changes when the file is replaced or
+    rewritten, for the in-process caches of parsed files. Raises OSError if it is missing."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def open_gguf(path: str | Path):
+    """A `gguf.GGUFReader` over `path` (read-only memory map). Readers are cached per file
+    identity (`file_identity`): parsing the header's metadata arrays (a 49k-token vocabulary and
+    its merges) costs seconds, and one load reads it for the weights and the tokenizer.
+    Raises CheckpointError for a missing, truncated or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    return _open_gguf(file_identity(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gguf(identity: tuple):
     import gguf
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"GGUF file not found: {path}")
+    path = identity[0]
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
         raise CheckpointError(
             f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"

@@ -23,13 +23,17 @@ the tokenizer's eos token).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import tokenizers
+
 from readme_jax.checkpoints.errors import CheckpointError, TextError
-from readme_jax.checkpoints.gguf import default_gguf_path, gguf_end_ids, open_gguf
+from readme_jax.checkpoints.gguf import default_gguf_path, file_identity, gguf_end_ids, open_gguf
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp, llm_tokenizer_bpe), by `pre` name.
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -388,7 +392,56 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     path = Path(path) if path is not None else default_gguf_path()
     if path.is_dir():
         return _load_hf(path)
-    return _load_gguf_tokenizer(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    return _cached_gguf_tokenizer(file_identity(path), str(path))
+
+
+# A GGUF vocabulary takes seconds to parse (the `gguf` reader walks 49k tokens and merges one by
+# one), so a parsed one is kept: in this process per file identity, and on disk as the
+# `tokenizers` JSON under $READMEJAX_CACHE_DIR (default $XDG_CACHE_HOME/readme_jax or
+# ~/.cache/readme_jax; "off" disables it), keyed by the file's identity and the library versions.
+_DISK_FORMAT = 1
+
+
+def _disk_cache_file(identity: tuple, path: str) -> Path | None:
+    root = os.environ.get("READMEJAX_CACHE_DIR")
+    if root == "off":
+        return None
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "readme_jax"
+    key = json.dumps([_DISK_FORMAT, tokenizers.__version__, *identity, path])
+    return Path(root) / "tokenizers" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_gguf_tokenizer(identity: tuple, path: str) -> Tokenizer:
+    """One Tokenizer per GGUF file identity (nothing mutates a Tokenizer after it is built);
+    read from the disk cache when there, else parsed and written there (best effort: a cache
+    that cannot be read or written is rebuilt or skipped, never an error)."""
+    f = _disk_cache_file(identity, path)
+    if f is not None and f.is_file():
+        try:
+            d = json.loads(f.read_text())
+            backend = tokenizers.Tokenizer.from_str(d.pop("backend"))
+            return Tokenizer(backend, **{**d, "eos_ids": tuple(d["eos_ids"])})
+        except Exception:  # a torn or foreign file: rebuild it
+            pass
+    tok = _load_gguf_tokenizer(Path(path))
+    if f is not None:
+        d = dict(backend=tok._tok.to_str(), name=tok.name, bos_id=tok.bos_id,
+                 eos_ids=list(tok.eos_ids), add_bos=tok.add_bos_default,
+                 chat_template=tok.chat_template, special_tokens=tok.special_tokens)  # fmt: skip
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(d))
+            os.replace(tmp, f)
+            for old in sorted(f.parent.glob("*.json"), key=lambda q: q.stat().st_mtime)[:-32]:
+                old.unlink(missing_ok=True)  # the 32 newest stay
+        except OSError:
+            pass
+    return tok
 
 
 def prompt_ids(tok: Tokenizer, prompt: str, chat: bool) -> list[int]:
