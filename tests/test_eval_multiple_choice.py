@@ -163,6 +163,9 @@ TRIVIA = [
     ("Which season comes after winter?", ["summer", "autumn", "spring", "monsoon"]),
     ("What do cows drink?", ["milk", "water", "juice", "tea"]),
 ]
+# The test scores the first ten (one batch per condition; with all twenty, measured 2026-12-01:
+# 20/20 with the hint, 7/20 without; the first ten: 10/10 and 3/10).
+N_TRIVIA = 10
 
 
 @pytest.mark.slow
@@ -177,7 +180,7 @@ def test_smollm2_given_the_answer_in_context_scores_far_above_chance():
     tok = load_tokenizer()
     rng = np.random.default_rng(0)
     qs = [{"subject": "general_knowledge", "question": q, "choices": c,
-           "answer": int(rng.integers(4))} for q, c in TRIVIA]  # fmt: skip
+           "answer": int(rng.integers(4))} for q, c in TRIVIA[:N_TRIVIA]]  # fmt: skip
 
     def chat(q, hint: bool) -> str:
         body = lm_eval_prompt(q).removesuffix("\nAnswer:")
@@ -186,10 +189,9 @@ def test_smollm2_given_the_answer_in_context_scores_far_above_chance():
         return tok.apply_chat_template([{"role": "user", "content": msg}]) + "Answer:"
 
     fn = dense_logits_fn(cfg)
-    hinted = score_multiple_choice(fn, params, tok, qs, prompt_fn=lambda q: chat(q, True),
-                                   progress=False)  # fmt: skip
-    plain = score_multiple_choice(fn, params, tok, qs, prompt_fn=lambda q: chat(q, False),
-                                  progress=False)  # fmt: skip
+    kw = dict(progress=False, batch_size=N_TRIVIA)
+    hinted = score_multiple_choice(fn, params, tok, qs, prompt_fn=lambda q: chat(q, True), **kw)
+    plain = score_multiple_choice(fn, params, tok, qs, prompt_fn=lambda q: chat(q, False), **kw)
     print(f"answer in context: acc {hinted.micro_acc:.2f}; without: {plain.micro_acc:.2f}")
     assert hinted.micro_acc >= 0.8
     assert hinted.micro_acc >= plain.micro_acc + 0.4

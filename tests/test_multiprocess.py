@@ -26,6 +26,10 @@ pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # per launch, all processes together
 STEPS = 4  # one round: 2 router + 2 expert steps, a checkpoint after each phase
+# The teacher: the tiny config's shape (dim 32, 2 layers) as a Hugging Face directory with its own
+# 420-token BPE vocabulary, so the steps' vocabulary-wide losses stay small (the tiny config's
+# random teacher takes SmolLM2's 49,152-token vocabulary).
+TEACHER = ROOT / "tests" / "fixtures" / "load_smollm2"
 
 
 def _free_port() -> int:
@@ -47,7 +51,7 @@ def _env(devices: int | None) -> dict[str, str]:
 
 def _args(run: Path, data: dict, stages: str, mesh: dict) -> list[str]:
     a = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/tiny.py",
-         f"--config.run_dir={run}", f"--config.stages={stages}",
+         f"--config.model.checkpoint={TEACHER}", f"--config.run_dir={run}", f"--config.stages={stages}",
          "--config.data.domains=" + ",".join(f"{k}={v}" for k, v in data["domains"].items()),
          f"--config.data.cache={data['cache']}", "--config.train.rounds=1",
          "--config.train.save_router_snapshot=False", "--config.train.num_threads=1"]  # fmt: skip
