@@ -51,7 +51,8 @@ def _env(devices: int | None) -> dict[str, str]:
 
 def _args(run: Path, data: dict, stages: str, mesh: dict) -> list[str]:
     a = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/tiny.py",
-         f"--config.model.checkpoint={TEACHER}", f"--config.run_dir={run}", f"--config.stages={stages}",
+         f"--config.model.checkpoint={TEACHER}", f"--config.run_dir={run}",
+         f"--config.stages={stages}",
          "--config.data.domains=" + ",".join(f"{k}={v}" for k, v in data["domains"].items()),
          f"--config.data.cache={data['cache']}", "--config.train.rounds=1",
          "--config.train.save_router_snapshot=False", "--config.train.num_threads=1"]  # fmt: skip
