@@ -11,9 +11,6 @@ The `torch`-marked test reruns the PyTorch peer on fresh tokens when a torch Pyt
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf_convert import hf_to_gguf
+from peer import peer_logits_many
 from safetensors.numpy import load_file
 
 from readme_jax.checkpoints.gguf import load_gguf
@@ -119,48 +117,27 @@ def test_every_declared_end_token_is_kept(kind, ggufs):
 # --- live comparison against the PyTorch peer ------------------------------------------------
 
 
-def _peer_python() -> str | None:
-    for cand in (os.environ.get("READMEJAX_PEER_PYTHON"), str(ROOT / ".venv-peer/bin/python"),
-                 "/work/main/.venv-peer/bin/python", sys.executable):  # fmt: skip
-        if cand and Path(cand).exists():
-            ok = subprocess.run([cand, "-c", "import torch, transformers"], capture_output=True)
-            if ok.returncode == 0:
-                return cand
-    return None
-
-
-_PEER = """
-import sys, numpy as np, torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32,
-                                         attn_implementation="eager").eval()
-with torch.no_grad():
-    out = m(input_ids=torch.from_numpy(np.load(sys.argv[2]).astype(np.int64)), use_cache=False)
-np.save(sys.argv[3], out.logits.float().numpy())
-"""
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """Every style's HF fixture on fresh random tokens through one peer process
+    (tests/peer.py), with our HF-loaded model beside it."""
+    seed = time.time_ns() % 2**32
+    rng = np.random.default_rng(seed)
+    jobs, ours = [], {}
+    for style in STYLES:
+        cfg, params = load_hf(fixture(style))
+        tokens = rng.integers(0, cfg.vocab_size, (2, 33), dtype=np.int32)
+        jobs.append((fixture(style), tokens))
+        ours[style] = (cfg, params, tokens)
+    peer = peer_logits_many(jobs, tmp_path_factory.mktemp("peer"))
+    return {k: (*v, p) for (k, v), p in zip(ours.items(), peer, strict=True)}, seed
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("style", STYLES)
-def test_live_peer_on_fresh_tokens(style, ggufs, tmp_path):
-    python = _peer_python()
-    if python is None:
-        pytest.skip("no Python with torch + transformers (make peer)")
-    cfg, params = load_hf(fixture(style))
-    seed = time.time_ns() % 2**32
-    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 33), dtype=np.int32)
-    np.save(tmp_path / "t.npy", tokens)
-    cmd = [
-        python,
-        "-c",
-        _PEER,
-        str(fixture(style)),
-        str(tmp_path / "t.npy"),
-        str(tmp_path / "l.npy"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    peer = np.load(tmp_path / "l.npy")
+def test_live_peer_on_fresh_tokens(style, ggufs, live):
+    runs, seed = live
+    cfg, params, tokens, peer = runs[style]
     gcfg, gparams = load_gguf(ggufs[style])
     for c, p in ((cfg, params), (gcfg, gparams)):
         diff = np.abs(logits_of(c, p, tokens) - peer).max()

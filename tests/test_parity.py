@@ -2,16 +2,12 @@
 
 The committed fixtures (tests/fixtures/*, built by `.venv-peer/bin/python tools/make_fixtures.py`)
 hold tiny random HF checkpoints and the PyTorch logits for fixed tokens. The `torch`-marked tests
-run the peer live, in a Python that has torch: $READMEJAX_PEER_PYTHON, this interpreter if torch
-imports, or the repo's `.venv-peer/bin/python`; they skip when none exists.
+run the peer live, in one process for the module (tests/peer.py: $READMEJAX_PEER_PYTHON, the
+repo's `.venv-peer/bin/python`, or this interpreter if torch imports); they skip when none exists.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from peer import peer_logits_many
 
 from readme_jax.checkpoints.hf import load_hf, save_hf
 from readme_jax.model.llama import forward, init_cache
 
-ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NAMES = ["llama_gqa", "llama3_tied"]
 ATOL = 1e-4
@@ -77,52 +73,44 @@ def test_kv_cache_decode_matches_full_forward(name, per_layer):
 # --- live comparison against the PyTorch peer ------------------------------------------------
 
 
-def _peer_python() -> str | None:
-    if os.environ.get("READMEJAX_PEER_PYTHON"):
-        return os.environ["READMEJAX_PEER_PYTHON"]
-    if importlib.util.find_spec("torch") is not None:
-        return sys.executable
-    venv = ROOT / ".venv-peer" / "bin" / "python"
-    return str(venv) if venv.exists() else None
-
-
-def _run_peer(model_dir: Path, tokens_BxS: np.ndarray, tmp_path: Path) -> np.ndarray:
-    python = _peer_python()
-    if python is None:
-        pytest.skip("no Python with torch (set READMEJAX_PEER_PYTHON or create .venv-peer)")
-    tok, out = tmp_path / "tokens.npy", tmp_path / "peer_logits.npy"
-    np.save(tok, tokens_BxS)
-    proc = subprocess.run(
-        [python, str(ROOT / "tools" / "peer_logits.py"), str(model_dir), str(tok), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"peer failed:\n{proc.stderr[-3000:]}"
-    return np.load(out)
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """One peer process for every live comparison of this module: each fixture on fresh random
+    tokens, and what `save_hf` writes (f32 and bf16) on the committed tokens."""
+    tmp = tmp_path_factory.mktemp("peer")
+    seed = time.time_ns() % 2**32
+    rng = np.random.default_rng(seed)
+    jobs, ours = [], {}
+    for name in NAMES:
+        cfg, params = load_hf(FIXTURES / name)
+        tokens_BxS = rng.integers(0, cfg.vocab_size, (3, 40), dtype=np.int32)
+        jobs.append((FIXTURES / name, tokens_BxS))
+        ours[name] = (cfg, params, tokens_BxS)
+    for dtype in ("float32", "bfloat16"):
+        # transformers must load our files (legacy rope_scaling config, our safetensors writer,
+        # bf16 bytes included) and compute the logits we compute from the same weights
+        cfg, params = load_hf(FIXTURES / "llama3_tied", dtype=dtype)
+        out = save_hf(tmp / f"saved_{dtype}", cfg, params, max_shard_bytes=50_000)
+        cfg32, params32 = load_hf(out, dtype="float32")
+        _, tokens_BxS, _ = _fixture("llama3_tied")
+        jobs.append((out, tokens_BxS))
+        ours[dtype] = (cfg32, params32, tokens_BxS)
+    peer = peer_logits_many(jobs, tmp)
+    return {k: (*v, p) for (k, v), p in zip(ours.items(), peer, strict=True)}, seed
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", NAMES)
-def test_live_peer_on_fresh_tokens(name, tmp_path):
-    d = FIXTURES / name
-    cfg, params = load_hf(d)
-    seed = time.time_ns() % 2**32
-    tokens_BxS = np.random.default_rng(seed).integers(0, cfg.vocab_size, (3, 40), dtype=np.int32)
-    peer = _run_peer(d, tokens_BxS, tmp_path)
+def test_live_peer_on_fresh_tokens(name, live):
+    runs, seed = live
+    cfg, params, tokens_BxS, peer = runs[name]
     diff = np.abs(_logits(params, tokens_BxS, cfg) - peer).max()
     assert diff < ATOL, f"max |ours - peer| = {diff} (token seed {seed})"
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_live_peer_reads_what_save_hf_writes(dtype, tmp_path):
-    # transformers must load our files (legacy rope_scaling config, our safetensors writer,
-    # bf16 bytes included) and compute the logits we compute from the same weights.
-    cfg, params = load_hf(FIXTURES / "llama3_tied", dtype=dtype)
-    out = save_hf(tmp_path / "saved", cfg, params, max_shard_bytes=50_000)
-    cfg32, params32 = load_hf(out, dtype="float32")
-    _, tokens_BxS, _ = _fixture("llama3_tied")
-    peer = _run_peer(out, tokens_BxS, tmp_path)
-    diff = np.abs(_logits(params32, tokens_BxS, cfg32) - peer).max()
+def test_live_peer_reads_what_save_hf_writes(dtype, live):
+    cfg, params, tokens_BxS, peer = live[0][dtype]
+    diff = np.abs(_logits(params, tokens_BxS, cfg) - peer).max()
     assert diff < ATOL, f"max |ours - peer| = {diff}"

@@ -1,6 +1,8 @@
 """Held-out quality of a refactored run before training, with and without reconstruction (issue 15).
 
     python tools/reconstruct_quality.py --run runs/base [--tokens 4096] [--out FILE.json]
+    python tools/reconstruct_quality.py --run runs/compare_rec \
+        --model runs/compare_rec/moe_trained --only_run   # a trained model, same oracle routing
 
 RUN must hold calib/ (statistics) and moe_init/ (the refactor stage; with
 refactor.reconstruct=lstsq it also holds static_refit.npz). Each domain's validation tokens
@@ -47,6 +49,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--out", default="")
     ap.add_argument("--only_run", action="store_true", help="only the run's moe_init (+ dense)")
+    ap.add_argument("--model", default="", help="the Read-ME model to rate (default RUN/moe_init)")
     a = ap.parse_args()
     from readme_jax.checkpoints import models
     from readme_jax.eval.domains import domain_stream
@@ -60,7 +63,7 @@ def main():
     t0 = time.time()
     run = Path(a.run)
     stats = ActivationStats.load(run / "calib")
-    model = models.load_readme(run / "moe_init")
+    model = models.load_readme(a.model or run / "moe_init")
     rc = model.rc.replace(moe=dataclasses.replace(model.rc.moe, dispatch="blocked"))
     cfg, dense, tok = models.load_dense()
     plain, _ = rp.refactor(dense, cfg, stats, model.spec.remain_rate, rc.moe, rc.router)
