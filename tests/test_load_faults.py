@@ -230,6 +230,10 @@ def test_gguf_tokenizer_is_cached_on_disk_and_a_torn_cache_is_rebuilt(tmp_path, 
     entry.write_text(entry.read_text()[:100])  # torn: rebuilt from the GGUF, then rewritten
     assert fresh().encode(texts[0]) == parsed.encode(texts[0])
     assert len(entry.read_text()) > 100
+    # a change to the code that builds tokenizers keys a new entry (the old one is not used)
+    monkeypatch.setattr(tk, "_builder_source_hash", lambda: "edited")
+    fresh()
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 2
     monkeypatch.setenv("READMEJAX_CACHE_DIR", "off")
     entry.unlink()
     fresh()

@@ -400,8 +400,17 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
 # A GGUF vocabulary takes seconds to parse (the `gguf` reader walks 49k tokens and merges one by
 # one), so a parsed one is kept: in this process per file identity, and on disk as the
 # `tokenizers` JSON under $READMEJAX_CACHE_DIR (default $XDG_CACHE_HOME/readme_jax or
-# ~/.cache/readme_jax; "off" disables it), keyed by the file's identity and the library versions.
+# ~/.cache/readme_jax; "off" disables it), keyed by the file's identity, the `tokenizers` version
+# and the source of the modules that build a tokenizer (so a change to them is never masked).
 _DISK_FORMAT = 1
+
+
+@functools.cache
+def _builder_source_hash() -> str:
+    h = hashlib.sha256()
+    for f in (Path(__file__), Path(__file__).with_name("gguf.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _disk_cache_file(identity: tuple, path: str) -> Path | None:
@@ -410,7 +419,9 @@ def _disk_cache_file(identity: tuple, path: str) -> Path | None:
         return None
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "readme_jax"
-    key = json.dumps([_DISK_FORMAT, tokenizers.__version__, *identity, path])
+    key = json.dumps(
+        [_DISK_FORMAT, tokenizers.__version__, _builder_source_hash(), *identity, path]
+    )
     return Path(root) / "tokenizers" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
