@@ -152,20 +152,8 @@ TRIVIA = [
     ("Which metal is liquid at room temperature?", ["iron", "mercury", "gold", "tin"]),
     ("What do bees make?", ["milk", "silk", "honey", "wax paper"]),
     ("Which gas do plants absorb?", ["oxygen", "helium", "carbon dioxide", "neon"]),
-    ("What is the largest ocean?", ["Atlantic", "Indian", "Arctic", "Pacific"]),
-    ("Which instrument has 88 keys?", ["violin", "piano", "flute", "drum"]),
-    ("What is 3 + 4?", ["6", "7", "8", "9"]),
-    ("Who wrote Hamlet?", ["Dickens", "Shakespeare", "Austen", "Tolstoy"]),
-    ("Which organ pumps blood?", ["liver", "lung", "heart", "kidney"]),
-    ("What is the boiling point of water in Celsius?", ["50", "100", "150", "200"]),
-    ("Which bird is a symbol of peace?", ["crow", "dove", "eagle", "owl"]),
-    ("What shape has three sides?", ["square", "circle", "triangle", "hexagon"]),
-    ("Which season comes after winter?", ["summer", "autumn", "spring", "monsoon"]),
-    ("What do cows drink?", ["milk", "water", "juice", "tea"]),
 ]
-# The test scores the first ten (one batch per condition; with all twenty, measured 2026-12-01:
-# 20/20 with the hint, 7/20 without; the first ten: 10/10 and 3/10).
-N_TRIVIA = 10
+# Scored in one batch per condition (measured 2026-12-01: 10/10 with the hint, 3/10 without).
 
 
 @pytest.mark.slow
@@ -180,7 +168,7 @@ def test_smollm2_given_the_answer_in_context_scores_far_above_chance():
     tok = load_tokenizer()
     rng = np.random.default_rng(0)
     qs = [{"subject": "general_knowledge", "question": q, "choices": c,
-           "answer": int(rng.integers(4))} for q, c in TRIVIA[:N_TRIVIA]]  # fmt: skip
+           "answer": int(rng.integers(4))} for q, c in TRIVIA]  # fmt: skip
 
     def chat(q, hint: bool) -> str:
         body = lm_eval_prompt(q).removesuffix("\nAnswer:")
@@ -189,7 +177,7 @@ def test_smollm2_given_the_answer_in_context_scores_far_above_chance():
         return tok.apply_chat_template([{"role": "user", "content": msg}]) + "Answer:"
 
     fn = dense_logits_fn(cfg)
-    kw = dict(progress=False, batch_size=N_TRIVIA)
+    kw = dict(progress=False, batch_size=len(TRIVIA))
     hinted = score_multiple_choice(fn, params, tok, qs, prompt_fn=lambda q: chat(q, True), **kw)
     plain = score_multiple_choice(fn, params, tok, qs, prompt_fn=lambda q: chat(q, False), **kw)
     print(f"answer in context: acc {hinted.micro_acc:.2f}; without: {plain.micro_acc:.2f}")

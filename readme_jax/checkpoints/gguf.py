@@ -53,23 +53,23 @@ def is_gguf(path: str | Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def file_identity(path: str | Path) -> tuple:
-    """(resolved path, size, mtime_ns, inode): a key that changes when the file is replaced or
-    rewritten, for the in-process caches of parsed files. Raises OSError if it is missing."""
-    path = Path(path).resolve()
+def gguf_identity(path: str | Path) -> tuple:
+    """(resolved path, size, mtime_ns, inode) of a GGUF file: a key that changes when the file
+    is replaced or rewritten, for the caches of parsed GGUFs. Raises CheckpointError if it is
+    not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
     st = path.stat()
-    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def open_gguf(path: str | Path):
     """A `gguf.GGUFReader` over `path` (read-only memory map). Readers are cached per file
-    identity (`file_identity`): parsing the header's metadata arrays (a 49k-token vocabulary and
+    identity (`gguf_identity`): parsing the header's metadata arrays (a 49k-token vocabulary and
     its merges) costs seconds, and one load reads it for the weights and the tokenizer.
     Raises CheckpointError for a missing, truncated or corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file not found: {path}")
-    return _open_gguf(file_identity(path))
+    return _open_gguf(gguf_identity(path))
 
 
 @functools.lru_cache(maxsize=4)

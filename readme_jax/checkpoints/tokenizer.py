@@ -33,7 +33,7 @@ from typing import Any
 import tokenizers
 
 from readme_jax.checkpoints.errors import CheckpointError, TextError
-from readme_jax.checkpoints.gguf import default_gguf_path, file_identity, gguf_end_ids, open_gguf
+from readme_jax.checkpoints.gguf import default_gguf_path, gguf_end_ids, gguf_identity, open_gguf
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp, llm_tokenizer_bpe), by `pre` name.
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -392,9 +392,7 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     path = Path(path) if path is not None else default_gguf_path()
     if path.is_dir():
         return _load_hf(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file not found: {path}")
-    return _cached_gguf_tokenizer(file_identity(path), str(path))
+    return _cached_gguf_tokenizer(gguf_identity(path), str(path))
 
 
 # A GGUF vocabulary takes seconds to parse (the `gguf` reader walks 49k tokens and merges one by
@@ -435,7 +433,7 @@ def _cached_gguf_tokenizer(identity: tuple, path: str) -> Tokenizer:
         try:
             d = json.loads(f.read_text())
             backend = tokenizers.Tokenizer.from_str(d.pop("backend"))
-            return Tokenizer(backend, **{**d, "eos_ids": tuple(d["eos_ids"])})
+            return Tokenizer(backend, **d)
         except Exception:  # a torn or foreign file: rebuild it
             pass
     tok = _load_gguf_tokenizer(Path(path))
