@@ -118,6 +118,10 @@ def get_config(variant: str = "") -> ConfigDict:
     # router learns little from it: a router-only probe (12 x 1024 tokens) took the MoE from
     # 132 to 103 mean ppl with T=1 and to 80 with T=0.05 (domain-oracle routing: ~76).
     c.train.target_temperature = 0.05
+    # router target moved towards the document's domain label: (1 - w) * target + w * one-hot
+    # (train.losses.mix_domain_target); 0 = the paper's target. Needs domain experts (not
+    # clustering). Domain-oracle routing beats the trained router by 12% (results.md 7c).
+    c.train.domain_target = 0.0
     # router phase: + locality_weight * mean switch (total variation of the router's distribution
     # between consecutive tokens of a document, train.losses.switch_penalty); 0 = off (paper)
     c.train.locality_weight = 0.0

@@ -59,6 +59,7 @@ class TrainConfig:
     target_shared: bool = True  # count shared channels in the target (Eq. 4: shared ∪ private)
     target_temperature: float = 1.0  # < 1 sharpens the target: p ∝ counts^(1/T) (1 = Eq. 4)
     locality_weight: float = 0.0  # router phase: + weight * losses.switch_penalty (0 = off)
+    domain_target: float = 0.0  # router target: (1 - w) * coverage target + w * one-hot(domain)
     head_chunk: int = 512  # tokens per LM-head chunk
     compute_dtype: str = "float32"  # "bfloat16": bf16 forward/backward, f32 master weights
     dispatch: str = ""  # MoE dispatch while training; "" = the model's; "auto": blocked on CPU
@@ -160,5 +161,7 @@ def validate(tc: TrainConfig) -> None:
         raise TrainConfigError("train.rounds must be >= 1 and the step counts >= 0")
     if not tc.target_temperature > 0:
         raise TrainConfigError(f"train.target_temperature must be > 0, got {tc.target_temperature}")
+    if not 0 <= tc.domain_target <= 1:
+        raise TrainConfigError(f"train.domain_target must be in [0, 1], got {tc.domain_target}")
     if not 0 < tc.target_top_frac <= 1:
         raise TrainConfigError(f"train.target_top_frac must be in (0, 1], got {tc.target_top_frac}")

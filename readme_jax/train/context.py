@@ -109,10 +109,19 @@ def build_context(c: Any, run: Path, tc: TrainConfig, tokenizer=None, teacher=No
         tokenizer = tokenizer or tok
     tcfg, dense = teacher
     domains = parse_domains(c.data.domains)
-    if list(domains) != list(model.spec.domains):
+    recipe = model.meta.get("recipe", {})
+    clustered = bool(recipe.get("clusters"))
+    # clustered experts (refactor.clustering) are named cluster0..; their recipe names the data
+    built_from = list(parse_domains(recipe["domains"])) if clustered else list(model.spec.domains)
+    if list(domains) != built_from:
         raise TrainingError(
-            f"c.data.domains {list(domains)} differ from the experts' domains "
-            f"{model.spec.domains} in {moe_dir}; use the domains the model was refactored with"
+            f"c.data.domains {list(domains)} differ from the domains {built_from} the experts "
+            f"in {moe_dir} were built from; use the domains the model was refactored with"
+        )
+    if clustered and tc.domain_target:
+        raise TrainingError(
+            f"train.domain_target={tc.domain_target} needs one expert per domain, but the experts "
+            f"in {moe_dir} are k-means clusters (refactor.clustering); set it to 0"
         )
     cache = c.data.cache or None
     _, errors = prepare_domains(dict(domains), cache=cache)

@@ -67,6 +67,22 @@ def normalize_counts(counts_XxE: jax.Array, temperature: float = 1.0) -> jax.Arr
     return jax.nn.softmax(jnp.log(jnp.maximum(counts_XxE, 1e-9)) / temperature, axis=-1)
 
 
+def mix_domain_target(target_XxSxE: jax.Array, domain_BxS: jax.Array, weight: float) -> jax.Array:
+    """(1 - weight) * target + weight * one-hot(domain): the router target moved towards the
+    document's domain label (train.domain_target), [..., B, S, E] (leading axes broadcast,
+    e.g. the layer-wise baseline's [L, B, S, E]). Needs one expert per domain, expert d = domain
+    d (the refactor's domain experts); weight 0 returns `target` unchanged (Eq. 4 as in the
+    paper). Our option (issue 15): domain-oracle routing of the refactored experts is 12%
+    below the trained router's perplexity at the `compare` budget (docs/results.md section 7c),
+    and a document's label is constant, so the target also asks for temporal locality."""
+    if not weight:
+        return target_XxSxE
+    E = target_XxSxE.shape[-1]
+    return (1.0 - weight) * target_XxSxE + weight * jax.nn.one_hot(
+        domain_BxS, E, dtype=target_XxSxE.dtype
+    )
+
+
 def routing_targets(abs_act_LxBxSxF, union_LxFxE, top_frac: float = 0.5) -> jax.Array:
     """Eq. 4 from materialised activations (reference; training uses `coverage_ffn`): [B, S, E]."""
     cov = jax.vmap(lambda a, u: layer_coverage(a, u, top_frac))(abs_act_LxBxSxF, union_LxFxE)

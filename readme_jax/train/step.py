@@ -190,6 +190,7 @@ def router_loss(s: Setup, params: Params, b: Params, cov, mesh):
             params["router"], b["tokens"], s.rcfg, s.cfg, segment_ids_BxS=b["segment_ids"]
         )
         target = losses.normalize_counts(jnp.sum(cov, axis=0), s.tc.target_temperature)
+        target = losses.mix_domain_target(target, b["domain"], s.tc.domain_target)
         loss = losses.routing_kl(target, logits, mask)
         if s.tc.locality_weight:  # temporal locality for the serving cache (H17)
             loss += s.tc.locality_weight * losses.switch_penalty(logits, b["segment_ids"])
@@ -200,6 +201,7 @@ def router_loss(s: Setup, params: Params, b: Params, cov, mesh):
     # layer-wise baseline: each layer's gate against that layer's own coverage target
     _, layer_logits = student_hidden(s, params, b, None, mesh)
     target = losses.normalize_counts(cov, s.tc.target_temperature)
+    target = losses.mix_domain_target(target, b["domain"], s.tc.domain_target)
     L = cov.shape[0]
     loss = jnp.mean(jax.vmap(losses.routing_kl, in_axes=(0, 0, None))(target, layer_logits, mask))
     flat = lambda a: a.reshape(L * a.shape[1], *a.shape[2:])

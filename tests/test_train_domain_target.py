@@ -1,0 +1,80 @@
+"""The router target moved towards the document's domain label (train.domain_target)."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train_helpers import build, copy_run
+
+from configs import smollm2_135m
+from readme_jax.checkpoints import models
+from readme_jax.refactor.pipeline import parse_domains
+from readme_jax.train import config as train_config
+from readme_jax.train import context, loop, losses
+
+
+def test_mix_is_the_identity_at_zero_and_the_label_at_one():
+    target = jax.nn.softmax(jax.random.normal(jax.random.key(0), (2, 5, 4)), -1)
+    domain = jnp.asarray([[0] * 5, [3] * 5])
+    assert losses.mix_domain_target(target, domain, 0.0) is target
+    np.testing.assert_allclose(
+        losses.mix_domain_target(target, domain, 1.0), jax.nn.one_hot(domain, 4)
+    )
+    mixed = losses.mix_domain_target(target, domain, 0.25)
+    np.testing.assert_allclose(mixed.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(mixed[1, :, 3], 0.75 * target[1, :, 3] + 0.25, rtol=1e-6)
+    # the layer-wise baseline's per-layer targets [L, B, S, E] broadcast over the label
+    per_layer = jnp.broadcast_to(target, (3, 2, 5, 4))
+    out = losses.mix_domain_target(per_layer, domain, 0.5)
+    assert out.shape == (3, 2, 5, 4)
+    np.testing.assert_allclose(out[2], losses.mix_domain_target(target, domain, 0.5), rtol=1e-6)
+
+
+def test_config_defaults_to_the_papers_target_and_refuses_out_of_range():
+    c = smollm2_135m.get_config()
+    assert train_config.resolve(c).domain_target == 0.0
+    c.train.domain_target = 0.5
+    assert train_config.resolve(c).domain_target == 0.5
+    c.train.domain_target = 1.5
+    with pytest.raises(train_config.TrainConfigError, match="domain_target"):
+        train_config.resolve(c)
+
+
+def _first_router_loss(c, tok, teacher, weight, dest):
+    c = copy_run(c, dest)
+    c.train.rounds, c.train.router_steps, c.train.expert_steps = 1, 1, 0
+    c.train.domain_target = weight
+    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    path = Path(c.run_dir) / "train" / "readme" / "metrics.jsonl"
+    return json.loads(path.read_text().splitlines()[0])["loss"]
+
+
+def test_the_router_phase_trains_against_the_label(tmp_path):
+    """Same batch, same initial router (near uniform over E = 4 experts): with weight 1 the
+    first step's loss is the label's cross-entropy, ~ln 4, while the sharpened coverage target
+    of weight 0 gives a loss far from it; weight 0.5 lies in between."""
+    c, tok, teacher = build(tmp_path / "tiny")
+    E = len(models.load_readme(Path(c.run_dir) / "moe_init").spec.domains)
+    base = _first_router_loss(c, tok, teacher, 0.0, tmp_path / "w0")
+    label = _first_router_loss(c, tok, teacher, 1.0, tmp_path / "w1")
+    half = _first_router_loss(c, tok, teacher, 0.5, tmp_path / "w05")
+    assert abs(label - np.log(E)) < 0.05
+    assert abs(base - label) > 0.5
+    assert min(base, label) < half < max(base, label)
+
+
+def test_clustered_experts_refuse_the_label_target(tmp_path):
+    c, tok, teacher = build(tmp_path / "tiny")
+    moe_dir = Path(c.run_dir) / "moe_init"
+    m = models.load_readme(moe_dir)
+    recipe = {"domains": c.data.domains, "clusters": len(m.spec.domains)}
+    models.save_readme(moe_dir, m.params, m.rc, m.spec, {"recipe": recipe})
+    # clustered experts (named cluster0..) train on the domains their recipe names
+    ctx = context.build_context(c, Path(c.run_dir), train_config.resolve(c), tok, teacher)
+    assert ctx.domains == list(parse_domains(c.data.domains))
+    c.train.domain_target = 0.5
+    with pytest.raises(context.TrainingError, match="clusters"):
+        context.build_context(c, Path(c.run_dir), train_config.resolve(c), tok, teacher)
