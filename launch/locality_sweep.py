@@ -1,14 +1,17 @@
-"""Locality weight sweep: router-only training at several `train.locality_weight`s from one
-refactored model, then held-out perplexity against temporal locality, Belady hit ratio at
-C = E/2 and unique experts per batch (one Pareto plot).
+"""Locality sweep: router-only training at several `train.locality_weight`s (and optionally
+several `train.domain_target`s: every pair is one point) from one refactored model, then
+held-out perplexity against temporal locality, Belady hit ratio at C = E/2 and unique experts
+per batch (one Pareto plot).
 
   python launch/locality_sweep.py --run RUN --weights 0,0.5,2 --out docs/serve8/locality_sweep
+  python launch/locality_sweep.py --run RUN --weights 0,1 --domain_targets 0,1 --router_steps 12
 
-RUN holds `calib/` and `moe_init/` (launch/train.py stages calibrate,refactor). Each weight w
-gets RUN_sweep/w<w>/ with links to both and runs the `train` stage with rounds=1,
+RUN holds `calib/` and `moe_init/` (launch/train.py stages calibrate,refactor). Each point gets
+RUN_sweep/w<w>/ (w<w>_d<domain target>/ for a nonzero domain target) with links to both and
+runs the `train` stage with rounds=1,
 router_steps=--router_steps, expert_steps=0 (the experts stay as refactored, so the perplexity
 differences come from routing alone; the issue's recipe trains experts too: not done here).
-Per weight, on the validation split: perplexity of the routed MoE over the first
+Per point, on the validation split: perplexity of the routed MoE over the first
 --eval_tokens tokens of each domain (windows of 512), temporal locality of the router over
 the same tokens, and the decode-prioritized simulation of serve/bench/cachesim.py on a default
 routed trace (Belady hit ratio at C = E/2, unique experts per batch).
@@ -41,14 +44,17 @@ from readme_jax.serve.bench import costmodel as cm  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "Run directory with calib/ and moe_init/.")
 _W = flags.DEFINE_list("weights", ["0", "0.5", "2"], "train.locality_weight values.")
+_DT = flags.DEFINE_list(
+    "domain_targets", ["0"], "train.domain_target values (router target towards the label)."
+)
 _STEPS = flags.DEFINE_integer("router_steps", 4, "Router steps per weight (1,024 tokens each).")
 _TOK = flags.DEFINE_integer("eval_tokens", 1024, "Validation tokens per domain.")
 _OUT = flags.DEFINE_string("out", "docs/serve8/locality_sweep", "Output prefix (.json, .png).")
 _CONFIG = flags.DEFINE_string("config", "configs/smollm2_135m.py:eight", "Run config.")
 
 
-def train_router(run: Path, w: str) -> Path:
-    r = run.parent / f"{run.name}_sweep" / f"w{w}"
+def train_router(run: Path, w: str, dt: str = "0") -> Path:
+    r = run.parent / f"{run.name}_sweep" / (f"w{w}" if float(dt) == 0 else f"w{w}_d{dt}")
     r.mkdir(parents=True, exist_ok=True)
     for sub in ("calib", "moe_init"):
         if not (r / sub).exists():
@@ -65,6 +71,7 @@ def train_router(run: Path, w: str) -> Path:
         "--config.train.expert_steps=0",
         "--config.train.baselines=none",
         f"--config.train.locality_weight={w}",
+        f"--config.train.domain_target={dt}",
     ]
     subprocess.run(cmd, check=True)
     return r / "moe_trained"
@@ -113,7 +120,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, k in zip(axes, keys, strict=True):
         ax.plot([r[k] for r in rows], [r["perplexity"] for r in rows], "o-")
         for r in rows:
-            ax.annotate(f"w={r['weight']}", (r[k], r["perplexity"]), fontsize=8)
+            label = f"w={r['weight']}" + (f", d={r['domain_target']}" if r["domain_target"] else "")
+            ax.annotate(label, (r[k], r["perplexity"]), fontsize=8)
         ax.set_xlabel(k.replace("_", " "))
         ax.set_ylabel("held-out perplexity")
     fig.tight_layout()
@@ -141,11 +149,10 @@ def main(argv):
     rc = ReadMEConfig.from_dict(store.read_meta(run / "moe_init")["config"])
     mc = cost_7b(run / "moe_init", rc)
     rows = []
-    for w in _W.value:
-        ckpt = train_router(run, w)
-        rows.append(
-            {"weight": float(w), "checkpoint": str(ckpt)} | measure(ckpt, streams, tok_streams, mc)
-        )
+    for w, dt in [(w, dt) for dt in _DT.value for w in _W.value]:
+        ckpt = train_router(run, w, dt)
+        point = {"weight": float(w), "domain_target": float(dt), "checkpoint": str(ckpt)}
+        rows.append(point | measure(ckpt, streams, tok_streams, mc))
         print(json.dumps(rows[-1]))
         out = Path(_OUT.value)
         out.parent.mkdir(parents=True, exist_ok=True)
