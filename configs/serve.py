@@ -22,7 +22,7 @@ def get_config():
     c.calib_len = 256
     c.seed = 0
     # engine (readme_jax.serve.engine.EngineConfig)
-    c.batching = "expert"  # expert | decode | prefill
+    c.batching = "expert"  # expert | cache (cache-aware expert batching) | decode | prefill
     c.cache_policy = "belady"  # belady | lru | lfu | random | all
     c.capacity = 2  # C expert slots on the device (0 = all E resident)
     c.prefetch = True

@@ -28,7 +28,7 @@ def get_config() -> ConfigDict:
     c.output_len = "10,20"  # median,max new tokens (lognormal, sigma 0.6, at least 4)
     c.seed = 0
     # engine
-    c.batching = "expert,decode,prefill"
+    c.batching = "expert,cache,decode,prefill"
     c.policies = "belady,lru,lfu,random"
     c.capacities = ""  # C values; "" = 2 .. E-1
     c.real_grid = "cache"  # full: every batching x policy x C on the real engine; cache: the

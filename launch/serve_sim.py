@@ -97,7 +97,7 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
     whole = [np.asarray(r.prompt_experts + r.output_experts) for r in reqs]
     runs = []
     for C in (E // 2, E):
-        for b in ("expert", "decode", "prefill"):
+        for b in ("expert", "cache", "decode", "prefill"):
             cfg = cs.SimConfig(b, "online_belady" if C < E else "lru", C, E)
             res = cs.simulate(reqs, cfg, _clock(hw, mc))
             name = f"{kind}-{b}-C{C}"

@@ -28,6 +28,21 @@ def test_expert_aware_takes_the_longest_queue_first():
     assert d.decode == [0, 1, 2, 3] and d.experts == [0, 1, 2]
 
 
+def test_cache_aware_prefers_resident_experts_and_equals_expert_aware_without_a_cache():
+    ready = [decoding(i, e) for i, e in enumerate([0, 1, 1, 2, 1, 0, 3])]
+    # expert 1 has the longest queue (3 tokens); with 0 and 3 resident those go first, longest
+    # (expert 0: 2 tokens) first
+    c = schedule("cache", ready, 3, resident={3, 0})
+    assert c.decode == [0, 5, 6] and c.experts == [0, 3]
+    assert schedule("expert", ready, 3, resident={3, 0}).experts == [1]  # expert ignores it
+    for budget in (1, 3, 4, 7):
+        a, b = schedule("cache", ready, budget), schedule("expert", ready, budget)
+        assert (a.decode, a.experts) == (b.decode, b.experts)
+    # the fairness bound still comes first
+    ready[3].waiting_steps = 5
+    assert schedule("cache", ready, 3, max_wait=5, resident={0}).ids[0] == 3
+
+
 def test_prefill_and_decode_priorities_and_costs():
     ready = [
         decoding(0, 1),
@@ -92,7 +107,7 @@ def test_expert_aware_batching_needs_fewer_experts_per_batch():
     assert ea.mean_unique_experts < 0.85 * pp.mean_unique_experts
 
 
-@pytest.mark.parametrize("policy", ["expert", "decode", "prefill"])
+@pytest.mark.parametrize("policy", ["expert", "cache", "decode", "prefill"])
 def test_no_request_starves_under_a_bursty_trace(policy):
     rng = np.random.default_rng(2)
     arrivals = np.floor(arrival_times(120, rate=0.5, rng=rng, cv=4.0)).astype(int)

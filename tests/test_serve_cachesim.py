@@ -75,7 +75,7 @@ def _clock():
     return cm.CostClock(cm.a100_pcie4(mc.layers), mc, pipelined=False)
 
 
-@pytest.mark.parametrize("batching", ["expert", "decode", "prefill"])
+@pytest.mark.parametrize("batching", ["expert", "cache", "decode", "prefill"])
 def test_simulation_serves_every_token_and_logs_a_replayable_cache(batching):
     reqs = _requests()
     cfg = cs.SimConfig(batching=batching, policy="online_belady", capacity=3, num_experts=8)

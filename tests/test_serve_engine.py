@@ -54,7 +54,7 @@ def test_outputs_identical_across_batching_cache_policy_and_alone(backend):
         ("expert", "lru", 2, False),
         ("decode", "belady", 2, True),
         ("prefill", "lfu", 2, False),
-        ("decode", "random", 2, False),
+        ("cache", "random", 2, False),
         ("prefill", "all", None, False),
         ("expert", "belady", 2, True),
     ]

@@ -16,7 +16,9 @@ must hold) every distinct expert of its prompt counts.
 Policies (`schedule`): "expert" (paper Algorithm 1: a queue per expert; repeatedly take the
 expert whose queue holds the most tokens and admit its requests, oldest first, while the budget
 allows; one refinement: queues of experts the batch already needs, e.g. through a fairness
-admission, come first since they add no expert), "decode" (ongoing decodes first, then
+admission, come first since they add no expert), "cache" (cache-aware: Algorithm 1 with the
+queues of experts resident in the expert cache (`resident`) before the others, so a batch
+prefers work that needs no load; our addition, issue 17), "decode" (ongoing decodes first, then
 prefills; DeepSpeed style) and "prefill" (new prefills first; vLLM/TGI style).
 
 Fairness comes first in every policy: a request that has been ready for `max_wait` steps
@@ -29,12 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
 WAITING, DECODING, DONE = "waiting", "decoding", "done"
-POLICIES = ("expert", "decode", "prefill")
+POLICIES = ("expert", "cache", "decode", "prefill")
 
 
 @dataclasses.dataclass
@@ -112,19 +114,21 @@ def _fifo(r: Request) -> tuple:
     return (r.arrival_step, r.id)
 
 
-def _expert_aware(ready: list[Request], b: _Builder) -> None:
+def _expert_aware(ready: list[Request], b: _Builder, resident: Collection[int] = ()) -> None:
     queues: dict[int, list[Request]] = {}
     for r in sorted(ready, key=_fifo):
         if r.id not in b.ids:
             queues.setdefault(r.queue_expert, []).append(r)
     in_batch = set().union(*(r.experts for r in b.chosen))
     while queues and b.tokens < b.budget:
-        # experts the batch already needs come free; then the longest queue in tokens;
-        # ties: the queue whose head arrived first, then the smaller expert id
+        # experts the batch already needs come free; then (cache-aware) resident experts; then
+        # the longest queue in tokens; ties: the queue whose head arrived first, then the
+        # smaller expert id
         e = min(
             queues,
             key=lambda e: (
                 e not in in_batch,
+                e not in resident,
                 -sum(r.cost for r in queues[e]),
                 _fifo(queues[e][0]),
                 e,
@@ -143,11 +147,14 @@ def schedule(
     step: int = 0,
     max_wait: int | None = 32,
     num_slots: int | None = None,
+    resident: Collection[int] = (),
 ) -> Batch:
     """Choose the next batch among `ready` (waiting or decoding) requests. Pure.
 
     `num_slots`: request slots of the decode engine; a prefill needs a free one (decoding
-    requests hold theirs). `max_wait`: fairness bound in steps (None: off).
+    requests hold theirs). `max_wait`: fairness bound in steps (None: off). `resident`: experts
+    the expert cache holds now (read by the "cache" policy only).
+    Raises ValueError for an unknown policy or a budget below 1.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown batching policy {policy!r}; choose one of {POLICIES}")
@@ -159,8 +166,8 @@ def schedule(
     if max_wait is not None:
         for r in sorted((r for r in ready if r.waiting_steps >= max_wait), key=_age):
             b.try_add(r)
-    if policy == "expert":
-        _expert_aware(ready, b)
+    if policy in ("expert", "cache"):
+        _expert_aware(ready, b, frozenset(resident) if policy == "cache" else ())
     else:
         first = DECODING if policy == "decode" else WAITING
         for r in sorted(ready, key=lambda r: (r.state != first, *_fifo(r))):

@@ -446,6 +446,7 @@ class Engine:
             step=self.step_index,
             max_wait=cfg.max_wait,
             num_slots=cfg.num_slots,
+            resident=self._cache.resident,
         )
         if not batch.ids:
             raise RuntimeError(f"step {self.step_index}: the scheduler chose an empty batch")

@@ -203,6 +203,7 @@ def simulate(requests: Sequence[RoutedRequest], cfg: SimConfig, clock: cm.CostCl
             step=step,
             max_wait=cfg.max_wait,
             num_slots=cfg.num_slots,
+            resident=cache.resident,
         )
         batching.age(list(live.values()), batch)
         rec = _run_step(cache, batch, live, reqs, arrived_step, step, cfg.capacity)

@@ -26,7 +26,7 @@ from readme_jax.serve.engine import Engine, EngineConfig, RunResult, ServeReques
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     engine: EngineConfig = EngineConfig(num_slots=8, max_len=128, max_batch_tokens=32)
-    batching: tuple[str, ...] = ("expert", "decode", "prefill")
+    batching: tuple[str, ...] = ("expert", "cache", "decode", "prefill")
     policies: tuple[str, ...] = ("belady", "lru", "lfu", "random")
     capacities: tuple[int, ...] | None = None  # None: 2 .. E-1
     real_grid: str = "cache"  # full: every batching x policy x C; cache: policies x C on expert
