@@ -120,7 +120,7 @@ def get_config(variant: str = "") -> ConfigDict:
     c.train.target_temperature = 0.05
     # router target moved towards the document's domain label: (1 - w) * target + w * one-hot
     # (train.losses.mix_domain_target); 0 = the paper's target. Needs domain experts (not
-    # clustering). Domain-oracle routing beats the trained router by 12% (results.md 7c).
+    # clustering). The trained router's ppl is 12% above domain-oracle routing (results.md 7c).
     c.train.domain_target = 0.0
     # router phase: + locality_weight * mean switch (total variation of the router's distribution
     # between consecutive tokens of a document, train.losses.switch_penalty); 0 = off (paper)

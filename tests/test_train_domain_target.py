@@ -1,19 +1,19 @@
 """The router target moved towards the document's domain label (train.domain_target)."""
 
-import json
+import dataclasses
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_helpers import build, copy_run
+from test_train_helpers import build, first_router_loss
 
 from configs import smollm2_135m
 from readme_jax.checkpoints import models
 from readme_jax.refactor.pipeline import parse_domains
 from readme_jax.train import config as train_config
-from readme_jax.train import context, loop, losses
+from readme_jax.train import context, losses
 
 
 def test_mix_is_the_identity_at_zero_and_the_label_at_one():
@@ -43,24 +43,15 @@ def test_config_defaults_to_the_papers_target_and_refuses_out_of_range():
         train_config.resolve(c)
 
 
-def _first_router_loss(c, tok, teacher, weight, dest):
-    c = copy_run(c, dest)
-    c.train.rounds, c.train.router_steps, c.train.expert_steps = 1, 1, 0
-    c.train.domain_target = weight
-    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
-    path = Path(c.run_dir) / "train" / "readme" / "metrics.jsonl"
-    return json.loads(path.read_text().splitlines()[0])["loss"]
-
-
 def test_the_router_phase_trains_against_the_label(tmp_path):
     """Same batch, same initial router (near uniform over E = 4 experts): with weight 1 the
     first step's loss is the label's cross-entropy, ~ln 4, while the sharpened coverage target
     of weight 0 gives a loss far from it; weight 0.5 lies in between."""
     c, tok, teacher = build(tmp_path / "tiny")
     E = len(models.load_readme(Path(c.run_dir) / "moe_init").spec.domains)
-    base = _first_router_loss(c, tok, teacher, 0.0, tmp_path / "w0")
-    label = _first_router_loss(c, tok, teacher, 1.0, tmp_path / "w1")
-    half = _first_router_loss(c, tok, teacher, 0.5, tmp_path / "w05")
+    base = first_router_loss(c, tok, teacher, tmp_path / "w0", domain_target=0.0)
+    label = first_router_loss(c, tok, teacher, tmp_path / "w1", domain_target=1.0)
+    half = first_router_loss(c, tok, teacher, tmp_path / "w05", domain_target=0.5)
     assert abs(label - np.log(E)) < 0.05
     assert abs(base - label) > 0.5
     assert min(base, label) < half < max(base, label)
@@ -70,8 +61,10 @@ def test_clustered_experts_refuse_the_label_target(tmp_path):
     c, tok, teacher = build(tmp_path / "tiny")
     moe_dir = Path(c.run_dir) / "moe_init"
     m = models.load_readme(moe_dir)
-    recipe = {"domains": c.data.domains, "clusters": len(m.spec.domains)}
-    models.save_readme(moe_dir, m.params, m.rc, m.spec, {"recipe": recipe})
+    names = [f"cluster{j}" for j in range(len(m.spec.domains))]  # as refactor/cluster.py names them
+    recipe = {"domains": c.data.domains, "clusters": len(names)}
+    spec = dataclasses.replace(m.spec, domains=names)
+    models.save_readme(moe_dir, m.params, m.rc, spec, {"recipe": recipe})
     # clustered experts (named cluster0..) train on the domains their recipe names
     ctx = context.build_context(c, Path(c.run_dir), train_config.resolve(c), tok, teacher)
     assert ctx.domains == list(parse_domains(c.data.domains))

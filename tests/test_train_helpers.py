@@ -5,6 +5,7 @@ tests/data/corpus tokenized to bytes, and the refactored Read-ME model in a run 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from readme_jax.checkpoints import models
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
 from readme_jax.refactor import pipeline as rp
+from readme_jax.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # configs/ is a top-level package of the repository
@@ -123,3 +125,15 @@ def copy_run(c: ConfigDict, dest: Path) -> ConfigDict:
     c2 = copy.deepcopy(c)
     c2.run_dir = str(dest)
     return c2
+
+
+def first_router_loss(c: ConfigDict, tok, teacher, dest: Path, **train) -> float:
+    """The loss of the first router step of a fresh copy of the run with `c.train` keys
+    overridden by `train` (one round, one router step, no expert phase)."""
+    c = copy_run(c, dest)
+    c.train.rounds, c.train.router_steps, c.train.expert_steps = 1, 1, 0
+    for k, v in train.items():
+        c.train[k] = v
+    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    path = Path(c.run_dir) / "train" / "readme" / "metrics.jsonl"
+    return json.loads(path.read_text().splitlines()[0])["loss"]

@@ -1,17 +1,14 @@
 """The locality term of the router phase: penalises expert switches between consecutive tokens."""
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_helpers import build, copy_run
+from test_train_helpers import build, first_router_loss
 
 from configs import smollm2_135m
 from readme_jax.train import config as train_config
-from readme_jax.train import loop, losses
+from readme_jax.train import losses
 
 E = 8
 
@@ -81,19 +78,10 @@ def test_unknown_kind_is_refused():
         losses.switch_penalty(jnp.zeros((1, 2, E)), jnp.ones((1, 2), jnp.int32), "cosine")
 
 
-def _first_router_loss(c, tok, teacher, weight, dest):
-    c = copy_run(c, dest)
-    c.train.rounds, c.train.router_steps, c.train.expert_steps = 1, 1, 0
-    c.train.locality_weight = weight
-    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
-    path = Path(c.run_dir) / "train" / "readme" / "metrics.jsonl"
-    return json.loads(path.read_text().splitlines()[0])["loss"]
-
-
 def test_the_router_phase_adds_the_weighted_term(tmp_path):
     """Same batch, same parameters: the first router step's loss grows with the weight by
     weight x the switch penalty (in (0, 1]) of the untrained router."""
     c, tok, teacher = build(tmp_path / "tiny")
-    base = _first_router_loss(c, tok, teacher, 0.0, tmp_path / "w0")
-    with_term = _first_router_loss(c, tok, teacher, 10.0, tmp_path / "w10")
+    base = first_router_loss(c, tok, teacher, tmp_path / "w0", locality_weight=0.0)
+    with_term = first_router_loss(c, tok, teacher, tmp_path / "w10", locality_weight=10.0)
     assert base < with_term <= base + 10.0

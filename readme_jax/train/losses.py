@@ -72,8 +72,8 @@ def mix_domain_target(target_XxSxE: jax.Array, domain_BxS: jax.Array, weight: fl
     document's domain label (train.domain_target), [..., B, S, E] (leading axes broadcast,
     e.g. the layer-wise baseline's [L, B, S, E]). Needs one expert per domain, expert d = domain
     d (the refactor's domain experts); weight 0 returns `target` unchanged (Eq. 4 as in the
-    paper). Our option (issue 15): domain-oracle routing of the refactored experts is 12%
-    below the trained router's perplexity at the `compare` budget (docs/results.md section 7c),
+    paper). Our option (issue 15): at the `compare` budget the trained router's perplexity is
+    12% above that of domain-oracle routing of the same experts (docs/results.md section 7c),
     and a document's label is constant, so the target also asks for temporal locality."""
     if not weight:
         return target_XxSxE
