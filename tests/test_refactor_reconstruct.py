@@ -116,3 +116,20 @@ def test_readme_refit_lowers_the_layer_error_on_calibration_tokens():
 def test_config_rejects_unknown_mode():
     with pytest.raises(ValueError, match="reconstruct"):
         reconstruct.ReconstructConfig(mode="magic")
+
+
+def test_static_refit_is_applied_and_a_missing_one_is_refused_when_read_me_was_refit(tmp_path):
+    """The static baseline trains with the refit rows saved at refactoring time; when the
+    Read-ME experts were refit but those rows are missing (the refactor ran without a static
+    baseline configured), it refuses instead of silently comparing against an unrefit baseline."""
+    L, K, D = 2, 3, 4
+    params = {"layers": {"w_down": np.zeros((L, K, D), np.float32)}}
+    assert reconstruct.apply_static_refit(tmp_path, params) is params  # reconstruction off
+    with pytest.raises(FileNotFoundError, match="tools/static_refit.py"):
+        reconstruct.apply_static_refit(tmp_path, params, required=True)
+    rows = np.arange(L * K * D, dtype=np.float32).reshape(L, K, D)
+    reconstruct.save_static_refit(tmp_path, np.zeros((L, K), np.int32), rows)
+    got = reconstruct.apply_static_refit(tmp_path, params, required=True)
+    np.testing.assert_array_equal(np.asarray(got["layers"]["w_down"]), rows)
+    with pytest.raises(ValueError, match="static width"):
+        reconstruct.apply_static_refit(tmp_path, {"layers": {"w_down": np.zeros((L, K + 1, D))}})

@@ -254,12 +254,26 @@ def save_static_refit(path: str | Path, kept_LxK: np.ndarray, w_down_LxKxD: np.n
     np.savez(Path(path) / STATIC_REFIT_FILE, kept=kept_LxK, w_down=w_down_LxKxD)
 
 
-def apply_static_refit(moe_dir: str | Path, static_params: Params) -> Params:
+def apply_static_refit(
+    moe_dir: str | Path, static_params: Params, required: bool = False
+) -> Params:
     """The static baseline's params with the refit down rows saved at refactoring time
     (`moe_dir`/static_refit.npz), or unchanged when there is none (reconstruction off).
-    Raises ValueError if the saved rows do not match the baseline's width."""
+
+    required: the Read-ME experts in `moe_dir` were refit, so a comparison needs the static
+    baseline refit too. Raises FileNotFoundError then if the rows are missing (the refactor
+    stage skips them when the configured baselines had no static one), and ValueError if the
+    saved rows do not match the baseline's width."""
     f = Path(moe_dir) / STATIC_REFIT_FILE
     if not f.exists():
+        if required:
+            raise FileNotFoundError(
+                f"{f} not found, but the Read-ME experts in {moe_dir} were refit: the static "
+                "baseline would train without the same refit (an unfair comparison). Compute "
+                f"its rows with `python tools/static_refit.py --calib {Path(moe_dir).parent}/calib "
+                f"--out {moe_dir}` (same remain rate and ridge), or rerun the refactor stage "
+                "with `static` in train.baselines"
+            )
         return static_params
     z = np.load(f)
     layers = static_params["layers"]

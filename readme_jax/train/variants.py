@@ -52,7 +52,12 @@ def make_variant(ctx: Context, kind: str) -> Variant:
             raise TrainingError(f"{calib} not found: the static baseline needs the calibrate stage")
         stats = ActivationStats.load(calib)
         dense, w = static_pruned_params(ctx.teacher, stats.mean_abs_ExLxF, width / F)
-        dense = apply_static_refit(ctx.run / "moe_init", dense)  # issue 15: same refit as Read-ME
+        # issue 15: the same refit as Read-ME's experts, never silently without it
+        refit = ctx.model.meta.get("reconstruct", {}).get("mode", "none") != "none"
+        try:
+            dense = apply_static_refit(ctx.run / "moe_init", dense, required=refit)
+        except FileNotFoundError as e:
+            raise TrainingError(str(e)) from None
         params = training_layout(dense, scan)
         width = float(w)
         kw.update(cfg=ctx.teacher_cfg.replace(ffn_dim=w, scan_layers=scan))
