@@ -106,6 +106,28 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(full_run, tiny, tmp
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_a_checkpoint_trained_from_other_starting_weights(tiny, tmp_path):
+    """A checkpoint keeps what its training started from; after the refactored model (or the
+    static baseline's refit) changes, resuming it would mix two recipes, so it is refused."""
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    run = Path(c.run_dir)
+    c.train.save_every = 2
+    c.train.stop_after = 3  # a checkpoint at step 2
+    loop.run_training(c, run, tokenizer=tok, teacher=teacher)
+    before = loop.init_fingerprint(run, "static")
+    assert before.endswith("static refit none")
+    (run / "moe_init" / "static_refit.npz").write_bytes(b"rows")
+    assert loop.init_fingerprint(run, "static") != before
+    assert loop.init_fingerprint(run, "readme") in before
+    meta = run / "moe_init" / "model.json"
+    rec = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**rec, "saved_at": "refactored again"}))
+    c.train.stop_after = 0
+    with pytest.raises(context.TrainingError, match="other starting weights"):
+        loop.run_training(c, run, tokenizer=tok, teacher=teacher)
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(full_run, tiny, tmp_path):
     c, tok, teacher = tiny
     c = copy_run(c, tmp_path / "r")

@@ -19,6 +19,7 @@ kind x phase) and `_Run` (one kind's state, data position, checkpoints and logs)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -165,6 +166,24 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
     tmp.replace(path)
 
 
+def init_fingerprint(run: Path, kind: str) -> str:
+    """What a model kind's training starts from, as a string kept in every training checkpoint:
+    the refactored model's save time (RUN/moe_init/model.json), and for the static baseline the
+    hash of its refit rows (or "none"). A checkpoint whose fingerprint differs was trained from
+    other starting weights (e.g. the refit added after it), so resuming it is refused."""
+    moe_init = run / "moe_init"
+    meta = moe_init / "model.json"
+    saved = json.loads(meta.read_text()).get("saved_at", "?") if meta.exists() else "?"
+    out = f"moe_init saved {saved}"
+    if kind == "static":
+        from readme_jax.refactor.reconstruct import STATIC_REFIT_FILE
+
+        f = moe_init / STATIC_REFIT_FILE
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else "none"
+        out += f"; static refit {digest}"
+    return out
+
+
 # ---------------------------------------------------------------- one model kind
 class _Run:
     """One model kind's pass through the schedule: state, data position, checkpoints, logs."""
@@ -187,6 +206,7 @@ class _Run:
         self.consts = {"teacher": place(teacher, ctx.mesh), "union": union}
         self.phases: dict[str, Phase] = {}
         self.ckpts = TrainCheckpoints(self.wdir / "ckpt", self.tc.keep)
+        self.init_id = init_fingerprint(ctx.run, kind)
         self.pos = {"phase_index": 0, "phase_step": 0, "global_step": 0, "data": None}
         self.state = None
         self.done_this_run = 0
@@ -210,6 +230,12 @@ class _Run:
                 self.metrics.unlink(missing_ok=True)
             return
         g, self.state, meta = got
+        if meta.get("init", self.init_id) != self.init_id:  # older checkpoints carry none
+            raise TrainingError(
+                f"{self.wdir / 'ckpt'} (step {g}) was trained from other starting weights "
+                f"({meta['init']}) than this run's ({self.init_id}), e.g. a refit added or "
+                f"recomputed since; remove {self.wdir} to train {self.kind} from the new ones"
+            )
         self.pos.update({k: meta[k] for k in self.pos})
         self.params = None
         _rewrite_metrics(self.metrics, g)
@@ -272,7 +298,7 @@ class _Run:
                 bar.update(1)
                 g = self.pos["global_step"]
                 if ps + 1 == n or (self.tc.save_every and g % self.tc.save_every == 0):
-                    self.ckpts.save(g, self.state, dict(self.pos))
+                    self.ckpts.save(g, self.state, dict(self.pos) | {"init": self.init_id})
                 self.done_this_run += 1
                 if self.tc.stop_after and self.done_this_run >= self.tc.stop_after:
                     n_done = self.done_this_run
