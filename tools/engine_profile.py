@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch.serve import resolve_checkpoint  # noqa: E402
 from readme_jax.checkpoints import models  # noqa: E402
 from readme_jax.checkpoints.tokenizer import load_tokenizer  # noqa: E402
 from readme_jax.model import llama, moe  # noqa: E402
@@ -226,7 +227,10 @@ def main(argv=None) -> dict:
         seed=0,
     )
     reqs = [ServeRequest(t.id, list(t.prompt_tokens), t.max_new_tokens) for t in trace]
-    rm = load_serve_model(a.checkpoint)
+    kind, path = resolve_checkpoint(a.checkpoint)  # a run directory: its trained model
+    if kind != "readme":
+        raise SystemExit(f"error: {a.checkpoint} holds no Read-ME model ({kind})")
+    rm = load_serve_model(path)
     cfg, params, _ = models.load_dense("", seed=0)
     dense = dense_serve_params(cfg, params, 0)
     best = run_engines(a, reqs, rm.params, dense) if a.rounds else {}

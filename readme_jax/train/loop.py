@@ -36,6 +36,7 @@ import readme_jax.train.distributed as dist
 import readme_jax.train.step as steplib
 from readme_jax.checkpoints import models
 from readme_jax.data import make_iterator
+from readme_jax.refactor.reconstruct import STATIC_REFIT_FILE
 from readme_jax.train.checkpoint import TrainCheckpoints
 from readme_jax.train.config import TrainConfig, resolve
 from readme_jax.train.context import (
@@ -176,8 +177,6 @@ def init_fingerprint(run: Path, kind: str) -> str:
     saved = json.loads(meta.read_text()).get("saved_at", "?") if meta.exists() else "?"
     out = f"moe_init saved {saved}"
     if kind == "static":
-        from readme_jax.refactor.reconstruct import STATIC_REFIT_FILE
-
         f = moe_init / STATIC_REFIT_FILE
         digest = hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.exists() else "none"
         out += f"; static refit {digest}"
