@@ -31,6 +31,9 @@ def get_config():
     c.prefill_chunk = 32
     c.max_batch_tokens = 128  # token budget per step (prefill tokens + decode rows)
     c.max_wait = 32  # fairness bound in steps
+    # expert cap of expert/cache batching: a batch adds no new expert once it needs this many
+    # (0 = off, Algorithm 1 as in the paper; serve.batching module doc)
+    c.max_experts = 0
     # all experts resident and nothing waiting: dispatch the next decode step before reading
     # this one (EngineConfig.lookahead; outputs are the same either way)
     c.lookahead = True

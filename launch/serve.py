@@ -98,6 +98,7 @@ def engine_config(c, sp) -> EngineConfig:
         capacity=min(capacity, E),
         prefetch=bool(c.prefetch) and policy != "all",
         max_wait=c.max_wait,
+        max_experts=c.max_experts or None,
         policy_seed=c.seed,
         lookahead=bool(c.lookahead),
     )

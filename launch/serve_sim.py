@@ -11,8 +11,9 @@ decode-heavy (median 40, at most 80). For each:
   - hit ratios, C = 2..6: Belady (whole future), LRU, LFU, random, online Belady (what the
     engine knows: this step and the queued prompts), on the access sequence of the
     decode-prioritized schedule (paper Table 4 setting);
-  - batching: expert-aware (Algorithm 1) / decode- / prefill-prioritized at C = E/2 (online
-    Belady) and C = E, on the simulated A100 at Llama-2-7B scale
+  - batching: expert-aware (Algorithm 1) / cache-aware / decode- / prefill-prioritized at
+    C = E/2 (online Belady) and C = E, and at C = E/2 expert- and cache-aware with the expert
+    cap max_experts = C (serve/batching.py), on the simulated A100 at Llama-2-7B scale
     (serve/bench/costmodel.py), on-demand loads; unique experts per batch, mean/p95
     normalized latency, throughput.
 Writes OUT/<trace>.json, OUT/<trace>.md and the cache decision logs OUT/logs/*.jsonl (the
@@ -97,10 +98,12 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
     whole = [np.asarray(r.prompt_experts + r.output_experts) for r in reqs]
     runs = []
     for C in (E // 2, E):
-        for b in ("expert", "cache", "decode", "prefill"):
-            cfg = cs.SimConfig(b, "online_belady" if C < E else "lru", C, E)
+        # the expert cap (serve.batching) at C: a batch fits the cache in one wave
+        capped = [("expert", C), ("cache", C)] if C < E else []
+        for b, cap in [(b, None) for b in ("expert", "cache", "decode", "prefill")] + capped:
+            cfg = cs.SimConfig(b, "online_belady" if C < E else "lru", C, E, max_experts=cap)
             res = cs.simulate(reqs, cfg, _clock(hw, mc))
-            name = f"{kind}-{b}-C{C}"
+            name = f"{kind}-{b}-C{C}" + (f"-cap{cap}" if cap else "")
             write_log(out / "logs" / f"{name}.jsonl", res["cache_log"])
             runs.append(
                 {"name": name, "log": f"logs/{name}.jsonl"}
@@ -141,14 +144,15 @@ def markdown(res: dict) -> str:
         lines.append(f"| {p} | " + " | ".join(f"{100 * row[c]:.1f}%" for c in caps) + " |")
     lines += [
         "",
-        "| batching | C | uniq. experts/batch | mean / p95 norm. latency (s/token) "
+        "| batching | expert cap | C | uniq. experts/batch | mean / p95 norm. latency (s/token) "
         "| throughput (tok/s) | hit ratio |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in res["batching"]:
         c, hit = r["config"], 100 * r["cache"]["hit_ratio"]
+        cap = c.get("max_experts") or "–"
         lines.append(
-            f"| {c['batching']} | {c['capacity']} | {r['mean_unique_experts']:.2f} | "
+            f"| {c['batching']} | {cap} | {c['capacity']} | {r['mean_unique_experts']:.2f} | "
             f"{r['mean_norm_latency_s']:.4f} / {r['p95_norm_latency_s']:.4f} | "
             f"{r['throughput_tok_s']:.1f} | {hit:.1f}% |"
         )

@@ -43,6 +43,27 @@ def test_cache_aware_prefers_resident_experts_and_equals_expert_aware_without_a_
     assert schedule("cache", ready, 3, max_wait=5, resident={0}).ids[0] == 3
 
 
+def test_the_expert_cap_keeps_a_batch_within_max_experts():
+    ready = [decoding(i, e) for i, e in enumerate([0, 1, 1, 2, 1, 0, 3])]
+    assert schedule("expert", ready, 100).experts == [0, 1, 2, 3]  # the budget does not bind
+    b = schedule("expert", ready, 100, max_experts=2)
+    assert b.experts == [0, 1] and b.decode == [1, 2, 4, 0, 5]  # longest queues first
+    c = schedule("cache", ready, 100, max_experts=2, resident={3})
+    assert c.experts == [1, 3] and c.decode == [6, 1, 2, 4]
+    for policy in ("decode", "prefill"):  # the baselines ignore the cap
+        assert schedule(policy, ready, 100, max_experts=1).experts == [0, 1, 2, 3]
+    # a prefill whose experts would pass the cap waits; alone it exceeds the cap, not forever
+    wide = Request(9, 5, 3, prompt_experts=[1, 2, 3, 3, 1])
+    assert 9 not in schedule("expert", [*ready, wide], 100, max_experts=2).ids
+    assert schedule("expert", [wide], 100, max_experts=2).ids == [9]
+    # fairness admissions come first and ignore the cap
+    ready[6].waiting_steps = 4
+    f = schedule("expert", ready, 100, max_wait=4, max_experts=1)
+    assert f.ids[0] == 6 and f.experts == [3]  # then no new expert
+    with pytest.raises(ValueError, match="max_experts"):
+        schedule("expert", ready, 100, max_experts=0)
+
+
 def test_prefill_and_decode_priorities_and_costs():
     ready = [
         decoding(0, 1),
@@ -117,6 +138,21 @@ def test_no_request_starves_under_a_bursty_trace(policy):
     assert stats.max_decode_wait <= 16 and stats.max_queue_wait <= 24
     for b in stats.batches:
         assert b.tokens <= 16 or len(b.ids) == 1
+
+
+@pytest.mark.parametrize("policy", ["expert", "cache"])
+def test_the_expert_cap_fewer_experts_per_batch_and_no_starvation(policy):
+    rng = np.random.default_rng(2)
+    arrivals = np.floor(arrival_times(120, rate=0.5, rng=rng, cv=4.0)).astype(int)
+    reqs, route = skewed_workload(120, rng, arrivals)
+    kw = dict(max_wait=8, num_slots=8)
+    free = simulate_schedule(policy, reqs, route, 256, **kw)
+    capped = simulate_schedule(policy, reqs, route, 256, max_experts=2, **kw)
+    assert capped.completed == free.completed == 120
+    # decodes wait at most the fairness bound; prompts wait for slots (steps grow: the cap
+    # trades steps for experts, which pays only where loading an expert costs time)
+    assert capped.max_decode_wait <= 8 and free.max_decode_wait <= 8
+    assert capped.mean_unique_experts < 0.8 * free.mean_unique_experts
 
 
 def test_without_the_fairness_bound_decode_priority_starves_prefills():

@@ -1,5 +1,6 @@
 """Online vs hindsight Belady, and the model-free serving simulation on routed traces."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -86,6 +87,20 @@ def test_simulation_serves_every_token_and_logs_a_replayable_cache(batching):
     assert replay_check(out["cache_log"]).to_dict() == out["cache"]
     assert 1 <= out["mean_unique_experts"] <= 8
     assert out["p95_norm_latency_s"] >= out["mean_norm_latency_s"] * 0.5
+
+
+def test_the_expert_cap_shrinks_batches_in_the_simulation_and_serves_everything():
+    # all arrive at once: the batches are full (the toy clock serves a sparse trace at once)
+    reqs = [dataclasses.replace(r, arrival_s=0.0) for r in _requests(n=24, seed=3)]
+    out = {}
+    for cap in (None, 2):
+        cfg = cs.SimConfig("expert", "online_belady", capacity=2, num_experts=8, max_experts=cap)
+        out[cap] = cs.simulate(reqs, cfg, _clock())
+        assert len(out[cap]["latencies"]) == len(reqs)
+        assert replay_check(out[cap]["cache_log"]).to_dict() == out[cap]["cache"]
+    assert out[2]["mean_unique_experts"] < 0.7 * out[None]["mean_unique_experts"]
+    assert out[2]["cache"]["hit_ratio"] > out[None]["cache"]["hit_ratio"]  # fewer loads per batch
+    assert out[2]["config"]["max_experts"] == 2
 
 
 def test_simulation_refuses_an_empty_trace():

@@ -66,6 +66,8 @@ def test_outputs_identical_across_batching_cache_policy_and_alone(backend):
         if c is not None:
             assert run.cache_stats.misses > 0  # the offloaded path really loaded experts
     assert len(schedules) > 2  # the batching policies did produce different schedules
+    capped = _run(backend, reqs, batching="expert", cache_policy="lru", capacity=2, max_experts=1)
+    assert _tokens(capped) == _tokens(ref)  # the expert cap changes the schedule only
     for r in reqs[:3] + reqs[5:6]:  # each request served alone, in another slot mix
         assert _tokens(_run(backend, [r], cache_policy="lru", capacity=2)) == {
             r.id: _tokens(ref)[r.id]

@@ -21,6 +21,15 @@ queues of experts resident in the expert cache (`resident`) before the others, s
 prefers work that needs no load; our addition, issue 17), "decode" (ongoing decodes first, then
 prefills; DeepSpeed style) and "prefill" (new prefills first; vLLM/TGI style).
 
+Expert cap (`max_experts`, expert-aware policies only; our addition, issue 17): Algorithm 1
+fills the token budget, so when the budget does not bind (few request slots, short decodes)
+it admits every queue and its batches need as many experts as decode-prioritized ones. With a
+cap, a queue of an expert the batch does not need yet is admitted only while the batch needs
+fewer than `max_experts` experts, and a prefill only if its experts keep the batch within the
+cap; the others wait for a later step. Set to the expert cache's capacity C, a batch fits the
+cache in one wave. Fairness admissions ignore the cap, and a request whose own experts exceed
+it is admitted into an otherwise empty batch, so nothing waits forever.
+
 Fairness comes first in every policy: a request that has been ready for `max_wait` steps
 without being admitted is admitted before anything else, oldest first, so waits are bounded
 (a waiting request also needs a free request slot, so its queue wait is bounded by slot
@@ -30,6 +39,7 @@ turnover as well).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
@@ -114,12 +124,18 @@ def _fifo(r: Request) -> tuple:
     return (r.arrival_step, r.id)
 
 
-def _expert_aware(ready: list[Request], b: _Builder, resident: Collection[int] = ()) -> None:
+def _expert_aware(
+    ready: list[Request],
+    b: _Builder,
+    resident: Collection[int] = (),
+    max_experts: int | None = None,
+) -> None:
     queues: dict[int, list[Request]] = {}
     for r in sorted(ready, key=_fifo):
         if r.id not in b.ids:
             queues.setdefault(r.queue_expert, []).append(r)
     in_batch = set().union(*(r.experts for r in b.chosen))
+    cap = math.inf if max_experts is None else max_experts
     while queues and b.tokens < b.budget:
         # experts the batch already needs come free; then (cache-aware) resident experts; then
         # the longest queue in tokens; ties: the queue whose head arrived first, then the
@@ -134,7 +150,11 @@ def _expert_aware(ready: list[Request], b: _Builder, resident: Collection[int] =
                 e,
             ),
         )
+        if b.chosen and e not in in_batch and len(in_batch) >= cap:
+            break  # every queue left needs a new expert (in-batch queues come first)
         for r in queues.pop(e):
+            if b.chosen and len(in_batch | r.experts) > cap:
+                continue
             if b.try_add(r):
                 in_batch |= r.experts
 
@@ -148,18 +168,22 @@ def schedule(
     max_wait: int | None = 32,
     num_slots: int | None = None,
     resident: Collection[int] = (),
+    max_experts: int | None = None,
 ) -> Batch:
     """Choose the next batch among `ready` (waiting or decoding) requests. Pure.
 
     `num_slots`: request slots of the decode engine; a prefill needs a free one (decoding
     requests hold theirs). `max_wait`: fairness bound in steps (None: off). `resident`: experts
-    the expert cache holds now (read by the "cache" policy only).
-    Raises ValueError for an unknown policy or a budget below 1.
+    the expert cache holds now (read by the "cache" policy only). `max_experts`: the expert cap
+    of the expert-aware policies (module doc; None: off; the other policies ignore it).
+    Raises ValueError for an unknown policy, a budget below 1 or a cap below 1.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown batching policy {policy!r}; choose one of {POLICIES}")
     if max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+    if max_experts is not None and max_experts < 1:
+        raise ValueError(f"max_experts must be >= 1 or None, got {max_experts}")
     ready = [r for r in ready if r.state in (WAITING, DECODING)]
     decoding = sum(r.state == DECODING for r in ready)
     b = _Builder(max_batch_tokens, None if num_slots is None else num_slots - decoding)
@@ -167,7 +191,7 @@ def schedule(
         for r in sorted((r for r in ready if r.waiting_steps >= max_wait), key=_age):
             b.try_add(r)
     if policy in ("expert", "cache"):
-        _expert_aware(ready, b, frozenset(resident) if policy == "cache" else ())
+        _expert_aware(ready, b, frozenset(resident) if policy == "cache" else (), max_experts)
     else:
         first = DECODING if policy == "decode" else WAITING
         for r in sorted(ready, key=lambda r: (r.state != first, *_fifo(r))):
@@ -217,6 +241,7 @@ def simulate_schedule(
     max_wait: int | None = 32,
     num_slots: int | None = None,
     max_steps: int = 100_000,
+    max_experts: int | None = None,
 ) -> ScheduleStats:
     """Drive `schedule` to completion with one batch per step (no model).
 
@@ -231,7 +256,13 @@ def simulate_schedule(
         while pending and pending[0].arrival_step <= step:
             live.append(pending.pop(0))
         batch = schedule(
-            policy, live, max_batch_tokens, step=step, max_wait=max_wait, num_slots=num_slots
+            policy,
+            live,
+            max_batch_tokens,
+            step=step,
+            max_wait=max_wait,
+            num_slots=num_slots,
+            max_experts=max_experts,
         )
         for r in live:
             if r.state == DECODING:

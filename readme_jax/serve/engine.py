@@ -70,6 +70,7 @@ class EngineConfig:
     capacity: int | None = None  # C expert slots; None: E (all resident)
     prefetch: bool = False
     max_wait: int | None = 32  # fairness bound in steps
+    max_experts: int | None = None  # expert cap of expert-aware batching (serve.batching)
     belady_window: int | None = None
     policy_seed: int = 0
     include_eos: bool = False
@@ -82,6 +83,8 @@ class EngineConfig:
             raise ValueError(f"batching must be one of {batching.POLICIES}, got {self.batching!r}")
         if self.num_slots < 1 or self.prefill_chunk < 1 or self.max_len < 2:
             raise ValueError("num_slots, prefill_chunk must be >= 1 and max_len >= 2")
+        if self.max_experts is not None and self.max_experts < 1:
+            raise ValueError(f"max_experts must be >= 1 or None, got {self.max_experts}")
 
 
 @dataclasses.dataclass
@@ -447,6 +450,7 @@ class Engine:
             max_wait=cfg.max_wait,
             num_slots=cfg.num_slots,
             resident=self._cache.resident,
+            max_experts=cfg.max_experts,
         )
         if not batch.ids:
             raise RuntimeError(f"step {self.step_index}: the scheduler chose an empty batch")

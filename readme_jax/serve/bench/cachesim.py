@@ -164,6 +164,7 @@ class SimConfig:
     max_batch_tokens: int = 256
     num_slots: int = 8
     max_wait: int | None = 32
+    max_experts: int | None = None  # expert cap of expert-aware batching (serve.batching)
 
 
 def simulate(requests: Sequence[RoutedRequest], cfg: SimConfig, clock: cm.CostClock) -> dict:
@@ -204,6 +205,7 @@ def simulate(requests: Sequence[RoutedRequest], cfg: SimConfig, clock: cm.CostCl
             max_wait=cfg.max_wait,
             num_slots=cfg.num_slots,
             resident=cache.resident,
+            max_experts=cfg.max_experts,
         )
         batching.age(list(live.values()), batch)
         rec = _run_step(cache, batch, live, reqs, arrived_step, step, cfg.capacity)
