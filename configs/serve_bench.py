@@ -39,6 +39,7 @@ def get_config() -> ConfigDict:
     c.prefill_chunk = 32  # Q
     c.max_len = 128  # context per request slot (M)
     c.max_wait = 32  # fairness bound (steps)
+    c.max_experts = 0  # expert cap of expert/cache batching (0 = off; serve/batching.py)
     # simulation and output
     c.profiles = "a100,h200"
     c.scales = "served,llama2-7b"  # served: the model's own sizes; llama2-7b: the paper's scale

@@ -96,6 +96,7 @@ def bench_config(c) -> run.BenchConfig:
         prefill_chunk=c.prefill_chunk,
         max_batch_tokens=c.max_batch_tokens,
         max_wait=c.max_wait,
+        max_experts=c.max_experts or None,
     )
     if c.real_grid not in ("full", "cache"):
         raise cli.ConfigError(f"real_grid must be full or cache, got {c.real_grid!r}")
