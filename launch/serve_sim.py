@@ -10,7 +10,8 @@ experts the engine would see). Two traces: default (outputs lognormal median 10)
 decode-heavy (median 40, at most 80). For each:
   - hit ratios, C = 2..6: Belady (whole future), LRU, LFU, random, online Belady (what the
     engine knows: this step and the queued prompts), on the access sequence of the
-    decode-prioritized schedule (paper Table 4 setting);
+    decode-prioritized schedule (paper Table 4 setting), and on that of expert-aware batching
+    with the expert cap at C = E/2;
   - batching: expert-aware (Algorithm 1) / cache-aware / decode- / prefill-prioritized at
     C = E/2 (online Belady) and C = E, and at C = E/2 expert- and cache-aware with the expert
     cap max_experts = C (serve/batching.py), on the simulated A100 at Llama-2-7B scale
@@ -31,7 +32,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -94,6 +95,11 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
     hw = cm.a100_pcie4(mc.layers)
     ref = cs.simulate(reqs, cs.SimConfig("decode", "online_belady", E // 2, E), _clock(hw, mc))
     hits = cs.hit_ratios(ref["trace"], POLICIES, caps, E)
+    # the same replays on the accesses of expert-aware batching with the expert cap at C = E/2
+    capped = cs.simulate(
+        reqs, cs.SimConfig("expert", "online_belady", E // 2, E, max_experts=E // 2), _clock(hw, mc)
+    )
+    hits_capped = cs.hit_ratios(capped["trace"], POLICIES, caps, E)
     prompt = [np.asarray(r.prompt_experts) for r in reqs]
     whole = [np.asarray(r.prompt_experts + r.output_experts) for r in reqs]
     runs = []
@@ -119,6 +125,7 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
             "whole requests": rt.temporal_locality(whole).to_dict(),
         },
         "hit_ratio": hits,
+        "hit_ratio_expert_capped": hits_capped,
         "online_gap_points": {
             C: 100 * (hits["belady"][C] - hits["online_belady"][C]) for C in caps
         },
@@ -142,6 +149,12 @@ def markdown(res: dict) -> str:
     ]
     for p, row in res["hit_ratio"].items():
         lines.append(f"| {p} | " + " | ".join(f"{100 * row[c]:.1f}%" for c in caps) + " |")
+    if "hit_ratio_expert_capped" in res:
+        lines += ["", "Hit ratios on the accesses of expert-aware batching capped at C = E/2:", ""]
+        lines += ["| policy | " + " | ".join(f"C={c}" for c in caps) + " |"]
+        lines += ["|---" * (len(caps) + 1) + "|"]
+        for p, row in res["hit_ratio_expert_capped"].items():
+            lines.append(f"| {p} | " + " | ".join(f"{100 * row[c]:.1f}%" for c in caps) + " |")
     lines += [
         "",
         "| batching | expert cap | C | uniq. experts/batch | mean / p95 norm. latency (s/token) "
@@ -163,6 +176,7 @@ def markdown(res: dict) -> str:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax's restore messages
     if not _CKPT.value:
         raise app.UsageError("--checkpoint is required (a Read-ME model directory)")
     ckpt, out = Path(_CKPT.value), Path(_OUT.value)
