@@ -170,7 +170,12 @@ def markdown(res: dict) -> str:
             f"{r['throughput_tok_s']:.1f} | {hit:.1f}% |"
         )
     loc = res["locality"]["whole requests"]
-    lines += ["", f"Temporal locality of the routed requests: {loc}"]
+    lines += [
+        "",
+        f"Temporal locality of the routed requests: {100 * loc['keep_fraction']:.1f}% "
+        f"({loc['n_kept']:,}/{loc['n_pairs']:,} consecutive pairs keep their expert; mean run "
+        f"{loc['mean_run_length']:.1f} tokens)",
+    ]
     return "\n".join(lines) + "\n"
 
 
