@@ -83,6 +83,8 @@ def engine_config(c, sp) -> EngineConfig:
         raise ConfigError(f"batching must be one of {batching.POLICIES}, got {c.batching!r}")
     if c.cache_policy not in CACHE_POLICIES:
         raise ConfigError(f"cache_policy must be one of {sorted(CACHE_POLICIES)}")
+    if c.max_experts < 0:
+        raise ConfigError(f"max_experts must be >= 0 (0 = no expert cap), got {c.max_experts}")
     E, ctx = sp.num_experts, sp.rc.model.max_seq_len
     if c.max_len > ctx:
         raise ConfigError(f"max_len={c.max_len} exceeds the model context of {ctx} tokens")

@@ -90,6 +90,8 @@ def build_trace(c, sm):
 
 
 def bench_config(c) -> run.BenchConfig:
+    if c.max_experts < 0:
+        raise cli.ConfigError(f"max_experts must be >= 0 (0 = no expert cap), got {c.max_experts}")
     engine = EngineConfig(
         num_slots=c.num_slots,
         max_len=c.max_len,

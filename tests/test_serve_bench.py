@@ -146,3 +146,10 @@ def test_scaled_cost_keeps_the_expert_fractions():
     big = cm.scaled_cost(MC, "7b", **cm.LLAMA2_7B)
     assert big.expert_width / big.ffn == pytest.approx(MC.expert_width / MC.ffn, rel=0.01)
     assert big.bytes_per_expert == 32 * 3 * 4096 * big.expert_width * 2
+
+
+def test_a_negative_expert_cap_is_a_config_error(tmp_path):
+    from readme_jax.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_experts must be >= 0"):
+        _serve_bench().main(["--model=tiny", f"--out_dir={tmp_path}", "--max_experts=-1"])
