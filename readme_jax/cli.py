@@ -98,12 +98,34 @@ def config_argv(
     return out
 
 
+HELP_FLAGS = ("-h", "-help", "--help", "--helpshort", "--helpfull")
+
+
+def config_help(config_file: str | Path) -> str:
+    """`--help` of a config-driven script: the script's docstring, then its config file (every
+    setting with its default and comment)."""
+    main = sys.modules.get("__main__")
+    doc = ((main.__doc__ if main is not None else None) or "").strip()
+    return (
+        f"{doc}\n\nSettings: --config.KEY=VALUE overrides one (--config=FILE reads another "
+        f"file); defaults and their meaning, from {config_file}:\n\n"
+        f"{Path(config_file).read_text()}"
+    )
+
+
 def parse_config(
     config_file: str | Path, argv: Sequence[str], negated: Mapping[str, str] | None = None
 ) -> ConfigDict:
     """`--config=FILE --config.x=y ...` (default FILE `config_file`; old `--x=y` flags mapped
     by `config_argv`) parsed on a private flag registry, so a script's `main(argv)` can be
-    called more than once in a process. Raises ConfigError on an unknown flag or bad value."""
+    called more than once in a process. `--help` (any of HELP_FLAGS) prints `config_help` and
+    exits 0. Raises ConfigError on an unknown flag or bad value."""
+    if any(a in HELP_FLAGS for a in argv):
+        try:
+            print(config_help(config_file), flush=True)
+        except BrokenPipeError:  # `--help | head`
+            sys.stdout = None
+        raise SystemExit(0)
     fv = flags.FlagValues()
     args = ["launch", *config_argv(argv, _defaults(config_file), negated)]
     try:
