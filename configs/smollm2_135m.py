@@ -56,9 +56,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.refactor.num_clusters = 0  # 0 = as many as domains
     # refit each layer's down projection over the kept channels by ridge least squares on the
     # calibration tokens (refactor/reconstruct.py); the static baseline gets the same refit.
-    # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term. Off by default until it
-    # measured at the `compare` budget (docs/results.md 7c): Read-ME 45.39 -> 37.55 ppl, static
-    # pruning 44.53 -> 33.76 at equal tokens; "none" = channel selection only (the paper)
+    # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term. On by default: at the
+    # `compare` budget (docs/results.md 7c) Read-ME 45.39 -> 37.55 ppl, static pruning
+    # 44.53 -> 33.76 at equal tokens; "none" = channel selection only (the paper)
     c.refactor.reconstruct = "lstsq"
     c.refactor.ridge = 1e-2
     c.refactor.calib_sequences = 8  # calibration rows per domain for the refit; 0 = all

@@ -11,7 +11,7 @@ it.
   # SmolLM2 Read-ME (refactored on the fly unless a checkpoint): ~6-9 min on 2 busy CPU cores
   python launch/serve_bench.py --config.out_dir=runs/serve_bench
   # a trained checkpoint, a bigger bursty trace
-  python launch/serve_bench.py --config.checkpoint=runs/smollm2_135m/moe_init \
+  python launch/serve_bench.py --config.checkpoint=runs/smollm2_135m/moe_trained \
       --config.num_requests=32 --config.cv=3
   # your own trace (JSONL: id, arrival_s, prompt | prompt_tokens, max_new_tokens)
   python launch/serve_bench.py --config.trace=trace.jsonl
