@@ -159,6 +159,12 @@ def _expert_aware(
                 in_batch |= r.experts
 
 
+def check_max_experts(max_experts: int | None) -> None:
+    """The expert cap is None (off) or >= 1; raises ValueError otherwise."""
+    if max_experts is not None and max_experts < 1:
+        raise ValueError(f"max_experts must be >= 1 or None, got {max_experts}")
+
+
 def schedule(
     policy: str,
     ready: Sequence[Request],
@@ -182,8 +188,7 @@ def schedule(
         raise ValueError(f"unknown batching policy {policy!r}; choose one of {POLICIES}")
     if max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-    if max_experts is not None and max_experts < 1:
-        raise ValueError(f"max_experts must be >= 1 or None, got {max_experts}")
+    check_max_experts(max_experts)
     ready = [r for r in ready if r.state in (WAITING, DECODING)]
     decoding = sum(r.state == DECODING for r in ready)
     b = _Builder(max_batch_tokens, None if num_slots is None else num_slots - decoding)

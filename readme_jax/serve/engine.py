@@ -21,8 +21,7 @@ raises, fails with status "error"; the other requests are served on.
 
 Time: the engine clock advances by each step's duration; requests arrive when the clock passes
 their `arrival_s`; an idle engine jumps to the next arrival. The duration comes from a `clock`:
-measured wall time by default, or a cost model (the lab's `serve/bench/costmodel.py:CostClock`:
-simulated accelerator).
+measured wall time by default, or a cost model (a simulated accelerator: bench.costmodel.CostClock).
 
 The backend computes: `ModelBackend` runs the jitted steps of `decode.py` on an
 `OffloadedExpertStore`; `ReplayBackend` returns the tokens and experts of a recorded run, so a
@@ -83,8 +82,7 @@ class EngineConfig:
             raise ValueError(f"batching must be one of {batching.POLICIES}, got {self.batching!r}")
         if self.num_slots < 1 or self.prefill_chunk < 1 or self.max_len < 2:
             raise ValueError("num_slots, prefill_chunk must be >= 1 and max_len >= 2")
-        if self.max_experts is not None and self.max_experts < 1:
-            raise ValueError(f"max_experts must be >= 1 or None, got {self.max_experts}")
+        batching.check_max_experts(self.max_experts)
 
 
 @dataclasses.dataclass
