@@ -7,6 +7,7 @@ import pytest
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.refactor import experts, reconstruct
+from readme_jax.train import losses
 
 CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
 
@@ -87,6 +88,16 @@ def test_static_refit_with_every_channel_kept_is_the_dense_model():
     np.testing.assert_allclose(w, np.asarray(p["layers"]["w_down"]), rtol=1e-4, atol=1e-6)
 
 
+def _gram0(p, lp, batches, groups=None, g=None):
+    """First-layer Gram matrix of the tokens of `batches` (in group g of `groups`, if given)."""
+    G = 0
+    for i, b in enumerate(batches):
+        t, gid = reconstruct._grouped(b, np.zeros_like(b) if groups is None else groups[i])
+        act = reconstruct._layer_features(lp, p["embed"][t], CFG)[1]
+        G = G + np.asarray(reconstruct._masked_gram(act, gid == (0 if g is None else g)))
+    return G
+
+
 def test_readme_refit_lowers_the_layer_error_on_calibration_tokens():
     p = llama.init_params(CFG, jax.random.key(0))
     scores = np.random.default_rng(0).random((2, CFG.n_layers, CFG.ffn_dim))
@@ -95,12 +106,8 @@ def test_readme_refit_lowers_the_layer_error_on_calibration_tokens():
     batches = {"a": _batches(1, 4), "b": _batches(2, 4)}
     fit = reconstruct.reconstruct_readme(p, CFG, moe, spec, batches, 1e-3)
     # first layer: its inputs are the dense model's, so the errors compare directly
-    bs = [reconstruct._as_batches(batches[d]) for d in spec.domains]
     lp = llama.unstack_layers(p)["layers"][0]
-    grams = [
-        sum(np.asarray(reconstruct._layer_features(lp, p["embed"][t], m, CFG)[2]) for t, m in b)
-        for b in bs
-    ]
+    grams = [_gram0(p, lp, batches[d]) for d in spec.domains]
     parts, uses = reconstruct.readme_parts(spec)(0)
     w = np.asarray(lp["w_down"])
     new = [np.asarray(fit["layers"]["shared_down"][0, : len(parts[0])])] + [
@@ -133,3 +140,71 @@ def test_static_refit_is_applied_and_a_missing_one_is_refused_when_read_me_was_r
     np.testing.assert_array_equal(np.asarray(got["layers"]["w_down"]), rows)
     with pytest.raises(ValueError, match="static width"):
         reconstruct.apply_static_refit(tmp_path, {"layers": {"w_down": np.zeros((L, K + 1, D))}})
+
+
+def _spec_and_moe(p, names):
+    scores = np.random.default_rng(0).random((len(names), CFG.n_layers, CFG.ffn_dim))
+    spec = experts.build_expert_spec(scores, 0.5, names)
+    return spec, experts.build_moe_params(llama.stack_layers(p), spec)
+
+
+def test_per_token_groups_constant_per_batch_equal_the_domain_groups():
+    p = llama.init_params(CFG, jax.random.key(0))
+    spec, _ = _spec_and_moe(p, ["a", "b"])
+    a, b = _batches(1, 3), _batches(2, 3)
+    fn = reconstruct.readme_parts(spec)
+    want = reconstruct.sequential_refit(p, CFG, [a, b], fn, 1e-3)
+    groups = [np.zeros_like(a[0]), np.ones_like(b[0])]
+    got = reconstruct.sequential_refit(p, CFG, [a + b], fn, 1e-3, token_groups=groups)
+    for rw, rg in zip(want, got, strict=True):
+        for x, y in zip(rw, rg, strict=True):
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="token_groups"):
+        reconstruct.sequential_refit(p, CFG, [a + b], fn, 1e-3, token_groups=groups[:1])
+
+
+def _abs_act_aux(lp, x, layer):
+    gu = jax.numpy.einsum("bsd,dgf->bsgf", x, lp["w_gate_up"])
+    h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+    return h @ lp["w_down"], jax.numpy.abs(h)
+
+
+def test_target_expert_groups_are_the_argmax_of_the_eq4_target():
+    p = llama.init_params(CFG, jax.random.key(0))
+    spec, _ = _spec_and_moe(p, ["cluster0", "cluster1", "cluster2"])
+    (toks,) = _batches(3, 4)
+    (got,) = reconstruct.target_expert_groups(p, CFG, spec, [toks])
+    act = llama.forward(
+        llama.unstack_layers(p), np.maximum(toks, 0), CFG, ffn=_abs_act_aux, return_hidden=True
+    )[2]
+    shared, ex = experts.expert_channel_masks(spec, CFG.ffn_dim)
+    want = np.argmax(losses.routing_targets(act, losses.union_masks(shared, ex)), axis=-1)
+    np.testing.assert_array_equal(got, np.where(toks >= 0, want, -1))
+    assert set(np.unique(got[toks >= 0])) <= {0, 1, 2}
+
+
+def test_clustered_experts_refit_each_token_on_its_target_expert():
+    """Experts without domain labels: the first layer's rows solve the joint least squares over
+    per-token groups (each token's routing-target expert), and beat plain channel dropping."""
+    p = llama.init_params(CFG, jax.random.key(0))
+    spec, moe = _spec_and_moe(p, ["cluster0", "cluster1"])
+    batches = {"a": _batches(1, 4), "b": _batches(2, 4)}
+    fit = reconstruct.reconstruct_readme(p, CFG, moe, spec, batches, 1e-3)
+    pooled = batches["a"] + batches["b"]
+    groups = reconstruct.target_expert_groups(p, CFG, spec, pooled)
+    assert len(np.unique(np.concatenate([g.ravel() for g in groups]))) == 3  # -1, 0 and 1
+    lp = llama.unstack_layers(p)["layers"][0]
+    grams = [_gram0(p, lp, pooled, groups, g) for g in range(2)]
+    parts, uses = reconstruct.readme_parts(spec)(0)
+    w = np.asarray(lp["w_down"])
+    want = reconstruct.ridge_refit(grams, w, parts, uses, 1e-3)
+    got = [np.asarray(fit["layers"]["shared_down"][0, : len(parts[0])])] + [
+        np.asarray(fit["layers"]["expert_down"][0, e, : len(parts[1 + e])]) for e in range(2)
+    ]
+    for x, y in zip(want, got, strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+    drop = reconstruct.layer_output_error(grams, w, parts, uses, [w[q] for q in parts])
+    assert reconstruct.layer_output_error(grams, w, parts, uses, got) < drop
+    with pytest.raises(ValueError, match="calibration domains"):
+        spec_x, moe_x = _spec_and_moe(p, ["x", "y"])
+        reconstruct.reconstruct_readme(p, CFG, moe_x, spec_x, batches, 1e-3)

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
@@ -41,3 +42,9 @@ def test_pruned_experts_start_above_zero_and_training_lowers_it():
     # zero padding stays zero (no gradient reaches a padded channel)
     pad = np.asarray(moe["layers"]["expert_down"]) == 0
     assert np.all(np.asarray(new["layers"]["expert_down"])[pad.all(-1)] == 0)
+
+
+def test_clustered_experts_are_refused_with_a_clear_error():
+    lc = ld.LocalDistillConfig(steps=1)
+    with pytest.raises(ValueError, match="local_steps=0"):
+        ld.at_refactor(lc, {}, None, {}, ["cluster0", "cluster1"], {"fiction": [], "drama": []})

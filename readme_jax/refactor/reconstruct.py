@@ -42,7 +42,12 @@ from tqdm.auto import tqdm
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.spec import ExpertSpec
-from readme_jax.refactor.experts import active_ffn_fraction, top_channel_masks
+from readme_jax.refactor.experts import (
+    active_ffn_fraction,
+    expert_channel_masks,
+    top_channel_masks,
+)
+from readme_jax.refactor.targets import coverage_ffn, union_masks
 
 Params = dict[str, Any]
 MODES = ("lstsq", "none")
@@ -114,8 +119,8 @@ def ridge_refit(
 
 # ---------------------------------------------------------------- one layer on cached inputs
 @partial(jax.jit, static_argnames=("cfg",))
-def _layer_features(lp: Params, x_BxSxD, mask_BxS, cfg: LlamaConfig):
-    """(x after attention [B, S, D], FFN activations h [B, S, F], masked h^T h [F, F])."""
+def _layer_features(lp: Params, x_BxSxD, cfg: LlamaConfig):
+    """(x after attention [B, S, D], FFN activations h [B, S, F]) of one layer."""
     B, S, _ = x_BxSxD.shape
     H, K = cfg.n_heads, cfg.n_kv_heads
     pos = jnp.broadcast_to(jnp.arange(S), (B, S))
@@ -129,17 +134,21 @@ def _layer_features(lp: Params, x_BxSxD, mask_BxS, cfg: LlamaConfig):
     x1 = x_BxSxD + llama.out_proj(o, lp["wo"]).astype(x_BxSxD.dtype)
     u = llama.rms_norm(x1, lp["mlp_norm"], cfg.norm_eps)
     gu = jnp.einsum("bsd,dgf->bsgf", u, lp["w_gate_up"])
-    act = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
-    hm = act * mask_BxS[..., None].astype(act.dtype)
-    return x1, act, jnp.einsum("bsf,bsg->fg", hm, hm)
+    return x1, jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
 
 
-def _as_batches(tokens: Sequence[np.ndarray]):
-    out = []
-    for t in tokens:
-        t = np.asarray(t)
-        out.append((jnp.asarray(np.where(t >= 0, t, 0), jnp.int32), jnp.asarray(t >= 0)))
-    return out
+@jax.jit
+def _masked_gram(act_BxSxF, mask_BxS):
+    """h^T h [F, F] over the positions where mask_BxS is true."""
+    hm = act_BxSxF * mask_BxS[..., None].astype(act_BxSxF.dtype)
+    return jnp.einsum("bsf,bsg->fg", hm, hm)
+
+
+def _grouped(tokens: np.ndarray, groups: np.ndarray):
+    """(tokens [b, S] int32, groups [b, S] int (-1 = no group: padding or unassigned))."""
+    t = np.asarray(tokens)
+    g = np.where(t >= 0, np.asarray(groups), -1)
+    return jnp.asarray(np.where(t >= 0, t, 0), jnp.int32), g
 
 
 PartsFn = Callable[[int], tuple[list[np.ndarray], list[list[int]]]]
@@ -152,36 +161,55 @@ def sequential_refit(
     parts_fn: PartsFn,
     ridge: float,
     desc: str = "reconstruct",
+    token_groups: Sequence[np.ndarray] | None = None,
 ) -> list[list[np.ndarray]]:
     """Refit every layer in order, each on the inputs the refit earlier layers produce.
 
-    group_batches[g]: token batches [b, S] of group g (-1 = masked position). parts_fn(l) ->
-    (parts, uses) of layer l (see `ridge_refit`); a group's propagated FFN output is the sum of
-    its parts. Returns, per layer, the refit rows of each part. Cost: one forward of every
-    calibration token through the model plus one [F, F] Gram matrix per group and layer."""
+    group_batches[g]: token batches [b, S] of group g (-1 = masked position): every token of a
+    batch in group g (a domain). With `token_groups`, groups are per token instead (clustered
+    experts): group_batches = [batches] (one list) and token_groups[i] [b, S] is the group of
+    each token of batch i (-1 = in no group). parts_fn(l) -> (parts, uses) of layer l (see
+    `ridge_refit`; its uses set the number of groups G); a token's propagated FFN output is the
+    sum of its group's parts. Returns, per layer, the refit rows of each part. Cost: one forward
+    of every calibration token through the model plus one [F, F] Gram matrix per group present
+    in a batch and layer. Raises ValueError if token_groups does not match the batches."""
+    if token_groups is None:
+        items = [
+            _grouped(t, np.full(np.shape(t), g)) for g, bs in enumerate(group_batches) for t in bs
+        ]
+    else:
+        (batches,) = group_batches
+        if len(token_groups) != len(batches) or any(
+            np.shape(g) != np.shape(t) for g, t in zip(token_groups, batches, strict=False)
+        ):
+            raise ValueError("token_groups must give one [b, S] group array per calibration batch")
+        items = [_grouped(t, g) for t, g in zip(batches, token_groups, strict=True)]
     p = llama.unstack_layers(dense)
-    batches = [_as_batches(bs) for bs in group_batches]
-    xs = [[p["embed"][t] for t, _ in bs] for bs in batches]
+    xs = [p["embed"][t] for t, _ in items]
     out = []
     for l in tqdm(range(cfg.n_layers), desc=desc, leave=False):
         lp = p["layers"][l]
         parts, uses = parts_fn(l)
-        grams, cache = [], []
-        for g, bs in enumerate(batches):
-            G = np.zeros((cfg.ffn_dim, cfg.ffn_dim))
-            cg = []
-            for i, (_, m) in enumerate(bs):
-                x1, act, gram = _layer_features(lp, xs[g][i], m, cfg)
-                G += np.asarray(gram, np.float64)
-                cg.append((x1, act))
-            grams.append(G)
-            cache.append(cg)
-        rows = ridge_refit(grams, np.asarray(lp["w_down"]), parts, uses, ridge)
+        grams = np.zeros((len(uses), cfg.ffn_dim, cfg.ffn_dim))
+        cache = []
+        for i, (_, g_BxS) in enumerate(items):
+            x1, act = _layer_features(lp, xs[i], cfg)
+            present = [int(g) for g in np.unique(g_BxS[g_BxS >= 0])]
+            for g in present:
+                grams[g] += np.asarray(_masked_gram(act, jnp.asarray(g_BxS == g)), np.float64)
+            cache.append((x1, act, present))
+        rows = ridge_refit(list(grams), np.asarray(lp["w_down"]), parts, uses, ridge)
         out.append(rows)
-        for g in range(len(batches)):
-            cols = np.concatenate([parts[i] for i in uses[g]])
-            w = jnp.asarray(np.concatenate([rows[i] for i in uses[g]]))
-            xs[g] = [x1 + act[..., cols] @ w for x1, act in cache[g]]
+        for i, (x1, act, present) in enumerate(cache):
+            y = x1
+            for g in present:
+                cols = np.concatenate([parts[j] for j in uses[g]])
+                w = jnp.asarray(np.concatenate([rows[j] for j in uses[g]]))
+                yg = act[..., cols] @ w
+                if len(present) > 1:  # several groups in the batch: each token takes its own
+                    yg = jnp.where(jnp.asarray(items[i][1] == g)[..., None], yg, 0)
+                y = y + yg
+            xs[i] = y
     return out
 
 
@@ -202,6 +230,38 @@ def readme_parts(spec: ExpertSpec) -> PartsFn:
     return fn
 
 
+@partial(jax.jit, static_argnames=("cfg", "top_frac"))
+def _target_experts(dense: Params, tokens_BxS, union_LxFxE, cfg: LlamaConfig, top_frac: float):
+    """argmax over experts of the dense Eq. 4 coverage counts, summed over layers: [B, S]."""
+    cov_LxBxSxE = llama.forward(
+        dense, tokens_BxS, cfg, ffn=coverage_ffn(union_LxFxE, top_frac), return_hidden=True
+    )[2]
+    return jnp.argmax(jnp.sum(cov_LxBxSxE, axis=0), axis=-1)
+
+
+def target_expert_groups(
+    dense: Params,
+    cfg: LlamaConfig,
+    spec: ExpertSpec,
+    batches: Sequence[np.ndarray],
+    top_frac: float = 0.5,
+) -> list[np.ndarray]:
+    """Each calibration token's expert under the paper's routing target (Eq. 4: the expert whose
+    shared + private channels cover most of the token's top-`top_frac` dense channels, summed
+    over layers), [b, S] per batch (-1 at padding). The token groups of the refit for experts
+    without domain labels (k-means clusters), where no label says which expert a token uses;
+    the router is trained towards the same target."""
+    shared, experts = expert_channel_masks(spec, cfg.ffn_dim)
+    union = union_masks(shared, experts)
+    dense = llama.unstack_layers(dense)
+    out = []
+    for t in batches:
+        t = np.asarray(t)
+        e = _target_experts(dense, jnp.asarray(np.maximum(t, 0), jnp.int32), union, cfg, top_frac)
+        out.append(np.where(t >= 0, np.asarray(e), -1))
+    return out
+
+
 def reconstruct_readme(
     dense: Params,
     cfg: LlamaConfig,
@@ -210,12 +270,22 @@ def reconstruct_readme(
     domain_batches: dict[str, Sequence[np.ndarray]],
     ridge: float,
 ) -> Params:
-    """The Read-ME backbone with shared_down / expert_down refit (domain e's calibration tokens
-    on expert e). `backbone` has stacked layers (build_moe_params); padded rows stay zero."""
-    if list(domain_batches) != list(spec.domains):
+    """The Read-ME backbone with shared_down / expert_down refit. Domain experts: domain e's
+    calibration tokens on expert e. Clustered experts (`spec.domains` not the batches' domains,
+    recipe with refactor.clustering): every token on the expert of its routing target
+    (`target_expert_groups`). `backbone` has stacked layers (build_moe_params); padded rows stay
+    zero. Raises ValueError when domain experts do not match the calibration domains."""
+    if list(domain_batches) == list(spec.domains):
+        groups, token_groups = [domain_batches[d] for d in spec.domains], None
+    elif all(d.startswith("cluster") for d in spec.domains):
+        pooled = [b for bs in domain_batches.values() for b in bs]
+        groups = [pooled]
+        token_groups = target_expert_groups(dense, cfg, spec, pooled)
+    else:
         raise ValueError(f"calibration domains {list(domain_batches)} != experts {spec.domains}")
-    groups = [domain_batches[d] for d in spec.domains]
-    rows = sequential_refit(dense, cfg, groups, readme_parts(spec), ridge, "reconstruct Read-ME")
+    rows = sequential_refit(
+        dense, cfg, groups, readme_parts(spec), ridge, "reconstruct Read-ME", token_groups
+    )
     layers = backbone["layers"]
     sd = np.array(layers["shared_down"])
     ed = np.array(layers["expert_down"])

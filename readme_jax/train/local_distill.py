@@ -145,9 +145,16 @@ def at_refactor(
     domain_batches: dict[str, Sequence[np.ndarray]],
 ) -> Params:
     """The refactor step's hook: Read-ME params after lc.steps of layer-local distillation on
-    the calibration rows (unchanged when lc.steps == 0). Prints one line of losses and time."""
+    the calibration rows (unchanged when lc.steps == 0). Prints one line of losses and time.
+    Raises ValueError for experts without a domain of their own (refactor.clustering): the
+    teacher targets are cached per domain, expert e learning from domain e's rows."""
     if lc.steps <= 0:
         return params
+    if missing := [d for d in domains if d not in domain_batches]:
+        raise ValueError(
+            f"layer-local distillation needs one expert per calibration domain, but experts "
+            f"{missing} have none (clustered experts?); set refactor.local_steps=0"
+        )
     t0 = time.time()
     u, y = cache_teacher_io(dense, cfg, [domain_batches[d] for d in domains], lc.tokens)
     t1 = time.time()
