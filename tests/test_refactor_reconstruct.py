@@ -148,19 +148,21 @@ def _spec_and_moe(p, names):
     return spec, experts.build_moe_params(llama.stack_layers(p), spec)
 
 
-def test_per_token_groups_constant_per_batch_equal_the_domain_groups():
+def test_per_token_groups_in_one_batch_equal_one_batch_per_group():
     p = llama.init_params(CFG, jax.random.key(0))
     spec, _ = _spec_and_moe(p, ["a", "b"])
     a, b = _batches(1, 3), _batches(2, 3)
     fn = reconstruct.readme_parts(spec)
-    want = reconstruct.sequential_refit(p, CFG, [a, b], fn, 1e-3)
-    groups = [np.zeros_like(a[0]), np.ones_like(b[0])]
-    got = reconstruct.sequential_refit(p, CFG, [a + b], fn, 1e-3, token_groups=groups)
+    batches, groups = reconstruct.domain_groups([a, b])
+    want = reconstruct.sequential_refit(p, CFG, batches, groups, fn, 1e-3)
+    # one batch holding both groups' rows: each token on its own group's parts
+    mixed = [np.concatenate([a[0], b[0]])]
+    got = reconstruct.sequential_refit(p, CFG, mixed, [np.concatenate(groups)], fn, 1e-3)
     for rw, rg in zip(want, got, strict=True):
         for x, y in zip(rw, rg, strict=True):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="token_groups"):
-        reconstruct.sequential_refit(p, CFG, [a + b], fn, 1e-3, token_groups=groups[:1])
+        reconstruct.sequential_refit(p, CFG, batches, groups[:1], fn, 1e-3)
 
 
 def _abs_act_aux(lp, x, layer):

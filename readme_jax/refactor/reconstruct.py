@@ -154,36 +154,38 @@ def _grouped(tokens: np.ndarray, groups: np.ndarray):
 PartsFn = Callable[[int], tuple[list[np.ndarray], list[list[int]]]]
 
 
+def domain_groups(
+    group_batches: Sequence[Sequence[np.ndarray]],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(batches, token groups) where every token of group_batches[g]'s batches is in group g."""
+    batches = [b for bs in group_batches for b in bs]
+    groups = [np.full(np.shape(b), g) for g, bs in enumerate(group_batches) for b in bs]
+    return batches, groups
+
+
 def sequential_refit(
     dense: Params,
     cfg: LlamaConfig,
-    group_batches: Sequence[Sequence[np.ndarray]],
+    batches: Sequence[np.ndarray],
+    token_groups: Sequence[np.ndarray],
     parts_fn: PartsFn,
     ridge: float,
     desc: str = "reconstruct",
-    token_groups: Sequence[np.ndarray] | None = None,
 ) -> list[list[np.ndarray]]:
     """Refit every layer in order, each on the inputs the refit earlier layers produce.
 
-    group_batches[g]: token batches [b, S] of group g (-1 = masked position): every token of a
-    batch in group g (a domain). With `token_groups`, groups are per token instead (clustered
-    experts): group_batches = [batches] (one list) and token_groups[i] [b, S] is the group of
-    each token of batch i (-1 = in no group). parts_fn(l) -> (parts, uses) of layer l (see
+    batches[i]: calibration tokens [b, S] (-1 = masked position); token_groups[i] [b, S]: the
+    group of each token (-1 = in no group): a domain for domain experts (`domain_groups`), the
+    routing-target expert for clustered ones. parts_fn(l) -> (parts, uses) of layer l (see
     `ridge_refit`; its uses set the number of groups G); a token's propagated FFN output is the
     sum of its group's parts. Returns, per layer, the refit rows of each part. Cost: one forward
     of every calibration token through the model plus one [F, F] Gram matrix per group present
     in a batch and layer. Raises ValueError if token_groups does not match the batches."""
-    if token_groups is None:
-        items = [
-            _grouped(t, np.full(np.shape(t), g)) for g, bs in enumerate(group_batches) for t in bs
-        ]
-    else:
-        (batches,) = group_batches
-        if len(token_groups) != len(batches) or any(
-            np.shape(g) != np.shape(t) for g, t in zip(token_groups, batches, strict=False)
-        ):
-            raise ValueError("token_groups must give one [b, S] group array per calibration batch")
-        items = [_grouped(t, g) for t, g in zip(batches, token_groups, strict=True)]
+    if len(token_groups) != len(batches) or any(
+        np.shape(g) != np.shape(t) for g, t in zip(token_groups, batches, strict=False)
+    ):
+        raise ValueError("token_groups must give one [b, S] group array per calibration batch")
+    items = [_grouped(t, g) for t, g in zip(batches, token_groups, strict=True)]
     p = llama.unstack_layers(dense)
     xs = [p["embed"][t] for t, _ in items]
     out = []
@@ -276,15 +278,14 @@ def reconstruct_readme(
     (`target_expert_groups`). `backbone` has stacked layers (build_moe_params); padded rows stay
     zero. Raises ValueError when domain experts do not match the calibration domains."""
     if list(domain_batches) == list(spec.domains):
-        groups, token_groups = [domain_batches[d] for d in spec.domains], None
+        batches, groups = domain_groups([domain_batches[d] for d in spec.domains])
     elif all(d.startswith("cluster") for d in spec.domains):
-        pooled = [b for bs in domain_batches.values() for b in bs]
-        groups = [pooled]
-        token_groups = target_expert_groups(dense, cfg, spec, pooled)
+        batches = [b for bs in domain_batches.values() for b in bs]
+        groups = target_expert_groups(dense, cfg, spec, batches)
     else:
         raise ValueError(f"calibration domains {list(domain_batches)} != experts {spec.domains}")
     rows = sequential_refit(
-        dense, cfg, groups, readme_parts(spec), ridge, "reconstruct Read-ME", token_groups
+        dense, cfg, batches, groups, readme_parts(spec), ridge, "reconstruct Read-ME"
     )
     layers = backbone["layers"]
     sd = np.array(layers["shared_down"])
@@ -312,10 +313,10 @@ def reconstruct_static(
     ridge: float,
 ) -> np.ndarray:
     """Refit down rows [L, k, D] of the static baseline (all domains' tokens, one part)."""
-    groups = list(domain_batches.values())
-    uses = [[0] for _ in groups]
+    batches = [b for bs in domain_batches.values() for b in bs]
+    groups = [np.zeros(np.shape(b), int) for b in batches]
     rows = sequential_refit(
-        dense, cfg, groups, lambda l: ([kept_LxK[l]], uses), ridge, "reconstruct static"
+        dense, cfg, batches, groups, lambda l: ([kept_LxK[l]], [[0]]), ridge, "reconstruct static"
     )
     return np.stack([r[0] for r in rows])
 
