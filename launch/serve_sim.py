@@ -11,10 +11,10 @@ decode-heavy (median 40, at most 80). For each:
   - hit ratios, C = 2..6: Belady (whole future), LRU, LFU, random, online Belady (what the
     engine knows: this step and the queued prompts), on the access sequence of the
     decode-prioritized schedule (paper Table 4 setting), and on that of expert-aware batching
-    with the expert cap at C = E/2;
+    with the (first) expert cap;
   - batching: expert-aware (Algorithm 1) / cache-aware / decode- / prefill-prioritized at
-    C = E/2 (online Belady) and C = E, and at C = E/2 expert- and cache-aware with the expert
-    cap max_experts = C (serve/batching.py), on the simulated A100 at Llama-2-7B scale
+    C = E/2 (online Belady) and C = E, and at C = E/2 expert- and cache-aware with each expert
+    cap of --expert_caps (max_experts, serve/batching.py; default C), on the simulated A100 at Llama-2-7B scale
     (serve/bench/costmodel.py), on-demand loads; unique experts per batch, mean/p95
     normalized latency, throughput.
 Writes OUT/<trace>.json, OUT/<trace>.md and the cache decision logs OUT/logs/*.jsonl (the
@@ -54,6 +54,9 @@ _PROMPT = flags.DEFINE_list("prompt_len", ["32", "128"], "Prompt tokens, uniform
 _SEED = flags.DEFINE_integer("seed", 0, "Trace seed.")
 _CACHE = flags.DEFINE_string("cache", None, "Data cache (default $READEME_CACHE).")
 _CAPS = flags.DEFINE_list("capacities", ["2", "3", "4", "5", "6"], "Cache slots for hit ratios.")
+_XCAPS = flags.DEFINE_list(
+    "expert_caps", [], "Expert caps (max_experts) of expert/cache batching at C = E/2 (default: C)."
+)
 POLICIES = ("belady", "lru", "lfu", "random", "online_belady")
 
 
@@ -96,9 +99,10 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
     prompt = [np.asarray(r.prompt_experts) for r in reqs]
     whole = [np.asarray(r.prompt_experts + r.output_experts) for r in reqs]
     runs, traces = [], {}
+    xcaps = [int(x) for x in _XCAPS.value] or [E // 2]
     for C in (E // 2, E):
-        # the expert cap (serve.batching) at C: a batch fits the cache in one wave
-        capped = [("expert", C), ("cache", C)] if C < E else []
+        # the expert cap (serve.batching), by default C: a batch fits the cache in one wave
+        capped = [(b, x) for x in xcaps for b in ("expert", "cache")] if C < E else []
         for b, cap in [(b, None) for b in ("expert", "cache", "decode", "prefill")] + capped:
             cfg = cs.SimConfig(b, "online_belady" if C < E else "lru", C, E, max_experts=cap)
             res = cs.simulate(reqs, cfg, _clock(hw, mc))
@@ -110,9 +114,9 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
                 | {k: v for k, v in res.items() if k not in ("trace", "cache_log")}
             )
     # cache policies replayed on the accesses of decode-prioritized batching at C = E/2 (paper
-    # Table 4 setting) and of expert-aware batching capped there
+    # Table 4 setting) and of expert-aware batching capped there (the first cap)
     hits = cs.hit_ratios(traces[f"{kind}-decode-C{E // 2}"], POLICIES, caps, E)
-    hits_capped = cs.hit_ratios(traces[f"{kind}-expert-C{E // 2}-cap{E // 2}"], POLICIES, caps, E)
+    hits_capped = cs.hit_ratios(traces[f"{kind}-expert-C{E // 2}-cap{xcaps[0]}"], POLICIES, caps, E)
     return {
         "trace": kind,
         "requests": len(reqs),
@@ -124,6 +128,7 @@ def run_trace(kind, reqs, E, mc, out: Path) -> dict:
         },
         "hit_ratio": hits,
         "hit_ratio_expert_capped": hits_capped,
+        "expert_cap_of_capped_hits": xcaps[0],
         "online_gap_points": {
             C: 100 * (hits["belady"][C] - hits["online_belady"][C]) for C in caps
         },
@@ -148,7 +153,11 @@ def markdown(res: dict) -> str:
     for p, row in res["hit_ratio"].items():
         lines.append(f"| {p} | " + " | ".join(f"{100 * row[c]:.1f}%" for c in caps) + " |")
     if "hit_ratio_expert_capped" in res:
-        lines += ["", "Hit ratios on the accesses of expert-aware batching capped at C = E/2:", ""]
+        lines += [
+            "",
+            "Hit ratios on the accesses of expert-aware batching with the expert cap:",
+            "",
+        ]
         lines += ["| policy | " + " | ".join(f"C={c}" for c in caps) + " |"]
         lines += ["|---" * (len(caps) + 1) + "|"]
         for p, row in res["hit_ratio_expert_capped"].items():
