@@ -256,6 +256,28 @@ def test_eval_logits_fn_equals_ragged_readme_forward():
     np.testing.assert_allclose(readme_logits_fn(rc)(params, toks), want, atol=1e-5)
 
 
+def test_routing_analysis_names_the_experts_and_counts_usage_by_domain():
+    """Expert labels come from the caller (cluster0.. for clustered experts), usage rows from
+    the evaluated domains; every routed token is counted once."""
+    from readme_jax.eval.pipeline import routing_analysis
+    from readme_jax.model.config import ReadMEConfig, RouterConfig
+    from readme_jax.model.router import init_router
+
+    dense, _, mp = _setup()
+    rc = ReadMEConfig(CFG, moe.MoEConfig(E), RouterConfig(dim=16, n_heads=2, ffn_dim=32))
+    router = init_router(rc.router, CFG, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
+    params = {"backbone": mp, "router": router}
+    streams = {
+        d: (np.asarray(jax.random.randint(jax.random.key(i), (40,), 0, CFG.vocab_size)), None)
+        for i, d in enumerate(["fiction", "drama"])
+    }
+    names = [f"cluster{e}" for e in range(E)]
+    out = routing_analysis(rc, params, streams, names, window=16)
+    assert out["experts"] == names
+    assert out["usage"]["domains"] == ["fiction", "drama"]
+    assert np.asarray(out["usage"]["counts"]).sum() == 2 * 32  # two windows of 16 per domain
+
+
 def test_forward_last_position_logits_equal_full_logits_there():
     """llama.forward(..., last_B=) (the prefill path): per row, the full logits at that row's
     position, for the dense decoder and for the Read-ME decode step."""

@@ -33,6 +33,7 @@ from readme_jax.eval.report import headline_table, write_report
 from readme_jax.model import llama, moe
 from readme_jax.model.config import LlamaConfig, ReadMEConfig
 from readme_jax.model.readme import readme_forward, route
+from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor.pipeline import parse_domains
 
 NICE = {
@@ -86,8 +87,10 @@ def _active_params(kind: str, cfg, meta: dict, params) -> tuple[int, int]:
     return total + router, a["active"] + r_active
 
 
-def routing_analysis(rc: ReadMEConfig, params, streams: dict[str, tuple], domains, window: int):
-    """Expert usage by domain and temporal locality of the pre-gating router."""
+def routing_analysis(rc: ReadMEConfig, params, streams: dict[str, tuple], experts, window: int):
+    """Expert usage by domain (the streams' keys) and temporal locality of the pre-gating
+    router; `experts` names the experts (the domains for domain experts, cluster0.. for
+    clustered ones)."""
     route_fn = jax.jit(lambda p, t: route(p, t, rc)[1][0][..., 0])
     ids = {}
     for d, (toks, _) in streams.items():
@@ -98,7 +101,7 @@ def routing_analysis(rc: ReadMEConfig, params, streams: dict[str, tuple], domain
     usage = rt.expert_usage({d: v.ravel() for d, v in ids.items()}, E)
     loc = rt.temporal_locality([row for v in ids.values() for row in v])
     return {
-        "experts": list(domains),
+        "experts": list(experts),
         "usage": usage.to_dict(),
         "locality": {"Read-ME": loc.to_dict()},
     }
@@ -189,7 +192,7 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     if do_mmlu:
         row["mmlu"] = _mmlu(teacher[0], teacher[1], tok, cfg, c)
     results["models"]["dense teacher"] = row
-    for name, fn, p, kind, mc, params, meta in loaded:
+    for path, (name, fn, p, kind, mc, params, meta) in zip(paths, loaded, strict=True):
         row = rows[name]
         row["kind"] = kind
         row["total_params"], row["active_params"] = _active_params(kind, mc, meta, params)
@@ -197,7 +200,9 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
             row["mmlu"] = _mmlu(fn, p, tok, cfg, c)
         results["models"][name] = row
         if kind == "readme_moe" and not mc.moe.layerwise:
-            results["routing"] = routing_analysis(mc, params, streams, domains, c.eval.seq_len)
+            spec = Path(path) / "experts"
+            experts = ExpertSpec.load(spec).domains if spec.exists() else domains
+            results["routing"] = routing_analysis(mc, params, streams, experts, c.eval.seq_len)
         elif kind == "readme_moe":
             red = layerwise_analysis(mc, params, streams, c.eval.seq_len)
             results.setdefault("routing", {})["layerwise"] = red
