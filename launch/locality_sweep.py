@@ -116,14 +116,18 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in rows[0] if k.startswith(("temporal", "belady", "unique"))]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+    targets = sorted({r["domain_target"] for r in rows})
     for ax, k in zip(axes, keys, strict=True):
-        ax.plot([r[k] for r in rows], [r["perplexity"] for r in rows], "o-")
-        for r in rows:
-            label = f"w={r['weight']}" + (f", d={r['domain_target']}" if r["domain_target"] else "")
-            ax.annotate(label, (r[k], r["perplexity"]), fontsize=8)
+        for dt in targets:  # one line per router target, points in order of the weight
+            rs = sorted((r for r in rows if r["domain_target"] == dt), key=lambda r: r["weight"])
+            label = "Eq. 4 target" if not dt else f"label target {dt:g}"
+            ax.plot([r[k] for r in rs], [r["perplexity"] for r in rs], "o-", label=label)
+            for r in rs:
+                ax.annotate(f"w={r['weight']:g}", (r[k], r["perplexity"]), fontsize=8)
         ax.set_xlabel(k.replace("_", " "))
         ax.set_ylabel("held-out perplexity")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
