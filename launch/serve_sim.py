@@ -14,8 +14,8 @@ decode-heavy (median 40, at most 80). For each:
     with the (first) expert cap;
   - batching: expert-aware (Algorithm 1) / cache-aware / decode- / prefill-prioritized at
     C = E/2 (online Belady) and C = E, and at C = E/2 expert- and cache-aware with each expert
-    cap of --expert_caps (max_experts, serve/batching.py; default C), on the simulated A100 at Llama-2-7B scale
-    (serve/bench/costmodel.py), on-demand loads; unique experts per batch, mean/p95
+    cap of --expert_caps (max_experts, serve/batching.py; default C), on the simulated A100 at
+    Llama-2-7B scale (serve/bench/costmodel.py), on-demand loads; unique experts per batch, mean/p95
     normalized latency, throughput.
 Writes OUT/<trace>.json, OUT/<trace>.md and the cache decision logs OUT/logs/*.jsonl (the
 replayable format of serve/bench/replay.py).
@@ -155,7 +155,8 @@ def markdown(res: dict) -> str:
     if "hit_ratio_expert_capped" in res:
         lines += [
             "",
-            "Hit ratios on the accesses of expert-aware batching with the expert cap:",
+            "Hit ratios on the accesses of expert-aware batching with expert cap "
+            f"{res.get('expert_cap_of_capped_hits', '')}:",
             "",
         ]
         lines += ["| policy | " + " | ".join(f"C={c}" for c in caps) + " |"]
@@ -198,6 +199,9 @@ def main(argv):
         return 2
     rc, params = ReadMEConfig.from_dict(meta["config"]), store.load_params(ckpt)
     tok, E = load_tokenizer(), rc.moe.num_experts
+    bad = [x for x in _XCAPS.value if not (x.isdigit() and 1 <= int(x) < E)]
+    if bad:
+        raise app.UsageError(f"--expert_caps must be integers in [1, {E - 1}] ({E} experts): {bad}")
     streams = {
         d: (
             pipeline.load_tokens(d, "validation", tok, _CACHE.value),
