@@ -1,9 +1,10 @@
 """HTTP server (loopback only): the official openai client gets completions and streams; greedy
 outputs over HTTP equal offline generation under several batching and cache policies with
-requests in flight at once; bad input gets its status code while the server keeps serving; a
-full queue gets 429 + a Retry-After that grows with the queue; a client disconnect frees its
-slot; an engine fault fails one request alone; SIGTERM drains within its bound; the lookahead
-counters reach /metrics (and a backend without them does not break it).
+requests in flight at once; bad input gets its status code while the server keeps serving; an
+unimplemented request field gets a 400 naming it; a full queue gets 429 + a Retry-After that
+grows with the queue; a client disconnect frees its slot; an engine fault fails one request
+alone; SIGTERM drains within its bound; the lookahead counters reach /metrics (and a backend
+without them does not break it).
 
 One tiny random Read-ME model (2 layers, width 32) with the bundled SmolLM2 tokenizer; every
 server has the same N, context and C, so the compiled steps are shared."""
@@ -213,6 +214,41 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server):
         assert needle in err["message"] and err["type"] == "invalid_request_error", err
         ok = complete(server, prompt=PROMPTS[3], max_tokens=3, temperature=0)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+UNSUPPORTED = [  # (endpoint, extra body, the fields the 400 names)
+    ("completions", {"logprobs": 1}, ["logprobs"]),
+    ("completions", {"echo": True}, ["echo"]),
+    ("completions", {"logit_bias": {"5": 10}}, ["logit_bias"]),
+    ("completions", {"presence_penalty": 0.5}, ["presence_penalty"]),
+    ("completions", {"max_token": 4}, ["max_token"]),  # a typo is not silently the default
+    ("completions", {"stream": True, "stream_options": {"x": True}}, ["stream_options.x"]),
+    ("chat/completions", {"top_logprobs": 2, "logprobs": True}, ["top_logprobs", "logprobs"]),
+    ("chat/completions", {"response_format": {"type": "json_object"}}, ["response_format"]),
+    ("chat/completions", {"tools": []}, ["tools"]),
+    (
+        "chat/completions",
+        {"messages": [{"role": "user", "content": "x", "name": "a"}]},
+        ["messages.0.name"],
+    ),
+]
+
+
+def test_unsupported_request_fields_get_a_400_naming_the_field(server):
+    for path, extra, fields in UNSUPPORTED:
+        msgs = [{"role": "user", "content": "x"}]
+        base = {"prompt": "x"} if path == "completions" else {"messages": msgs}
+        r = httpx.post(
+            f"{server}/v1/{path}", json={"model": NAME, "max_tokens": 2, **base, **extra}
+        )
+        assert r.status_code == 400, (extra, r.text)
+        err = r.json()["error"]
+        assert err["param"] in fields and all(repr(f) in err["message"] for f in fields), err
+        assert "not supported" in err["message"] and err["type"] == "invalid_request_error"
+        if "." not in fields[0]:  # a top-level field: the message lists what is supported
+            assert "max_tokens" in err["message"] and "temperature" in err["message"]
+    ok = complete(server, prompt="x", max_tokens=2, user="u-1", stream_options=None)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
 def test_stop_strings_cut_the_text(server):

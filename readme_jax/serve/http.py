@@ -8,8 +8,11 @@ GET /v1/models, GET /health, GET /metrics (Prometheus text, see `metrics.py`).
 Request fields: model, prompt (a string or a list of token ids) | messages, max_tokens
 (chat: also max_completion_tokens), temperature (default 1, as OpenAI), top_p, top_k
 (extension; 0 = off), seed, stop (a string or up to 4), n (1 only), stream, stream_options
-{include_usage}; other fields are ignored. Responses carry `usage` (prompt, completion and total
-tokens). Streams are server-sent events in the OpenAI chunk format, ending `data: [DONE]`.
+{include_usage}, user (accepted, unused). Any other field is refused with a 400 naming it, so
+that a client never gets an answer that silently ignored what it asked for: the request models
+below are the one allowlist (add a field there when it is implemented). Responses carry `usage`
+(prompt, completion and total tokens). Streams are server-sent events in the OpenAI chunk
+format, ending `data: [DONE]`.
 
 Errors use the OpenAI body {"error": {"message", "type", "param", "code"}}: malformed JSON, a
 field of the wrong type, bad sampling values, n != 1, a prompt longer than the context or
@@ -111,8 +114,18 @@ def _error(status: int, message: str, param=None, headers=None) -> JSONResponse:
 # ----------------------------------------------------------------------------- request bodies
 
 
+# extra="forbid": an unknown field is a 400 naming it (see `_unsupported`); the fields declared
+# here are what the server implements.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = _STRICT
     model: str | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -122,7 +135,8 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
-    stream_options: dict[str, bool] | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id (abuse monitoring): no effect on the output
 
 
 class CompletionBody(_Common):
@@ -131,7 +145,7 @@ class CompletionBody(_Common):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = _STRICT
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -142,6 +156,18 @@ class ChatBody(_Common):
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+def _unsupported(locs: list[tuple], body: type[BaseModel]) -> JSONResponse:
+    """The 400 for request fields the server does not implement. `locs`: each field's path in
+    the body (("logprobs",), ("messages", 0, "name")); `body`: the endpoint's request model.
+    The error's `param` is the first field; the message names them all."""
+    names = [".".join(str(x) for x in loc) for loc in locs]
+    what = "field " + repr(names[0]) if len(names) == 1 else "fields " + ", ".join(map(repr, names))
+    msg = f"the request {what} {'is' if len(names) == 1 else 'are'} not supported by this server"
+    if any(len(loc) == 1 for loc in locs):
+        msg += f"; supported fields: {', '.join(body.model_fields)}"
+    return _error(400, msg, names[0])
 
 
 def _sampling(b: _Common) -> SamplingParams:
@@ -365,6 +391,10 @@ def create_app(st: ServerState) -> FastAPI:
         loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         if first.get("type") == "json_invalid":
             return _error(400, f"malformed JSON body: {first.get('msg')}")
+        extra = [r for r in errs if r.get("type") == "extra_forbidden"]
+        if extra:
+            body = ChatBody if request.url.path.endswith("/chat/completions") else CompletionBody
+            return _unsupported([r["loc"][1:] for r in extra], body)
         msgs = "; ".join(f"{'.'.join(str(x) for x in r['loc'][1:])}: {r['msg']}" for r in errs)
         return _error(400, f"invalid request: {msgs}", loc)
 
@@ -418,7 +448,7 @@ async def _serve(st: ServerState, body: _Common, ids: list[int], request: Reques
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {"id": rid, "created": int(time.time()), "model": st.model_name}
     if body.stream:
-        usage = bool((body.stream_options or {}).get("include_usage"))
+        usage = body.stream_options is not None and body.stream_options.include_usage
         return _EventStream(_stream_events(gen, head, chat, usage), media_type="text/event-stream")
     text = await _collect(gen, request)
     if gen.error:
