@@ -9,7 +9,9 @@
 
 Config: configs/serve.py (override any field with --config.x=y). Binds 127.0.0.1:8000 by
 default. SIGTERM stops admitting, lets in-flight requests finish for shutdown_grace_s, cancels
-the rest and exits 0.
+the rest and exits 0. When the engine fails, the requests in flight get their error, GET
+/health answers 503, and the process stops with one line and exit status 1 (for a supervisor to
+restart it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from readme_jax.serve.cache import POLICIES as CACHE_POLICIES
 from readme_jax.serve.dense import dense_serve_params
 from readme_jax.serve.engine import EngineConfig
 from readme_jax.serve.server import build_server, run_server
+from readme_jax.serve.worker import EngineFailed
 from readme_jax.testing import tiny_serve_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve.py"
@@ -131,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         warmup=c.warmup,
     )
     print(f"[serve] model {srv.state.model_name!r} on http://{c.host}:{c.port}", flush=True)
-    run_server(srv, c.host, c.port, c.shutdown_grace_s, c.log_level)
+    try:
+        run_server(srv, c.host, c.port, c.shutdown_grace_s, c.log_level)
+    except EngineFailed as e:  # not a user error, but one line: the step's traceback is logged
+        sys.exit(f"error: {e}")
     print("[serve] stopped", flush=True)
 
 

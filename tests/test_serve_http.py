@@ -3,8 +3,9 @@ outputs over HTTP equal offline generation under several batching and cache poli
 requests in flight at once; bad input gets its status code while the server keeps serving; an
 unimplemented request field gets a 400 naming it; a full queue gets 429 + a Retry-After that
 grows with the queue; a client disconnect frees its slot; an engine fault fails one request
-alone; SIGTERM drains within its bound; the lookahead counters reach /metrics (and a backend
-without them does not break it).
+alone; an engine failure fails the requests in flight, turns /health 503 and stops the server
+with an error; SIGTERM drains within its bound; the lookahead counters reach /metrics (and a
+backend without them does not break it).
 
 One tiny random Read-ME model (2 layers, width 32) with the bundled SmolLM2 tokenizer; every
 server has the same N, context and C, so the compiled steps are shared."""
@@ -31,7 +32,7 @@ from readme_jax.serve.http import ServerState, retry_after_estimate
 from readme_jax.serve.metrics import ServeMetrics
 from readme_jax.serve.server import _GracefulServer, build_server, free_port, run_server
 from readme_jax.serve.textstream import TextStream
-from readme_jax.serve.worker import EngineWorker
+from readme_jax.serve.worker import EngineFailed, EngineWorker
 from readme_jax.testing import np_init, tiny_llama_config, tiny_serve_model
 
 N, T, Q, C = 2, 128, 16, 2
@@ -60,14 +61,16 @@ def tok():
 
 
 class SlowBackend(ModelBackend):
-    """The real backend, with each decode step delayed (so a request stays in flight) and a
-    fault on prompts holding POISON (an engine-side failure)."""
+    """The real backend, with each decode step delayed (so a request stays in flight), a fault
+    on prompts holding POISON (one request's failure), and every decode step failing once
+    `broken` is set (the engine's failure, as a lost device would give)."""
 
     POISON = 13
 
     def __init__(self, sp, cfg, delay_s=0.0):
         super().__init__(sp, cfg.num_slots, cfg.max_len, cfg.prefill_chunk)
         self.delay_s = delay_s
+        self.broken = threading.Event()
 
     def route_prompt(self, req):
         if self.POISON in req.prompt:
@@ -76,6 +79,8 @@ class SlowBackend(ModelBackend):
 
     def decode(self, rows, slot_NxA, w_NxA, lookahead=False):
         time.sleep(self.delay_s)
+        if self.broken.is_set():
+            raise RuntimeError("injected device fault")
         return super().decode(rows, slot_NxA, w_NxA, lookahead=lookahead)
 
 
@@ -373,6 +378,63 @@ def test_engine_fault_fails_that_request_alone(server, tok):
     bad = complete(server, prompt=[SlowBackend.POISON, 20, 30], max_tokens=3)
     assert bad.status_code == 500 and "injected fault" in bad.json()["error"]["message"]
     assert complete(server, prompt=PROMPTS[1], max_tokens=3, temperature=0).status_code == 200
+
+
+def _stream_then_break(url, backend, body):
+    """Open a streamed request, read its first chunk, break the backend, read the rest."""
+    with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}) as r:
+        it = r.iter_lines()
+        next(it)
+        backend.broken.set()
+        return [x for x in it if x]
+
+
+def test_engine_failure_fails_in_flight_requests_and_reports_unhealthy(model, tok):
+    srv, url = start(model, tok, delay_s=0.05)
+    try:
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert "readme_engine_healthy 1.0" in httpx.get(f"{url}/metrics").text
+        body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0}
+        with ThreadPoolExecutor(1) as pool:  # a second request in flight, not streamed
+            other = pool.submit(complete, url, prompt=PROMPTS[0], max_tokens=100, temperature=0)
+            while srv.worker.outstanding < 1:
+                time.sleep(0.01)
+            lines = _stream_then_break(url, srv.worker.engine.backend, body)
+            other = other.result()
+        assert lines[-1] == "data: [DONE]" and "injected device fault" in lines[-2], lines[-3:]
+        assert other.status_code == 500 and "injected device fault" in other.text
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "injected device fault" in health.text
+        assert health.json()["error"]["message"].startswith("the engine failed")
+        assert "readme_engine_healthy 0.0" in httpx.get(f"{url}/metrics").text
+        again = complete(url, prompt=PROMPTS[2], max_tokens=2)
+        assert again.status_code == 503 and "the engine failed" in again.json()["error"]["message"]
+        assert srv.worker.join(5) and srv.worker.outstanding == 0
+    finally:
+        srv.stop()
+
+
+def test_engine_failure_stops_the_server_with_an_error(model, tok):
+    cfg = ecfg()
+    backend = SlowBackend(model.params, cfg, 0.05)
+    srv = build_server(model.params, tok, cfg, model_name=NAME, backend=backend)
+    port, raised = free_port(), []
+
+    def serve():
+        try:
+            run_server(srv, "127.0.0.1", port, 5.0, "warning")
+        except EngineFailed as e:
+            raised.append(e)
+
+    th = threading.Thread(target=serve)
+    th.start()
+    while srv.server is None or not srv.server.started:
+        time.sleep(0.02)
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0}
+    lines = _stream_then_break(f"http://127.0.0.1:{port}", backend, body)
+    assert "injected device fault" in lines[-2]
+    th.join(15)
+    assert not th.is_alive() and len(raised) == 1 and "injected device fault" in str(raised[0])
 
 
 def test_sigterm_drains_in_flight_requests_within_the_bound(model, tok):

@@ -20,7 +20,9 @@ max_tokens past it -> 400 (the message names the limit); an unknown model -> 404
 -> 429 with Retry-After (an estimate of when a slot frees, growing with the queue and the recent
 service time: `retry_after_estimate`, so that rejected clients spread their retries); shutting
 down -> 503 with Retry-After `retry_after_s`; a request that fails inside the engine -> 500 for
-that request alone. A client that disconnects (stream or not) has its request
+that request alone. After the engine failed (`worker.EngineFailed`), GET /health and new
+requests get 503 naming the reason, and requests in flight get their error (500, or an error
+event in a stream). A client that disconnects (stream or not) has its request
 cancelled, which frees its request slot.
 
 Threads: the `EngineWorker` thread owns the engine; handlers run on the event loop and only
@@ -404,6 +406,8 @@ def create_app(st: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if st.worker.failure is not None:  # the process is stopping; a supervisor restarts it
+            return _error(503, f"the engine failed: {st.worker.failure}")
         if st.worker.draining:
             return _error(503, "shutting down", headers={"Retry-After": str(st.retry_after_s)})
         return {"status": "ok", "outstanding": st.worker.outstanding}

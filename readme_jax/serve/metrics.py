@@ -8,7 +8,8 @@ expert_cache_{hits,misses,loads}_total, expert_cache_bytes_moved_total, engine_s
 unique_experts_per_step (histogram of the distinct experts a step's batch needs),
 lookahead_{hits,dropped}_total (the backend's lookahead decode steps taken / discarded; they
 stay 0 on a backend without `lookahead_stats`), retry_after_seconds (the Retry-After a 429
-would carry now; set by the HTTP app, see `http.retry_after_estimate`).
+would carry now; set by the HTTP app, see `http.retry_after_estimate`), engine_healthy (1, or 0
+after an engine step failed: the server then stops, see `worker.py`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class ServeMetrics:
         self.retry_after = Gauge(
             "readme_retry_after_seconds", "Retry-After a 429 would carry now", registry=r
         )
+        self.healthy = Gauge(
+            "readme_engine_healthy", "1 while the engine steps; 0 after it failed", registry=r
+        )
+        self.healthy.set(1)
         self.window_s = window_s
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._last_cache = (0, 0, 0, 0)

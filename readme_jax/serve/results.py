@@ -96,11 +96,14 @@ class RunResult:
 @dataclasses.dataclass
 class StepOutput:
     """What one `Engine.step` produced: (request id, token) in emission order, the requests it
-    finished or rejected, and its step record (None when no step ran)."""
+    finished or rejected, its step record (None when no step ran), and `fault`: why the
+    batched step itself failed (its requests are in `finished` with status error), None when it
+    did not. A fault is the engine's, not one request's: a server stops on it."""
 
     tokens: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     finished: list[RequestResult] = dataclasses.field(default_factory=list)
     record: dict | None = None
+    fault: str | None = None
 
 
 class WallClock:

@@ -6,7 +6,9 @@
 `ServerHandle.start_in_thread(port)` runs uvicorn on a background thread (tests, benchmarks).
 SIGTERM (or SIGINT): uvicorn stops accepting connections, the engine thread stops admitting
 (new requests get 503) and lets in-flight requests finish for `grace_s` seconds, then cancels
-what remains; `run_server` then returns normally (the process exits 0).
+what remains; `run_server` then returns normally (the process exits 0). When the engine fails
+(`worker.py`), the requests in flight get their error, uvicorn shuts down the same way and
+`run_server` raises `EngineFailed` (launch/serve.py exits 1), so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from readme_jax.serve.backend import ModelBackend
 from readme_jax.serve.decode import ServeParams
 from readme_jax.serve.engine import Engine, EngineConfig
 from readme_jax.serve.http import ServerState, create_app
-from readme_jax.serve.worker import EngineWorker
+from readme_jax.serve.worker import EngineFailed, EngineWorker
 
 
 @dataclasses.dataclass
@@ -126,7 +128,8 @@ def run_server(
     srv: ServerHandle, host: str, port: int, grace_s: float, log_level: str = "info"
 ) -> None:
     """Serve until SIGTERM/SIGINT; returns after in-flight requests finished or were cancelled
-    (at most `grace_s` seconds after the signal, plus connection teardown)."""
+    (at most `grace_s` seconds after the signal, plus connection teardown). Raises EngineFailed
+    (after the same shutdown) when the engine failed while serving."""
     cfg = uvicorn.Config(
         srv.app,
         host=host,
@@ -136,6 +139,10 @@ def run_server(
     )
     server = _GracefulServer(cfg, srv.worker, grace_s)
     srv.server = server
-    server.run()
+    srv.worker.on_failure = lambda reason: setattr(server, "should_exit", True)
+    if srv.worker.failure is None:  # a failure before this point: nothing to serve
+        server.run()
     srv.worker.drain(0.0)
     srv.worker.join(grace_s + 5)
+    if srv.worker.failure is not None:
+        raise EngineFailed(f"the engine failed ({srv.worker.failure}); the server stopped")

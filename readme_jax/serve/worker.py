@@ -7,6 +7,13 @@ finished); `submit` beyond that raises `QueueFull` at once (the HTTP layer answe
 `drain()` (SIGTERM), `submit` raises `Draining`; requests in flight run on until `grace_s` has
 passed, then are cancelled, and the thread ends.
 
+Engine failure: when an engine step raises, or its batched step fails (`StepOutput.fault`), the
+engine is broken, not one request: the worker records `failure` (the reason), sets the
+`readme_engine_healthy` gauge to 0, fails every request in flight or queued (status error),
+admits nothing more (`submit` raises `EngineFailed`, a `Draining`), calls `on_failure(reason)`
+(the server uses it to shut down and exit non-zero) and its thread ends. A request that fails
+alone (its prompt's routing raised) is failed alone and the engine keeps serving.
+
 Events passed to a request's sink, from the engine thread: ("token", token_id) for every
 generated token as its step completes, then exactly one ("done", RequestResult) (status ok,
 error or cancelled).
@@ -45,6 +52,10 @@ class Draining(Exception):
     """The server is shutting down and admits no new request."""
 
 
+class EngineFailed(Draining):
+    """The engine failed (see the module docstring); the message says why."""
+
+
 @dataclasses.dataclass
 class _Entry:
     sink: Sink
@@ -69,6 +80,8 @@ class EngineWorker:
         self._stopped = threading.Event()
         self._service: collections.deque[float] = collections.deque(maxlen=SERVICE_WINDOW)
         self.mean_service_s: float | None = None  # written by the engine thread only
+        self.failure: str | None = None  # why the engine failed; None while it is healthy
+        self.on_failure: Callable[[str], None] | None = None  # called once, engine thread
         self._thread = threading.Thread(target=self._loop, name="readme-engine", daemon=True)
 
     # ------------------------------------------------------------------ any thread
@@ -91,6 +104,8 @@ class EngineWorker:
     ) -> int:
         """Queue a request; returns its id. Raises QueueFull or Draining."""
         with self._lock:
+            if self.failure is not None:
+                raise EngineFailed(f"the engine failed ({self.failure}); the server is stopping")
             if self._drain_deadline is not None or self._stopped.is_set():
                 raise Draining("the server is shutting down")
             if self._outstanding >= self.capacity:
@@ -100,8 +115,10 @@ class EngineWorker:
                 )
             self._outstanding += 1
             rid = next(self._ids)
-        req = ServeRequest(rid, list(prompt), max_tokens, sampling=sampling, seed=seed)
-        self._inbox.put(("submit", req, sink, time.monotonic()))
+            req = ServeRequest(rid, list(prompt), max_tokens, sampling=sampling, seed=seed)
+            # under the lock: a request admitted before a failure is in the inbox when the
+            # engine thread fails what is queued
+            self._inbox.put(("submit", req, sink, time.monotonic()))
         return rid
 
     def cancel(self, rid: int, reason: str = "cancelled") -> None:
@@ -146,11 +163,15 @@ class EngineWorker:
                 continue
             try:
                 out = eng.step()
-            except Exception as err:  # noqa: BLE001 - the scheduler or backend broke: fail all
+            except Exception as err:  # noqa: BLE001 - the scheduler or backend broke
                 log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(err)
-                continue
+                self._fail(f"engine error: {err!r}")
+                break
             self._deliver(out)
+            if out.fault is not None:
+                log.error("engine step failed: %s; failing the requests in flight", out.fault)
+                self._fail(out.fault)
+                break
         self._stopped.set()
 
     def _take_inbox(self, block: bool) -> None:
@@ -218,9 +239,23 @@ class EngineWorker:
             self._outstanding -= 1
         e.sink(("done", res))
 
-    def _fail_all(self, err: Exception) -> None:
+    def _fail(self, reason: str) -> None:
+        """The engine is broken: admit nothing more, fail every request in flight or queued
+        with `reason`, report it (gauge, `on_failure`)."""
+        with self._lock:
+            self.failure = reason
+        self.metrics.healthy.set(0)
+        while True:  # requests admitted but not yet handed to the engine
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] == "submit":
+                _, req, sink, t_sub = msg
+                self._entries[req.id] = _Entry(sink, t_sub)
         for rid in list(self._entries):
             res = self.engine.cancel(rid) or RequestResult(rid, 0)
-            res.status, res.error = ERROR, f"engine error: {err!r}"
+            res.status, res.error = ERROR, reason
             self._finish(res)
-        self.engine.start()  # a fresh session: the failed step may have left state behind
+        if self.on_failure is not None:
+            self.on_failure(reason)
