@@ -5,6 +5,8 @@ with the highest log-likelihood. Context and continuation are split the way lm-e
 `_encode_pair` does: encode(prompt + cont) minus the tokens of encode(prompt). When every
 continuation is one token (SmolLM2: " A" -> [330]) a question costs one row and is read off the
 last position; otherwise each choice gets its own row and its tokens' log-probs are summed.
+`score_continuations` is the same scorer over arbitrary (context ids, continuation ids) pairs
+(the lm-evaluation-harness model in `harness.py` uses it).
 
 Questions are records with `subject`, `question`, `choices` (4) and `answer` (0..3): dicts or
 objects (e.g. `readme_jax.data.tasks.MCQuestion`). `prompt_fn(question) -> str` builds the
@@ -78,33 +80,42 @@ class _Row:
     tokens: list[int]
     positions: list[int]  # logits at p predict the target
     targets: list[int]
-    choice: list[int]  # which choice each (position, target) pair belongs to
-    question: int
+    out: list[int]  # the output slot (continuation) each (position, target) pair adds to
 
 
-def _rows_for(qi: int, ctx: list[int], conts: list[list[int]], max_len: int) -> list[_Row]:
-    if all(len(c) == 1 for c in conts):
-        ctx = ctx[-max_len:]
-        p = len(ctx) - 1
-        return [_Row(ctx, [p] * len(conts), [c[0] for c in conts], list(range(len(conts))), qi)]
+def _rows_for(ctx: list[int], conts: list[list[int]], outs: list[int], max_len: int) -> list[_Row]:
+    """Rows scoring each continuation of one context: the one-token continuations share one
+    row read off its last position; each longer one gets its own row. Context and
+    continuation are cut on the left to fit max_len inputs (as lm-eval does)."""
     rows = []
+    one = [i for i, c in enumerate(conts) if len(c) == 1]
+    if one:
+        ctx1 = ctx[-max_len:]
+        p = len(ctx1) - 1
+        rows.append(_Row(ctx1, [p] * len(one), [conts[i][0] for i in one], [outs[i] for i in one]))
     for ci, cont in enumerate(conts):
+        if len(cont) == 1:
+            continue
+        if not 1 <= len(cont) <= max_len:
+            raise ValueError(f"a continuation of {len(cont)} tokens; at most max_len={max_len}")
         toks = (ctx + cont)[-(max_len + 1) :][:-1]  # the last token is only a target
         start = len(toks) - len(cont) + 1
-        rows.append(_Row(toks, list(range(start - 1, len(toks))), cont, [ci] * len(cont), qi))
+        rows.append(_Row(toks, list(range(start - 1, len(toks))), cont, [outs[ci]] * len(cont)))
     return rows
 
 
 @functools.cache
 def make_loglik_fn(logits_fn: LogitsFn):
-    """jit(params, tokens_BxS, pos_BxN, tgt_BxN) -> log p(tgt | tokens[:pos+1]) as [B, N]."""
+    """jit(params, tokens_BxS, pos_BxN, tgt_BxN) -> (log p(tgt | tokens[:pos+1]) [B, N] f32,
+    whether tgt is the argmax there [B, N] bool)."""
 
     @jax.jit
     def loglik(params, tokens_BxS, pos_BxN, tgt_BxN):
         logits_BxSxV = logits_fn(params, tokens_BxS)
         picked_BxNxV = jnp.take_along_axis(logits_BxSxV, pos_BxN[..., None], axis=1)
-        logp = jax.nn.log_softmax(picked_BxNxV.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, tgt_BxN[..., None], axis=-1)[..., 0]
+        logp_BxNxV = jax.nn.log_softmax(picked_BxNxV.astype(jnp.float32), axis=-1)
+        lp_BxN = jnp.take_along_axis(logp_BxNxV, tgt_BxN[..., None], axis=-1)[..., 0]
+        return lp_BxN, jnp.argmax(logp_BxNxV, axis=-1) == tgt_BxN
 
     return loglik
 
@@ -121,12 +132,13 @@ def _bucket(n: int, m: int) -> int:
 
 
 def _score_rows(
-    loglik, params, rows: list[_Row], shape, batch_size, max_len, pad_multiple, tqdm_kw
-) -> np.ndarray:
-    """Summed log-likelihood per (question, choice), batching rows of similar length."""
-    scores = np.zeros(shape)
+    loglik, params, rows: list[_Row], n_out, batch_size, max_len, pad_multiple, tqdm_kw
+) -> tuple[np.ndarray, np.ndarray]:
+    """(summed log-likelihood [n_out], all targets greedy [n_out]) per output slot, batching
+    rows of similar length (B = batch_size, S and N bucketed so that compiles are reused)."""
+    scores, greedy = np.zeros(n_out), np.ones(n_out, bool)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
-    n_pairs = max(len(r.targets) for r in rows)
+    n_pairs = _bucket(max(len(r.targets) for r in rows), 1)
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, **tqdm_kw):
         S = min(_bucket(max(len(rows[i].tokens) for i in chunk), pad_multiple), max_len)
@@ -138,11 +150,51 @@ def _score_rows(
             toks[b, : len(r.tokens)] = r.tokens
             pos[b, : len(r.positions)] = r.positions
             tgt[b, : len(r.targets)] = r.targets
-        lp = np.asarray(loglik(params, toks, pos, tgt))
+        lp, top = (np.asarray(x) for x in loglik(params, toks, pos, tgt))
         for b, i in enumerate(chunk):
             r = rows[i]
-            np.add.at(scores[r.question], r.choice, lp[b, : len(r.targets)])
-    return scores
+            np.add.at(scores, r.out, lp[b, : len(r.targets)])
+            np.logical_and.at(greedy, r.out, top[b, : len(r.targets)])
+    return scores, greedy
+
+
+def score_continuations(
+    logits_fn: LogitsFn,
+    params: Any,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 8,
+    max_len: int = 2048,
+    pad_multiple: int = 64,
+    progress: bool | str = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """log p(continuation | context) for (context ids, continuation ids) pairs: the sum over
+    the continuation's tokens [n] (nats, f64) and whether greedy decoding would produce it [n]
+    (bool), as lm-eval's `loglikelihood` reports. One-token continuations of the same context
+    share one forward. Inputs are cut on the left to `max_len` tokens; rows are right-padded
+    to `pad_multiple` times 1, 1.5, 2, 3, ... so that few shapes compile. Raises ValueError for
+    an empty context or continuation, or a continuation longer than max_len."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise ValueError(f"pair {i}: context and continuation must be non-empty")
+        groups[tuple(ctx)].append(i)
+    rows: list[_Row] = []
+    for ctx, idx in groups.items():
+        rows += _rows_for(list(ctx), [list(pairs[i][1]) for i in idx], idx, max_len)
+    if not rows:
+        return np.zeros(0), np.zeros(0, bool)
+    desc = progress if isinstance(progress, str) else "loglikelihood"
+    return _score_rows(
+        make_loglik_fn(logits_fn),
+        params,
+        rows,
+        len(pairs),
+        batch_size,
+        max_len,
+        pad_multiple,
+        tqdm_kw={"desc": desc, "disable": not progress, "unit": "batch"},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,21 +263,23 @@ def score_multiple_choice(
     qs = select(questions, limit)
     if not qs:
         raise ValueError("no questions to score")
+    k = len(continuations)
     rows: list[_Row] = []
     for qi, q in enumerate(qs):
-        rows += _rows_for(qi, *encode_choices(tokenizer, prompt_fn(q), continuations), max_len)
+        ctx, conts = encode_choices(tokenizer, prompt_fn(q), continuations)
+        rows += _rows_for(ctx, conts, list(range(qi * k, (qi + 1) * k)), max_len)
     desc = progress if isinstance(progress, str) else "multiple choice"
-    shape = (len(qs), len(continuations))
-    scores = _score_rows(
+    scores, _ = _score_rows(
         make_loglik_fn(logits_fn),
         params,
         rows,
-        shape,
+        len(qs) * k,
         batch_size,
         max_len,
         pad_multiple,
         tqdm_kw={"desc": desc, "disable": not progress, "unit": "batch"},
     )
+    scores = scores.reshape(len(qs), k)
     preds = [int(p) for p in scores.argmax(-1)]
     answers = [int(_field(q, "answer")) for q in qs]
     per: dict[str, dict[str, float]] = defaultdict(lambda: {"correct": 0, "n": 0, "acc": 0.0})

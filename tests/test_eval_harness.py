@@ -1,0 +1,132 @@
+"""The lm-evaluation-harness model "readme_jax" (in process): its log-likelihoods equal a direct
+forward and the project's MMLU scorer, its rolling log-likelihood equals the perplexity code's
+total NLL, greedy generation equals re-forward greedy decoding cut at the stop strings.
+
+Tiny random models (2 layers, width 32) with the bundled SmolLM2 tokenizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from lm_eval.api.instance import Instance
+
+from readme_jax.checkpoints.tokenizer import load_tokenizer
+from readme_jax.decode.generator import greedy_by_reforward
+from readme_jax.eval.harness import ReadmeLM, ScoringModel
+from readme_jax.eval.multiple_choice import CONTINUATIONS, lm_eval_prompt, score_multiple_choice
+from readme_jax.eval.perplexity import perplexity
+from readme_jax.model import llama
+from readme_jax.testing import np_init, tiny_llama_config, tiny_readme
+
+V = 49152
+TEXT = (
+    "The river rose through the night, and by morning the lower fields were under water. "
+    "Farmers moved their animals to the hill, where the old church stood above the flood, "
+    "and waited for the rain to stop."
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def moe(tok):
+    m = tiny_readme(num_experts=4, seed=0, vocab=V)
+    return ScoringModel.readme(m.rc, m.params, tok)
+
+
+@pytest.fixture(scope="module")
+def dense(tok):
+    cfg = tiny_llama_config(V)
+    return ScoringModel.dense(cfg, np_init(llama.param_shapes(cfg), np.random.default_rng(1)), tok)
+
+
+def req(kind, *args):
+    return Instance(kind, {}, tuple(args), 0)
+
+
+def direct_loglik(m: ScoringModel, ctx, cont):
+    """Sum of log p(cont | ctx) from one forward of ctx + cont, and whether it is greedy."""
+    toks = np.zeros((1, 64), np.int32)  # one shape (one compile); causal: padding is inert
+    toks[0, : len(ctx + cont)] = ctx + cont
+    lp = jax.nn.log_softmax(jax.jit(m.logits_fn)(m.params, toks)[0].astype(jnp.float32), -1)
+    rows = lp[len(ctx) - 1 : len(ctx) + len(cont) - 1]
+    picked = np.asarray(rows[np.arange(len(cont)), np.asarray(cont)])
+    return float(picked.sum()), bool(np.all(np.asarray(rows.argmax(-1)) == np.asarray(cont)))
+
+
+def test_loglikelihood_equals_a_direct_forward_for_one_and_many_token_continuations(moe, tok):
+    lm = ReadmeLM(model=moe, batch_size=3, pad_multiple=64)
+    pairs = [
+        ("The capital of France is", " Paris"),
+        ("The capital of France is", " Lyon"),
+        ("The capital of France is ", "the city of light, on the Seine."),
+        ("Water boils at", " one hundred degrees"),
+        (TEXT, " And then it stopped."),
+        ("", "An empty context is conditioned on the prefix token."),
+    ]
+    got = lm.loglikelihood([req("loglikelihood", c, x) for c, x in pairs])
+    for (c, x), (lp, greedy) in zip(pairs, got, strict=True):
+        if c:
+            ctx, cont = lm._encode_pair(c, x)
+        else:
+            ctx, cont = [lm.prefix_token_id], tok.encode(x, add_bos=False)
+        want_lp, want_greedy = direct_loglik(moe, ctx, cont)
+        assert lp == pytest.approx(want_lp, abs=1e-4), (c, x)
+        assert greedy == want_greedy
+    # a continuation made of the model's own greedy tokens is reported greedy
+    ctx = tok.encode("Once upon a time", add_bos=False)
+    nxt = int(jnp.argmax(jax.jit(moe.logits_fn)(moe.params, jnp.asarray([ctx]))[0, -1]))
+    assert lm._loglikelihood_tokens([(("", ""), ctx, [nxt])])[0][1] is True
+
+
+def test_loglikelihood_equals_the_project_mmlu_scorer(moe, tok):
+    qs = [
+        {"subject": "geo", "question": "Longest river?", "choices": list("wxyz"), "answer": 2},
+        {"subject": "bio", "question": "Cells divide by?", "choices": list("pqrs"), "answer": 0},
+    ]
+    mc = score_multiple_choice(moe.logits_fn, moe.params, tok, qs, progress=False)
+    lm = ReadmeLM(model=moe, batch_size=4)
+    reqs = [req("loglikelihood", lm_eval_prompt(q), c) for q in qs for c in CONTINUATIONS]
+    got = np.array([lp for lp, _ in lm.loglikelihood(reqs)]).reshape(2, 4)
+    np.testing.assert_allclose(got, np.array(mc.scores), atol=1e-4)
+
+
+def test_loglikelihood_rolling_equals_the_perplexity_total_nll(moe, tok):
+    ids = tok.encode(TEXT, add_bos=False)[:24]  # 24 tokens: two full windows of 12
+    text = tok.decode(ids)
+    assert tok.encode(text, add_bos=False) == ids
+    lm = ReadmeLM(model=moe, batch_size=2, max_length=12, pad_multiple=8)
+    stream = np.asarray([lm.prefix_token_id, *ids])
+    # lm_eval's windows predict 12 tokens each from 12 inputs: perplexity windows of 13, stride 12
+    ppl = perplexity(moe.logits_fn, moe.params, stream, max_length=13, stride=12, progress=False)
+    one = perplexity(moe.logits_fn, moe.params, stream, max_length=25, progress=False)
+    got = lm.loglikelihood_rolling([req("loglikelihood_rolling", text)])
+    assert got[0] == pytest.approx(-ppl.nll_sum, abs=1e-4)
+    assert ppl.n_tokens == len(ids)
+    whole = ReadmeLM(model=moe, max_length=64).loglikelihood_rolling(
+        [req("loglikelihood_rolling", text), req("loglikelihood_rolling", "")]
+    )
+    assert whole[0] == pytest.approx(-one.nll_sum, abs=1e-4)
+    assert whole[0] != pytest.approx(got[0], abs=1e-3)  # more context changes the score
+    assert whole[1] == 0.0
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_strings(dense, tok):
+    lm = ReadmeLM(model=dense, batch_size=2)
+    prompts = ["Once upon a time", "The function returns", "Press the power button for"]
+    n = 10
+    free = lm.generate_until([req("generate_until", p, {"max_gen_toks": n}) for p in prompts])
+    for p, text in zip(prompts, free, strict=True):
+        ids = greedy_by_reforward(dense.params, dense.cfg, tok.encode(p, add_bos=False), n)
+        eos = [i for i, t in enumerate(ids) if t in dense.cfg.eos_ids]
+        assert text == tok.decode(ids[: eos[0]] if eos else ids)
+    stop = free[0][len(free[0]) // 2 :][:2]  # a stop string taken from the generated text
+    assert stop
+    cut = lm.generate_until(
+        [req("generate_until", prompts[0], {"max_gen_toks": n, "until": [stop]})]
+    )
+    assert cut[0] == free[0].split(stop)[0]
+    assert len(cut[0]) < len(free[0])
