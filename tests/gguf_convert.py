@@ -5,7 +5,10 @@ interleaved RoPE (`_permute`), `rope_freqs.weight` computed from a llama3 `rope_
 scaling as `rope.scaling.type`, a gpt2 (BPE) vocabulary from tokenizer.json or a llama
 (SentencePiece) one from the pieces/scores/types the fixture saved from tokenizer.model, special
 ids, `add_bos_token` and the chat template. Used by tests only; `meta` overrides or removes
-(value None) any metadata key so each test can build the variant it needs.
+(value None) any metadata key so each test can build the variant it needs. `experts=E` writes
+a Mixtral-style MoE as llama.cpp's converter does: each layer's FFN as stacked
+`ffn_{gate,up,down}_exps` tensors of E copies plus an `ffn_gate_inp` router, and no dense
+`ffn_gate`/`ffn_up`/`ffn_down` (the expert_count metadata is left to `meta`).
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def hf_to_gguf(
     qtype=gguf.GGMLQuantizationType.F32,
     weights: dict[str, np.ndarray] | None = None,
     rope_freqs: bool = True,
+    experts: int = 0,
 ) -> Path:
     """Write `out` from the HF directory `d`; `weights` replaces the safetensors tensors."""
     hp = json.loads((d / "config.json").read_text())
@@ -181,7 +185,13 @@ def hf_to_gguf(
                 a = _permute(a, H)
             elif hf_name == "self_attn.k_proj":
                 a = _permute(a, K)
+            if experts and hf_name.startswith("mlp."):
+                _tensor(w, f"blk.{i}.{ours}_exps.weight", np.stack([a] * experts), qtype)
+                continue
             _tensor(w, f"blk.{i}.{ours}.weight", a, qtype)
+        if experts:
+            router = np.zeros((experts, hp["hidden_size"]), np.float32)
+            _tensor(w, f"blk.{i}.ffn_gate_inp.weight", router, qtype)
     _tensor(w, "output_norm.weight", t["model.norm.weight"], qtype)
     if not hp.get("tie_word_embeddings", False):
         _tensor(w, "output.weight", t["lm_head.weight"], qtype)

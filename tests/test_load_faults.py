@@ -1,4 +1,4 @@
-"""One test (or more) per fault of issue #14, each on a checkpoint written as its ecosystem
+"""One test (or more) per loading fault, each on a checkpoint written as its ecosystem
 writes it (tests/gguf_convert.py for GGUF, the committed HF fixtures of test_load_matrix.py).
 
 Reference values: PyTorch logits and runtime token ids committed by tools/make_load_fixtures.py.
@@ -105,6 +105,23 @@ def test_gguf_rope_freqs_with_linear_scaling_is_refused(tmp_path):
     path = hf_to_gguf(fixture("llama3"), tmp_path / "both.gguf", pre="llama-bpe", meta=meta)
     with pytest.raises(ConfigError, match="both rope_freqs.weight and linear"):
         load_gguf(path)
+
+
+@pytest.mark.parametrize(
+    "experts,meta,named",
+    [
+        (4, {"llama.expert_count": 4, "llama.expert_used_count": 2}, "expert_count = 4"),
+        (4, {}, "'blk.0.ffn_gate_exps.weight'"),  # expert tensors, no expert metadata
+        (0, {"llama.expert_count": 8}, "expert_count = 8"),  # metadata only
+    ],
+)
+def test_gguf_moe_is_refused_as_moe_not_as_a_damaged_file(experts, meta, named, tmp_path):
+    path = hf_to_gguf(fixture("llama2"), tmp_path / "moe.gguf", meta=meta, experts=experts)
+    for load in (load_gguf, rj.load):
+        with pytest.raises(ConfigError, match="GGUF MoE checkpoints are not supported") as e:
+            load(path)
+        assert named in str(e.value) and "['llama']" in str(e.value)
+        assert "missing" not in str(e.value)
 
 
 # --- 2. pre-tokenizers and SentencePiece GGUFs -----------------------------------------------

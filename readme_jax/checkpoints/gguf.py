@@ -7,7 +7,9 @@ follow the Hugging Face rotate-half layout that `model/llama.py` uses.
 RoPE scaling is read as llama.cpp reads it: a `rope_freqs.weight` tensor (hd/2 per-frequency
 divisors, written for Llama-3.1+) and `llama.rope.scaling.type` none / linear (with
 `rope.scaling.factor`); yarn, longrope or both kinds at once are refused by name. Stop tokens
-are every end-of-generation id the file declares (`gguf_end_ids`).
+are every end-of-generation id the file declares (`gguf_end_ids`). A mixture-of-experts GGUF
+(`*_exps` expert tensors or `<arch>.expert_count` metadata, e.g. Mixtral) is refused by name
+(`refuse_moe`): only dense checkpoints are loaded, and the MoE is built from them.
 """
 
 from __future__ import annotations
@@ -92,11 +94,37 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return f.contents()
 
 
-def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
+GGUF_ARCHITECTURES = ("llama",)  # llama.cpp's name for Llama 1-3, Mistral, SmolLM2, ...
+
+
+def refuse_moe(reader) -> None:
+    """Raise ConfigError if the GGUF holds a mixture of experts: expert tensors (`*_exps`,
+    llama.cpp's stacked experts) or `<arch>.expert_count` metadata above 0."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
+    count = _field(reader, f"{arch}.expert_count")
+    exps = [t.name for t in reader.tensors if any(x.endswith("_exps") for x in t.name.split("."))]
+    if not exps and not count:
+        return
+    seen = [f"{arch}.expert_count = {count}"] if count else []
+    seen += [f"expert tensors such as {exps[0]!r}"] if exps else []
+    raise ConfigError(
+        f"this GGUF is a mixture-of-experts checkpoint (architecture {arch!r}, "
+        f"{' and '.join(seen)}); GGUF MoE checkpoints are not supported. readme_jax loads dense "
+        f"GGUFs of the architectures {list(GGUF_ARCHITECTURES)} (Llama 1-3, Mistral, SmolLM2) "
+        "and builds its own experts from them"
+    )
+
+
+def config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
+    """The LlamaConfig of a GGUF header. Raises ConfigError for a mixture of experts
+    (`refuse_moe`), an unsupported architecture or RoPE scaling; CheckpointError for a header
+    that lacks the vocabulary size."""
+    refuse_moe(reader)
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
         raise ConfigError(
-            f"unsupported GGUF architecture {arch!r}; readme_jax loads llama-architecture models"
+            f"unsupported GGUF architecture {arch!r}; readme_jax loads the GGUF architectures "
+            f"{list(GGUF_ARCHITECTURES)}"
         )
     p = "llama."
     n_heads = int(_field(reader, p + "attention.head_count"))
