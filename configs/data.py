@@ -11,7 +11,8 @@ def get_config() -> ConfigDict:
     c.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax
     # default names, or name=PATH for a folder of .txt, a .jsonl with a "text" field, or a
     # .parquet with a "text" column
-    c.domains = ",".join(DEFAULT_DOMAINS)
+    # "chat" is sampled from the teacher (readme_jax/data/chat.py; settings in c.chat below)
+    c.domains = ",".join((*DEFAULT_DOMAINS, "chat"))
     c.split_seed = 0  # seed that assigns documents to splits
     c.validation = 0.05  # fraction of documents held out for validation
     c.test = 0.05  # fraction held out for test
@@ -23,4 +24,21 @@ def get_config() -> ConfigDict:
     c.seq_len = 512  # for bench_batches
     c.batch_size = 8  # for bench_batches
     c.out = ""  # JSON report path ("" = CACHE/data_report.json)
+    # the chat domain: conversations the teacher writes in its own chat template (user turns
+    # sampled from the template's pre-query prefix, Magpie; answers greedy for the first
+    # greedy_tokens, then sampled, LLM-QAT); ~3 min on 2 CPU cores at the defaults
+    c.chat = ConfigDict()
+    c.chat.teacher = ""  # GGUF file or HF directory ("" = the SmolLM2 GGUF)
+    c.chat.conversations = 240
+    c.chat.seed = 0
+    c.chat.batch_size = 48
+    c.chat.query_max_tokens = 64
+    c.chat.query_temperature = 1.0
+    c.chat.query_top_p = 1.0
+    c.chat.answer_max_tokens = 128
+    c.chat.greedy_tokens = 4
+    c.chat.answer_temperature = 0.7
+    c.chat.answer_top_p = 0.9
+    c.chat.validation = 0.15
+    c.chat.test = 0.15
     return c

@@ -40,8 +40,12 @@ def get_config(variant: str = "") -> ConfigDict:
     c.model.scan_layers = False
 
     c.data = ConfigDict()
-    # domain names, or name=/path (folder of .txt, .jsonl, .parquet)
-    c.data.domains = DOMAINS[variant or "four"]
+    # domain names, or name=/path (folder of .txt, .jsonl, .parquet). "chat": conversations the
+    # teacher writes in its chat template (launch/data.py samples them; data/chat.py), its own
+    # expert; without it the converted model stops answering in the chat format
+    c.data.domains = DOMAINS[variant or "four"] + ",chat"
+    # mixture weights of the training batches, "name=w,..." (unnamed domains: 1); "" = uniform
+    c.data.weights = ""
     c.data.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax
     c.data.seq_len = 512
 
@@ -89,6 +93,12 @@ def get_config(variant: str = "") -> ConfigDict:
     c.eval.mmlu_limit = 1  # questions per subject (57 subjects); 0 = skip MMLU
     c.eval.skip_models = "moe_router"  # run subdirectories not to evaluate
     c.eval.mmlu_shots = "0"  # e.g. "0,5"
+    # skills (eval/skills.py): assistant-token KL / top-1 on held-out teacher conversations (when
+    # "chat" is a domain) and the answer test (greedy chat answers to eval/data/questions.jsonl)
+    c.eval.skills = True
+    c.eval.chat_len = 256  # tokens per held-out conversation (cut)
+    c.eval.answer_tokens = 48  # new tokens per answer; 0 = no answer test
+    c.eval.questions = ""  # "" = the project's question set; or a JSONL of the same form
     # Training (readme_jax/train): keys left at None come from train.presets[c.preset].
     c.train = ConfigDict()
     c.train.rounds = config_dict.placeholder(int)

@@ -1,12 +1,17 @@
 """Fetch and prepare the text domains and MMLU; print and save a table of documents and tokens.
 
 Examples:
-  python launch/data.py                                   # the four default domains + MMLU
+  python launch/data.py                                   # the four default domains, chat, MMLU
+  python launch/data.py --config.chat.conversations=960   # more teacher conversations
   python launch/data.py --config.domains=fiction,legal=/data/legal.jsonl --config.tasks=
   python launch/data.py --config.bench_batches=2000       # also time the grain pipeline
 
 Settings: configs/data.py (`--config=FILE` for another); the old flag names (--domains=...,
 --tasks=, --bench_batches=N, --notokenize) still work.
+
+The `chat` domain is sampled from the teacher (default: the bundled SmolLM2-135M-Instruct) in
+its own chat template (readme_jax/data/chat.py); it is redone only when its settings or the
+teacher change.
 
 Everything lands in the cache directory (config `cache`, default $READEME_CACHE or
 ~/.cache/readme_jax) and is reused on the next run. A domain that cannot be fetched is reported
@@ -23,9 +28,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+import readme_jax as rj
 from readme_jax import cli
 from readme_jax.checkpoints.tokenizer import load_tokenizer
-from readme_jax.data import corpora, fetch, pipeline, tasks
+from readme_jax.data import chat, corpora, fetch, pipeline, tasks
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "data.py"
 NEGATED = {"notokenize": "tokenize", "noforce": "force"}
@@ -64,6 +70,28 @@ def _bench(c, tokenizer, domains: list[str], cache) -> dict:
     return out
 
 
+def _build_chat(c, cache) -> None:
+    """Sample the chat domain from the teacher unless an up-to-date one is prepared."""
+    cfg = chat.ChatConfig.from_config(c.chat)
+    teacher = c.chat.teacher or "SmolLM2-135M-Instruct (bundled GGUF)"
+    if chat.is_current(cfg, teacher, cache) and not c.force:
+        return
+    t0 = time.perf_counter()
+    model = rj.load(c.chat.teacher or None)
+    gen = model.generator()
+
+    def sample(prompts, max_new, temperature, top_p, seed):
+        return gen.sample(prompts, max_new, temperature, top_p, seed, pad_to=cfg.batch_size)
+
+    m = chat.build_chat_domain(
+        sample, model.tokenizer, cfg, teacher, cache, progress=True, force=c.force
+    )
+    print(
+        f"chat: {m['conversations']} conversations sampled from {teacher} in "
+        f"{time.perf_counter() - t0:.0f}s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     c = cli.parse_config(CONFIG, sys.argv[1:] if argv is None else argv, NEGATED)
     cache = fetch.cache_root(c.cache or None)
@@ -76,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         "errors": {},
     }
     for name in tqdm(spec, desc="domains", unit="domain"):
+        if name == chat.CHAT_DOMAIN and spec[name] is None:
+            try:
+                _build_chat(c, cache)
+            except corpora.CorpusError as e:
+                report["errors"][name] = str(e)
+                continue
         m, err = corpora.prepare_domains({name: spec[name]}, cache, split, c.force)
         report["errors"].update(err)
         for d, manifest in m.items():

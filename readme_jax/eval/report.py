@@ -2,7 +2,9 @@
 
 `write_report(results, out_dir)` writes `results.json`, `report.md` and the plots whose data is
 present. Every key is optional; tables keep only the columns some row has, and "mean ppl" /
-"mean bpb" / KL / agreement in the summary are plain means over the model's domains. Schema:
+"mean bpb" / KL / agreement in the summary are plain means over the model's plain-text domains
+(the generated `chat` domain has its own columns: assistant-token KL and agreement, and the
+answer test, under "skills"). Schema:
 
     {
       "meta": {"title": str, "command": str, "checkpoint": str, "created": str,
@@ -13,6 +15,8 @@ present. Every key is optional; tables keep only the columns some row has, and "
           "perplexity": {DOMAIN: PerplexityResult.to_dict()},   # needs "ppl"; "bpb" optional
           "fidelity": {DOMAIN: FidelityResult.to_dict()},       # "kl", "top1_agreement"
           "mmlu": {SETTING: MCResult.to_dict()},                # SETTING e.g. "0-shot"
+          "skills": {"chat": {"tokens", "kl", "top1_agreement", "nll"},  # assistant tokens
+                     "answers": AnswerResult.to_dict(teacher)},          # eval/skills.py
           "decode_tok_s": float,
         }},
       "ppl_vs_active": {SERIES: [[active_params, ppl], ...]},  # else drawn from "models"
@@ -96,32 +100,47 @@ def _mean(xs: list[float | None]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+# domains written by a model (data/chat.py), kept out of the plain-text means of the headline
+GENERATED_DOMAINS = ("chat",)
+
+
+def _text_mean(m: Mapping[str, Any], section: str, key: str) -> float | None:
+    """Mean of `key` over the plain-text domains of `section` (generated domains left out:
+    they have their own columns)."""
+    sec = m.get(section, {})
+    return _mean([d.get(key) for k, d in sec.items() if k not in GENERATED_DOMAINS])
+
+
+def _f4(x: float) -> str:
+    return fmt(x, 4)
+
+
+def _answers(m: Mapping[str, Any], key: str) -> str | None:
+    a = m.get("skills", {}).get("answers")
+    if not a:
+        return None
+    return f"{a[key]}/{a['questions']}" if key == "right" else str(a[key])
+
+
 # ---------------------------------------------------------------- tables
 def _columns(models: Mapping[str, Any]) -> list[tuple[str, Callable[[dict], str]]]:
     """Headline columns, kept only when some model has the data."""
     cols: list[tuple[str, Callable[[dict], Any], Callable[[Any], str]]] = [
         ("active params", lambda m: m.get("active_params"), fmt_params),
         ("total params", lambda m: m.get("total_params"), fmt_params),
+        ("mean ppl", lambda m: _text_mean(m, "perplexity", "ppl"), lambda x: fmt(x, 2)),
+        ("mean bpb", lambda m: _text_mean(m, "perplexity", "bpb"), lambda x: fmt(x, 3)),
+        ("KL(dense‖model)", lambda m: _text_mean(m, "fidelity", "kl"), lambda x: fmt(x, 4)),
+        ("top-1 agree", lambda m: _text_mean(m, "fidelity", "top1_agreement"), pct),
+        ("chat KL (answers)", lambda m: m.get("skills", {}).get("chat", {}).get("kl"), _f4),
         (
-            "mean ppl",
-            lambda m: _mean([d.get("ppl") for d in m.get("perplexity", {}).values()]),
-            lambda x: fmt(x, 2),
-        ),
-        (
-            "mean bpb",
-            lambda m: _mean([d.get("bpb") for d in m.get("perplexity", {}).values()]),
-            lambda x: fmt(x, 3),
-        ),
-        (
-            "KL(dense‖model)",
-            lambda m: _mean([d.get("kl") for d in m.get("fidelity", {}).values()]),
-            lambda x: fmt(x, 4),
-        ),
-        (
-            "top-1 agree",
-            lambda m: _mean([d.get("top1_agreement") for d in m.get("fidelity", {}).values()]),
+            "chat top-1 (answers)",
+            lambda m: m.get("skills", {}).get("chat", {}).get("top1_agreement"),
             pct,
         ),
+        ("questions right", lambda m: _answers(m, "right"), str),
+        ("teacher's kept", lambda m: m.get("skills", {}).get("answers", {}).get("retention"), pct),
+        ("empty answers", lambda m: _answers(m, "empty"), str),
     ]
     settings = sorted({s for m in models.values() for s in m.get("mmlu", {})})
     for s in settings:
@@ -159,6 +178,29 @@ def _by_domain_table(models: Mapping[str, Any], section: str, key: str, cell) ->
         sec = models[n].get(section, {})
         rows.append([n] + [cell(sec[d].get(key)) if d in sec else NA for d in domains])
     return md_table(["model"] + domains, rows)
+
+
+def _answers_md(models: Mapping[str, Any]) -> str:
+    """The answer test question by question: each model's greedy answer (cut), right or not."""
+    have = {
+        n: m["skills"]["answers"] for n, m in models.items() if "answers" in m.get("skills", {})
+    }
+    if not have:
+        return ""
+    names = list(have)
+    by_q: dict[str, list[str]] = {}
+    for n in names:
+        for a in have[n]["answers"]:
+            text = a["answer"].replace("\n", " ").replace("|", "\\|")
+            text = (text[:60] + "…") if len(text) > 60 else text
+            by_q.setdefault(a["id"], []).append(
+                ("✓ " if a["right"] else "✗ ") + (text or "(empty)")
+            )
+    rows = [[q] + cells for q, cells in by_q.items()]
+    return (
+        "<details><summary>answers, question by question (greedy, first 60 characters)</summary>"
+        "\n\n" + md_table(["question"] + names, rows) + "\n</details>\n"
+    )
 
 
 def _mmlu_details(models: Mapping[str, Any]) -> str:
@@ -362,7 +404,7 @@ def _ppl_vs_active_series(results: Mapping[str, Any]) -> dict[str, list[tuple[fl
         return series
     pts = {}
     for name, m in (results.get("models") or {}).items():
-        ppl = _mean([d.get("ppl") for d in m.get("perplexity", {}).values()])
+        ppl = _text_mean(m, "perplexity", "ppl")
         if m.get("active_params") and ppl is not None:
             pts[name] = [(m["active_params"], ppl)]
     return pts if len(pts) >= 2 else {}
@@ -503,6 +545,17 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, Path] | None
                 out += [f"### {title}\n", t]
     if "ppl_vs_active" in plots:
         out += ["## Perplexity vs active parameters\n", "![ppl vs active](ppl_vs_active.png)\n"]
+    answers = _answers_md(models)
+    if answers:
+        out += [
+            "## Skills: the answer test\n",
+            "Questions of `readme_jax/eval/data/questions.jsonl` through the chat template, "
+            "greedy; "
+            "*teacher's kept* = the share of the questions the dense teacher answers right that "
+            "the model answers right too. *chat KL / top-1* are measured on the assistant tokens "
+            "of held-out teacher conversations (the `chat` domain).\n",
+            answers,
+        ]
     details = _mmlu_details(models)
     if details:
         out += ["## MMLU\n", details]

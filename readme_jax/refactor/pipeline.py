@@ -143,12 +143,21 @@ def calibration_batches(
     batch_size: int = 4,
     seed: int = 0,
 ) -> dict[str, list[np.ndarray]]:
-    """Per domain, [B, S] token batches for statistics (positions across documents masked -1)."""
+    """Per domain, [B, S] token batches for statistics (positions across documents masked -1);
+    a domain with fewer than `num_sequences` rows gives all it has (statistics record the
+    tokens per domain)."""
     prepare_domains(dict(domains), cache=cache)
     out = {}
     for name in domains:
         b = calibration_batch(
-            name, split, tokenizer, num_sequences, seq_len, seed=seed, cache=cache
+            name,
+            split,
+            tokenizer,
+            num_sequences,
+            seq_len,
+            seed=seed,
+            cache=cache,
+            allow_fewer=True,
         )
         toks = b["tokens"].astype(np.int64)
         out[name] = [toks[i : i + batch_size] for i in range(0, len(toks), batch_size)]

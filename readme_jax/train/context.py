@@ -75,11 +75,33 @@ def union_mask(ctx: Context) -> jax.Array:
     return union_masks(shared * ctx.tc.target_shared, experts)
 
 
+def parse_weights(spec: str, domains: list[str]) -> dict[str, float] | None:
+    """ "chat=2,fiction=0.5" -> a weight per domain (unnamed domains 1); "" -> None (uniform).
+    Raises TrainingError for an unknown domain or a value that is not a number >= 0."""
+    if not spec or not spec.strip():
+        return None
+    out = dict.fromkeys(domains, 1.0)
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, val = part.partition("=")
+        name = name.strip()
+        if name not in out:
+            raise TrainingError(f"data.weights names {name!r}, not one of the domains {domains}")
+        try:
+            out[name] = float(val)
+        except ValueError:
+            raise TrainingError(f"data.weights: {part!r} is not name=number") from None
+        if not out[name] >= 0:
+            raise TrainingError(f"data.weights: {name} must be >= 0, got {val}")
+    return out
+
+
 def pipeline_config(ctx: Context) -> PipelineConfig:
-    """The training data pipeline: the context's domains, train split, the run's seed."""
+    """The training data pipeline: the context's domains (mixed by `data.weights`), train
+    split, the run's seed."""
     tc = ctx.tc
     return PipelineConfig(
         domains=tuple(ctx.domains),
+        weights=parse_weights(ctx.c.data.get("weights", ""), list(ctx.domains)),
         seq_len=tc.seq_len,
         batch_size=tc.data_batch,
         split="train",
