@@ -10,6 +10,7 @@ backend without them does not break it).
 One tiny random Read-ME model (2 layers, width 32) with the bundled SmolLM2 tokenizer; every
 server has the same N, context and C, so the compiled steps are shared."""
 
+import json
 import signal
 import threading
 import time
@@ -17,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import httpx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
@@ -24,6 +27,7 @@ import pytest
 from readme_jax.checkpoints.tokenizer import load_tokenizer
 from readme_jax.decode.generator import greedy_by_reforward
 from readme_jax.model import llama
+from readme_jax.model.readme import readme_forward
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve.backend import ModelBackend, ReplayBackend
 from readme_jax.serve.dense import dense_serve_params
@@ -33,7 +37,7 @@ from readme_jax.serve.metrics import ServeMetrics
 from readme_jax.serve.server import _GracefulServer, build_server, free_port, run_server
 from readme_jax.serve.textstream import TextStream
 from readme_jax.serve.worker import EngineFailed, EngineWorker
-from readme_jax.testing import np_init, tiny_llama_config, tiny_serve_model
+from readme_jax.testing import np_init, tiny_llama_config, tiny_readme, tiny_serve_model
 
 N, T, Q, C = 2, 128, 16, 2
 NAME = "tiny"
@@ -222,13 +226,17 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server):
 
 
 UNSUPPORTED = [  # (endpoint, extra body, the fields the 400 names)
-    ("completions", {"logprobs": 1}, ["logprobs"]),
-    ("completions", {"echo": True}, ["echo"]),
+    ("completions", {"best_of": 2}, ["best_of"]),
+    ("completions", {"suffix": "x"}, ["suffix"]),
     ("completions", {"logit_bias": {"5": 10}}, ["logit_bias"]),
     ("completions", {"presence_penalty": 0.5}, ["presence_penalty"]),
     ("completions", {"max_token": 4}, ["max_token"]),  # a typo is not silently the default
     ("completions", {"stream": True, "stream_options": {"x": True}}, ["stream_options.x"]),
-    ("chat/completions", {"top_logprobs": 2, "logprobs": True}, ["top_logprobs", "logprobs"]),
+    (
+        "chat/completions",
+        {"frequency_penalty": 0.1, "parallel_tool_calls": True},
+        ["frequency_penalty", "parallel_tool_calls"],
+    ),  # fmt: skip
     ("chat/completions", {"response_format": {"type": "json_object"}}, ["response_format"]),
     ("chat/completions", {"tools": []}, ["tools"]),
     (
@@ -476,3 +484,99 @@ def test_dense_model_through_the_engine_equals_dense_greedy():
     for p, got in zip(prompts, out.tokens, strict=True):
         ref = greedy_by_reforward(params, cfg, p, 6)
         assert got == ref[: len(got)] and (len(got) == 6 or ref[len(got)] in cfg.eos_ids)
+
+
+# ----------------------------------------------------------------------------- logprobs
+
+
+def _direct_logprobs(ids):
+    """log p(ids[j] | ids[:j]) for j >= 1 and the argmax per position, from readme_forward on
+    the unsplit model (an independent path: no serving layout, no KV cache)."""
+    m = tiny_readme(num_experts=4, seed=0, vocab=49152)
+    logits = readme_forward(m.params, jnp.asarray([ids], jnp.int32), m.rc)[0][0]
+    lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
+    return lp[np.arange(len(ids) - 1), ids[1:]], lp.argmax(-1)
+
+
+def test_openai_client_echo_with_max_tokens_0_scores_the_prompt(server, tok):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    r = client.completions.create(
+        model=NAME, prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=2, temperature=0
+    )
+    c = r.choices[0]
+    ids = tok.encode(PROMPTS[0])
+    lp = c.logprobs
+    assert c.text == PROMPTS[0] and r.usage.completion_tokens == 0
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == tok.decode(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want, _ = _direct_logprobs(ids)
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, atol=1e-4)
+    assert lp.text_offset == [len(tok.decode(ids[:k])) for k in range(len(ids))]
+    for chosen, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+        assert len(top) <= 2 and max(top.values()) >= chosen - 1e-6
+
+
+def _stream_completion(server, **body):
+    lps, text = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, ""
+    with httpx.stream("POST", f"{server}/v1/completions", json={"model": NAME, **body}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                ch = json.loads(line[6:])["choices"][0]
+                text += ch["text"]
+                for k, v in (ch["logprobs"] or {}).items():
+                    lps[k] += v
+    return text, lps
+
+
+def test_greedy_tokens_are_the_top_1_and_streamed_logprobs_equal_non_streamed(server, tok):
+    body = dict(prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=3, echo=True)
+    full = complete(server, **body).json()["choices"][0]
+    lp = full["logprobs"]
+    n_prompt = len(tok.encode(PROMPTS[1]))
+    gen = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True))
+    assert len(gen) == n_prompt + 6
+    for t, v, top in gen[n_prompt:]:
+        best = max(top, key=top.get)
+        assert t == best and v == top[best]
+    text, streamed = _stream_completion(server, stream=True, **body)
+    assert text == full["text"]
+    assert streamed["tokens"] == lp["tokens"] and streamed["text_offset"] == lp["text_offset"]
+    assert streamed["token_logprobs"][0] is None
+    np.testing.assert_allclose(streamed["token_logprobs"][1:], lp["token_logprobs"][1:], atol=1e-5)
+    want, _ = _direct_logprobs(tok.encode(PROMPTS[1]))
+    np.testing.assert_allclose(lp["token_logprobs"][1:n_prompt], want, atol=1e-4)
+
+
+def test_chat_logprobs_and_top_logprobs_streamed_and_not(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    kw = dict(model=NAME, messages=msgs, max_tokens=5, temperature=0, logprobs=True)
+    r = client.chat.completions.create(top_logprobs=3, **kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 5
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == e.logprob
+    chunks = client.chat.completions.create(top_logprobs=3, stream=True, **kw)
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [e.token for e in streamed] == [e.token for e in content]
+    np.testing.assert_allclose([e.logprob for e in streamed], [e.logprob for e in content],
+                               atol=1e-5)  # fmt: skip
+    plain = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert all(e.top_logprobs == [] for e in plain)
+
+
+def test_logprobs_requests_out_of_range_get_a_400(server):
+    msgs = [{"role": "user", "content": "x"}]
+    cases = [
+        ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ("completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
+        ("completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+        ("chat/completions", {"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
+        ("chat/completions", {"messages": msgs, "logprobs": True, "top_logprobs": 21}, "top_"),
+    ]
+    for path, body, needle in cases:
+        r = httpx.post(f"{server}/v1/{path}", json={"model": NAME, **body})
+        assert r.status_code == 400 and needle in r.text, (body, r.text)

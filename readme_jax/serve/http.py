@@ -8,11 +8,14 @@ GET /v1/models, GET /health, GET /metrics (Prometheus text, see `metrics.py`).
 Request fields: model, prompt (a string or a list of token ids) | messages, max_tokens
 (chat: also max_completion_tokens), temperature (default 1, as OpenAI), top_p, top_k
 (extension; 0 = off), seed, stop (a string or up to 4), n (1 only), stream, stream_options
-{include_usage}, user (accepted, unused). Any other field is refused with a 400 naming it, so
-that a client never gets an answer that silently ignored what it asked for: the request models
-below are the one allowlist (add a field there when it is implemented). Responses carry `usage`
-(prompt, completion and total tokens). Streams are server-sent events in the OpenAI chunk
-format, ending `data: [DONE]`.
+{include_usage}, user (accepted, unused); completions: logprobs (0..5 alternatives) and echo
+(max_tokens 0 with echo scores the prompt alone); chat: logprobs (bool), top_logprobs (0..20).
+Log-probabilities come from a scoring pass over the same model (`logprobs.py`), before
+temperature; streamed chunks carry those of the tokens they add. Any other field is refused
+with a 400 naming it, so that a client never gets an answer that silently ignored what it
+asked for: the request models below are the one allowlist (add a field there when it is
+implemented). Responses carry `usage` (prompt, completion and total tokens). Streams are
+server-sent events in the OpenAI chunk format, ending `data: [DONE]`.
 
 Errors use the OpenAI body {"error": {"message", "type", "param", "code"}}: malformed JSON, a
 field of the wrong type, bad sampling values, n != 1, a prompt longer than the context or
@@ -50,6 +53,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve.engine import CANCELLED, ERROR
+from readme_jax.serve.logprobs import (
+    TOP_MAX,
+    Scorer,
+    chat_logprobs,
+    completion_entries,
+    completion_logprobs,
+)
 from readme_jax.serve.textstream import TextStream
 from readme_jax.serve.worker import Draining, EngineWorker, QueueFull
 
@@ -67,6 +77,17 @@ class ServerState:
     retry_after_s: int = 1  # Retry-After of a 503, and the least of a 429's (seconds)
     disconnect_poll_s: float = 0.25
     retry_after_max_s: int = 60  # the most a 429's Retry-After says (seconds)
+    _scorer: Scorer | None = dataclasses.field(default=None, repr=False)
+
+    def scorer(self) -> Scorer:
+        """The logprobs scoring pass over the served model (built on first use). ApiError 400
+        when the backend runs no model (a replayed run)."""
+        if self._scorer is None:
+            decoder = getattr(self.worker.engine.backend, "decoder", None)
+            if decoder is None:
+                raise ApiError(400, "logprobs are not available from a replayed run", "logprobs")
+            self._scorer = Scorer(decoder.rc, decoder.graph, self.max_len)
+        return self._scorer
 
     def busy_retry_after(self) -> int:
         """The Retry-After of a 429 now (seconds): `retry_after_estimate` over the requests
@@ -143,7 +164,9 @@ class _Common(BaseModel):
 
 class CompletionBody(_Common):
     prompt: str | list[int] | list[str]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = 16  # OpenAI's default for completions; 0 only with echo
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # top alternatives per token
+    echo: bool = False  # the prompt (and its tokens' logprobs, the first null) comes first
 
 
 class Message(BaseModel):
@@ -155,6 +178,8 @@ class Message(BaseModel):
 class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=TOP_MAX)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -189,7 +214,9 @@ def _stops(b: _Common) -> list[str]:
     return stops
 
 
-def _budget(st: ServerState, n_prompt: int, max_tokens: int | None, default_rest: bool) -> int:
+def _budget(
+    st: ServerState, n_prompt: int, max_tokens: int | None, default_rest: bool, echo: bool = False
+) -> int:
     T = st.max_len
     if n_prompt == 0:
         raise ApiError(400, "the prompt is empty", "prompt")
@@ -202,8 +229,12 @@ def _budget(st: ServerState, n_prompt: int, max_tokens: int | None, default_rest
         )
     if max_tokens is None:
         return T - n_prompt if default_rest else min(16, T - n_prompt)
+    if max_tokens == 0 and echo:
+        return 0  # scoring the prompt only
     if max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+        raise ApiError(
+            400, f"max_tokens must be >= 1 (0 only with echo), got {max_tokens}", "max_tokens"
+        )
     if n_prompt + max_tokens > T:
         raise ApiError(
             400,
@@ -229,6 +260,15 @@ def _prompt_ids(st: ServerState, prompt) -> list[int]:
     return list(prompt)
 
 
+def _echo_text(st: ServerState, prompt, ids: list[int]) -> str:
+    """The prompt as the choice's text starts with it under echo (token ids: decoded)."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], str):
+        return prompt[0]
+    return st.tokenizer.decode(ids)
+
+
 def _check_model(st: ServerState, model: str | None) -> None:
     if model and model != st.model_name:
         raise ApiError(
@@ -247,9 +287,13 @@ class _Generation:
     def __init__(self, st: ServerState, ids, max_tokens, sp, seed, stops):
         self.st, self.stream = st, TextStream(st.tokenizer, stops)
         self.prompt_tokens, self.completion_tokens = len(ids), 0
+        self.prompt, self.ids = list(ids), []  # prompt and completion token ids
         self.finish, self.error = None, None
         self._q: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        if max_tokens == 0:  # echo scoring only: nothing to generate
+            self.rid, self.done, self.finish = None, True, "length"
+            return
         sink = lambda ev: loop.call_soon_threadsafe(self._q.put_nowait, ev)  # noqa: E731
         try:
             self.rid = st.worker.submit(ids, max_tokens, sp, seed, sink)
@@ -269,6 +313,7 @@ class _Generation:
                 if self.stream.stopped:
                     continue
                 self.completion_tokens += 1
+                self.ids.append(int(val))
                 piece = self.stream.add(val)
                 if self.stream.stopped:
                     self.st.worker.cancel(self.rid, "stop string")
@@ -336,30 +381,83 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream_events(gen: _Generation, head: dict, chat: bool, usage: bool):
-    """SSE chunks for one generation; cancels the request if the stream is torn down."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
+@dataclasses.dataclass(frozen=True)
+class _Logprobs:
+    """What a request asked of `logprobs`: n_top alternatives per token; echo (completions):
+    the prompt's tokens come first in the choice."""
 
-    def chunk(delta: str | None, finish=None, role=False) -> dict:
+    chat: bool
+    n_top: int
+    echo: bool = False
+
+    @classmethod
+    def of(cls, body: _Common, chat: bool) -> _Logprobs | None:
+        if chat:
+            if body.top_logprobs is not None and not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            return cls(True, body.top_logprobs or 0) if body.logprobs else None
+        return None if body.logprobs is None else cls(False, body.logprobs, body.echo)
+
+    async def of_tokens(self, gen: _Generation, a: int, b: int) -> dict:
+        """The logprobs object of the choice's tokens a..b-1 (with echo the prompt's tokens
+        come first: 0..P-1), from one scoring pass over the prompt and completion so far."""
+        st, P = gen.st, len(gen.prompt)
+        off = P if self.echo else 0
+        full = gen.prompt + gen.ids[: max(0, b - off)]
+        lp = await anyio.to_thread.run_sync(st.scorer().score, full)
+        if self.chat:
+            return chat_logprobs(st.tokenizer, full[P + a :], lp.tail(b - a), self.n_top)
+        lps, tops = completion_entries(lp, first=True)  # entry j: token j of `full`
+        shift = P - off
+        choice = full[shift:]
+        return completion_logprobs(
+            st.tokenizer, choice, lps[shift:], tops[shift:], self.n_top, start=a
+        )
+
+
+async def _stream_events(
+    gen: _Generation, head: dict, chat: bool, usage: bool, lpr: _Logprobs | None, echo: str | None
+):
+    """SSE chunks for one generation (with echo: the prompt text first); each chunk carries
+    the logprobs of the tokens it adds when asked; cancels the request if the stream is torn
+    down."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    off = len(gen.prompt) if echo is not None else 0
+
+    def chunk(delta: str | None, finish=None, role=False, logprobs=None) -> dict:
         if chat:
             d = ({"role": "assistant"} if role else {}) | (
                 {} if delta is None else {"content": delta}
             )
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            text = delta or ""
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return head | {"object": obj, "choices": [choice]}
+
+    sent = 0  # completion tokens whose logprobs went out
+
+    async def lp_upto(n: int):
+        nonlocal sent
+        if lpr is None or n == sent:
+            return None
+        a, sent = sent, n
+        return await lpr.of_tokens(gen, off + a, off + n)
 
     try:
         if chat:
             yield _sse(chunk("", role=True))
+        if echo is not None:
+            lp = await lpr.of_tokens(gen, 0, off) if lpr is not None else None
+            yield _sse(chunk(echo, logprobs=lp))
         async for piece in gen.pieces():
-            yield _sse(chunk(piece))
+            yield _sse(chunk(piece, logprobs=await lp_upto(len(gen.ids))))
         if gen.error:
             err = {"message": gen.error, "type": "server_error", "param": None, "code": None}
             yield _sse({"error": err})
         else:
-            yield _sse(chunk(None if chat else "", gen.finish))
+            rest = await lp_upto(len(gen.ids)) if len(gen.ids) > sent else None
+            yield _sse(chunk(None if chat else "", gen.finish, logprobs=rest))
             if usage:
                 yield _sse(head | {"object": obj, "choices": [], "usage": gen.usage()})
         yield "data: [DONE]\n\n"
@@ -446,20 +544,28 @@ def create_app(st: ServerState) -> FastAPI:
 async def _serve(st: ServerState, body: _Common, ids: list[int], request: Request, chat: bool):
     sp = _sampling(body)
     stops = _stops(body)
-    max_tokens = _budget(st, len(ids), body.max_tokens, default_rest=chat)
+    lpr = _Logprobs.of(body, chat)
+    echo = None if chat or not body.echo else _echo_text(st, body.prompt, ids)
+    if lpr is not None:
+        st.scorer()  # a 400 before anything runs when this backend cannot score
+    max_tokens = _budget(st, len(ids), body.max_tokens, chat, echo is not None)
     seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**32
     gen = _Generation(st, ids, max_tokens, sp, seed, stops)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {"id": rid, "created": int(time.time()), "model": st.model_name}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return _EventStream(_stream_events(gen, head, chat, usage), media_type="text/event-stream")
+        events = _stream_events(gen, head, chat, usage, lpr, echo)
+        return _EventStream(events, media_type="text/event-stream")
     text = await _collect(gen, request)
     if gen.error:
         raise ApiError(500, f"the request failed in the engine: {gen.error}")
+    off = len(ids) if echo is not None else 0
+    lp = None if lpr is None else await lpr.of_tokens(gen, 0, off + len(gen.ids))
     if chat:
         msg = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": msg, "logprobs": None, "finish_reason": gen.finish}
+        choice = {"index": 0, "message": msg, "logprobs": lp, "finish_reason": gen.finish}
         return head | {"object": "chat.completion", "choices": [choice], "usage": gen.usage()}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish}
+    text = text if echo is None else echo + text
+    choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": gen.finish}
     return head | {"object": "text_completion", "choices": [choice], "usage": gen.usage()}
