@@ -5,7 +5,8 @@ unimplemented request field gets a 400 naming it; a full queue gets 429 + a Retr
 grows with the queue; a client disconnect frees its slot; an engine fault fails one request
 alone; an engine failure fails the requests in flight, turns /health 503 and stops the server
 with an error; SIGTERM drains within its bound; the lookahead counters reach /metrics (and a
-backend without them does not break it).
+backend without them does not break it); logprobs and echo (openai client; prompt scores equal
+an independent forward; streamed equal non-streamed; greedy tokens are the top-1).
 
 One tiny random Read-ME model (2 layers, width 32) with the bundled SmolLM2 tokenizer; every
 server has the same N, context and C, so the compiled steps are shared."""
