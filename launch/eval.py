@@ -15,13 +15,12 @@ import json
 from pathlib import Path
 
 from absl import flags, logging
-from ml_collections import config_flags
 
 from readme_jax import cli
 from readme_jax.checkpoints import models
 from readme_jax.eval.pipeline import run_eval
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "Eval config.")
+_CONFIG = cli.define_config("configs/smollm2_135m.py", "Eval config.")
 flags.DEFINE_string("checkpoint", None, "Run dir, model dir, .gguf file or HF directory.")
 flags.DEFINE_string("out", None, "Output directory (default: the run dir).")
 FLAGS = flags.FLAGS

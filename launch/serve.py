@@ -30,7 +30,7 @@ from readme_jax.serve.bench.models import load_serve_model
 from readme_jax.serve.cache import POLICIES as CACHE_POLICIES
 from readme_jax.serve.dense import dense_serve_params
 from readme_jax.serve.engine import EngineConfig
-from readme_jax.serve.server import build_server, run_server
+from readme_jax.serve.server import build_server, check_listen, run_server
 from readme_jax.serve.worker import EngineFailed
 from readme_jax.testing import tiny_serve_model
 
@@ -112,6 +112,7 @@ def engine_config(c, sp) -> EngineConfig:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     c = cli.parse_config(CONFIG, argv)
+    check_listen(c.host, c.port)  # before the model loads: a bad port fails in seconds
     t0 = time.perf_counter()
     sp, tok, source, name = load_model(c)
     ecfg = engine_config(c, sp)

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from absl import logging
-from ml_collections import config_flags
 
 import readme_jax.train.distributed as dist
 import readme_jax.train.local_distill as local_distill
@@ -37,11 +36,12 @@ from readme_jax.refactor.pipeline import (
     calibrate_recipe,
     write_refactor_report,
 )
+from readme_jax.train import config as train_config
 from readme_jax.train.dry_run import dry_run
 from readme_jax.train.loop import run_training
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/smollm2_135m.py", "Run config (ml_collections); override with --config.x=y"
+_CONFIG = cli.define_config(
+    "configs/smollm2_135m.py", "Run config (ml_collections); override with --config.x=y"
 )
 STAGES = ("calibrate", "refactor", "train", "eval")
 
@@ -140,6 +140,8 @@ def main(argv):
     pylogging.getLogger("jax").setLevel(pylogging.WARNING)
     c = _CONFIG.value
     stages = _stage_list(c.stages)
+    Recipe.from_config(c)  # every value checked before any work: ConfigError naming the key
+    train_config.resolve(c)
     run = Path(c.run_dir)
     if not c.dry_run:
         _init_distributed(c)

@@ -5,6 +5,10 @@
 
   c = cli.parse_config("configs/serve_bench.py", argv)   # --config.x=y, old --x=y mapped
 
+Every `--config.KEY=...` is checked against the config file before anything runs
+(`check_keys`; `parse_config`, or `define_config` for scripts on absl's global flags): an
+unknown key is one line with a "did you mean" where a near key exists.
+
 A user error is an exception the library raises for bad input (a missing or corrupt checkpoint,
 a bad config value, a prompt too long, a malformed trace or corpus, a failed download); any other
 exception is a bug and keeps its traceback.
@@ -12,6 +16,7 @@ exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -68,13 +73,63 @@ def run(main: Callable[[list[str]], Any]) -> None:
     app.run(guarded(main))
 
 
+def define_config(default_file: str, help_text: str):
+    """`config_flags.DEFINE_config_file("config", default_file, ...)` for a script on absl's
+    global flags, after `check_argv` on sys.argv: ml_collections applies the `--config.KEY`
+    overrides as soon as the flag is defined, so an unknown key is caught here, in one line
+    (exit 1), instead of as a traceback at import."""
+    if not any(a in HELP_FLAGS for a in sys.argv[1:]):
+        guarded(check_argv)(sys.argv[1:], default_file)
+    return config_flags.DEFINE_config_file("config", default_file, help_text)
+
+
+def check_argv(argv: Sequence[str], default_config: str | Path) -> None:
+    """`check_keys` on `argv` against the file its `--config=FILE` names (else the default)."""
+    config_file = str(default_config)
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            config_file = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            config_file = argv[i + 1]
+    check_keys(argv, _defaults(config_file), config_file)
+
+
+def _keys(c: ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for k in c.keys():
+        out.append(prefix + k)
+        if isinstance(c[k], ConfigDict):
+            out += _keys(c[k], f"{prefix}{k}.")
+    return out
+
+
+def check_keys(argv: Sequence[str], defaults: ConfigDict, where: str | Path = "the config") -> None:
+    """Raise ConfigError, one line, for the first `--config.KEY[=...]` (or `--noconfig.KEY`)
+    in `argv` whose KEY is not in `defaults`, with a "did you mean" where a key is close
+    (difflib, on the whole dotted key, else on its last part)."""
+    known = _keys(defaults)
+    for a in argv:
+        flag = a.split("=", 1)[0]
+        key = next((flag[len(p) :] for p in ("--config.", "--noconfig.") if flag.startswith(p)), "")
+        if not key or key in known:
+            continue
+        near = difflib.get_close_matches(key, known, n=1)
+        if not near:
+            leaf = key.rpartition(".")[2]
+            ends = {k.rpartition(".")[2]: k for k in known}
+            near = [ends[m] for m in difflib.get_close_matches(leaf, list(ends), n=1)]
+        hint = f"; did you mean {near[0]!r}?" if near else "; --help lists the settings"
+        raise ConfigError(f"unknown config key {key!r} ({a}) in {where}{hint}")
+
+
 def _defaults(config_file: str | Path) -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("_launch_config", config_file)
-    if spec is None or spec.loader is None:
+    path, _, variant = str(config_file).partition(":")  # FILE:ARG, as ml_collections reads it
+    spec = importlib.util.spec_from_file_location("_launch_config", path)
+    if spec is None or spec.loader is None or not Path(path).is_file():
         raise ConfigError(f"cannot load config file {config_file}")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config()
+    return mod.get_config(variant) if variant else mod.get_config()
 
 
 def config_argv(
@@ -119,7 +174,7 @@ def parse_config(
     """`--config=FILE --config.x=y ...` (default FILE `config_file`; old `--x=y` flags mapped
     by `config_argv`) parsed on a private flag registry, so a script's `main(argv)` can be
     called more than once in a process. `--help` (any of HELP_FLAGS) prints `config_help` and
-    exits 0. Raises ConfigError on an unknown flag or bad value."""
+    exits 0. Raises ConfigError on an unknown flag or key (`check_keys`) or a bad value."""
     if any(a in HELP_FLAGS for a in argv):
         try:
             print(config_help(config_file), flush=True)
@@ -127,7 +182,9 @@ def parse_config(
             sys.stdout = None
         raise SystemExit(0)
     fv = flags.FlagValues()
-    args = ["launch", *config_argv(argv, _defaults(config_file), negated)]
+    defaults = _defaults(config_file)
+    args = ["launch", *config_argv(argv, defaults, negated)]
+    check_argv(args[1:], config_file)
     try:
         holder = config_flags.DEFINE_config_file(
             "config", str(config_file), "config file (ml_collections)", fv, sys_argv=args

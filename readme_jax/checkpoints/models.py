@@ -25,6 +25,7 @@ ConfigError (unsupported architecture) from the parsers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,47 @@ def discover(checkpoint: str | Path | None) -> Found:
             f"{path}: an interrupted save of a readme_jax model (params/ without "
             f"{store.MODEL_JSON}); re-run the stage that writes it"
         )
+    holds = describe_run(path)
+    if holds is not None:
+        raise CheckpointError(f"{path}: {holds}")
     if (path / "config.json").exists():
         return Found("hf", path, spec)
     raise CheckpointError(
         f"{path}: not a GGUF file, a Hugging Face directory (config.json) or a readme_jax model "
         f"directory ({store.MODEL_JSON})"
+    )
+
+
+RUN_PARTS = {  # what launch/train.py writes in a run directory, and what it means
+    "calib": "calibration statistics (calib/)",
+    "train": "training state (train/)",
+    "reports": "reports (reports/)",
+    "eval": "an evaluation (eval/)",
+}
+
+
+def describe_run(path: str | Path) -> str | None:
+    """What a run directory of launch/train.py holds when it holds no complete model (None
+    when `path` is no such directory), with the stage to run next, e.g. "a run directory that
+    holds calibration statistics (calib/) only and no model; run the refactor stage ...". A run
+    directory has `config.json` with a `stages` key, or one of RUN_PARTS and no safetensors."""
+    path = Path(path)
+    parts = [what for name, what in RUN_PARTS.items() if (path / name).is_dir()]
+    cfg = path / "config.json"
+    try:
+        is_run = cfg.exists() and "stages" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        is_run = False
+    if not is_run and not (parts and not any(path.glob("*.safetensors"))):
+        return None
+    if list_models(path):
+        return None
+    held = " and ".join(parts) + " only" if parts else "nothing but its config.json"
+    nxt = "refactor" if (path / "calib").is_dir() else "calibrate"
+    stages = ("calibrate," if nxt == "calibrate" else "") + "refactor,train,eval"
+    return (
+        f"a readme_jax run directory that holds {held}, and no model; run the {nxt} stage "
+        f"first (python launch/train.py --config.run_dir={path} --config.stages={stages})"
     )
 
 

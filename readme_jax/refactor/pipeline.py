@@ -26,7 +26,14 @@ from readme_jax.checkpoints import models
 from readme_jax.checkpoints.tokenizer import Tokenizer
 from readme_jax.data import calibration_batch, prepare_domains
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.model.config import (
+    DISPATCH_MODES,
+    ConfigError,
+    LlamaConfig,
+    MoEConfig,
+    ReadMEConfig,
+    RouterConfig,
+)
 from readme_jax.model.router import init_layerwise_gates, init_router
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor.cluster import cluster_stats
@@ -34,6 +41,16 @@ from readme_jax.refactor.experts import active_ffn_fraction, build_expert_spec, 
 from readme_jax.refactor.stats import ActivationStats, collect_stats
 
 DEFAULT_DOMAINS = "fiction,drama,code_docs,manual"
+# Recipe field -> the run config key that sets it (configs/smollm2_135m.py), for messages
+RUN_CONFIG_KEYS = {
+    "remain_rate": "refactor.remain_rate",
+    "num_sequences": "calib.num_sequences",
+    "seq_len": "calib.seq_len",
+    "clusters": "refactor.num_clusters",
+    "top_k": "moe.top_k",
+    "dispatch": "moe.dispatch",
+    "dtype": "model.dtype",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +80,41 @@ class Recipe:
     dispatch: str = "ragged"
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
 
+    def check(self, keys: dict[str, str] | None = None) -> Recipe:
+        """Raise ConfigError, in one line naming the key, the value and the allowed range, for
+        the first value that cannot build a model; `keys` maps a field to the config key that
+        set it (for the message). Cheap: reads no checkpoint and no data. Returns self."""
+        keys = keys or {}
+        F = self.router
+        rules = [
+            ("remain_rate", 0 < self.remain_rate <= 1, "(0, 1]: the fraction of FFN channels kept"),
+            ("num_sequences", self.num_sequences >= 1, ">= 1"),
+            ("seq_len", self.seq_len >= 2, ">= 2"),
+            ("clusters", self.clusters >= 0, ">= 0"),
+            ("top_k", self.top_k >= 1, ">= 1"),
+            ("dispatch", self.dispatch in DISPATCH_MODES, f"one of {list(DISPATCH_MODES)}"),
+            ("dtype", self.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+            ("router.dim", F.dim >= 1 and F.dim % max(F.n_heads, 1) == 0, "a multiple of n_heads"),
+            ("router.n_heads", F.n_heads >= 1, ">= 1"),
+            ("router.ffn_dim", F.ffn_dim >= 1, ">= 1"),
+        ]
+        for field, ok, allowed in rules:
+            if not ok:
+                key = keys.get(field, field)
+                node, _, leaf = field.rpartition(".")
+                value = getattr(getattr(self, node) if node else self, leaf)
+                raise ConfigError(f"{key}={value!r} is out of range: allowed {allowed}")
+        return self
+
     @classmethod
     def from_config(cls, c: Any) -> Recipe:
-        """From a run config (configs/smollm2_135m.py's fields)."""
+        """From a run config (configs/smollm2_135m.py's fields), checked (`check`, naming the
+        config keys); raises ConfigError before any work."""
         k = (c.refactor.num_clusters or len(parse_domains(c.data.domains))) * bool(
             c.refactor.clustering
         )
+        if c.refactor.num_clusters < 0:
+            raise ConfigError(f"refactor.num_clusters={c.refactor.num_clusters} must be >= 0")
         return cls(
             checkpoint=c.model.checkpoint,
             domains=c.data.domains,
@@ -85,7 +131,7 @@ class Recipe:
             gate_scaling=c.moe.gate_scaling,
             dispatch=c.moe.dispatch,
             router=RouterConfig(c.router.dim, c.router.n_heads, c.router.ffn_dim),
-        )
+        ).check(RUN_CONFIG_KEYS)
 
     def batches(self, tok: Tokenizer) -> dict[str, list[np.ndarray]]:
         """The recipe's calibration batches per domain (`calibration_batches`)."""
@@ -238,7 +284,8 @@ def build_readme(
 ) -> Built:
     """The untrained Read-ME model of `recipe`: load the dense source (unless `source` is given),
     calibrate (cached in `calib_dir`, or in `calib_root`/calib-<recipe hash>; or use `stats`),
-    build experts and the MoE parameters."""
+    build experts and the MoE parameters. Raises ConfigError (`Recipe.check`) before loading."""
+    recipe.check()
     cfg, dense, tok = source or models.load_dense(
         recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed
     )

@@ -22,6 +22,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from readme_jax.model.config import ConfigError
 from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve.backend import ModelBackend
 from readme_jax.serve.decode import ServeParams
@@ -57,6 +58,25 @@ class ServerHandle:
             self.server.should_exit = True
             self.thread.join(grace_s + 10)
         self.worker.join(grace_s + 10)
+
+
+def check_listen(host: str, port: int) -> None:
+    """Raise ConfigError, in one line, unless a server can listen on (host, port): the port in
+    [1, 65535] and the address bindable now (not in use, permitted, an address of this host).
+    uvicorn would announce an out-of-range port as running and then hang."""
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"port={port!r} is out of range: allowed 1-65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"host={host!r} is not an address of this machine: {e}") from None
+    family, kind, proto, _, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(addr)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
