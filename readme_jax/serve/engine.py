@@ -457,10 +457,8 @@ class Engine:
             rec, outs = self._step(batch, self._live, self._cache, self._free_rows, self.step_index)
         except Exception as err:  # fails the requests of this batch, not the session
             out.fault = f"engine error: {err!r}"
-            for rid in batch.ids:
-                l = self._live[rid]
-                self.cancel(rid)
-                out.finished.append(self._close(l.res, ERROR, out.fault))
+            for rid in batch.ids:  # cancel frees the slot and returns the request's result
+                out.finished.append(self._close(self.cancel(rid), ERROR, out.fault))
             return out
         wall = time.perf_counter() - t0
         rec["time_s"], rec["wall_s"] = self.now, wall
