@@ -93,6 +93,8 @@ data: setup
 # tokens, at remain rates 0.5 and 0.75 (preset "compare": ~35 min per rate on 2 CPU cores, each
 # stage resumable), then one table and the perplexity-vs-active-parameters plot in docs/compare/.
 COMPARE_RATES ?= 0.5 0.75
+# examples per offline lm_eval task in the downstream table (launch/downstream.py)
+DOWNSTREAM_LIMIT ?= 200
 compare: setup
 	$(PY) launch/data.py
 	for rr in $(COMPARE_RATES); do \
@@ -102,6 +104,8 @@ compare: setup
 	    --config.eval.mmlu_limit=0 || exit 1; \
 	done
 	$(PY) tools/compare_widths.py $(foreach r,$(COMPARE_RATES),runs/compare_rr$(r)) --out docs/compare
+	$(PY) launch/downstream.py $(foreach r,$(COMPARE_RATES),runs/compare_rr$(r)) \
+	  --limit $(DOWNSTREAM_LIMIT) --out docs/compare
 
 # The PyTorch peer (parity fixtures, benchmarks) lives in its own Python 3.11 venv: the CPU torch
 # 2.13 wheel on this machine is built for 3.11, and torch is never a runtime dependency.
