@@ -92,10 +92,15 @@ def _is_readme(path: str) -> bool:
 def _generate_moe(sp) -> None:
     """Read-ME through the serving engine: pre-gated routes, offloaded experts, cache stats."""
     from readme_jax.checkpoints.tokenizer import prompt_ids
-    from readme_jax.serve.bench.models import load_serve_model
+    from readme_jax.serve.bench.models import default_model, load_serve_model
     from readme_jax.serve.engine import generate
 
-    sm = load_serve_model(FLAGS.checkpoint or None)
+    ck = FLAGS.checkpoint
+    if not ck:  # the newest trained run of the default config, else say it is untrained
+        found, line, _ = default_model()
+        print(f"[model] {line}", file=sys.stderr)
+        ck = str(found) if found else None
+    sm = load_serve_model(ck)
     ids = prompt_ids(sm.tokenizer, FLAGS.prompt, FLAGS.chat)
     out_ids: list[int] = []
     printed = [""]

@@ -1,6 +1,8 @@
 """OpenAI-compatible HTTP server over the Read-ME serving engine (FastAPI + uvicorn).
 
-  python launch/serve.py                                    # SmolLM2 refactored on the fly
+  python launch/serve.py                                    # the newest trained Read-ME run
+                                                            # of the default config (else an
+                                                            # untrained on-the-fly conversion)
   python launch/serve.py --config.checkpoint=runs/smollm2_135m   # a Read-ME run directory
   python launch/serve.py --config.dense=True                # the dense SmolLM2, same engine
   python launch/serve.py --config.checkpoint=model.gguf     # any dense GGUF or HF directory
@@ -26,7 +28,7 @@ from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.checkpoints.tokenizer import load_tokenizer
 from readme_jax.model.config import ConfigError
 from readme_jax.serve import batching
-from readme_jax.serve.bench.models import load_serve_model
+from readme_jax.serve.bench.models import default_model, load_serve_model
 from readme_jax.serve.cache import POLICIES as CACHE_POLICIES
 from readme_jax.serve.dense import dense_serve_params
 from readme_jax.serve.engine import EngineConfig
@@ -57,6 +59,12 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 def load_model(c):
     """(ServeParams, tokenizer, description, default model name)."""
     kind, path = resolve_checkpoint(c.checkpoint)
+    default_name = ""
+    if kind == "bundled" and not c.dense:  # no checkpoint: a trained run, else say so
+        found, line, default_name = default_model()
+        print(f"[model] {line}", flush=True)
+        if found is not None:
+            kind, path = "readme", str(found)
     if kind == "tiny":
         sm = tiny_serve_model(seed=c.seed, vocab=49152)
         return sm.params, load_tokenizer(), sm.source + ", SmolLM2 tokenizer", "readme-tiny"
@@ -69,7 +77,7 @@ def load_model(c):
             remain_rate=c.remain_rate,
             seed=c.seed,
         )
-        name = "readme-" + (Path(path).parent.name if path else "smollm2-135m-onthefly")
+        name = default_name or "readme-" + Path(path).parent.name
         return sm.params, sm.tokenizer, sm.source, name
     cfg, params, tok = models.load_dense(path, seed=c.seed)
     src = (path or "bundled SmolLM2-135M-Instruct GGUF") + " (dense, served with no expert cache)"
