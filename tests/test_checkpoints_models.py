@@ -1,5 +1,6 @@
 """The one door for models on disk: what a path holds, round trips, the tokenizer rule."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 import readme_jax as rj
-from readme_jax.checkpoints import models
+from readme_jax.checkpoints import models, store
 from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.checkpoints.gguf import default_gguf_path
 from readme_jax.testing import random_checkpoint, tiny_readme
@@ -84,3 +85,49 @@ def test_tokenizer_follows_the_recipe_source():
     assert models.tokenizer_for({"recipe": {"checkpoint": "random:vocab=1"}}).name == bundled.name
     with pytest.raises(CheckpointError, match="llama_gqa: no tokenizer files"):  # the source's own
         models.tokenizer_for({"recipe": {"checkpoint": str(GQA)}})  # (the fixture has none)
+
+
+def _largest_param_file(path: Path) -> Path:
+    return max((path / "params").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else 0)
+
+
+def test_damaged_bytes_in_a_saved_model_are_named_at_load(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("READMEJAX_CACHE_DIR", str(tmp_path / "cache"))
+    m = tiny_readme(num_experts=3, seed=2)
+    path = models.save_readme(tmp_path / "moe", m.params, m.rc, m.spec, m.meta)
+    listed = json.loads((path / store.MANIFEST).read_text())["files"]
+    assert any(k.startswith("experts/") for k in listed)
+    assert any(k.startswith("params/") for k in listed) and store.MODEL_JSON not in listed
+    models.load_readme(path)  # verified, and its files' identities recorded
+    calls = []
+    real = store._sha256
+    monkeypatch.setattr(store, "_sha256", lambda f: calls.append(f) or real(f))
+    models.load_readme(path)
+    assert calls == []  # unchanged files: not hashed again
+    data = _largest_param_file(path)
+    raw = bytearray(data.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 64] = bytes(64)
+    data.write_bytes(bytes(raw))  # same size: only the content check can see it
+    for load in (models.load_readme, rj.load):
+        with pytest.raises(CheckpointError, match="differs from its checksum") as e:
+            load(path)
+        assert str(data) in str(e.value)
+    monkeypatch.setenv("READMEJAX_VERIFY", "0")  # the check can be skipped
+    calls.clear()
+    try:
+        models.load_readme(path)
+    except CheckpointError as e:  # orbax may still refuse the bytes, but not by checksum
+        assert "checksum" not in str(e)
+    assert calls == []
+
+
+def test_a_model_saved_before_manifests_loads_unverified(tmp_path, caplog):
+    m = tiny_readme(num_experts=3, seed=3)
+    path = models.save_readme(tmp_path / "old", m.params, m.rc, m.spec, m.meta)
+    (path / store.MANIFEST).unlink()
+    with caplog.at_level("WARNING", logger=store.__name__):
+        back = models.load_readme(path)
+    assert back.rc == m.rc
+    lines = [r.getMessage() for r in caplog.records if "unverified" in r.getMessage()]
+    assert len(lines) == 1 and str(path) in lines[0] and "\n" not in lines[0]

