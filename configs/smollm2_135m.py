@@ -44,6 +44,10 @@ def get_config(variant: str = "") -> ConfigDict:
     # teacher writes in its chat template (launch/data.py samples them; data/chat.py), its own
     # expert; without it the converted model stops answering in the chat format
     c.data.domains = DOMAINS[variant or "four"] + ",chat"
+    # domains trained on (and evaluated) without an expert of their own: their tokens are routed
+    # by the coverage target (Eq. 4) to the experts of c.data.domains, e.g. "chat" here with
+    # domains = the four text domains ("chat spread over the experts")
+    c.data.extra_domains = ""
     # mixture weights of the training batches, "name=w,..." (unnamed domains: 1); "" = uniform
     c.data.weights = ""
     c.data.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax

@@ -31,6 +31,7 @@ def _use_run_settings(c, run: Path) -> None:
     saved = json.loads((run / "config.json").read_text())
     c.model.checkpoint = saved["model"]["checkpoint"]
     c.data.domains = saved["data"]["domains"]
+    c.data.extra_domains = saved["data"].get("extra_domains", "")
 
 
 def main(argv):

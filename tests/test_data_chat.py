@@ -86,15 +86,17 @@ def test_documents_are_template_conversations_ending_in_eos(teacher, tmp_path):
     sample, tok = teacher
     _build(teacher, tmp_path)
     convs = [
-        json.loads(x)
-        for x in (corpora.domain_dir("chat", tmp_path) / "conversations.jsonl").open()
+        json.loads(x) for x in (corpora.domain_dir("chat", tmp_path) / "conversations.jsonl").open()
     ]
     by_id = {c["id"]: c for c in convs}
     docs = corpora.load_documents("chat", "train", tmp_path)
     for d in docs:
         c = by_id[d.doc_id]
         full = tok.apply_chat_template(
-            [{"role": "user", "content": c["query"]}, {"role": "assistant", "content": c["answer"]}],
+            [
+                {"role": "user", "content": c["query"]},
+                {"role": "assistant", "content": c["answer"]},
+            ],
             add_generation_prompt=False,
         )
         # the document is the rendered conversation without its final end-of-turn ...

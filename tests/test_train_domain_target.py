@@ -73,3 +73,27 @@ def test_clustered_experts_refuse_the_label_target(tmp_path):
     c.train.domain_target = 0.5
     with pytest.raises(context.TrainingError, match="clusters"):
         context.build_context(c, Path(c.run_dir), train_config.resolve(c), tok, teacher)
+
+
+def test_domains_without_an_expert_keep_the_coverage_target():
+    """data.extra_domains: tokens whose domain index is >= E keep the Eq. 4 target at any
+    weight; labelled tokens get the mix."""
+    t = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 3, 4)), -1)
+    d = jnp.array([[0, 4, 5], [3, 4, 1]])  # E = 4: domains 4 and 5 have no expert
+    out = np.asarray(losses.mix_domain_target(t, d, 0.75))
+    t = np.asarray(t)
+    extra = np.asarray(d) >= 4
+    np.testing.assert_allclose(out[extra], t[extra], rtol=1e-6)
+    oh = np.eye(4)[np.asarray(d)[~extra]]
+    np.testing.assert_allclose(out[~extra], 0.25 * t[~extra] + 0.75 * oh, rtol=1e-6)
+
+
+def test_extra_domains_parse_after_the_experts():
+    c = smollm2_135m.get_config()
+    c.data.domains = "fiction,drama"
+    c.data.extra_domains = "chat, mine=/data/x.jsonl"
+    assert context.parse_extra(c) == {"chat": None, "mine": "/data/x.jsonl"}
+    assert context.parse_weights("chat=2", ["fiction", "chat"]) == {"fiction": 1.0, "chat": 2.0}
+    assert context.parse_weights("", ["fiction"]) is None
+    with pytest.raises(context.TrainingError, match="not one of the domains"):
+        context.parse_weights("code=1", ["fiction"])

@@ -210,6 +210,9 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     t0 = time.time()
     cfg, dense, tok = models.load_dense(c.model.checkpoint, c.model.dtype, False, c.seed)
     domains = list(parse_domains(c.data.domains))
+    extra = c.data.get("extra_domains", "") or ""
+    domains += [d.partition("=")[0].strip() for d in extra.split(",") if d.strip()]
+    domains = list(dict.fromkeys(domains))
     streams = {
         d: domain_stream(
             d,

@@ -38,6 +38,7 @@ class Context:
     tc: TrainConfig
     mesh: Any
     model: models.ReadMEModel  # the refactored, untrained Read-ME model
+    # training domains: the experts' (index e = expert e), then data.extra_domains
     teacher_cfg: LlamaConfig
     teacher: dict  # dense params, layers stacked
     tokenizer: Any
@@ -131,6 +132,7 @@ def build_context(c: Any, run: Path, tc: TrainConfig, tokenizer=None, teacher=No
         tokenizer = tokenizer or tok
     tcfg, dense = teacher
     domains = parse_domains(c.data.domains)
+    extra = {k: v for k, v in parse_extra(c).items() if k not in domains}
     recipe = model.meta.get("recipe", {})
     clustered = bool(recipe.get("clusters"))
     # clustered experts (refactor.clustering) are named cluster0..; their recipe names the data
@@ -146,15 +148,36 @@ def build_context(c: Any, run: Path, tc: TrainConfig, tokenizer=None, teacher=No
             f"in {moe_dir} are k-means clusters (refactor.clustering); set it to 0"
         )
     cache = c.data.cache or None
-    _, errors = prepare_domains(dict(domains), cache=cache)
+    _, errors = prepare_domains({**domains, **extra}, cache=cache)
     if errors:
         missing = "; ".join(f"{k}: {v}" for k, v in errors.items())
         raise TrainingError(f"training data unavailable: {missing}")
     mesh = mesh_from_config(c)
     _check_batches(tc, mesh)
     return Context(
-        c, run, tc, mesh, model, tcfg, llama.stack_layers(dense), tokenizer, list(domains), cache
+        c,
+        run,
+        tc,
+        mesh,
+        model,
+        tcfg,
+        llama.stack_layers(dense),
+        tokenizer,
+        [*domains, *extra],
+        cache,
     )
+
+
+def parse_extra(c: Any) -> dict[str, str | None]:
+    """`data.extra_domains`: domains trained on without an expert (their pipeline index comes
+    after the experts' domains, so the domain-label target leaves them to the coverage
+    target)."""
+    spec = c.data.get("extra_domains", "") or ""
+    out: dict[str, str | None] = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, path = part.partition("=")
+        out[name] = path or None
+    return out
 
 
 def _check_batches(tc: TrainConfig, mesh) -> None:

@@ -36,15 +36,17 @@ def mix_domain_target(target_XxSxE: jax.Array, domain_BxS: jax.Array, weight: fl
     document's domain label (train.domain_target), [..., B, S, E] (leading axes broadcast,
     e.g. the layer-wise baseline's [L, B, S, E]). Needs one expert per domain, expert d = domain
     d (the refactor's domain experts); weight 0 returns `target` unchanged (Eq. 4 as in the
-    paper). Our option (issue 15): at the `compare` budget the trained router's perplexity is
+    paper); tokens of a domain with no expert (index >= E, `data.extra_domains`) keep `target`.
+    Our option: at the `compare` budget the trained router's perplexity is
     12% above that of domain-oracle routing of the same experts (docs/results.md section 7c),
     and a document's label is constant, so the target also asks for temporal locality."""
     if not weight:
         return target_XxSxE
     E = target_XxSxE.shape[-1]
-    return (1.0 - weight) * target_XxSxE + weight * jax.nn.one_hot(
-        domain_BxS, E, dtype=target_XxSxE.dtype
-    )
+    oh = jax.nn.one_hot(domain_BxS, E, dtype=target_XxSxE.dtype)
+    # a domain without an expert of its own (data.extra_domains, index >= E) keeps the target
+    labelled = jnp.sum(oh, -1, keepdims=True)
+    return target_XxSxE + weight * (oh - labelled * target_XxSxE)
 
 
 # ---------------------------------------------------------------- routing losses and metrics
