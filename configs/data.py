@@ -8,7 +8,7 @@ from readme_jax.data.corpora import DEFAULT_DOMAINS
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
-    c.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax
+    c.cache = ""  # "" = $READMEJAX_CACHE_DIR or ~/.cache/readme_jax
     # default names, or name=PATH for a folder of .txt, a .jsonl with a "text" field, or a
     # .parquet with a "text" column
     # "chat" is sampled from the teacher (readme_jax/data/chat.py; settings in c.chat below)

@@ -50,7 +50,7 @@ def get_config(variant: str = "") -> ConfigDict:
     c.data.extra_domains = ""
     # mixture weights of the training batches, "name=w,..." (unnamed domains: 1); "" = uniform
     c.data.weights = ""
-    c.data.cache = ""  # "" = $READEME_CACHE or ~/.cache/readme_jax
+    c.data.cache = ""  # "" = $READMEJAX_CACHE_DIR or ~/.cache/readme_jax
     c.data.seq_len = 512
 
     c.calib = ConfigDict()

@@ -13,7 +13,7 @@ The `chat` domain is sampled from the teacher (default: the bundled SmolLM2-135M
 its own chat template (readme_jax/data/chat.py); it is redone only when its settings or the
 teacher change.
 
-Everything lands in the cache directory (config `cache`, default $READEME_CACHE or
+Everything lands in the cache directory (config `cache`, default $READMEJAX_CACHE_DIR or
 ~/.cache/readme_jax) and is reused on the next run. A domain that cannot be fetched is reported
 with instructions; the others still work.
 """

@@ -9,50 +9,38 @@ Every `--config.KEY=...` is checked against the config file before anything runs
 (`check_keys`; `parse_config`, or `define_config` for scripts on absl's global flags): an
 unknown key is one line with a "did you mean" where a near key exists.
 
-A user error is an exception the library raises for bad input (a missing or corrupt checkpoint,
-a bad config value, a prompt too long, a malformed trace or corpus, a failed download); any other
-exception is a bug and keeps its traceback.
+A user error is a `readme_jax.errors.UserError` the library raises for bad input (a missing or
+corrupt checkpoint, a bad config value, a prompt too long, a malformed trace or corpus, a failed
+download), or a FileNotFoundError; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from readme_jax.checkpoints.errors import CheckpointError, TextError
-from readme_jax.data.corpora import CorpusError
-from readme_jax.data.fetch import FetchError
-from readme_jax.data.rdata import RDataError
-from readme_jax.data.tasks import TaskError
-from readme_jax.decode.steps import PromptError
+from readme_jax.errors import UserError
 from readme_jax.model.config import ConfigError
-from readme_jax.serve.bench.replay import ReplayError
-from readme_jax.serve.bench.trace import TraceError
-from readme_jax.train.config import TrainConfigError
-from readme_jax.train.context import TrainingError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError,
-    ConfigError,
-    CorpusError,
-    FetchError,
-    FileNotFoundError,
-    PromptError,
-    RDataError,
-    ReplayError,
-    TaskError,
-    TextError,
-    TraceError,
-    TrainConfigError,
-    TrainingError,
-)
+# Every user-facing error subclasses UserError (readme_jax/errors.py); a missing file named on
+# the command line is the user's to fix too.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+
+# A launch script prints its own progress and results, not the libraries' INFO lines. Both
+# variables are read late enough to be set here, at import of the plumbing: transformers is
+# imported lazily (it serves tokenizers and chat templates only, so its "PyTorch was not found"
+# advisory is noise) and XLA's C++ logger reads its level at its first line. A value the user
+# set wins.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
 def guarded(main: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,8 +57,16 @@ def guarded(main: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-    """absl `app.run(main)` with `guarded` user errors."""
-    app.run(guarded(main))
+    """absl `app.run(main)` with `guarded` user errors, absl/orbax/jax logging at WARNING
+    (app.run would show their INFO lines) unless `--verbosity`/`-v` is given."""
+
+    def quiet_main(argv: list[str]) -> Any:
+        if not any(a.split("=")[0] in ("--verbosity", "-v", "--v") for a in sys.argv[1:]):
+            logging.set_verbosity(logging.WARNING)
+        return main(argv)
+
+    quiet_main.__doc__ = main.__doc__
+    app.run(guarded(quiet_main))
 
 
 def define_config(default_file: str, help_text: str):

@@ -1,9 +1,11 @@
 """Errors raised at the checkpoint-loading boundary (launch scripts report them via cli.py)."""
 
+from readme_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, truncated, corrupt or inconsistent with its config."""
 
 
-class TextError(ValueError):
+class TextError(UserError, ValueError):
     """Text that cannot be tokenized (e.g. not valid UTF-8), or a chat the model cannot format."""

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from readme_jax import cache_dir
 from readme_jax.checkpoints.errors import CheckpointError
 
 MODEL_JSON = "model.json"
@@ -91,11 +92,9 @@ def manifest(path: str | Path) -> dict[str, Any]:
 
 
 def _verified_record(path: Path) -> Path | None:
-    root = os.environ.get("READMEJAX_CACHE_DIR")
-    if root == "off":
+    root = cache_dir.memo_root()
+    if root is None:
         return None
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "readme_jax"
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
     return Path(root) / "verified" / f"{key}.json"
 

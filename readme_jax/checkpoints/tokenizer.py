@@ -32,6 +32,7 @@ from typing import Any
 
 import tokenizers
 
+from readme_jax import cache_dir
 from readme_jax.checkpoints.errors import CheckpointError, TextError
 from readme_jax.checkpoints.gguf import default_gguf_path, gguf_end_ids, gguf_identity, open_gguf
 
@@ -397,7 +398,7 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
 
 # A GGUF vocabulary takes seconds to parse (the `gguf` reader walks 49k tokens and merges one by
 # one), so a parsed one is kept: in this process per file identity, and on disk as the
-# `tokenizers` JSON under $READMEJAX_CACHE_DIR (default $XDG_CACHE_HOME/readme_jax or
+# `tokenizers` JSON under the cache directory (readme_jax/cache_dir.py: $READMEJAX_CACHE_DIR or
 # ~/.cache/readme_jax; "off" disables it), keyed by the file's identity, the `tokenizers` version
 # and the source of the modules that build a tokenizer (so a change to them is never masked).
 _DISK_FORMAT = 1
@@ -412,11 +413,9 @@ def _builder_source_hash() -> str:
 
 
 def _disk_cache_file(identity: tuple, path: str) -> Path | None:
-    root = os.environ.get("READMEJAX_CACHE_DIR")
-    if root == "off":
+    root = cache_dir.memo_root()
+    if root is None:
         return None
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "readme_jax"
     key = json.dumps(
         [_DISK_FORMAT, tokenizers.__version__, _builder_source_hash(), *identity, path]
     )

@@ -9,7 +9,7 @@ round-robin over the documents (every document's first passage, then every secon
 that a prefix of the file (lm_eval's --limit) spreads over the documents. Rows are
 {"domain", "doc_id", "context", "target"}; the model scores " " + target after the context.
 
-The file `$READEME_CACHE/tasks/cloze_<domain>_<split>.jsonl` is written on first use from the
+The file `$READMEJAX_CACHE_DIR/tasks/cloze_<domain>_<split>.jsonl` is written on first use from the
 split that `launch/data.py` prepared (data/corpora.py), and rebuilt when the split changes.
 """
 

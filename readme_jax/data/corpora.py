@@ -1,7 +1,7 @@
 """Text domains: the default corpora and user-supplied ones, split by document.
 
 Every domain, default or user, ends up in the same prepared form under
-`$READEME_CACHE/corpora/<domain>/`:
+`$READMEJAX_CACHE_DIR/corpora/<domain>/`:
   train.jsonl, validation.jsonl, test.jsonl   one {"id", "text"} object per document
   manifest.json                               sources, split settings, counts, checksums
 
@@ -28,6 +28,7 @@ import readme_jax.data.extract as extract
 import readme_jax.data.extract_more as extract_more
 import readme_jax.data.fetch as fetch
 from readme_jax.data.extract import Document
+from readme_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 # Every packaged domain: name -> extractor (cache -> (documents, source keys used)).
@@ -49,7 +50,7 @@ DOMAIN_SOURCES = {
 }
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A domain's text is missing, empty or unreadable."""
 
 

@@ -28,11 +28,12 @@ import unlzw3
 
 import readme_jax.data.fetch as fetch
 from readme_jax.data.extract import Document, clean_text, html_to_text
+from readme_jax.errors import UserError
 
 EXTRACTOR_VERSION = 2  # bump to invalidate these four prepared domains (2: perl dedup)
 
 
-class ExtractError(ValueError):
+class ExtractError(UserError, ValueError):
     """A package file is not in the format its extractor reads."""
 
 

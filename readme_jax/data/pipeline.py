@@ -1,7 +1,7 @@
 """Token caches and the grain input pipeline: packed, domain-labelled, shuffled, resumable.
 
 Tokenization happens once per (tokenizer, domain, split). The cache holds, under
-`$READEME_CACHE/tokens/<tokenizer name>/<domain>/`:
+`$READMEJAX_CACHE_DIR/tokens/<tokenizer name>/<domain>/`:
   <split>.npy          uint32 [T]: every document's tokens, each followed by EOS
   <split>.offsets.npy  int64 [N+1]: where each document starts in the stream (and T at the end)
   <split>.json         counts (documents, tokens, UTF-8 bytes) and the checksum of its text

@@ -33,11 +33,13 @@ from rdata.parser import RObject as ParsedObject
 from rdata.parser._binary import ParserBinary
 from rdata.parser._xdr import ParserXDR
 
+from readme_jax.errors import UserError
+
 NA_INTEGER = -(2**31)
 _PERSISTSXP, _PACKAGESXP = 247, 248  # persistent-name references (R's serialize.c)
 
 
-class RDataError(ValueError):
+class RDataError(UserError, ValueError):
     """Raised when bytes are not a readable R serialization stream."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import readme_jax.data.fetch as fetch
+from readme_jax.errors import UserError
 
 LETTERS = ("A", "B", "C", "D")
 CONTINUATIONS = tuple(" " + c for c in LETTERS)
@@ -33,7 +34,7 @@ NUM_QUESTIONS = 14042
 NUM_SUBJECTS = 57
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """The task data is missing or malformed."""
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from readme_jax.errors import UserError
 from readme_jax.model import llama, moe, readme
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.readme import ReadMEConfig
@@ -38,7 +39,7 @@ from readme_jax.model.sampling import sample_rows
 Params = dict[str, Any]
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt that the model cannot take (too long, empty, out-of-range token ids)."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 import readme_jax.data.pipeline as pipeline
+from readme_jax.errors import UserError
 from readme_jax.eval.perplexity import (
     LogitsFn,
     make_student_vs_teacher_fn,
@@ -34,7 +35,7 @@ from readme_jax.eval.perplexity import (
 QUESTIONS = Path(__file__).resolve().parent / "data" / "questions.jsonl"
 
 
-class SkillsError(ValueError):
+class SkillsError(UserError, ValueError):
     """A question file or chat data that cannot be used; the message names what is wrong."""
 
 

@@ -22,12 +22,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from readme_jax.errors import UserError
+
 SUPPORTED_ARCHITECTURES = ("llama", "LlamaForCausalLM", "MistralForCausalLM")
 # MoE expert dispatch implementations (model/moe.py describes each)
 DISPATCH_MODES = ("ragged", "blocked", "select")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model config that cannot describe a supported checkpoint."""
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
+from readme_jax.errors import UserError
 from readme_jax.model.config import DISPATCH_MODES
 
 SIZING = (
@@ -31,7 +32,7 @@ PHASES = ("router", "expert")
 BASELINES = ("layerwise", "static")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UserError, ValueError):
     """A training config that cannot run; the message names the key to change."""
 
 

@@ -16,6 +16,7 @@ import jax
 import readme_jax.train.distributed as dist
 from readme_jax.checkpoints import models
 from readme_jax.data import PipelineConfig, prepare_domains
+from readme_jax.errors import UserError
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.refactor.experts import expert_channel_masks
@@ -25,7 +26,7 @@ from readme_jax.train.losses import union_masks
 from readme_jax.train.mesh import mesh_from_config, param_shardings
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite loss, missing inputs); the message says what to do."""
 
 

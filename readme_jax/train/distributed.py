@@ -39,6 +39,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from readme_jax.errors import UserError
+
 # environment variables by which JAX's cluster auto-detection recognises a multi-process launch
 # (jax/_src/clusters: slurm_cluster.py, ompi_cluster.py, cloud_tpu_cluster.py)
 _SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
@@ -46,7 +48,7 @@ _OMPI = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE")
 _TPU = ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "CLOUD_TPU_TASK_ID", "TPU_WORKER_ID")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """The processes could not be joined; the message says which setting to check."""
 
 

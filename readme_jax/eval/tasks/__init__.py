@@ -9,7 +9,7 @@
 
 Point lm_eval at TASKS_DIR (`--include_path`, or `TaskManager(include_path=TASKS_DIR)`);
 `launch/lm_harness.py` adds it. The datasets are built by `loaders.py` from
-`$READEME_CACHE` (prepared by `python launch/data.py`).
+`$READMEJAX_CACHE_DIR` (prepared by `python launch/data.py`).
 """
 
 from pathlib import Path

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from readme_jax.errors import UserError
 from readme_jax.serve.cache import EMPTY, CacheStats, ExpertCache, Future, Policy, split_waves
 
 
@@ -76,7 +77,7 @@ def requests_from_log(log: Sequence[dict]) -> list[list[int]]:
     return [steps[t] for t in sorted(steps)]
 
 
-class ReplayError(ValueError):
+class ReplayError(UserError, ValueError):
     """A cache log that contradicts itself (a claimed hit that was not resident, ...)."""
 
 

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from readme_jax.errors import UserError
 
-class TraceError(ValueError):
+
+class TraceError(UserError, ValueError):
     """A malformed trace file or trace specification."""
 
 
