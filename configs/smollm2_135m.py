@@ -65,8 +65,8 @@ def get_config(variant: str = "") -> ConfigDict:
     # refit each layer's down projection over the kept channels by ridge least squares on the
     # calibration tokens (refactor/reconstruct.py); the static baseline gets the same refit.
     # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term. On by default: at the
-    # `compare` budget (docs/results.md 7c) Read-ME 45.39 -> 37.55 ppl, static pruning
-    # 44.53 -> 33.76 at equal tokens; "none" = channel selection only (the paper)
+    # `compare` budget (docs/logbook/training-recipe.md §7c) Read-ME 45.39 -> 37.55 ppl,
+    # static pruning 44.53 -> 33.76 at equal tokens; "none" = channel selection only (the paper)
     c.refactor.reconstruct = "lstsq"
     c.refactor.ridge = 1e-2
     c.refactor.calib_sequences = 8  # calibration rows per domain for the refit; 0 = all
@@ -91,7 +91,7 @@ def get_config(variant: str = "") -> ConfigDict:
     c.eval.split = "validation"
     c.eval.seq_len = 512
     # held-out tokens per domain (the first N of each validation split, the same for every
-    # model); issue 15 asks 32768 for comparisons (manual has 14.6k in all); the demo keeps 4096
+    # model); 32768 for careful comparisons (manual has 14.6k in all); the demo keeps 4096
     c.eval.max_tokens_per_domain = 4096
     c.eval.batch_size = 4
     c.eval.mmlu_limit = 1  # questions per subject (57 subjects); 0 = skip MMLU
@@ -134,7 +134,8 @@ def get_config(variant: str = "") -> ConfigDict:
     c.train.target_temperature = 0.05
     # router target moved towards the document's domain label: (1 - w) * target + w * one-hot
     # (train.losses.mix_domain_target); 0 = the paper's target. Needs domain experts: set it to
-    # 0 with refactor.clustering. Measured (results.md 7d, compare budget, 24 router steps):
+    # 0 with refactor.clustering. Measured (docs/logbook/training-recipe.md §7d, compare budget,
+    # 24 router steps):
     # 35.06 -> 33.85 ppl, temporal locality 68% -> 96%, within 1% of domain-oracle routing.
     c.train.domain_target = 1.0
     # router phase: + locality_weight * mean switch (total variation of the router's distribution
@@ -152,7 +153,8 @@ def get_config(variant: str = "") -> ConfigDict:
     # fmt: off
     c.train.presets = ConfigDict({
         # ~6.5 min of training on 2 CPU cores: 2 rounds x (12 router + 8 expert) x 1024 tokens
-        # (router steps are ~4x cheaper than expert steps and buy routing quality, results.md 7d)
+        # (router steps are ~4x cheaper than expert steps and buy routing quality,
+        # docs/logbook/training-recipe.md §7d)
         "demo": dict(rounds=2, router_steps=12, expert_steps=8, batch_size=4, seq_len=256,
                      router_lr=2e-3, expert_lr=2e-4, save_every=4, baselines="",
                      router_batch_size=0, micro_batch=0),

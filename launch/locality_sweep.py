@@ -3,7 +3,7 @@ several `train.domain_target`s: every pair is one point) from one refactored mod
 held-out perplexity against temporal locality, Belady hit ratio at C = E/2 and unique experts
 per batch (one Pareto plot).
 
-  python launch/locality_sweep.py --run RUN --weights 0,0.5,2 --out docs/serve8/locality_sweep
+  python launch/locality_sweep.py --run RUN --weights 0,0.5,2 --out runs/locality_sweep
   python launch/locality_sweep.py --run RUN --weights 0,1 --domain_targets 0,1 --router_steps 12
 
 RUN holds `calib/` and `moe_init/` (launch/train.py stages calibrate,refactor). Each point gets
@@ -49,7 +49,7 @@ _DT = flags.DEFINE_list(
 )
 _STEPS = flags.DEFINE_integer("router_steps", 4, "Router steps per weight (1,024 tokens each).")
 _TOK = flags.DEFINE_integer("eval_tokens", 1024, "Validation tokens per domain.")
-_OUT = flags.DEFINE_string("out", "docs/serve8/locality_sweep", "Output prefix (.json, .png).")
+_OUT = flags.DEFINE_string("out", "runs/locality_sweep", "Output prefix (.json, .png).")
 _CONFIG = flags.DEFINE_string("config", "configs/smollm2_135m.py:eight", "Run config.")
 
 

@@ -1,6 +1,6 @@
 """Cache and batching policies on routed traces of a trained Read-ME (no model in the loop).
 
-  python launch/serve_sim.py --checkpoint RUN/moe_trained --out_dir docs/serve8
+  python launch/serve_sim.py --checkpoint RUN/moe_trained --out_dir runs/serve_sim
 
 The pre-gating router of the checkpoint routes real held-out text (validation split) of every
 domain it was trained on: a request is a window of one validation document, its first
@@ -47,7 +47,7 @@ from readme_jax.serve.bench import costmodel as cm  # noqa: E402
 from readme_jax.serve.bench.replay import write_log  # noqa: E402
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "Read-ME model directory (e.g. RUN/moe_trained).")
-_OUT = flags.DEFINE_string("out_dir", "docs/serve8", "Where the JSON, markdown and logs go.")
+_OUT = flags.DEFINE_string("out_dir", "runs/serve_sim", "Where the JSON, markdown and logs go.")
 _N = flags.DEFINE_integer("num_requests", 120, "Requests per trace.")
 _RATE = flags.DEFINE_float("rate", 4.0, "Poisson arrivals per simulated second.")
 _PROMPT = flags.DEFINE_list("prompt_len", ["32", "128"], "Prompt tokens, uniform [lo, hi].")

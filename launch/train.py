@@ -73,7 +73,7 @@ def _trains_static(c) -> bool:
 
 
 def _refine(c, recipe: Recipe, source, m: models.ReadMEModel, stats) -> models.ReadMEModel:
-    """Issue 15, after the channel selection: the least-squares refit of the experts (and of the
+    """After the channel selection: the least-squares refit of the experts (and of the
     static baseline's rows, saved next to moe_init), then optional layer-local distillation."""
     cfg, dense, tok = source
     rcfg = reconstruct.ReconstructConfig.from_config(c.refactor)

@@ -19,11 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @functools.cache
 def peer_python() -> str | None:
-    """$READMEJAX_PEER_PYTHON, the repo's (or the main checkout's) .venv-peer, or this Python
-    when torch and transformers import in it; None when none does."""
+    """$READMEJAX_PEER_PYTHON, the repo's (or, in a linked worktree, the main checkout's)
+    .venv-peer, or this Python when torch and transformers import in it; None when none does."""
     here = sys.executable if importlib.util.find_spec("torch") else None
+    common = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--path-format=absolute", "--git-common-dir"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    main = Path(common.stdout.strip()).parent if common.returncode == 0 else ROOT
     for cand in (os.environ.get("READMEJAX_PEER_PYTHON"), str(ROOT / ".venv-peer/bin/python"),
-                 "/work/main/.venv-peer/bin/python", here):  # fmt: skip
+                 str(main / ".venv-peer/bin/python"), here):  # fmt: skip
         if cand and Path(cand).exists():
             ok = subprocess.run([cand, "-c", "import torch, transformers"], capture_output=True)
             if ok.returncode == 0:

@@ -1,4 +1,4 @@
-"""One teacher pass per evaluation batch, reused for every model's KL (issue 15)."""
+"""One teacher pass per evaluation batch, reused for every model's KL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reconstruction at refactoring time (issue 15): the closed-form refit on tiny layers/models."""
+"""Reconstruction at refactoring time: the closed-form refit on tiny layers/models."""
 
 import jax
 import numpy as np

@@ -36,7 +36,7 @@ def test_mix_is_the_identity_at_zero_and_the_label_at_one():
 def test_project_config_uses_the_label_target_library_default_is_the_papers():
     assert train_config.TrainConfig().domain_target == 0.0  # the paper's Eq. 4 target
     c = smollm2_135m.get_config()
-    assert train_config.resolve(c).domain_target == 1.0  # the measured recipe (results.md 7d)
+    assert train_config.resolve(c).domain_target == 1.0  # measured: logbook/training-recipe.md §7d
     c.train.domain_target = 0.5
     assert train_config.resolve(c).domain_target == 0.5
     c.train.domain_target = 1.5

@@ -1,4 +1,4 @@
-"""Layer-local distillation (issue 15) on a tiny model."""
+"""Layer-local distillation on a tiny model."""
 
 import jax
 import numpy as np

@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# runs inside a checkout (cwd = its root); both layouts (before and after the renovation of
-# issue 13) are supported: the Generator and the Read-ME decode model moved
+# runs inside a checkout (cwd = its root); both layouts (before and after the renovation
+# that made one decode step library) are supported: the Generator and the Read-ME decode model moved
 CHILD = r"""
 import json, sys
 sys.path.insert(0, "tools")

@@ -8,7 +8,7 @@ time went: route_prompt at arrival, steps with prefill calls, decode-only steps 
 of distinct experts their rows need. Requests: prompts cut from held-out (validation) documents
 of the four default domains, `--prompt_len lo,hi` tokens, output lengths lognormal(median, sigma
 0.6) clipped to [4, max] (`--output_len median,max`), greedy: the mix of `tools/load_test.py`
-(docs/results.md section 6b). Read-ME runs with every expert resident (cache policy `all`, the
+(docs/logbook/http-server.md §6b). Read-ME runs with every expert resident (cache policy `all`, the
 in-graph experts, lookahead on), the dense model through the same engine (serve/dense.py).
 Configurations alternate within each round; the best round of each is reported.
 

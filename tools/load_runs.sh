@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 1,000-request load tests of docs/results.md §6b against a trained run (RUN, default
+# The 1,000-request load tests of docs/logbook/http-server.md §6b against a trained run (RUN, default
 # runs/smollm2_135m from make demo): Read-ME expert-aware, dense, Read-ME decode-prioritized;
 # one server at a time (started, loaded, stopped with SIGTERM). Results: OUT/results.jsonl.
 set -u

@@ -1,4 +1,4 @@
-"""Apply layer-local distillation to an existing refactored model (issue 15 ablation).
+"""Apply layer-local distillation to an existing refactored model (an ablation).
 
     python tools/local_distill_apply.py --src runs/rec/moe_init --dst runs/rec_ld/moe_init \
         --steps 200 [--tokens 2048] [--batch 256] [--lr 1e-4]

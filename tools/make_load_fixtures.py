@@ -1,7 +1,7 @@
 """Build the checkpoint-matrix fixtures of tests/test_load_*.py, one per Llama-family style.
 
-    /work/main/.venv-peer/bin/python tools/make_load_fixtures.py      # torch, transformers,
-                                                                       # sentencepiece installed
+    .venv-peer/bin/python tools/make_load_fixtures.py      # torch, transformers,
+                                                            # sentencepiece installed
 
 Each `tests/fixtures/load_<style>/` is a Hugging Face directory written the way transformers
 writes one (`save_pretrained`: config.json, generation_config.json, model.safetensors,

@@ -1,4 +1,4 @@
-"""Held-out quality of a refactored run before training, with and without reconstruction (issue 15).
+"""Held-out quality of a refactored run before training, with and without reconstruction.
 
     python tools/reconstruct_quality.py --run runs/base [--tokens 4096] [--out FILE.json]
     python tools/reconstruct_quality.py --run runs/compare_rec \
@@ -6,7 +6,7 @@
 
 RUN must hold calib/ (statistics) and moe_init/ (the refactor stage; with
 refactor.reconstruct=lstsq it also holds static_refit.npz). Each domain's validation tokens
-are routed to that domain's own expert (the oracle of docs/results.md section 1). Models: the
+are routed to that domain's own expert (the oracle of docs/logbook/refactoring.md §1). Models: the
 dense teacher; Read-ME as refactored in RUN; Read-ME with plain channel selection (no refit);
 static pruning (same active width) plain and with the saved refit. One teacher pass per batch
 for all of them (eval.perplexity.perplexity_and_fidelity_many).

@@ -1,4 +1,4 @@
-"""Compute only the static baseline's refit (issue 15), e.g. in a process of its own.
+"""Compute only the static baseline's refit, e.g. in a process of its own.
 
     python tools/static_refit.py --calib runs/base/calib --out runs/x/moe_init \
         [--remain_rate 0.5] [--ridge 1e-2] [--sequences 8]

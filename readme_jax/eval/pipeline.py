@@ -230,7 +230,7 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
     skip = tuple(s for s in str(c.eval.get("skip_models", "")).split(",") if s)
     paths = checkpoints if checkpoints is not None else discover(run, skip)
     loaded = [_load_for_eval(path) for path in paths]
-    # one teacher forward per window batch, its log-probs reused for every model's KL (issue 15)
+    # one teacher forward per window batch, its log-probs reused for every model's KL
     students = {name: (fn, p) for name, fn, p, *_ in loaded}
     row, rows = evaluate_domains_many(teacher, students, streams, **kw)
     row.update(kind="dense", total_params=cfg.param_count(), active_params=cfg.param_count())

@@ -20,9 +20,9 @@ The ridge term pulls toward the original rows (lam = ridge x mean diagonal of th
 so with every channel kept the solution is the original W_down exactly, and a channel no token
 activates keeps its original row.
 
-Issue 15's probe (SmolLM2, remain rate 0.5, ~3.6k held-out tokens per domain): static pruning
-87.7 -> 47.8 ppl with this refit; Read-ME's experts with domain-oracle routing 70.8 -> 44.0 with
-the joint solve (46.6 for static with the same refit).
+The first probe of the refit (SmolLM2, remain rate 0.5, ~3.6k held-out tokens per domain):
+static pruning 87.7 -> 47.8 ppl with this refit; Read-ME's experts with domain-oracle routing
+70.8 -> 44.0 with the joint solve (46.6 for static with the same refit).
 """
 
 from __future__ import annotations

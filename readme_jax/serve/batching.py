@@ -18,10 +18,10 @@ expert whose queue holds the most tokens and admit its requests, oldest first, w
 allows; one refinement: queues of experts the batch already needs, e.g. through a fairness
 admission, come first since they add no expert), "cache" (cache-aware: Algorithm 1 with the
 queues of experts resident in the expert cache (`resident`) before the others, so a batch
-prefers work that needs no load; our addition, issue 17), "decode" (ongoing decodes first, then
+prefers work that needs no load; not in the paper), "decode" (ongoing decodes first, then
 prefills; DeepSpeed style) and "prefill" (new prefills first; vLLM/TGI style).
 
-Expert cap (`max_experts`, expert-aware policies only; our addition, issue 17): Algorithm 1
+Expert cap (`max_experts`, expert-aware policies only; our addition, not in the paper): Algorithm 1
 fills the token budget, so when the budget does not bind (few request slots, short decodes)
 it admits every queue and its batches need as many experts as decode-prioritized ones. With a
 cap, a queue of an expert the batch does not need yet is admitted only while the batch needs

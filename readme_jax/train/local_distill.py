@@ -1,4 +1,4 @@
-"""Layer-local distillation: an optional first training phase before end-to-end KL (issue 15).
+"""Layer-local distillation: an optional first training phase before end-to-end KL.
 
 Each layer's MoE FFN learns to reproduce the dense FFN's output on cached teacher activations:
 the dense model runs once over the calibration rows and keeps, per layer, the FFN input u (the

@@ -38,7 +38,8 @@ def mix_domain_target(target_XxSxE: jax.Array, domain_BxS: jax.Array, weight: fl
     d (the refactor's domain experts); weight 0 returns `target` unchanged (Eq. 4 as in the
     paper); tokens of a domain with no expert (index >= E, `data.extra_domains`) keep `target`.
     Our option: at the `compare` budget the trained router's perplexity is
-    12% above that of domain-oracle routing of the same experts (docs/results.md section 7c),
+    12% above that of domain-oracle routing of the same experts
+    (docs/logbook/training-recipe.md §7c),
     and a document's label is constant, so the target also asks for temporal locality."""
     if not weight:
         return target_XxSxE
@@ -273,7 +274,7 @@ def reference_head_loss(
 
 # ---------------------------------------------------------------- layer-local distillation
 def local_ffn_mse(pred_LxTxD: jax.Array, target_LxTxD: jax.Array, mask_T=None) -> jax.Array:
-    """Layer-local distillation loss (issue 15): per layer, the mean over tokens of
+    """Layer-local distillation loss: per layer, the mean over tokens of
     ||student FFN output - dense FFN output||^2, divided by the mean ||dense output||^2 of that
     layer (so every layer weighs the same whatever its output scale), averaged over layers.
     0 exactly when the student FFN reproduces the dense one. mask_T: tokens that count."""

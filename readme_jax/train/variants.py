@@ -52,7 +52,7 @@ def make_variant(ctx: Context, kind: str) -> Variant:
             raise TrainingError(f"{calib} not found: the static baseline needs the calibrate stage")
         stats = ActivationStats.load(calib)
         dense, w = static_pruned_params(ctx.teacher, stats.mean_abs_ExLxF, width / F)
-        # issue 15: the same refit as Read-ME's experts, never silently without it
+        # the same refit as Read-ME's experts (a fair baseline), never silently without it
         refit = ctx.model.meta.get("reconstruct", {}).get("mode", "none") != "none"
         try:
             dense = apply_static_refit(ctx.run / "moe_init", dense, required=refit)
