@@ -26,10 +26,11 @@ def get_config() -> ConfigDict:
     c.out = ""  # JSON report path ("" = CACHE/data_report.json)
     # the chat domain: conversations the teacher writes in its own chat template (user turns
     # sampled from the template's pre-query prefix, Magpie; answers greedy for the first
-    # greedy_tokens, then sampled, LLM-QAT); ~3 min on 2 CPU cores at the defaults
+    # greedy_tokens, then sampled, LLM-QAT); minutes on 2 CPU cores (docs/results.md)
     c.chat = ConfigDict()
     c.chat.teacher = ""  # GGUF file or HF directory ("" = the SmolLM2 GGUF)
-    c.chat.conversations = 240
+    # 4 batches of 48; about 70% are kept (cut-off or repeated queries are dropped)
+    c.chat.conversations = 192
     c.chat.seed = 0
     c.chat.batch_size = 48
     c.chat.query_max_tokens = 64

@@ -70,7 +70,7 @@ class ChatConfig:
     batch_size: prompts per generator call (one compile per batch shape).
     """
 
-    conversations: int = 240
+    conversations: int = 192
     seed: int = 0
     batch_size: int = 48
     query_max_tokens: int = 64
