@@ -51,40 +51,47 @@ def _build(teacher, root, cfg=CFG):
     return chat.build_chat_domain(sample, tok, cfg, "tiny-random", cache=root)
 
 
-def test_chat_domain_is_deterministic_and_splits_are_disjoint(teacher, tmp_path):
-    m1 = _build(teacher, tmp_path / "a")
+@pytest.fixture(scope="module")
+def built(teacher, tmp_path_factory):
+    """(cache root, manifest) of the chat domain sampled once with CFG."""
+    root = tmp_path_factory.mktemp("chat")
+    return root, _build(teacher, root)
+
+
+def test_chat_domain_is_deterministic_and_splits_are_disjoint(teacher, built, tmp_path):
+    root, m1 = built
     m2 = _build(teacher, tmp_path / "b")
     assert m1["key"] == m2["key"] and m1["conversations"] >= 6
     ids = {}
     for s in corpora.SPLITS:
-        a = (corpora.domain_dir("chat", tmp_path / "a") / f"{s}.jsonl").read_bytes()
+        a = (corpora.domain_dir("chat", root) / f"{s}.jsonl").read_bytes()
         b = (corpora.domain_dir("chat", tmp_path / "b") / f"{s}.jsonl").read_bytes()
         assert a == b, f"split {s} differs between two runs with the same seed"
-        ids[s] = {d.doc_id for d in corpora.load_documents("chat", s, tmp_path / "a")}
+        ids[s] = {d.doc_id for d in corpora.load_documents("chat", s, root)}
         assert ids[s], f"split {s} is empty"
     assert not ids["train"] & ids["validation"]
     assert not ids["train"] & ids["test"]
     assert not ids["validation"] & ids["test"]
-    convs = (corpora.domain_dir("chat", tmp_path / "a") / "conversations.jsonl").read_text()
+    convs = (corpora.domain_dir("chat", root) / "conversations.jsonl").read_text()
     assert len(ids["train"] | ids["validation"] | ids["test"]) == len(convs.splitlines())
     # the domain reads like any prepared one, and a second build is a no-op (same manifest)
-    assert corpora.prepare_domain("chat", cache=tmp_path / "a") == m1
-    assert _build(teacher, tmp_path / "a") == m1
+    assert corpora.prepare_domain("chat", cache=root) == m1
+    assert _build(teacher, root) == m1
 
 
-def test_another_seed_gives_other_conversations(teacher, tmp_path):
-    _build(teacher, tmp_path / "a")
+def test_another_seed_gives_other_conversations(teacher, built, tmp_path):
+    root, _ = built
     other = chat.ChatConfig(**{**CFG.__dict__, "seed": 1})
     m = _build(teacher, tmp_path / "b", other)
     assert m["key"] != chat.domain_key(CFG, "tiny-random")
-    a = (corpora.domain_dir("chat", tmp_path / "a") / "conversations.jsonl").read_text()
+    a = (corpora.domain_dir("chat", root) / "conversations.jsonl").read_text()
     b = (corpora.domain_dir("chat", tmp_path / "b") / "conversations.jsonl").read_text()
     assert a != b
 
 
-def test_documents_are_template_conversations_ending_in_eos(teacher, tmp_path):
-    sample, tok = teacher
-    _build(teacher, tmp_path)
+def test_documents_are_template_conversations_ending_in_eos(teacher, built):
+    _, tok = teacher
+    tmp_path, _ = built
     convs = [
         json.loads(x) for x in (corpora.domain_dir("chat", tmp_path) / "conversations.jsonl").open()
     ]
