@@ -1,6 +1,7 @@
 """The training loop on a tiny model and real text: frozen parameters, exact resume, damaged
 checkpoints, non-finite losses."""
 
+import copy
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ import pytest
 from test_train_helpers import build, copy_run
 
 from readme_jax.checkpoints import models, store
+from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.data import make_iterator
 from readme_jax.train import context, loop
 from readme_jax.train import mesh as meshlib
@@ -182,3 +184,84 @@ def test_baselines_train_on_the_same_batches_and_save_loadable_models(tiny, tmp_
     assert [r["step"] for r in recs["static"]] == [2]
     assert [r["phase"] for r in recs["layerwise"]] == ["router", "expert"]
     assert 0 < recs["layerwise"][0]["router_acc"] <= 1
+
+
+def _steps_on_disk(ckdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+
+
+def test_a_full_disk_stops_the_run_in_one_error_and_it_resumes_once_space_is_freed(
+    full_run, tiny, tmp_path, monkeypatch
+):
+    """The space check before each train-state save (the disk is made to look full from the
+    second checkpoint on): the run stops with the one error, the first checkpoint intact; with
+    the space back it resumes from there and ends as the uninterrupted run did."""
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    c.train.keep = 1
+    ckdir = Path(c.run_dir) / "train" / "readme" / "ckpt"
+    real = shutil.disk_usage
+
+    def usage(path):
+        u = real(path)
+        full = Path(path) == ckdir and _steps_on_disk(ckdir)  # after the first checkpoint
+        return u._replace(free=1 << 20) if full else u
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    with pytest.raises(CheckpointError) as e:
+        loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    msg = str(e.value)
+    assert msg.startswith(f"not enough free disk space to save train-state checkpoint step 4 in "
+                          f"{ckdir}: it needs about ")  # fmt: skip
+    assert f"the last checkpoint ({ckdir / '2'}) is intact" in msg and "resume=True" in msg
+    assert _steps_on_disk(ckdir) == [2] and not (Path(c.run_dir) / "moe_trained").exists()
+    monkeypatch.setattr(shutil, "disk_usage", real)  # space freed
+    c.resume = True
+    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    assert _losses(c) == _losses(full_run)
+    assert _steps_on_disk(ckdir) == [8]  # train.keep=1
+    a, b = _leaves(_params(full_run)), _leaves(_params(c))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _zero_middle(f: Path, n: int = 64) -> None:
+    raw = bytearray(f.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + n] = bytes(n)
+    f.write_bytes(bytes(raw))
+
+
+def test_damaged_bytes_in_a_train_state_checkpoint_are_named(full_run, tiny, tmp_path):
+    """64 zeroed bytes in the middle of the largest array file keep its size and orbax reads
+    them as other weights; the checksum written with the step names the file. With an older
+    checkpoint the run falls back to it (and ends as the uninterrupted run); with none, the
+    resume stops with the error instead of training from the first step."""
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    c.train.stop_after = 5  # checkpoints at steps 2 and 4
+    loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    ckdir = Path(c.run_dir) / "train" / "readme" / "ckpt"
+    assert _steps_on_disk(ckdir) == [2, 4]
+    assert (ckdir / "4" / store.MANIFEST).is_file()
+    only = tmp_path / "only"
+    shutil.copytree(c.run_dir, only)
+    files = [f for f in (ckdir / "4" / "state").rglob("*") if f.is_file()]
+    data = max(files, key=lambda f: f.stat().st_size)
+    _zero_middle(data)
+    c.train.stop_after = 0
+    with pytest.warns(UserWarning, match=r"ckpt/4 could not be restored") as w:
+        loop.run_training(c, Path(c.run_dir), tokenizer=tok, teacher=teacher)
+    named = [str(x.message) for x in w if "differs from its checksum" in str(x.message)]
+    assert len(named) == 1 and str(data) in named[0], [str(x.message) for x in w]
+    assert _losses(c) == _losses(full_run)
+
+    c2 = copy.deepcopy(c)
+    c2.run_dir = str(only)
+    ck2 = only / "train" / "readme" / "ckpt"
+    shutil.rmtree(ck2 / "2")
+    _zero_middle(ck2 / "4" / data.relative_to(ckdir / "4"))
+    with pytest.warns(UserWarning, match="no earlier one is left"):
+        with pytest.raises(CheckpointError, match="none of the 1 train-state checkpoints") as e:
+            loop.run_training(c2, only, tokenizer=tok, teacher=teacher)
+    assert "differs from its checksum" in str(e.value) and f"remove {ck2.parent}" in str(e.value)
+    assert not (only / "moe_trained").exists()

@@ -4,7 +4,8 @@ from readme_jax.errors import UserError
 
 
 class CheckpointError(UserError, ValueError):
-    """A checkpoint file that is missing, truncated, corrupt or inconsistent with its config."""
+    """A checkpoint file that is missing, truncated, corrupt or inconsistent with its config, or
+    one that cannot be written (no room on the disk, an I/O error while writing)."""
 
 
 class TextError(UserError, ValueError):

@@ -104,9 +104,9 @@ def discover(checkpoint: str | Path | None) -> Found:
         if kind == "readme_moe":
             return Found("readme_moe", path, spec)
         raise CheckpointError(f"{path}/{store.MODEL_JSON}: unknown model kind {kind!r}")
-    if (path / "params").exists():
+    if (path / "params").exists() or (path / "experts").is_dir():  # a failed save: experts/ only
         raise CheckpointError(
-            f"{path}: an interrupted save of a readme_jax model (params/ without "
+            f"{path}: an interrupted save of a readme_jax model (params/ or experts/ without "
             f"{store.MODEL_JSON}); re-run the stage that writes it"
         )
     holds = describe_run(path)
@@ -253,8 +253,13 @@ def save_readme(
     spec: ExpertSpec,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a Read-ME MoE directory (experts/, params/, then model.json last)."""
+    """Write a Read-ME MoE directory (experts/, params/, then model.json last). Raises
+    CheckpointError before writing anything when the disk has no room for it, or when the write
+    fails (store.save_model)."""
     path = Path(path)
+    store.check_space(
+        path, store.tree_nbytes(params), "the model", reclaim=store.dir_bytes(path / "params")
+    )
     spec.save(path / "experts")
     meta = {
         "kind": "readme_moe",

@@ -12,15 +12,29 @@ earlier successful check is not hashed again: the per-directory record lives und
 $READMEJAX_CACHE_DIR/verified (default ~/.cache/readme_jax; "off": hash every time). Damage that
 keeps a file's size and mtime is therefore caught only on a fresh cache. READMEJAX_VERIFY=0, or
 verify=False, skips the check; a directory saved before manifests loads with one warning line.
+Train-state checkpoints (train/checkpoint.py) carry the same manifest in each step directory.
+
+Writing: `check_space` refuses a save that does not fit on its file system before anything is
+written (arrays' bytes + SPACE_MARGIN), and `writing` turns an error of orbax's (async) writer,
+e.g. a full disk, into one CheckpointError and removes orbax's half-written temporary directory.
+
+Clean exit: `orbax()` imports orbax.checkpoint with its event-loop runner fixed (`_settle_loops`),
+so a failed read or write no longer leaves TensorStore operations that call into a closed loop
+("RuntimeError: Event loop is closed" tracebacks, dozens of them, at exit).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +47,164 @@ from readme_jax.checkpoints.errors import CheckpointError
 MODEL_JSON = "model.json"
 MANIFEST = "manifest.json"
 _CHUNK = 16 << 20  # bytes hashed per read
+SPACE_MARGIN = (0.05, 8 << 20)  # a save needs its arrays' bytes x (1 + 5%) + 8 MiB free
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax writes `<name>.orbax-checkpoint-tmp*`, then renames
+_SETTLE_S = 60.0  # after a failed orbax call, how long its other operations may take to end
 log = logging.getLogger(__name__)
+
+
+def orbax() -> Any:
+    """orbax.checkpoint, with `_settle_loops` applied (import it through here)."""
+    import orbax.checkpoint as ocp
+
+    _settle_loops()
+    return ocp
+
+
+def _settle_loops() -> None:
+    """Make orbax end its event loops cleanly after a failure.
+
+    orbax runs each synchronous call (save, restore, metadata) in a fresh asyncio loop
+    (`asyncio_utils._run_sync_via_new_loop`) and closes the loop as soon as the call returns.
+    When one TensorStore read or write fails, `asyncio.gather` raises at once while the others
+    are still in flight; each of them, finishing later on a TensorStore thread, calls
+    `loop.call_soon_threadsafe` on the closed loop and prints "RuntimeError: Event loop is
+    closed" (18-36 tracebacks for a damaged tiny model), at exit or at any later point, burying
+    the real error. This replaces that runner with one that, after a failure only, waits for the
+    loop's remaining tasks (up to _SETTLE_S, then cancels them) and then leaves the loop open
+    but stopped (kept in _FAILED_LOOPS) instead of closing it: TensorStore operations whose
+    awaiting task has already ended can still call into it, harmlessly. Each failed orbax call
+    so keeps one idle loop (a selector and a socket pair) until exit. The successful path is
+    orbax's own. The branch for a caller inside a running loop (orbax's uvloop thread) is left
+    as it is; nothing here loads a checkpoint from inside one."""
+    from orbax.checkpoint._src import asyncio_utils
+
+    if getattr(asyncio_utils, "_readme_settled", False):
+        return
+    if not hasattr(asyncio_utils, "_run_sync_via_new_loop"):  # another orbax: the exit test tells
+        return
+
+    def run(coro: Any) -> Any:
+        loop = asyncio.new_event_loop()
+        try:
+            asyncio.set_event_loop(loop)
+            result = loop.run_until_complete(coro)
+        except BaseException:
+            _finish_tasks(loop)
+            _FAILED_LOOPS.append(loop)
+            raise
+        finally:
+            asyncio.set_event_loop(None)
+        loop.close()
+        return result
+
+    asyncio_utils._run_sync_via_new_loop = run
+    asyncio_utils._readme_settled = True
+
+
+_FAILED_LOOPS: list[asyncio.AbstractEventLoop] = []
+
+
+def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if not pending:
+        return
+    _, late = loop.run_until_complete(asyncio.wait(pending, timeout=_SETTLE_S))
+    for t in late:
+        t.cancel()
+    if late:
+        loop.run_until_complete(asyncio.gather(*late, return_exceptions=True))
+    for t in pending:  # their errors are the failure already raised: retrieved, not logged
+        if not t.cancelled():
+            t.exception()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def space_needed(nbytes: int) -> int:
+    """Free bytes a save of arrays holding `nbytes` asks for (see SPACE_MARGIN)."""
+    frac, fixed = SPACE_MARGIN
+    return int(nbytes * (1 + frac)) + fixed
+
+
+def check_space(
+    directory: str | Path, nbytes: int, what: str, *, reclaim: int = 0, then: str = ""
+) -> None:
+    """Raise CheckpointError unless the file system of `directory` (or of its nearest existing
+    parent) has room for `what` (arrays of `nbytes` bytes, see space_needed); `reclaim`: bytes
+    the save frees before writing (an older copy it replaces). `then`: what the user should know
+    next, appended to the message (e.g. that the previous checkpoint is intact)."""
+    directory = Path(directory).absolute()
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = space_needed(nbytes)
+    if free + reclaim >= need:
+        return
+    have = _human(free) + (f" + {_human(reclaim)} it replaces" if reclaim else "")
+    raise CheckpointError(
+        f"not enough free disk space to save {what} in {directory}: it needs about "
+        f"{_human(need)} ({_human(nbytes)} of arrays + margin), the file system has {have}; "
+        f"nothing was written{then}"
+    )
+
+
+class _OrbaxReRaised(logging.Filter):
+    """Drops orbax's ERROR records for a failure that it also raises to the caller (its
+    background threads log each one with a traceback before handing it on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+        )
+
+
+def _join_writers() -> None:
+    """Wait (up to _SETTLE_S in all) for orbax's writer threads: after one of them fails, orbax
+    raises at once while the others still write into its temporary directory and log."""
+    from orbax.checkpoint._src.futures import future
+
+    cls = getattr(future, "_SignalingThread", None)
+    if cls is None:
+        return
+    deadline = time.monotonic() + _SETTLE_S
+    for t in threading.enumerate():
+        if isinstance(t, cls) and t is not threading.current_thread():
+            # threading.Thread.join: orbax's own join re-raises the thread's error
+            threading.Thread.join(t, max(0.0, deadline - time.monotonic()))
+
+
+@contextlib.contextmanager
+def writing(what: str, where: Path, tmp_glob: str, *, then: str = "") -> Iterator[None]:
+    """An error raised by the orbax save in the block becomes one CheckpointError naming `what`,
+    `where` and orbax's reason (e.g. "No space left on device"); orbax's temporary directories
+    matching `where.parent.glob(tmp_glob)` are removed (they hold the half-written save). Its
+    own ERROR log lines for that error (tracebacks from its writer threads) are dropped."""
+    absl_log = logging.getLogger("absl")
+    drop = _OrbaxReRaised()
+    absl_log.addFilter(drop)
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        _join_writers()  # the other writers of this save may still be running: let them end
+        for tmp in where.parent.glob(tmp_glob):
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"could not write {what} to {where} ({type(e).__name__}: {reason}); the partial "
+            f"files were removed{then}"
+        ) from e
+    finally:
+        absl_log.removeFilter(drop)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -42,13 +213,21 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_model(path: str | Path, params: Any, meta: dict[str, Any]) -> Path:
-    """Save params (any pytree of arrays) and metadata. Overwrites an existing save."""
-    import orbax.checkpoint as ocp
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
+
+def save_model(path: str | Path, params: Any, meta: dict[str, Any]) -> Path:
+    """Save params (any pytree of arrays) and metadata. Overwrites an existing save. Raises
+    CheckpointError, before writing anything, when the file system has no room for it
+    (`check_space`), and when orbax fails to write it (`writing`): the directory is then an
+    interrupted save, refused at load until the stage that writes it runs again."""
+    ocp = orbax()
     path = Path(path).absolute()
+    check_space(path, tree_nbytes(params), "the model", reclaim=dir_bytes(path / "params"))
     path.mkdir(parents=True, exist_ok=True)
     (path / MODEL_JSON).unlink(missing_ok=True)  # mark incomplete while writing
+    (path / MANIFEST).unlink(missing_ok=True)  # describes the save being replaced
     if (path / "params").exists():
         shutil.rmtree(path / "params")
     # multi-process runs save from one process (train/distributed.py): no barrier with the others
@@ -59,11 +238,21 @@ def save_model(path: str | Path, params: Any, meta: dict[str, Any]) -> Path:
         if jax.process_count() > 1
         else (ocp.StandardCheckpointer())
     )
-    ck.save(path / "params", params)
-    ck.wait_until_finished()
-    _write_json_atomic(path / MANIFEST, manifest(path))
+    then = "; the directory is an interrupted save: free space, then re-run the stage"
+    try:
+        with writing("the model's parameters", path / "params", f"params{ORBAX_TMP}*", then=then):
+            ck.save(path / "params", params)
+            ck.wait_until_finished()
+    finally:
+        ck.close()
+    write_manifest(path)
     _write_json_atomic(path / MODEL_JSON, meta)
     return path
+
+
+def write_manifest(path: str | Path) -> None:
+    """Write `path`/manifest.json (see `manifest`) atomically."""
+    _write_json_atomic(Path(path) / MANIFEST, manifest(path))
 
 
 def _sha256(f: Path) -> str:
@@ -99,9 +288,10 @@ def _verified_record(path: Path) -> Path | None:
     return Path(root) / "verified" / f"{key}.json"
 
 
-def verify_files(path: str | Path) -> bool:
+def verify_files(path: str | Path, remember: bool = True) -> bool:
     """Check every file `manifest.json` lists under `path` (size, then sha256; files already
-    checked with the same size, mtime_ns and inode are skipped, see the module docstring).
+    checked with the same size, mtime_ns and inode are skipped, see the module docstring;
+    remember=False neither reads nor writes that record: everything is hashed).
     Returns False, after one warning line, for a directory without a manifest (saved before
     manifests: unverified). Raises CheckpointError naming the first file that is missing or
     differs."""
@@ -116,7 +306,7 @@ def verify_files(path: str | Path) -> bool:
         files = json.loads(mf.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{mf} is corrupt: {e}") from e
-    rec = _verified_record(path)
+    rec = _verified_record(path) if remember else None
     try:
         seen = json.loads(rec.read_text()) if rec is not None and rec.is_file() else {}
     except (OSError, ValueError):  # a torn or foreign record: check everything again
@@ -174,7 +364,7 @@ def load_params(path: str | Path, abstract: Any | None = None, verify: bool | No
     """Restore params; with `abstract` (a tree of ShapeDtypeStruct), shapes are checked. Every
     file of the directory is first checked against manifest.json (`verify_files`) unless
     `verify` is False (None: unless READMEJAX_VERIFY=0). Raises CheckpointError."""
-    import orbax.checkpoint as ocp
+    ocp = orbax()
 
     path = Path(path).absolute()
     if not (path / "params").exists():
@@ -190,6 +380,8 @@ def load_params(path: str | Path, abstract: Any | None = None, verify: bool | No
         raise CheckpointError(
             f"could not restore {path / 'params'}: {type(e).__name__}: {e}"
         ) from e
+    finally:
+        ck.close()
     if abstract is not None:
         want = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
         have = dict(jax.tree_util.tree_flatten_with_path(restored)[0])

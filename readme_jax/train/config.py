@@ -66,7 +66,7 @@ class TrainConfig:
     dispatch: str = ""  # MoE dispatch while training; "" = the model's; "auto": blocked on CPU
     remat: bool = False  # recompute FFN activations in the backward pass
     save_every: int = 10
-    keep: int = 3  # checkpoints kept
+    keep: int = 3  # train-state checkpoints kept on disk (>= 1; the newest `keep` steps)
     baselines: tuple[str, ...] = ()
     stop_after: int = 0  # debug: end this invocation after N steps, as if killed (no save)
     save_router_snapshot: bool = True  # RUN/moe_router/ after the first router phase
@@ -166,3 +166,8 @@ def validate(tc: TrainConfig) -> None:
         raise TrainConfigError(f"train.domain_target must be in [0, 1], got {tc.domain_target}")
     if not 0 < tc.target_top_frac <= 1:
         raise TrainConfigError(f"train.target_top_frac must be in (0, 1], got {tc.target_top_frac}")
+    if tc.keep < 1:
+        raise TrainConfigError(
+            f"train.keep={tc.keep} is out of range: allowed >= 1 (train-state checkpoints kept "
+            "on disk; 1 keeps the newest only, with none to fall back to if it is damaged)"
+        )

@@ -354,14 +354,16 @@ def train_variant(ctx: Context, kind: str) -> dict:
     dist.barrier(f"fresh {kind}")
     wdir.mkdir(parents=True, exist_ok=True)
     run = _Run(ctx, kind)
-    if ctx.c.resume:
-        run.restore()
-    elif dist.is_primary():
-        run.metrics.unlink(missing_ok=True)
-    if not run.run():
-        return {"stopped": True, "step": run.pos["global_step"]}
-    _save(ctx, kind, run.state["params"], out_dir, "trained")
-    run.ckpts.close()
+    try:
+        if ctx.c.resume:
+            run.restore()
+        elif dist.is_primary():
+            run.metrics.unlink(missing_ok=True)
+        if not run.run():
+            return {"stopped": True, "step": run.pos["global_step"]}
+        _save(ctx, kind, run.state["params"], out_dir, "trained")
+    finally:
+        run.ckpts.close()
     return summarize(run.metrics, ctx.peak_flops)
 
 
