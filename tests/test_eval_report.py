@@ -89,3 +89,35 @@ def test_missing_sections_are_skipped_cleanly(tmp_path):
         assert absent not in header
     assert "## Routing" not in md and "## Serving" not in md and "20.00" in md
     assert render_markdown({}).startswith("# ")
+
+
+def test_skills_columns_and_text_only_means():
+    """The answer test's columns, and headline means over the plain-text domains only (the
+    generated chat domain has its own columns)."""
+    answers = [{"id": "paris", "answer": "Paris | it is", "right": True},
+               {"id": "blue", "answer": "", "right": False}]  # fmt: skip
+    res = {
+        "models": {
+            "dense teacher": {
+                "perplexity": {"fiction": {"ppl": 20.0}, "chat": {"ppl": 5.0}},
+                "skills": {"answers": {"questions": 2, "right": 1, "empty": 0, "answers": answers}},
+            },
+            "Read-ME": {
+                "perplexity": {
+                    "fiction": {"ppl": 30.0}, "code": {"ppl": 10.0}, "chat": {"ppl": 9.0}
+                },
+                "skills": {
+                    "chat": {"kl": 1.25, "top1_agreement": 0.5, "tokens": 10},
+                    "answers": {"questions": 2, "right": 0, "empty": 1, "retention": 0.0,
+                                "answers": answers},
+                },
+            },
+        }
+    }  # fmt: skip
+    table = headline_table(res)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "| 20.00 |" in rows["dense teacher"] and "| 20.00 |" in rows["Read-ME"]  # (30+10)/2
+    assert "1/2" in rows["dense teacher"] and "0/2" in rows["Read-ME"] and "0.0%" in rows["Read-ME"]
+    assert "1.2500" in rows["Read-ME"]
+    md = render_markdown(res)
+    assert "## Skills: the answer test" in md and "(empty)" in md and "Paris \\| it is" in md

@@ -533,6 +533,11 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, Path] | None
     out += [f"- {n}" for n in meta.get("notes", [])] + [""]
     if models:
         out += ["## Summary\n", headline_table(results)]
+        if any(g in m.get("perplexity", {}) for m in models.values() for g in GENERATED_DOMAINS):
+            out.append(
+                "Mean ppl / bpb / KL / top-1 are over the plain-text domains; the generated "
+                "`chat` domain is in the per-domain tables and the chat and answer columns.\n"
+            )
         sections = [
             ("Perplexity by domain", "perplexity", "ppl", lambda x: fmt(x, 2)),
             ("Bits per byte by domain", "perplexity", "bpb", lambda x: fmt(x, 3)),
