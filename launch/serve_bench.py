@@ -16,7 +16,7 @@ it.
   # your own trace (JSONL: id, arrival_s, prompt | prompt_tokens, max_new_tokens)
   python launch/serve_bench.py --config.trace=trace.jsonl
   # seconds: a random tiny model and random prompts (smoke test)
-  python launch/serve_bench.py --config.model=tiny --config.out_dir=/tmp/serve_bench_tiny
+  python launch/serve_bench.py --config.model=tiny --config.out_dir=runs/serve_bench_tiny
 
 Settings and their defaults: configs/serve_bench.py (`--config=FILE` for another). The old flag
 names still work (`--model tiny`, `--out_dir DIR`, `--sim_logs`, `--no_real_prefetch`).

@@ -29,6 +29,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -319,7 +320,7 @@ def _spm_chat_llama_cpp(tok, sp) -> list[int]:
 
 def build(style: str, seed: int) -> None:
     out = FIXTURES / f"load_{style}"
-    work = Path("/tmp") / f"load_fixture_{style}"
+    work = Path(tempfile.gettempdir()) / f"load_fixture_{style}"
     for d in (out, work):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
