@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from readme_jax import cache_dir
+import readme_jax.cache_dir as cache_dir
 from readme_jax.checkpoints.errors import CheckpointError
 
 MODEL_JSON = "model.json"

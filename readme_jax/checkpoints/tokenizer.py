@@ -32,7 +32,7 @@ from typing import Any
 
 import tokenizers
 
-from readme_jax import cache_dir
+import readme_jax.cache_dir as cache_dir
 from readme_jax.checkpoints.errors import CheckpointError, TextError
 from readme_jax.checkpoints.gguf import default_gguf_path, gguf_end_ids, gguf_identity, open_gguf
 
