@@ -87,8 +87,8 @@ def _build_chat(c, cache) -> None:
         sample, model.tokenizer, cfg, teacher, cache, progress=True, force=c.force
     )
     print(
-        f"chat: {m['conversations']} conversations sampled from {teacher} in "
-        f"{time.perf_counter() - t0:.0f}s"
+        f"chat: {m['conversations']} of {cfg.conversations} sampled conversations kept, from "
+        f"{teacher}, in {time.perf_counter() - t0:.0f}s"
     )
 
 

@@ -129,3 +129,23 @@ def test_bad_chat_settings_are_refused():
         chat.ChatConfig(answer_max_tokens=4, greedy_tokens=5)
     with pytest.raises(corpora.CorpusError, match="answer_top_p"):
         chat.ChatConfig(answer_top_p=0.0)
+
+
+def test_held_out_conversations_as_rows_mark_the_assistant_turn(teacher, built):
+    """eval/skills.conversation_rows over the sampled domain: one conversation per row, the
+    mask on the assistant's tokens (after `<|im_start|>assistant\\n`, through the final EOS)."""
+    from readme_jax.eval import skills
+
+    _, tok = teacher
+    root, _ = built
+    rows, mask = skills.conversation_rows(tok, "train", max_len=96, cache=root)
+    header = skills.assistant_header(tok)
+    n_docs = len(corpora.load_documents("chat", "train", root))
+    assert 0 < len(rows) <= n_docs and rows.shape == mask.shape == (len(rows), 96)
+    for r, m in zip(rows, mask, strict=True):
+        idx = np.flatnonzero(m)
+        start = idx[0]
+        assert r[start - len(header) : start].tolist() == header
+        assert (np.diff(idx) == 1).all()  # one contiguous turn
+        end = idx[-1]
+        assert r[end] == tok.eos_id or end == 95  # the turn's end, or the cut

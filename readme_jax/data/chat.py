@@ -32,7 +32,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import readme_jax.data.corpora as corpora
 import readme_jax.data.fetch as fetch
@@ -49,7 +49,7 @@ SampleFn = Callable[
 ]
 
 
-class ChatTokenizer:
+class ChatTokenizer(Protocol):
     """What the chat domain needs of a tokenizer (checkpoints.tokenizer.Tokenizer has it)."""
 
     name: str
@@ -84,22 +84,26 @@ class ChatConfig:
     test: float = 0.15
 
     def __post_init__(self):
-        if self.conversations < 3:
-            raise corpora.CorpusError(
-                f"chat.conversations must be >= 3 (one per split), got {self.conversations}"
-            )
-        if self.batch_size < 1 or self.query_max_tokens < 1 or self.answer_max_tokens < 1:
-            raise corpora.CorpusError("chat batch_size and token limits must be >= 1")
-        if not 0 <= self.greedy_tokens <= self.answer_max_tokens:
-            raise corpora.CorpusError(
-                f"chat.greedy_tokens must be in [0, answer_max_tokens={self.answer_max_tokens}]"
-            )
-        for k in ("query_top_p", "answer_top_p"):
-            if not 0 < getattr(self, k) <= 1:
-                raise corpora.CorpusError(f"chat.{k} must be in (0, 1], got {getattr(self, k)}")
-        for k in ("query_temperature", "answer_temperature"):
-            if not getattr(self, k) >= 0:
-                raise corpora.CorpusError(f"chat.{k} must be >= 0, got {getattr(self, k)}")
+        rules = [
+            ("conversations", self.conversations >= 3, ">= 3 (one per split)"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("query_max_tokens", self.query_max_tokens >= 1, ">= 1"),
+            ("answer_max_tokens", self.answer_max_tokens >= 1, ">= 1"),
+            (
+                "greedy_tokens",
+                0 <= self.greedy_tokens <= self.answer_max_tokens,
+                f"[0, answer_max_tokens={self.answer_max_tokens}]",
+            ),
+            ("query_top_p", 0 < self.query_top_p <= 1, "(0, 1]"),
+            ("answer_top_p", 0 < self.answer_top_p <= 1, "(0, 1]"),
+            ("query_temperature", self.query_temperature >= 0, ">= 0"),
+            ("answer_temperature", self.answer_temperature >= 0, ">= 0"),
+        ]
+        for key, ok, allowed in rules:
+            if not ok:
+                raise corpora.CorpusError(
+                    f"chat.{key}={getattr(self, key)} is out of range: allowed {allowed}"
+                )
 
     @classmethod
     def from_config(cls, c: Any) -> ChatConfig:

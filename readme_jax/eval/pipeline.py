@@ -144,39 +144,42 @@ def _mmlu(logits_fn, params, tok, cfg: LlamaConfig, c) -> dict[str, Any]:
 
 def _greedy_fn(kind: str, mc, params) -> skills.GenerateFn | None:
     """Batched greedy generation of one model for the answer test (None: the decode library
-    has no step for it, i.e. the layer-wise-router baseline)."""
+    has no step for it, i.e. the layer-wise-router baseline). The Generator (a device copy of
+    the params) is built on the first call, so a run without the answer test builds none."""
     if kind == "dense":
-        gen = Generator(dense_model(mc.replace(scan_layers=False)), params)
+        model = dense_model(mc.replace(scan_layers=False))
     elif not mc.moe.layerwise:
-        gen = Generator(readme_model(mc), params)
+        model = readme_model(mc)
     else:
         return None
-    return lambda prompts, n: gen.generate(prompts, n)
+    gen = functools.cache(lambda: Generator(model, params))
+    return lambda prompts, n: gen().generate(prompts, n)
 
 
-def _skills(c, tok, teacher, models_: dict[str, tuple], domains: list[str]) -> dict[str, dict]:
+def _skills(
+    c, tok, teacher: tuple, models_: dict[str, tuple], domains: list[str]
+) -> dict[str, dict]:
     """{name: {"chat": assistant-token fidelity, "answers": the answer test}} for the teacher
-    ("dense teacher") and each model; `models_` maps name -> (kind, config, params, logits_fn,
-    eval params). Assistant-token fidelity needs the `chat` domain among the run's domains."""
+    ("dense teacher") and each model. `teacher` and each value of `models_` are (logits_fn,
+    eval params, greedy GenerateFn or None). Assistant-token fidelity needs the `chat` domain
+    among the run's domains."""
     out: dict[str, dict] = {"dense teacher": {}, **{n: {} for n in models_}}
     if "chat" in domains:
         rows, mask = skills.conversation_rows(
             tok, c.eval.split, max_len=c.eval.get("chat_len", 256), cache=c.data.cache or None
         )
-        students = {n: (v[3], v[4]) for n, v in models_.items()}
-        fid = skills.chat_fidelity_many(teacher, students, rows, mask, c.eval.batch_size)
+        students = {n: v[:2] for n, v in models_.items()}
+        fid = skills.chat_fidelity_many(teacher[:2], students, rows, mask, c.eval.batch_size)
         for n, f in fid.items():
             out[n]["chat"] = f
     n_tok = c.eval.get("answer_tokens", 48)
     if n_tok > 0:
         qs = skills.load_questions(c.eval.get("questions", "") or skills.QUESTIONS)
-        kind, cfg, dense = "dense", teacher[2], teacher[3]
-        ref = skills.answer_test(_greedy_fn(kind, cfg, dense), tok, qs, n_tok)
+        ref = skills.answer_test(teacher[2], tok, qs, n_tok)
         out["dense teacher"]["answers"] = ref.to_dict()
-        for n, (kind, mc, params, *_) in models_.items():
-            fn = _greedy_fn(kind, mc, params)
-            if fn is not None:
-                out[n]["answers"] = skills.answer_test(fn, tok, qs, n_tok).to_dict(ref)
+        for n, (_, _, gen) in models_.items():
+            if gen is not None:
+                out[n]["answers"] = skills.answer_test(gen, tok, qs, n_tok).to_dict(ref)
     return out
 
 
@@ -252,21 +255,17 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
             red = layerwise_analysis(mc, params, streams, c.eval.seq_len)
             results.setdefault("routing", {})["layerwise"] = red
     if c.eval.get("skills", True):
-        cfg_e = with_end_ids(cfg, tok)
-        models_ = {
-            name: (
-                kind,
-                mc.replace(model=with_end_ids(mc.model, tok))
-                if kind != "dense"
-                else with_end_ids(mc, tok),
-                params,
-                fn,
-                p,
+        t_gen = _greedy_fn("dense", with_end_ids(cfg, tok), dense)
+        models_ = {}
+        for name, fn, p, kind, mc, params, _ in loaded:
+            mc = (
+                with_end_ids(mc, tok)
+                if kind == "dense"
+                else mc.replace(model=with_end_ids(mc.model, tok))
             )
-            for name, fn, p, kind, mc, params, _ in loaded
-        }
+            models_[name] = (fn, p, _greedy_fn(kind, mc, params))
         t_skills = time.time()
-        sk = _skills(c, tok, (*teacher, cfg_e, dense), models_, domains)
+        sk = _skills(c, tok, (*teacher, t_gen), models_, domains)
         for name, v in sk.items():
             if v:
                 results["models"][name]["skills"] = v
