@@ -197,3 +197,33 @@ def test_domain_stream_counts_bytes_of_a_cut_stream(monkeypatch):
     assert n_bytes == 999 and len(toks) == 6
     toks, n_bytes = domain_stream("x", "test", ByteTok(), max_tokens=3)
     assert toks.tolist() == [1, 2, 1] and n_bytes == 5
+
+
+def test_per_window_nlls_match_each_window_scored_alone(params, tokens):
+    """Every path keeps one mean NLL per window, in window order: each equals the perplexity of
+    that window's scored tokens computed by hand, and the windows add up to the totals (batch 3
+    pads the last batch: padding rows are no windows)."""
+    from readme_jax.eval.perplexity import perplexity_and_fidelity_many
+
+    f = dense_logits_fn(CFG)
+    other = jax.tree.map(lambda a: a * 2.0, params)
+    win = dict(max_length=16, stride=16, batch_size=3, progress=False)
+    ws = sliding_windows(len(tokens), 16, 16)
+    want = []
+    for w in ws:
+        ids = tokens[w.begin : w.end]
+        logp = _np_log_softmax(_np_logits(other, ids))
+        want.append(
+            np.mean([-logp[j - 1, ids[j]] for j in range(w.score_from - w.begin, len(ids))])
+        )
+    alone = perplexity(f, other, tokens, **win)
+    one_pass, _ = perplexity_and_fidelity(f, params, f, other, tokens, **win)
+    t, many = perplexity_and_fidelity_many(f, params, {"x": (f, other)}, tokens, **win)
+    for r in (alone, one_pass, many["x"][0]):
+        assert len(r.window_nll) == len(ws) == 4 and r.window_tokens == (15, 15, 15, 12)
+        np.testing.assert_allclose(r.window_nll, want, rtol=1e-5)
+        np.testing.assert_allclose(np.dot(r.window_nll, r.window_tokens), r.nll_sum, rtol=1e-6)
+        d = r.to_dict()
+        assert d["window_nll"] == list(r.window_nll) and d["window_tokens"] == [15, 15, 15, 12]
+    assert len(t.window_nll) == 4 and not np.allclose(t.window_nll, want)  # the teacher's own
+    assert "window_nll" not in PerplexityResult(1.0, 2).to_dict()  # old layout when not kept

@@ -9,6 +9,10 @@ the windows are disjoint and each window's first token goes unscored, as in the 
 multiplies each window's mean loss by `valid - batch_size`, one token short for overlapping
 windows; we sum per-token NLLs, so totals are exact.)
 
+Every result also keeps each window's mean NLL (nats per scored token) and its scored-token
+count, in window order, so two models scored on the same windows can be compared pair by pair
+(`eval/paired.py`).
+
 A model is `logits_fn(params, tokens_BxS) -> logits_BxSxV`; `params` is any pytree (the MoE
 passes its experts and router together). The log-softmax over V is reduced inside jit.
 """
@@ -105,21 +109,23 @@ def _token_logprobs(logits_BxSxV, tokens_BxS):
 
 @functools.cache
 def make_nll_fn(logits_fn: LogitsFn) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """jit(params, tokens_BxS, mask_BxS) -> (sum of NLL over masked tokens, their count)."""
+    """jit(params, tokens_BxS, mask_BxS) -> (NLL sum over each row's masked tokens [B], their
+    count [B])."""
 
     @jax.jit
     def nll_fn(params, tokens_BxS, mask_BxS):
         lp = _token_logprobs(logits_fn(params, tokens_BxS), tokens_BxS)
         m = mask_BxS[:, 1:]
-        return -jnp.sum(jnp.where(m, lp, 0.0)), jnp.sum(m)
+        return -jnp.sum(jnp.where(m, lp, 0.0), -1), jnp.sum(m, -1)
 
     return nll_fn
 
 
 @functools.cache
 def make_scored_fidelity_fn(teacher_fn: LogitsFn, student_fn: LogitsFn):
-    """jit(t_params, s_params, tokens_BxS, mask_BxS) -> (student NLL sum, count, KL(t||s) sum,
-    top-1 agreements): perplexity and fidelity from one student forward per batch."""
+    """jit(t_params, s_params, tokens_BxS, mask_BxS) -> (student NLL sum [B], count [B],
+    KL(t||s) sum, top-1 agreements): perplexity and fidelity from one student forward per
+    batch."""
 
     @jax.jit
     def fn(t_params, s_params, tokens_BxS, mask_BxS):
@@ -131,8 +137,8 @@ def make_scored_fidelity_fn(teacher_fn: LogitsFn, student_fn: LogitsFn):
         agree_BxS = jnp.argmax(t_lp, -1) == jnp.argmax(s_lp, -1)
         m = mask_BxS[:, 1:]
         return (
-            jnp.sum(jnp.where(m, nll_BxS, 0.0)),
-            jnp.sum(m),
+            jnp.sum(jnp.where(m, nll_BxS, 0.0), -1),
+            jnp.sum(m, -1),
             jnp.sum(jnp.where(m, kl_BxS, 0.0)),
             jnp.sum(m & agree_BxS),
         )
@@ -141,11 +147,38 @@ def make_scored_fidelity_fn(teacher_fn: LogitsFn, student_fn: LogitsFn):
 
 
 # ---------------------------------------------------------------- results
+class _WindowNLL:
+    """Per-window NLL sums and counts, batch by batch; padding rows (no scored token) skipped."""
+
+    def __init__(self):
+        self.nll: list[float] = []
+        self.count: list[int] = []
+
+    def add(self, nll_B, count_B) -> tuple[float, int]:
+        """Appends the batch's real windows; returns the batch's (NLL sum, count)."""
+        nll, cnt = np.asarray(nll_B, np.float64), np.asarray(count_B, np.int64)
+        keep = cnt > 0
+        self.nll += nll[keep].tolist()
+        self.count += cnt[keep].tolist()
+        return float(nll.sum()), int(cnt.sum())
+
+    def result(self, n_bytes: int | None) -> PerplexityResult:
+        return PerplexityResult(
+            float(np.sum(self.nll)),
+            int(np.sum(self.count)),
+            n_bytes,
+            tuple(n / c for n, c in zip(self.nll, self.count, strict=True)),
+            tuple(self.count),
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
     nll_sum: float  # nats
     n_tokens: int
     n_bytes: int | None = None
+    window_nll: tuple[float, ...] = ()  # [N] mean NLL per scored token of each window, nats
+    window_tokens: tuple[int, ...] = ()  # [N] scored tokens of each window
 
     @property
     def mean_nll(self) -> float:
@@ -168,7 +201,11 @@ class PerplexityResult:
             "nll_sum": self.nll_sum,
             "n_tokens": self.n_tokens,
             "n_bytes": self.n_bytes,
-        }
+        } | (
+            {"window_nll": list(self.window_nll), "window_tokens": list(self.window_tokens)}
+            if self.window_nll
+            else {}
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,13 +272,13 @@ def perplexity(
     tokens_T = _check_tokens(tokens_T, vocab_size)
     nll_fn = make_nll_fn(logits_fn)
     bar = _window_bar(tokens_T, max_length, stride, batch_size, progress, "perplexity")
+    acc = _WindowNLL()
     nll_sum, count = 0.0, 0
     for toks, mask in bar:
-        s, c = nll_fn(params, toks, mask)
-        nll_sum += float(s)
-        count += int(c)
+        s, c = acc.add(*nll_fn(params, toks, mask))
+        nll_sum, count = nll_sum + s, count + c
         bar.set_postfix(ppl=f"{math.exp(nll_sum / max(count, 1)):.3f}")
-    return PerplexityResult(nll_sum, count, n_bytes)
+    return acc.result(n_bytes)
 
 
 def fidelity(
@@ -285,18 +322,44 @@ def perplexity_and_fidelity(
     tokens_T = _check_tokens(tokens_T, vocab_size)
     fn = make_scored_fidelity_fn(teacher_fn, student_fn)
     bar = _window_bar(tokens_T, max_length, stride, batch_size, progress, "perplexity+KL")
+    win = _WindowNLL()
     nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
     for toks, mask in bar:
-        s, c, k, a = fn(teacher_params, student_params, toks, mask)
-        nll_sum, count = nll_sum + float(s), count + int(c)
+        s_B, c_B, k, a = fn(teacher_params, student_params, toks, mask)
+        s, c = win.add(s_B, c_B)
+        nll_sum, count = nll_sum + s, count + c
         kl_sum, agree = kl_sum + float(k), agree + int(a)
         bar.set_postfix(
             ppl=f"{math.exp(nll_sum / max(count, 1)):.3f}", kl=f"{kl_sum / max(count, 1):.4f}"
         )
-    return PerplexityResult(nll_sum, count, n_bytes), FidelityResult(kl_sum, agree, count)
+    return win.result(n_bytes), FidelityResult(kl_sum, agree, count)
 
 
 # ---------------------------------------------------------------- many models, one teacher pass
+def _teacher_rows(teacher_fn: LogitsFn, t_params, tokens_BxS, mask_BxS):
+    """(teacher log-probs [B, S-1, V] f32, teacher NLL sum [B], count [B])."""
+    t_lp = jax.nn.log_softmax(teacher_fn(t_params, tokens_BxS)[:, :-1].astype(jnp.float32))
+    nll = -jnp.take_along_axis(t_lp, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
+    m = mask_BxS[:, 1:]
+    return t_lp, jnp.sum(jnp.where(m, nll, 0.0), -1), jnp.sum(m, -1)
+
+
+def _student_rows(student_fn: LogitsFn, s_params, t_lp, tokens_BxS, mask_BxS):
+    """(student NLL sum [B], count [B], KL(t||s) sum, top-1 agreements) given the teacher's
+    log-probs t_lp [B, S-1, V] of the same batch."""
+    s_lp = jax.nn.log_softmax(student_fn(s_params, tokens_BxS)[:, :-1].astype(jnp.float32))
+    nll_BxS = -jnp.take_along_axis(s_lp, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
+    kl_BxS = jnp.sum(jnp.exp(t_lp) * (t_lp - s_lp), axis=-1)
+    agree_BxS = jnp.argmax(t_lp, -1) == jnp.argmax(s_lp, -1)
+    m = mask_BxS[:, 1:]
+    return (
+        jnp.sum(jnp.where(m, nll_BxS, 0.0), -1),
+        jnp.sum(m, -1),
+        jnp.sum(jnp.where(m, kl_BxS, 0.0)),
+        jnp.sum(m & agree_BxS),
+    )
+
+
 @functools.cache
 def make_teacher_pass_fn(teacher_fn: LogitsFn):
     """jit(t_params, tokens_BxS, mask_BxS) -> (teacher log-probs [B, S-1, V] f32, teacher NLL
@@ -304,10 +367,8 @@ def make_teacher_pass_fn(teacher_fn: LogitsFn):
 
     @jax.jit
     def fn(t_params, tokens_BxS, mask_BxS):
-        t_lp = jax.nn.log_softmax(teacher_fn(t_params, tokens_BxS)[:, :-1].astype(jnp.float32))
-        nll = -jnp.take_along_axis(t_lp, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
-        m = mask_BxS[:, 1:]
-        return t_lp, jnp.sum(jnp.where(m, nll, 0.0)), jnp.sum(m)
+        t_lp, nll_B, count_B = _teacher_rows(teacher_fn, t_params, tokens_BxS, mask_BxS)
+        return t_lp, jnp.sum(nll_B), jnp.sum(count_B)
 
     return fn
 
@@ -319,19 +380,20 @@ def make_student_vs_teacher_fn(student_fn: LogitsFn):
 
     @jax.jit
     def fn(s_params, t_lp, tokens_BxS, mask_BxS):
-        s_lp = jax.nn.log_softmax(student_fn(s_params, tokens_BxS)[:, :-1].astype(jnp.float32))
-        nll_BxS = -jnp.take_along_axis(s_lp, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
-        kl_BxS = jnp.sum(jnp.exp(t_lp) * (t_lp - s_lp), axis=-1)
-        agree_BxS = jnp.argmax(t_lp, -1) == jnp.argmax(s_lp, -1)
-        m = mask_BxS[:, 1:]
-        return (
-            jnp.sum(jnp.where(m, nll_BxS, 0.0)),
-            jnp.sum(m),
-            jnp.sum(jnp.where(m, kl_BxS, 0.0)),
-            jnp.sum(m & agree_BxS),
-        )
+        nll_B, count_B, kl, agree = _student_rows(student_fn, s_params, t_lp, tokens_BxS, mask_BxS)
+        return jnp.sum(nll_B), jnp.sum(count_B), kl, agree
 
     return fn
+
+
+@functools.cache
+def _teacher_rows_fn(teacher_fn: LogitsFn):
+    return jax.jit(functools.partial(_teacher_rows, teacher_fn))
+
+
+@functools.cache
+def _student_rows_fn(student_fn: LogitsFn):
+    return jax.jit(functools.partial(_student_rows, student_fn))
 
 
 def perplexity_and_fidelity_many(
@@ -354,20 +416,22 @@ def perplexity_and_fidelity_many(
     students: name -> (logits_fn, params). Results equal `perplexity_and_fidelity`'s per
     student."""
     tokens_T = _check_tokens(tokens_T, vocab_size)
-    t_fn = make_teacher_pass_fn(teacher_fn)
-    s_fns = {k: make_student_vs_teacher_fn(fn) for k, (fn, _) in students.items()}
+    t_fn = _teacher_rows_fn(teacher_fn)
+    s_fns = {k: _student_rows_fn(fn) for k, (fn, _) in students.items()}
     bar = _window_bar(tokens_T, max_length, stride, batch_size, progress, "perplexity+KL")
-    t_nll, t_count = 0.0, 0
-    acc = {k: [0.0, 0, 0.0, 0] for k in students}
+    t_win = _WindowNLL()
+    wins = {k: _WindowNLL() for k in students}
+    acc = {k: [0.0, 0] for k in students}  # KL sum, top-1 agreements
     for toks, mask in bar:
-        t_lp, s, c = t_fn(teacher_params, toks, mask)
-        t_nll, t_count = t_nll + float(s), t_count + int(c)
+        t_lp, s_B, c_B = t_fn(teacher_params, toks, mask)
+        t_win.add(s_B, c_B)
         for k, (_, p) in students.items():
-            got = s_fns[k](p, t_lp, toks, mask)
-            acc[k] = [a + type(a)(g) for a, g in zip(acc[k], got, strict=True)]
+            s_B, c_B, kl, agree = s_fns[k](p, t_lp, toks, mask)
+            wins[k].add(s_B, c_B)
+            acc[k] = [acc[k][0] + float(kl), acc[k][1] + int(agree)]
         del t_lp
-    out = {
-        k: (PerplexityResult(a[0], a[1], n_bytes), FidelityResult(a[2], a[3], a[1]))
-        for k, a in acc.items()
-    }
-    return PerplexityResult(t_nll, t_count, n_bytes), out
+    out = {}
+    for k, (kl, agree) in acc.items():
+        r = wins[k].result(n_bytes)
+        out[k] = (r, FidelityResult(kl, agree, r.n_tokens))
+    return t_win.result(n_bytes), out
