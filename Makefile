@@ -104,7 +104,8 @@ compare: setup
 	    --config.stages=calibrate,refactor,train,eval --config.eval.skip_models=none \
 	    --config.eval.mmlu_limit=0 || exit 1; \
 	done
-	$(PY) tools/compare_widths.py $(foreach r,$(COMPARE_RATES),runs/compare_rr$(r)) --out docs/compare
+	$(PY) launch/compare.py --config.runs="$(foreach r,$(COMPARE_RATES),runs/compare_rr$(r))" \
+	  --config.out=docs/compare
 	$(PY) launch/downstream.py $(foreach r,$(COMPARE_RATES),runs/compare_rr$(r)) \
 	  --limit $(DOWNSTREAM_LIMIT) --out docs/compare
 

@@ -44,7 +44,6 @@ KNOWN_SYS_PATH = {
     "launch/serve_sim.py",
     "tools/bench.py",
     "tools/bench_ab.py",
-    "tools/compare_widths.py",
     "tools/device_check.py",
     "tools/engine_profile.py",
     "tools/local_distill_apply.py",
