@@ -71,6 +71,36 @@ def kmeans(x_NxP: np.ndarray, k: int, seed: int = 0, iters: int = 30) -> np.ndar
     return c
 
 
+def cluster_assign(
+    params: Any,
+    cfg: LlamaConfig,
+    batches: list[np.ndarray],
+    num_experts: int,
+    proj: int = 8,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Each calibration token's k-means cluster ([b, S] per batch, -1 at padding): the same
+    features and k-means as `cluster_stats`, for constructions that measure their own per-group
+    statistics (refactor/construct.py). Raises ValueError with fewer tokens than clusters."""
+    p = llama.unstack_layers(params)
+    proj_LxFxP = jax.random.normal(jax.random.key(seed), (cfg.n_layers, cfg.ffn_dim, proj))
+    proj_LxFxP = proj_LxFxP / np.sqrt(cfg.ffn_dim)
+    feats = []
+    for toks in batches:
+        toks = np.asarray(toks)
+        f = _features(p, jnp.asarray(np.maximum(toks, 0), jnp.int32), proj_LxFxP, cfg)
+        feats.append(np.asarray(f))
+    cent = kmeans(
+        np.concatenate([f[np.asarray(t) >= 0] for f, t in zip(feats, batches, strict=True)]),
+        num_experts,
+        seed,
+    )
+    return [
+        np.where(np.asarray(t) >= 0, np.argmax(f @ cent.T, axis=-1), -1)
+        for f, t in zip(feats, batches, strict=True)
+    ]
+
+
 def cluster_stats(
     params: Any,
     cfg: LlamaConfig,

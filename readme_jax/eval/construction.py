@@ -1,0 +1,368 @@
+"""The construction study: how good are experts built by each rule, against static pruning built
+by the same rule, before training, with and without the least-squares refit?
+
+For each token grouping (domain labels, or k-means clusters of the tokens' activation patterns)
+and each construction (refactor/construct.py), the experts are evaluated with *oracle* routing:
+a domain's tokens on the domain's expert; a clustered token on the expert whose channels cover
+most of its own top channels (Eq. 4's target, `refactor/targets.py`, computed from the dense
+model in the same forward: the assignment the router is trained towards). That is the ceiling a
+pre-gating router can reach with these experts. The control of each construction is the static
+model keeping the same number of channels per layer chosen by the same score over all tokens,
+with the same refit (or none). Every model is scored on the same held-out windows; differences
+to the control are per-window mean NLL differences with a paired bootstrap interval
+(eval/paired.py).
+
+  python launch/construction.py --config configs/smollm2_135m.py --out runs/construction
+
+Shapes: E experts, L layers, F FFN width, N held-out windows, T tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from readme_jax.eval.paired import paired_bootstrap
+from readme_jax.eval.perplexity import dense_logits_fn, window_batches
+from readme_jax.model import llama, moe
+from readme_jax.model.config import LlamaConfig, MoEConfig
+from readme_jax.model.spec import ExpertSpec
+from readme_jax.refactor import reconstruct
+from readme_jax.refactor.cluster import cluster_assign
+from readme_jax.refactor.construct import (
+    Construction,
+    GroupStats,
+    build_spec,
+    group_stats,
+    kept_channels,
+    static_channels,
+    static_pruned,
+)
+from readme_jax.refactor.experts import active_ffn_fraction, build_moe_params, expert_channel_masks
+from readme_jax.refactor.targets import coverage_ffn, union_masks
+
+LogitsFn = Callable[[Any, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """groupings: "domain" and/or "kmeansE" (E clusters); constructions: Construction names
+    parsed by `parse_construction`; refit: evaluate without and with the refit; window: tokens
+    per held-out window (windows are disjoint)."""
+
+    remain_rate: float = 0.5
+    groupings: tuple[str, ...] = ("domain",)
+    constructions: tuple[str, ...] = ("magnitude/intersection",)
+    refit: tuple[bool, ...] = (False, True)
+    ridge: float = 1e-2
+    refit_sequences: int = 8
+    window: int = 512
+    batch_size: int = 4
+    top_frac: float = 0.5  # Eq. 4's share of a token's channels (the router target's)
+    seed: int = 0
+
+
+def parse_construction(name: str) -> Construction:
+    """ "magnitude/intersection" | "frequency/core0.5/partition" -> Construction (checked)."""
+    parts = name.split("/")
+    if len(parts) == 2 and parts[1] == "intersection":
+        return Construction(parts[0], "intersection").check()
+    if len(parts) == 3 and parts[1].startswith("core"):
+        frac = float(parts[1][4:] or 0.5)
+        return Construction(parts[0], "core", parts[2], frac).check()
+    raise ValueError(f"construction {name!r}: expected SCORE/intersection or SCORE/coreF/RULE")
+
+
+# ---------------------------------------------------------------- scoring on windows
+@functools.cache
+def _window_nll_fn(logits_fn: LogitsFn):
+    @jax.jit
+    def fn(params, tokens_BxS, mask_BxS):
+        logits = logits_fn(params, tokens_BxS)[:, :-1].astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, tokens_BxS[:, 1:, None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
+        m = mask_BxS[:, 1:]
+        return jnp.sum(jnp.where(m, nll, 0.0), axis=1), jnp.sum(m, axis=1)
+
+    return fn
+
+
+def window_nll(
+    logits_fn: LogitsFn, params: Any, tokens_T: np.ndarray, window: int, batch_size: int = 4
+) -> np.ndarray:
+    """Mean NLL (nats/token) of each disjoint window of `window` tokens, [N] (windows as in
+    eval/perplexity.py; a window's first token is unscored)."""
+    fn = _window_nll_fn(logits_fn)
+    out = []
+    for toks, mask in window_batches(tokens_T, window, None, batch_size):
+        s, c = fn(params, jnp.asarray(toks), jnp.asarray(mask))
+        s, c = np.asarray(s), np.asarray(c)
+        out += [a / b for a, b in zip(s, c, strict=True) if b > 0]
+    return np.asarray(out)
+
+
+@functools.cache
+def label_route_logits_fn(cfg: LlamaConfig, num_experts: int) -> LogitsFn:
+    """logits_fn over {"backbone", "expert"}: every token on one expert (a domain's own)."""
+    mcfg = MoEConfig(num_experts, dispatch="select")
+
+    def fn(p, tokens_BxS):
+        shape = tokens_BxS.shape + (1,)
+        routing = (jnp.full(shape, p["expert"], jnp.int32), jnp.ones(shape, jnp.float32))
+        return moe.moe_forward(p["backbone"], tokens_BxS, cfg, mcfg, routing)[0]
+
+    return fn
+
+
+@functools.cache
+def coverage_route_logits_fn(cfg: LlamaConfig, num_experts: int, top_frac: float) -> LogitsFn:
+    """logits_fn over {"dense", "backbone", "union"}: each token on the expert whose shared +
+    private channels cover most of its own top-`top_frac` dense channels, summed over layers
+    (Eq. 4's argmax; one dense forward then one MoE forward per batch)."""
+    mcfg = MoEConfig(num_experts, dispatch="ragged")
+
+    def fn(p, tokens_BxS):
+        ffn = coverage_ffn(p["union"], top_frac)
+        cov = llama.forward(p["dense"], tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2]
+        e = jnp.argmax(jnp.sum(cov, axis=0), axis=-1).astype(jnp.int32)[..., None]
+        routing = (e, jnp.ones(e.shape, jnp.float32))
+        return moe.moe_forward(p["backbone"], tokens_BxS, cfg, mcfg, routing)[0]
+
+    return fn
+
+
+# ---------------------------------------------------------------- building
+def _refit_rows(backbone: dict, spec: ExpertSpec, rows: list[list[np.ndarray]]) -> dict:
+    """Write refit down rows (per layer: shared, then expert e) into a stacked MoE backbone."""
+    layers = backbone["layers"]
+    sd, ed = np.array(layers["shared_down"]), np.array(layers["expert_down"])
+    for l, r in enumerate(rows):
+        sd[l, : len(r[0])] = r[0]
+        for e in range(spec.num_experts):
+            ed[l, e, : len(r[1 + e])] = r[1 + e]
+    dt = layers["shared_down"].dtype
+    new = {**layers, "shared_down": jnp.asarray(sd, dt), "expert_down": jnp.asarray(ed, dt)}
+    return {**backbone, "layers": new}
+
+
+def _first_rows(batches, groups, n):
+    """The first n rows of each domain's batches (the refit's calibration subset)."""
+    out_b, out_g = [], []
+    for bs, gs in zip(batches, groups, strict=True):
+        left = n
+        for b, g in zip(bs, gs, strict=True):
+            if left <= 0:
+                break
+            out_b.append(np.asarray(b)[:left])
+            out_g.append(np.asarray(g)[:left])
+            left -= len(out_b[-1])
+    return out_b, out_g
+
+
+@dataclasses.dataclass
+class _Grouping:
+    name: str
+    names: list[str]  # expert names
+    batches: list[list[np.ndarray]]  # per domain, its calibration batches
+    groups: list[list[np.ndarray]]  # the same shape: each token's group
+    stats: GroupStats
+    by_label: bool  # True: evaluate a domain's tokens on its own expert
+
+
+def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
+    doms = list(domain_batches)
+    batches = [domain_batches[d] for d in doms]
+    if name == "domain":
+        groups = [[np.full(np.shape(b), i) for b in bs] for i, bs in enumerate(batches)]
+        names = doms
+    elif name.startswith("kmeans"):
+        E = int(name[len("kmeans") :])
+        flat = [b for bs in batches for b in bs]
+        assign = iter(cluster_assign(dense, cfg, flat, E, seed=c.seed))
+        groups = [[next(assign) for _ in bs] for bs in batches]
+        names = [f"cluster{j}" for j in range(E)]
+    else:
+        raise ValueError(f"grouping {name!r}: expected 'domain' or 'kmeansE'")
+    flat_b = [b for bs in batches for b in bs]
+    flat_g = [g for gs in groups for g in gs]
+    st = group_stats(dense, cfg, flat_b, flat_g, len(names), c.remain_rate, f"stats {name}")
+    return _Grouping(name, names, batches, groups, st, name == "domain")
+
+
+def _static_model(stacked, dense, cfg, kept_LxK, refit_batches, c: StudyConfig):
+    """The static control keeping kept_LxK channels; refit on `refit_batches` unless None.
+    Returns per-layer (unstacked) params."""
+    sp = static_pruned(stacked, kept_LxK)
+    if refit_batches is not None:
+        zs = [np.zeros(np.shape(b), int) for b in refit_batches]
+        rows = reconstruct.sequential_refit(
+            dense,
+            cfg,
+            refit_batches,
+            zs,
+            lambda l: ([kept_LxK[l]], [[0]]),
+            c.ridge,
+            "refit static",
+        )
+        w = np.stack([r[0] for r in rows])
+        dt = sp["layers"]["w_down"].dtype
+        sp = {**sp, "layers": {**sp["layers"], "w_down": jnp.asarray(w, dt)}}
+    return llama.unstack_layers(sp)
+
+
+def _oracle(cfg, spec: ExpertSpec, dense_u, backbone_u, g: _Grouping, doms, c: StudyConfig):
+    """(logits_fn, domain -> params) routing every held-out token by the grouping's oracle:
+    its domain's expert (labels) or Eq. 4's argmax (clusters)."""
+    E = spec.num_experts
+    if g.by_label:
+        fn = label_route_logits_fn(cfg, E)
+        return fn, lambda d: {"backbone": backbone_u, "expert": jnp.int32(doms.index(d))}
+    sh, ex = expert_channel_masks(spec, cfg.ffn_dim)
+    p = {"dense": dense_u, "backbone": backbone_u, "union": union_masks(sh, ex)}
+    return coverage_route_logits_fn(cfg, E, c.top_frac), lambda d: p
+
+
+# ---------------------------------------------------------------- the study
+def run_study(
+    cfg: LlamaConfig,
+    dense: dict,
+    domain_batches: dict[str, list[np.ndarray]],
+    streams: dict[str, np.ndarray],
+    c: StudyConfig,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every (grouping, construction, refit) model and its static control on the held-out
+    `streams` (domain -> tokens_T). Returns the JSON-ready result (see `render`)."""
+    t_start = time.time()
+    doms = list(streams)
+    dense_u = llama.unstack_layers(dense)
+    F = cfg.ffn_dim
+    k = kept_channels(c.remain_rate, F)
+
+    def score(fn, params_for) -> dict[str, np.ndarray]:
+        return {d: window_nll(fn, params_for(d), streams[d], c.window, c.batch_size) for d in doms}
+
+    models: dict[str, dict[str, Any]] = {}
+
+    def add(name, per_domain, **info):
+        allw = np.concatenate([per_domain[d] for d in doms])
+        models[name] = {
+            **info,
+            "ppl": math.exp(float(allw.mean())),
+            "ppl_per_domain": {d: math.exp(float(per_domain[d].mean())) for d in doms},
+            "window_nll": allw.tolist(),
+        }
+        log(f"[construction] {name}: ppl {models[name]['ppl']:.2f} ({time.time() - t_start:.0f}s)")
+
+    add("dense", score(dense_logits_fn(cfg), lambda d: dense_u), kind="dense")
+    stacked = llama.stack_layers(dense)
+    controls: dict[tuple[str, bool], str] = {}
+    for gname in c.groupings:
+        g = _grouping(gname, dense, cfg, domain_batches, c)
+        rb, rg = _first_rows(g.batches, g.groups, c.refit_sequences)
+        for cname in c.constructions:
+            con = parse_construction(cname)
+            for refit in c.refit:
+                if (con.score, refit) not in controls:  # the static control of score and refit
+                    kept = static_channels(g.stats, con.score, k)
+                    spu = _static_model(stacked, dense, cfg, kept, rb if refit else None, c)
+                    name = f"static {con.score}" + (" +refit" if refit else "")
+                    fn = dense_logits_fn(cfg.replace(ffn_dim=k))
+                    add(
+                        name,
+                        score(fn, lambda d, p=spu: p),
+                        kind="static",
+                        score=con.score,
+                        refit=refit,
+                        active_ffn_fraction=k / F,
+                    )
+                    controls[(con.score, refit)] = name
+            spec = build_spec(g.stats, c.remain_rate, g.names, con)
+            base = build_moe_params(stacked, spec)
+            if g.by_label:
+                fit_groups = rg
+            else:
+                fit_groups = reconstruct.target_expert_groups(dense, cfg, spec, rb, c.top_frac)
+            for refit in c.refit:
+                bb = base
+                if refit:
+                    parts = reconstruct.readme_parts(spec)
+                    rows = reconstruct.sequential_refit(
+                        dense, cfg, rb, fit_groups, parts, c.ridge, f"refit {gname} {cname}"
+                    )
+                    bb = _refit_rows(base, spec, rows)
+                fn, params_for = _oracle(cfg, spec, dense_u, llama.unstack_layers(bb), g, doms, c)
+                name = f"{gname} {cname}" + (" +refit" if refit else "")
+                add(
+                    name,
+                    score(fn, params_for),
+                    kind="readme",
+                    grouping=gname,
+                    construction=cname,
+                    refit=refit,
+                    control=controls[(con.score, refit)],
+                    num_experts=spec.num_experts,
+                    active_ffn_fraction=active_ffn_fraction(spec, F),
+                    shared_width_mean=float(spec.shared_widths.mean()),
+                )
+            jax.clear_caches()
+    for m in models.values():
+        if m.get("control"):
+            d = np.asarray(m["window_nll"]) - np.asarray(models[m["control"]]["window_nll"])
+            mean, lo, hi = paired_bootstrap(d, seed=c.seed)
+            m["vs_control"] = {
+                "ppl_ratio": math.exp(mean),
+                "ci95": [math.exp(lo), math.exp(hi)],
+            }
+    return {
+        "config": dataclasses.asdict(c),
+        "domains": doms,
+        "tokens_per_domain": {d: int(len(streams[d])) for d in doms},
+        "dense_ffn": F,
+        "minutes": (time.time() - t_start) / 60,
+        "models": models,
+    }
+
+
+def render(res: dict[str, Any]) -> str:
+    """The study as a markdown table: ppl, x dense, per domain, vs its control (paired 95%)."""
+    doms = res["domains"]
+    dense = res["models"]["dense"]["ppl"]
+    lines = [
+        f"# Construction study (remain rate {res['config']['remain_rate']}, oracle routing)",
+        "",
+        f"Held-out tokens per domain: {res['tokens_per_domain']}; windows of "
+        f"{res['config']['window']}; {res['minutes']:.1f} min.",
+        "",
+        "| model | ppl | x dense | " + " | ".join(doms) + " | vs control (95% CI) |",
+        "|---|---|---|" + "---|" * len(doms) + "---|",
+    ]
+    for name, m in res["models"].items():
+        vs = m.get("vs_control")
+        vs_s = (
+            f"{vs['ppl_ratio'] - 1:+.1%} [{vs['ci95'][0] - 1:+.1%}, {vs['ci95'][1] - 1:+.1%}]"
+            if vs
+            else "–"
+        )
+        per = " | ".join(f"{m['ppl_per_domain'][d]:.2f}" for d in doms)
+        lines.append(f"| {name} | {m['ppl']:.2f} | {m['ppl'] / dense:.2f}x | {per} | {vs_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def save(res: dict[str, Any], out: str | Path) -> Path:
+    """out/construction.json (with per-window NLLs) and out/construction.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "construction.json").write_text(json.dumps(res, indent=1))
+    (out / "construction.md").write_text(render(res))
+    return out

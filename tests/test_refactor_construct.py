@@ -1,0 +1,134 @@
+"""Expert construction rules (refactor/construct.py) and the construction study's scoring
+(eval/construction.py, eval/paired.py) on a tiny random model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from readme_jax.eval import construction, paired
+from readme_jax.eval.perplexity import dense_logits_fn, perplexity
+from readme_jax.model import llama, moe
+from readme_jax.model.config import ConfigError, LlamaConfig, MoEConfig
+from readme_jax.refactor import construct, experts, stats
+
+CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
+F = CFG.ffn_dim
+
+
+def _params():
+    return llama.init_params(CFG, jax.random.key(0))
+
+
+def _batches(n=3, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 64, (2, 8)) for _ in range(n)]
+
+
+def _stats(E=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return construct.GroupStats(
+        rng.random((E, 2, F)), rng.random((E, 2, F)), rng.integers(5, 50, E).astype(float), 0.5
+    )
+
+
+@pytest.mark.parametrize("rule", ["overlap", "partition"])
+@pytest.mark.parametrize("score", ["magnitude", "frequency"])
+def test_core_experts_keep_exactly_k_channels_per_token(rule, score):
+    st = _stats(E=3)
+    c = construct.Construction(score, "core", rule, 0.5)
+    spec = construct.build_spec(st, 0.5, ["a", "b", "c"], c)
+    k = construct.kept_channels(0.5, F)
+    assert (spec.shared_widths + spec.expert_widths.max(-1) == k).all()
+    assert (spec.expert_widths == spec.expert_widths[:, :1]).all()  # balanced
+    for l in range(2):
+        sh = set(spec.shared_idx_LxFs[l][spec.shared_idx_LxFs[l] >= 0].tolist())
+        ex = [set(x[x >= 0].tolist()) for x in spec.expert_idx_LxExFe[l]]
+        assert all(not (sh & e) for e in ex)  # experts outside the core
+        for e in range(3):  # each expert's mask = its shared + private channels
+            assert set(np.flatnonzero(spec.domain_masks_ExLxF[e, l])) == sh | ex[e]
+        if rule == "partition":
+            assert sum(len(e) for e in ex) == len(set().union(*ex))  # disjoint
+
+
+def test_the_static_control_and_the_core_share_the_selection():
+    st = _stats(E=3)
+    c = construct.Construction("frequency", "core", "overlap", 0.5)
+    spec = construct.build_spec(st, 0.5, ["a", "b", "c"], c)
+    fs = int(spec.shared_widths[0])
+    ctrl = construct.static_channels(st, "frequency", fs)
+    np.testing.assert_array_equal(np.sort(spec.shared_idx_LxFs, -1), ctrl)
+
+
+@pytest.mark.parametrize(
+    "c",
+    [
+        construct.Construction("magnitude", "intersection"),
+        construct.Construction("frequency", "core", "overlap", 0.5),
+        construct.Construction("frequency", "core", "partition", 0.3),
+    ],
+)
+def test_every_channel_kept_gives_the_dense_ffn(c):
+    p = _params()
+    spec = construct.build_spec(_stats(E=3), 1.0, ["a", "b", "c"], c)
+    bb = experts.build_moe_params(llama.stack_layers(p), spec)
+    toks = jnp.asarray(_batches(1)[0], jnp.int32)
+    e = jnp.asarray(np.random.default_rng(0).integers(0, 3, (*toks.shape, 1)), jnp.int32)
+    got = moe.moe_forward(bb, toks, CFG, MoEConfig(3), (e, jnp.ones(e.shape)))[0]
+    want = llama.forward(p, toks, CFG)[0]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_intersection_rule_is_the_papers():
+    st = _stats(E=3)
+    spec = construct.build_spec(st, 0.5, ["a", "b", "c"], construct.Construction())
+    ref = experts.build_expert_spec(st.mean_abs_ExLxF, 0.5, ["a", "b", "c"])
+    np.testing.assert_array_equal(spec.expert_idx_LxExFe, ref.expert_idx_LxExFe)
+
+
+def test_bad_constructions_are_refused():
+    with pytest.raises(ConfigError, match="refactor.score"):
+        construct.Construction("often").check()
+    with pytest.raises(ConfigError, match="partition"):
+        construct.Construction("magnitude", "intersection", "partition").check()
+    with pytest.raises(ValueError, match="expected"):
+        construction.parse_construction("frequency/half")
+    c = construction.parse_construction("frequency/core0.25/partition")
+    assert (c.shared_frac, c.experts) == (0.25, "partition")
+
+
+def test_group_stats_match_mean_abs_and_count_each_tokens_top_channels():
+    p = _params()
+    bs = _batches(2)
+    bs[1][1, 5:] = -1  # padding is excluded
+    groups = [np.zeros((2, 8), int), np.ones((2, 8), int)]
+    gs = construct.group_stats(p, CFG, bs, groups, 2, 0.5)
+    assert gs.n_tokens.tolist() == [16, 13]
+    mean1, n1 = stats.domain_stats(p, CFG, [bs[1]])
+    assert n1 == 13
+    np.testing.assert_allclose(gs.mean_abs_ExLxF[1], mean1, rtol=1e-5, atol=1e-7)
+    # every token has exactly F/2 channels in its top half (random floats: no ties)
+    np.testing.assert_allclose(gs.rate_ExLxF.sum(-1), F // 2, rtol=1e-6)
+    assert gs.rate_ExLxF.min() >= 0 and gs.rate_ExLxF.max() <= 1
+
+
+def test_window_nll_averages_to_the_perplexity():
+    p = llama.unstack_layers(_params())
+    toks = np.random.default_rng(3).integers(0, 64, 64)
+    w = construction.window_nll(dense_logits_fn(CFG), p, toks, 16, batch_size=4)
+    assert w.shape == (4,)
+    r = perplexity(dense_logits_fn(CFG), p, toks, max_length=16, batch_size=4, progress=False)
+    np.testing.assert_allclose(np.exp(w.mean()), r.ppl, rtol=1e-5)
+
+
+def test_paired_bootstrap():
+    d = np.random.default_rng(0).normal(0, 1, 40)
+    m, lo, hi = paired.paired_bootstrap(d - d)  # a model against itself
+    assert m == lo == hi == 0.0
+    m, lo, hi = paired.paired_bootstrap(d * 0.01 + 0.5)  # clearly worse: interval above 0
+    assert 0 < lo < m < hi
+    assert paired.paired_bootstrap(d, seed=3) == paired.paired_bootstrap(d, seed=3)
+    with pytest.raises(ValueError, match="no windows"):
+        paired.paired_bootstrap(np.array([]))
+    with pytest.raises(ValueError, match="non-finite"):
+        paired.paired_bootstrap(np.array([1.0, np.nan]))
