@@ -125,7 +125,7 @@ peer: $(PEER)/.installed
 
 bench: setup
 	@$(MAKE) --no-print-directory peer || echo "WARNING: PyTorch peer unavailable; peer columns will read n/a"
-	$(PY) tools/bench.py --out docs/benchmarks.md
+	$(PY) launch/bench.py
 
 fixtures: peer
 	$(PEER)/bin/python tools/make_fixtures.py

@@ -2,9 +2,21 @@
 
 python launch/serve.py --config configs/serve.py --config.checkpoint runs/smollm2_135m/moe_init
 python launch/serve.py --config.dense=True --config.port=8001      # dense SmolLM2, same engine
+python launch/serve.py --config.engine.capacity=0                  # every expert resident
 """
 
+import importlib.util
+import pathlib
+
 from ml_collections import ConfigDict
+
+# the engine block by path: config files are loaded by path, `configs` need not be importable
+_spec = importlib.util.spec_from_file_location(
+    "readme_jax_configs_engine", pathlib.Path(__file__).with_name("engine.py")
+)
+_engine = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_engine)
+get_engine = _engine.get_engine
 
 
 def get_config():
@@ -21,22 +33,10 @@ def get_config():
     c.calib_sequences = 4
     c.calib_len = 256
     c.seed = 0
-    # engine (readme_jax.serve.engine.EngineConfig)
-    c.batching = "expert"  # expert | cache (cache-aware expert batching) | decode | prefill
-    c.cache_policy = "belady"  # belady | lru | lfu | random | all
-    c.capacity = 2  # C expert slots on the device (0 = all E resident)
-    c.prefetch = True
-    c.num_slots = 8  # N request slots
-    c.max_len = 1024  # context per request: prompt + max_tokens
-    c.prefill_chunk = 32
-    c.max_batch_tokens = 128  # token budget per step (prefill tokens + decode rows)
-    c.max_wait = 32  # fairness bound in steps
-    # expert cap of expert/cache batching: a batch adds no new expert once it needs this many
-    # (0 = off, Algorithm 1 as in the paper; serve.batching module doc)
-    c.max_experts = 0
-    # all experts resident and nothing waiting: dispatch the next decode step before reading
-    # this one (EngineConfig.lookahead; outputs are the same either way)
-    c.lookahead = True
+    # engine (readme_jax.serve.engine.EngineConfig; the block and its comments:
+    # configs/engine.py): an expert cache of C = 2 slots with Belady and prefetch
+    c.engine = get_engine()
+    c.engine.capacity = 2
     # admission and shutdown
     c.max_queue = 64  # requests waiting beyond the N slots; more -> 429 with Retry-After
     # Retry-After (seconds): a 503's, and the least of a 429's; a 429's grows with the queue and

@@ -7,7 +7,18 @@ Comma lists are strings ("belady,lru"); "lo,hi" pairs too. The old flag names (-
 --out_dir=..., --sim_logs, --no_real_prefetch) still work: the script maps --x=y to --config.x=y.
 """
 
+import importlib.util
+import pathlib
+
 from ml_collections import ConfigDict
+
+# the engine block by path: config files are loaded by path, `configs` need not be importable
+_spec = importlib.util.spec_from_file_location(
+    "readme_jax_configs_engine", pathlib.Path(__file__).with_name("engine.py")
+)
+_engine = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_engine)
+get_engine = _engine.get_engine
 
 
 def get_config() -> ConfigDict:
@@ -34,12 +45,11 @@ def get_config() -> ConfigDict:
     c.real_grid = "cache"  # full: every batching x policy x C on the real engine; cache: the
     # policy x C grid with expert batching only (the others simulated)
     c.real_prefetch = True  # also Belady + prefetch on the real engine
-    c.num_slots = 8  # request slots N
-    c.max_batch_tokens = 32
-    c.prefill_chunk = 32  # Q
-    c.max_len = 128  # context per request slot (M)
-    c.max_wait = 32  # fairness bound (steps)
-    c.max_experts = 0  # expert cap of expert/cache batching (0 = off; serve/batching.py)
+    # the engine block (configs/engine.py); batching, cache_policy, capacity and prefetch are
+    # set per run by the grid above
+    c.engine = get_engine()
+    c.engine.max_len = 128  # context per request slot (M)
+    c.engine.max_batch_tokens = 32
     # simulation and output
     c.profiles = "a100,h200"
     c.scales = "served,llama2-7b"  # served: the model's own sizes; llama2-7b: the paper's scale

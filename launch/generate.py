@@ -92,15 +92,13 @@ def _is_readme(path: str) -> bool:
 def _generate_moe(sp) -> None:
     """Read-ME through the serving engine: pre-gated routes, offloaded experts, cache stats."""
     from readme_jax.checkpoints.tokenizer import prompt_ids
-    from readme_jax.serve.bench.models import default_model, load_serve_model
     from readme_jax.serve.engine import generate
+    from readme_jax.served import load_served
 
-    ck = FLAGS.checkpoint
-    if not ck:  # the newest trained run of the default config, else say it is untrained
-        found, line, _ = default_model()
-        print(f"[model] {line}", file=sys.stderr)
-        ck = str(found) if found else None
-    sm = load_serve_model(ck)
+    # no checkpoint: the newest trained run of the default config, else an untrained conversion
+    sm = load_served(FLAGS.checkpoint, seed=FLAGS.seed)
+    if sm.note:
+        print(f"[model] {sm.note}", file=sys.stderr)
     ids = prompt_ids(sm.tokenizer, FLAGS.prompt, FLAGS.chat)
     out_ids: list[int] = []
     printed = [""]

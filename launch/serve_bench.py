@@ -18,8 +18,10 @@ it.
   # seconds: a random tiny model and random prompts (smoke test)
   python launch/serve_bench.py --config.model=tiny --config.out_dir=runs/serve_bench_tiny
 
-Settings and their defaults: configs/serve_bench.py (`--config=FILE` for another). The old flag
-names still work (`--model tiny`, `--out_dir DIR`, `--sim_logs`, `--no_real_prefetch`).
+Settings and their defaults: configs/serve_bench.py and its engine block configs/engine.py
+(`--config.engine.num_slots=4`; `--config=FILE` for another file). The old flag names of
+top-level settings still work (`--model tiny`, `--out_dir DIR`, `--sim_logs`,
+`--no_real_prefetch`). With no checkpoint the model is `readme_jax.served.load_served`'s default.
 
 Writes results.json, report.md (+ PNG plots), trace.jsonl and logs/ (per run: the cache
 decision log, checkable with readme_jax.serve.bench.replay.replay_check, and the per-step JSONL).
@@ -35,31 +37,13 @@ import jax
 import numpy as np
 
 from readme_jax import cli
-from readme_jax.data import load_offsets, load_tokens
 from readme_jax.serve.bench import report, run
 from readme_jax.serve.bench import trace as tr
-from readme_jax.serve.bench.models import load_serve_model
-from readme_jax.serve.engine import EngineConfig
+from readme_jax.serve.config import EngineConfig
+from readme_jax.served import load_served, on_the_fly_recipe
 from readme_jax.testing import tiny_serve_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve_bench.py"
-
-
-def heldout_prompts(tokenizer, domains, min_len: int, per_domain: int = 64, seed: int = 0):
-    """Documents (token arrays, EOS dropped) of each domain's validation split, balanced."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for d in domains:
-        toks, offs = (
-            load_tokens(d, "validation", tokenizer),
-            load_offsets(d, "validation", tokenizer),
-        )
-        docs = [np.asarray(toks[a : b - 1]) for a, b in zip(offs[:-1], offs[1:], strict=True)]
-        docs = [x for x in docs if len(x) >= min_len]
-        if not docs:
-            raise tr.TraceError(f"domain {d!r} has no held-out document of {min_len} tokens")
-        out += [docs[i] for i in rng.permutation(len(docs))[:per_domain]]
-    return out
 
 
 def build_trace(c, sm):
@@ -73,7 +57,7 @@ def build_trace(c, sm):
         V = sm.params.rc.model.vocab_size
         prompts = [rng.integers(3, V, hi) for _ in range(16)]
     else:
-        prompts = heldout_prompts(sm.tokenizer, cli.csv(c.domains), hi, seed=c.seed)
+        prompts = tr.heldout_prompts(sm.tokenizer, cli.csv(c.domains), hi, seed=c.seed)
     out_len = tr.LengthDist("lognormal", median=med, sigma=0.6, lo=min(4, mx), hi=mx)
     rate = c.rate if c.rate > 0 else 1e9
     plen = tr.LengthDist("uniform", lo=lo, hi=hi)
@@ -90,16 +74,7 @@ def build_trace(c, sm):
 
 
 def bench_config(c) -> run.BenchConfig:
-    if c.max_experts < 0:
-        raise cli.ConfigError(f"max_experts must be >= 0 (0 = no expert cap), got {c.max_experts}")
-    engine = EngineConfig(
-        num_slots=c.num_slots,
-        max_len=c.max_len,
-        prefill_chunk=c.prefill_chunk,
-        max_batch_tokens=c.max_batch_tokens,
-        max_wait=c.max_wait,
-        max_experts=c.max_experts or None,
-    )
+    engine = EngineConfig.from_config(c.engine)  # batching, policy, C, prefetch: per run
     if c.real_grid not in ("full", "cache"):
         raise cli.ConfigError(f"real_grid must be full or cache, got {c.real_grid!r}")
     return run.BenchConfig(
@@ -128,12 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
     if c.model == "tiny":
         sm = tiny_serve_model(seed=c.seed)
     else:
-        sm = load_serve_model(
-            c.checkpoint or None,
-            domains=c.domains,
-            calib_sequences=c.calib_sequences,
-            calib_len=c.calib_len,
+        recipe = on_the_fly_recipe(
+            c.domains, calib_sequences=c.calib_sequences, calib_len=c.calib_len
         )
+        sm = load_served(c.checkpoint or None, recipe=recipe)
+        if sm.note:
+            print(f"[model] {sm.note}")
     print(f"[model] {sm.source} ({time.perf_counter() - t0:.0f}s)")
     trace, info = build_trace(c, sm)
     tr.save_trace(out / "trace.jsonl", trace)

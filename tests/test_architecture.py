@@ -28,27 +28,15 @@ ALLOWED = {
 # The ground floor: import nothing of the project, importable from every room.
 GROUND = {"errors", "cache_dir"}
 # The top of the library: may import any room (never launch/ or tools/).
-TOP = {"api", "testing", "cli"}
+TOP = {"api", "testing", "cli", "served"}
 
 # Script-imports-script and sys.path edits that the tree still has, to be removed as the scripts
 # become thin (the review's target layout). The test fails on a new one, and on an entry here
 # that is gone (delete it, so the list only shrinks).
-KNOWN_SCRIPT_IMPORTS = {
-    ("launch/locality_sweep.py", "launch.serve_sim"),
-    ("tools/engine_profile.py", "launch.serve"),
-    ("tools/engine_profile.py", "tools.load_test"),
-    ("tests/test_engine_profile.py", "tools.engine_profile"),
-}
+KNOWN_SCRIPT_IMPORTS: set[tuple[str, str]] = set()
 KNOWN_SYS_PATH = {
-    "launch/locality_sweep.py",
-    "launch/serve_sim.py",
-    "tools/bench.py",
-    "tools/bench_ab.py",
     "tools/device_check.py",
-    "tools/engine_profile.py",
-    "tools/local_distill_apply.py",
     "tools/make_fixtures.py",
-    "tools/moe_decode_ablation.py",
     "tools/reconstruct_quality.py",
     "tools/static_refit.py",
 }

@@ -231,7 +231,8 @@ def served(tmp_path_factory):
     """launch/serve.py on the tiny Read-ME (the `moe` fixture's model) on a free loopback port."""
     port = free_port()
     cmd = [sys.executable, str(ROOT / "launch/serve.py"), "--config.checkpoint=tiny",
-           f"--config.port={port}", "--config.max_len=256", "--config.num_slots=2"]  # fmt: skip
+           f"--config.port={port}", "--config.engine.max_len=256",
+           "--config.engine.num_slots=2"]  # fmt: skip
     log = tmp_path_factory.mktemp("serve") / "log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -28,10 +28,10 @@ def test_serve_bench_runs_end_to_end_and_its_logs_replay(tmp_path):
         "--rate=2",
         "--prompt_len=4,16",
         "--output_len=4,8",
-        "--num_slots=4",
-        "--max_len=64",
-        "--prefill_chunk=8",
-        "--max_batch_tokens=16",
+        "--config.engine.num_slots=4",
+        "--config.engine.max_len=64",
+        "--config.engine.prefill_chunk=8",
+        "--config.engine.max_batch_tokens=16",
         "--capacities=2",
         "--policies=belady,lru",
         "--batching=expert,decode",
@@ -152,4 +152,6 @@ def test_a_negative_expert_cap_is_a_config_error(tmp_path):
     from readme_jax.model.config import ConfigError
 
     with pytest.raises(ConfigError, match="max_experts must be >= 0"):
-        _serve_bench().main(["--model=tiny", f"--out_dir={tmp_path}", "--max_experts=-1"])
+        _serve_bench().main(
+            ["--model=tiny", f"--out_dir={tmp_path}", "--config.engine.max_experts=-1"]
+        )

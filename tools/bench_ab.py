@@ -4,11 +4,12 @@
 
 Each round runs the same measurement in the old checkout, then in this one (alternating, so a
 slow spell of a shared machine hits both), each in a fresh process whose `readme_jax` and
-`tools/bench.py` are that checkout's own: dense SmolLM2 decode tokens/s at batch 1 and 8 and
-512-token prefill tokens/s (`bench.bench_dense`, one round), and the same for a Read-ME MoE
-refactored by `bench.quick_moe` (remain rate 0.5, untrained router) through the static-batch
-Generator. The report is the best round of each metric and the ratio new/old; between 0.9x and
-1.1x is within run-to-run noise on this 2-core machine (docs/benchmarks.md).
+speed functions (`readme_jax/eval/speed.py`, or before it `tools/bench.py`) are that checkout's
+own: dense SmolLM2 decode tokens/s at batch 1 and 8 and 512-token prefill tokens/s
+(`bench_dense`, one round), and the same for a Read-ME MoE refactored by `quick_moe` (remain
+rate 0.5, untrained router) through the static-batch Generator. The report is the best round of
+each metric and the ratio new/old; between 0.9x and 1.1x is within run-to-run noise on this
+2-core machine (docs/benchmarks.md).
 
 --old is a commit (checked out into a temporary `git worktree`) or the path of a checkout.
 """
@@ -25,16 +26,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# runs inside a checkout (cwd = its root); both layouts (before and after the renovation
-# that made one decode step library) are supported: the Generator and the Read-ME decode model moved
+# runs inside a checkout (cwd = its root); the layouts before and after the renovation that
+# made one decode step library (the Generator and the Read-ME decode model moved), and before
+# and after the speed functions moved from tools/bench.py into readme_jax/eval/speed.py
 CHILD = r"""
-import json, sys
-sys.path.insert(0, "tools")
-import bench
+import importlib.util, json
+try:
+    from readme_jax.eval import speed as bench
+except ImportError:
+    spec = importlib.util.spec_from_file_location("bench", "tools/bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
 from readme_jax.checkpoints.gguf import load_gguf
 from readme_jax.checkpoints.tokenizer import load_tokenizer
 cfg, params = load_gguf()
-d = bench.bench_dense(cfg, params, peer=False, rounds=1)
+d = bench.bench_dense(cfg, params, False, rounds=1)
 res = {"dense_" + k: d[k] for k in ("prefill_512_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")}
 rc, mp, _ = bench.quick_moe(cfg, params, load_tokenizer())
 try:

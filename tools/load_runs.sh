@@ -11,7 +11,7 @@ PORT=8717
 TRACE="--num_requests 1000 --rate 2.5 --cv 3 --prompt_len 16,32 --output_len 8,16"
 one() {  # label, server args...
   label=$1; shift
-  .venv/bin/python launch/serve.py --config.port=$PORT --config.max_len=256 --config.max_queue=64 "$@" > $OUT/$label.server.log 2>&1 &
+  .venv/bin/python launch/serve.py --config.port=$PORT --config.engine.max_len=256 --config.max_queue=64 "$@" > $OUT/$label.server.log 2>&1 &
   pid=$!
   for i in $(seq 1 300); do curl -sf http://127.0.0.1:$PORT/health > /dev/null && break; sleep 1; done
   echo "[$(date +%T)] $label: server up"
@@ -20,6 +20,6 @@ one() {  # label, server args...
   curl -s http://127.0.0.1:$PORT/metrics > $OUT/$label.metrics.txt
   kill -TERM $pid; wait $pid; echo "[$(date +%T)] $label: server exit $?"
 }
-one moe_expert --config.checkpoint=$RUN --config.capacity=0 --config.batching=expert
-one dense --config.dense=True --config.batching=expert
-one moe_decode --config.checkpoint=$RUN --config.capacity=0 --config.batching=decode
+one moe_expert --config.checkpoint=$RUN --config.engine.capacity=0 --config.engine.batching=expert
+one dense --config.dense=True --config.engine.batching=expert
+one moe_decode --config.checkpoint=$RUN --config.engine.capacity=0 --config.engine.batching=decode

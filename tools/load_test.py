@@ -30,8 +30,7 @@ import httpx
 import numpy as np
 
 from readme_jax.checkpoints.tokenizer import load_tokenizer
-from readme_jax.data import load_offsets, load_tokens
-from readme_jax.serve.bench.trace import LengthDist, make_trace
+from readme_jax.serve.bench.trace import LengthDist, heldout_prompts, make_trace
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,20 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="name of this run in the output")
     p.add_argument("--out", default="", help="append the JSON summary to this file")
     return p.parse_args(argv)
-
-
-def heldout_prompts(tok, domains: list[str], min_len: int, per_domain: int = 64, seed: int = 0):
-    """Token arrays of held-out documents (validation split, EOS dropped), balanced."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for d in domains:
-        toks, offs = load_tokens(d, "validation", tok), load_offsets(d, "validation", tok)
-        docs = [np.asarray(toks[a : b - 1]) for a, b in zip(offs[:-1], offs[1:], strict=True)]
-        docs = [x for x in docs if len(x) >= min_len]
-        out += [docs[i] for i in rng.permutation(len(docs))[:per_domain]]
-    if not out:
-        raise SystemExit(f"error: no held-out document of {min_len} tokens in {domains}")
-    return out
 
 
 async def one_request(client: httpx.AsyncClient, url: str, req, model: str, t0: float, stats):

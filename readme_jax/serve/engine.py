@@ -43,6 +43,7 @@ from readme_jax.model.sampling import SamplingParams
 from readme_jax.serve import batching
 from readme_jax.serve.backend import ModelBackend
 from readme_jax.serve.cache import ExpertCache, Future, dedup, make_policy
+from readme_jax.serve.config import EngineConfig
 from readme_jax.serve.decode import ServeParams
 from readme_jax.serve.results import (  # noqa: F401 - re-exported: the engine's public names
     CANCELLED,
@@ -56,33 +57,6 @@ from readme_jax.serve.results import (  # noqa: F401 - re-exported: the engine's
 )
 
 GREEDY = SamplingParams()
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    num_slots: int = 8  # N request slots of the decode step
-    max_len: int = 512  # context per slot: prompt + max_new_tokens must fit
-    prefill_chunk: int = 32  # Q: prompt tokens per prefill call
-    max_batch_tokens: int = 128  # scheduler budget: prefill tokens + decode rows
-    batching: str = "expert"  # expert | decode | prefill
-    cache_policy: str = "all"  # all | belady | lru | lfu | random
-    capacity: int | None = None  # C expert slots; None: E (all resident)
-    prefetch: bool = False
-    max_wait: int | None = 32  # fairness bound in steps
-    max_experts: int | None = None  # expert cap of expert-aware batching (serve.batching)
-    belady_window: int | None = None
-    policy_seed: int = 0
-    include_eos: bool = False
-    # dispatch the next decode step before reading this one when nothing waits to be admitted
-    # and every expert is resident (ModelBackend.decode); outputs are the same either way
-    lookahead: bool = True
-
-    def __post_init__(self):
-        if self.batching not in batching.POLICIES:
-            raise ValueError(f"batching must be one of {batching.POLICIES}, got {self.batching!r}")
-        if self.num_slots < 1 or self.prefill_chunk < 1 or self.max_len < 2:
-            raise ValueError("num_slots, prefill_chunk must be >= 1 and max_len >= 2")
-        batching.check_max_experts(self.max_experts)
 
 
 @dataclasses.dataclass
@@ -145,7 +119,8 @@ class Call:
 class Engine:
     """Serves requests on a backend (ModelBackend or ReplayBackend) under an EngineConfig."""
 
-    def __init__(self, backend, cfg: EngineConfig = EngineConfig(), clock=None):
+    def __init__(self, backend, cfg: EngineConfig | None = None, clock=None):
+        cfg = cfg or EngineConfig()
         self.backend, self.cfg = backend, cfg
         for k in ("num_slots", "max_len", "prefill_chunk"):
             if getattr(backend, k, getattr(cfg, k)) != getattr(cfg, k):
@@ -155,14 +130,10 @@ class Engine:
                 )
         self.clock = clock or WallClock()
         self.E = backend.num_experts
-        C = cfg.capacity if cfg.capacity is not None else self.E
-        if cfg.cache_policy == "all":
-            C = max(C, self.E)
-        if not 1 <= C:
-            raise ValueError(f"capacity must be >= 1, got {C}")
-        if C < backend.top_k:
-            raise ValueError(f"capacity {C} is below top_k={backend.top_k}")
-        self.C = min(C, self.E)
+        self.cfg = cfg = cfg.for_experts(self.E)
+        if cfg.capacity < backend.top_k:
+            raise ValueError(f"capacity {cfg.capacity} is below top_k={backend.top_k}")
+        self.C = cfg.capacity
 
     def _new_cache(self) -> ExpertCache:
         kw = {}
@@ -569,9 +540,6 @@ def generate(
     Every shape comes from the engine's configuration (num_slots, max_len, prefill_chunk), not
     from the prompts' lengths: a request never recompiles a step; one that does not fit
     max_len is an error result."""
-    E = sp.num_experts
-    if capacity is None or capacity >= E:
-        capacity, cache_policy = E, "all"
     longest = max(len(p) for p in prompts)
     cfg = EngineConfig(
         num_slots=num_slots or min(8, len(prompts)),
@@ -581,15 +549,15 @@ def generate(
         cache_policy=cache_policy,
         capacity=capacity,
         prefetch=prefetch,
-    )
+    ).for_experts(sp.num_experts)
     backend = backend or ModelBackend.for_config(sp, cfg)
     reqs = [
         ServeRequest(i, list(p), max_new_tokens, sampling=sampling, seed=seed + i)
         for i, p in enumerate(prompts)
     ]
     run = Engine(backend, cfg).run(reqs, on_token=on_token)
-    stats = run.summary() | {"capacity": capacity, "num_experts": E, "policy": cache_policy}
-    stats["prefetch"] = prefetch
+    stats = run.summary() | {"capacity": cfg.capacity, "num_experts": sp.num_experts}
+    stats |= {"policy": cfg.cache_policy, "prefetch": cfg.prefetch}
     # decode rate over decode-only steps, the first one (which compiles) left out
     dec = [st for st in run.steps if not st["prefill"]][1:]
     durs = [st["duration_s"] for st in dec]

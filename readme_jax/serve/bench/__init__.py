@@ -5,7 +5,6 @@
   replay.py     offline cache runs (run_cache, simulate), cache logs, replay_check
   run.py        the benchmark grid on the real engine and on simulated accelerators
   report.py     results.json and the serving tables of report.md (on eval/report.py's helpers)
-  models.py     served models: a checkpoint, or the dense model refactored on the fly
 
 The lab imports the runtime (`serve/*.py`), `eval/` and `refactor/`; the runtime never imports
 the lab.

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from readme_jax.data import load_offsets, load_tokens
 from readme_jax.errors import UserError
 
 
@@ -193,3 +194,22 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
     if not trace:
         raise TraceError(f"{path}: trace has no requests")
     return sorted(trace, key=lambda r: r.arrival_s)
+
+
+def heldout_prompts(
+    tokenizer, domains: Sequence[str], min_len: int, per_domain: int = 64, seed: int = 0
+) -> list[np.ndarray]:
+    """Prompt sources for `make_trace`: token arrays of held-out documents (each domain's
+    validation split, EOS dropped) of at least `min_len` tokens, up to `per_domain` per domain
+    (a seeded random choice). Raises TraceError for a domain with no such document."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for d in domains:
+        toks = load_tokens(d, "validation", tokenizer)
+        offs = load_offsets(d, "validation", tokenizer)
+        docs = [np.asarray(toks[a : b - 1]) for a, b in zip(offs[:-1], offs[1:], strict=True)]
+        docs = [x for x in docs if len(x) >= min_len]
+        if not docs:
+            raise TraceError(f"domain {d!r} has no held-out document of {min_len} tokens")
+        out += [docs[i] for i in rng.permutation(len(docs))[:per_domain]]
+    return out
