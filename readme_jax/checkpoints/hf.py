@@ -500,10 +500,16 @@ def save_hf(
 
         return (s.hf_name, s.hf_shape, np.dtype(group_array(s).dtype), produce)
 
+    _write_shards(root, [entry(s) for s in _slots(cfg)], max_shard_bytes)
+    (root / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
+    return root
+
+
+def _write_shards(root: Path, entries: list[tuple], max_shard_bytes: int | None) -> None:
+    """Write entries (name, shape, dtype, producer) as one file or as shards + the index."""
     shards: list[list[tuple]] = [[]]
     size = 0
-    for s in _slots(cfg):
-        e = entry(s)
+    for e in entries:
         nbytes = math.prod(e[1]) * e[2].itemsize
         if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
@@ -528,5 +534,26 @@ def save_hf(
         (root / INDEX_NAME).write_text(json.dumps(index, indent=2))
     else:
         (root / INDEX_NAME).unlink(missing_ok=True)
+
+
+def write_hf(
+    path: str | Path,
+    cfg: LlamaConfig,
+    tensor_fn: Any,
+    max_shard_bytes: int | None = 5 * 10**9,
+) -> Path:
+    """Write a Hugging Face Llama directory whose tensors come one at a time from
+    `tensor_fn(hf_name, hf_shape)` (an array in HF's [out, in] layout, cast to cfg.dtype), in
+    HF's order (embeddings, then layer by layer), sharded at max_shard_bytes as transformers
+    shards. Host memory holds one tensor at a time, so writing a model larger than RAM works.
+    Raises CheckpointError next to other weight files."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    dt = _np_dtype(cfg.dtype)
+    entries = [
+        (s.hf_name, s.hf_shape, dt, lambda s=s: tensor_fn(s.hf_name, s.hf_shape))
+        for s in _slots(cfg)
+    ]
+    _write_shards(root, entries, max_shard_bytes)
     (root / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
     return root

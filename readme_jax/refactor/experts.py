@@ -55,45 +55,61 @@ def build_expert_spec(
     return ExpertSpec(list(domains), float(remain_rate), masks, shared_idx, expert_idx)
 
 
-def _gather_channels(w_gu_Dx2xF, w_down_FxD, idx):
-    """Select FFN channels (idx -1 -> zero channel)."""
-    valid = (idx >= 0).astype(w_gu_Dx2xF.dtype)
-    safe = np.maximum(idx, 0)
-    gu = w_gu_Dx2xF[..., safe] * valid
-    down = w_down_FxD[safe] * valid[:, None]
-    return gu, down
+def _layer_weights(layers: Any, l: int) -> tuple[np.ndarray, np.ndarray]:
+    """Layer l's (w_gate_up [D, 2, F], w_down [F, D]) as host arrays, from stacked or per-layer
+    params; a stacked host-resident array is viewed, not copied."""
+    if isinstance(layers, list):
+        return np.asarray(layers[l]["w_gate_up"]), np.asarray(layers[l]["w_down"])
+    return np.asarray(layers["w_gate_up"])[l], np.asarray(layers["w_down"])[l]
+
+
+def _put_channels(gu_out, down_out, w_gu_Dx2xF, w_down_FxD, idx) -> None:
+    """Write the channels idx (-1 = padding, left zero) into preallocated outputs."""
+    real = idx[idx >= 0]
+    gu_out[..., : len(real)] = w_gu_Dx2xF[..., real]
+    down_out[: len(real)] = w_down_FxD[real]
 
 
 def build_moe_params(
     dense: Params, spec: ExpertSpec, gates_LxDxE: jax.Array | None = None
 ) -> Params:
-    """Replace each layer's dense FFN by the shared expert plus E zero-padded routed experts."""
+    """Replace each layer's dense FFN by the shared expert plus E zero-padded routed experts.
+
+    dense: stacked ([L, ...] leaves) or per-layer (list) layers. The new arrays are
+    shared_gate_up [L, D, 2, Fs], shared_down [L, Fs, D], expert_gate_up [L, E, D, 2, Fe] and
+    expert_down [L, E, Fe, D], in the dense dtype, always stacked. Each is allocated once on the
+    host, filled layer by layer, then handed to JAX and its host copy dropped before the next is
+    built: the extra memory is the MoE FFN plus one of its arrays, never a second stacked copy."""
     layers = dense["layers"]
-    wgu = np.asarray(layers["w_gate_up"])  # [L, D, 2, F]
-    wdn = np.asarray(layers["w_down"])  # [L, F, D]
-    L = wgu.shape[0]
-    sh_gu, sh_dn, ex_gu, ex_dn = [], [], [], []
-    for l in range(L):
-        g, d = _gather_channels(wgu[l], wdn[l], spec.shared_idx_LxFs[l])
-        sh_gu.append(g)
-        sh_dn.append(d)
-        eg, ed = zip(
-            *[
-                _gather_channels(wgu[l], wdn[l], spec.expert_idx_LxExFe[l, e])
-                for e in range(spec.num_experts)
-            ],
-            strict=True,
-        )
-        ex_gu.append(np.stack(eg))
-        ex_dn.append(np.stack(ed))
-    dt = layers["w_gate_up"].dtype
-    new_layers = {k: v for k, v in layers.items() if k not in ("w_gate_up", "w_down")}
-    new_layers.update(
-        shared_gate_up=jnp.asarray(np.stack(sh_gu), dt),
-        shared_down=jnp.asarray(np.stack(sh_dn), dt),
-        expert_gate_up=jnp.asarray(np.stack(ex_gu), dt),
-        expert_down=jnp.asarray(np.stack(ex_dn), dt),
-    )
+    first = layers[0] if isinstance(layers, list) else layers
+    dt = first["w_gate_up"].dtype
+    L, E = spec.shared_idx_LxFs.shape[0], spec.num_experts
+    D = first["w_gate_up"].shape[-3]
+    Fs, Fe = spec.shared_idx_LxFs.shape[1], spec.expert_idx_LxExFe.shape[2]
+    np_dt = np.asarray(first["w_down"][:0]).dtype
+    out = {}
+    for gu_key, dn_key, shape_gu, shape_dn in (
+        ("shared_gate_up", "shared_down", (L, D, 2, Fs), (L, Fs, D)),
+        ("expert_gate_up", "expert_down", (L, E, D, 2, Fe), (L, E, Fe, D)),
+    ):
+        gu, dn = np.zeros(shape_gu, np_dt), np.zeros(shape_dn, np_dt)
+        for l in range(L):
+            wgu, wdn = _layer_weights(layers, l)
+            if gu_key == "shared_gate_up":
+                _put_channels(gu[l], dn[l], wgu, wdn, spec.shared_idx_LxFs[l])
+            else:
+                for e in range(E):
+                    _put_channels(gu[l, e], dn[l, e], wgu, wdn, spec.expert_idx_LxExFe[l, e])
+        out[gu_key] = jnp.asarray(gu, dt)
+        del gu
+        out[dn_key] = jnp.asarray(dn, dt)
+        del dn
+    keep = [k for k in first if k not in ("w_gate_up", "w_down")]
+    if isinstance(layers, list):
+        new_layers = {k: jnp.stack([lp[k] for lp in layers]) for k in keep}
+    else:
+        new_layers = {k: layers[k] for k in keep}
+    new_layers.update(out)
     if gates_LxDxE is not None:
         new_layers["gate"] = jnp.asarray(gates_LxDxE, dt)
     return {**dense, "layers": new_layers}

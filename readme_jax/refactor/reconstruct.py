@@ -117,6 +117,95 @@ def ridge_refit(
     return [x[offs[i] : offs[i + 1]].astype(np.float32) for i in range(len(parts))]
 
 
+def _own_parts(parts: Sequence[np.ndarray], uses: Sequence[Sequence[int]]):
+    """Per group, its parts other than part 0, when part 0 is in every group and every other
+    part in exactly one (Read-ME: shared + private experts; static: one part); else None."""
+    count = [0] * len(parts)
+    for used in uses:
+        for j in used:
+            count[j] += 1
+    if any(0 not in used for used in uses) or any(c != 1 for c in count[1:]):
+        return None
+    return [[j for j in used if j != 0] for used in uses]
+
+
+def ridge_refit_blocks(
+    local_grams: Sequence[np.ndarray],
+    cross: Sequence[np.ndarray],
+    w_down_FxD: np.ndarray,
+    parts: Sequence[np.ndarray],
+    uses: Sequence[Sequence[int]],
+    ridge: float,
+) -> list[np.ndarray]:
+    """`ridge_refit` from each group's Gram over its own columns only.
+
+    Group g's columns are cols_g = concat(parts[j] for j in uses[g]) (N_g of them).
+    local_grams[g]: h_g[:, cols_g]^T h_g[:, cols_g] [N_g, N_g]; cross[g]: h_g[:, cols_g]^T
+    (h_g W_down) [N_g, D] (the right-hand side; for ridge_refit's G that is G[cols_g] W_down).
+    Read-ME's structure (part 0 shared by every group, each other part owned by one group) is
+    solved by eliminating each group's own block and then the shared one (Schur complement):
+    O(sum of own^3 + shared^3) instead of O(n^3) for the joint n x n system, which is assembled
+    only for other structures. Same solution as ridge_refit up to rounding; f64 inside.
+    Returns the refit rows of each part, [len(parts[p]), D] (f32)."""
+    if len(local_grams) != len(uses) or len(cross) != len(uses):
+        raise ValueError(f"{len(local_grams)} Gram matrices for {len(uses)} token groups")
+    w = np.asarray(w_down_FxD, np.float64)
+    sizes = [len(p) for p in parts]
+    n = sum(sizes)
+    if n == 0:
+        return [np.zeros((0, w.shape[1]), np.float32) for _ in parts]
+    lam = ridge * sum(float(np.trace(G)) for G in local_grams) / n
+    own = _own_parts(parts, uses)
+    if own is None:
+        return _joint_blocks(local_grams, cross, w, parts, uses, lam)
+    s = sizes[0]
+    A00 = lam * np.eye(s)
+    b0 = lam * w[parts[0]]
+    elim = []
+    for G, C, mine in zip(local_grams, cross, own, strict=True):
+        G, C = np.asarray(G, np.float64), np.asarray(C, np.float64)
+        A00 += G[:s, :s]
+        b0 += C[:s]
+        if G.shape[0] == s:
+            elim.append(None)
+            continue
+        Aoo = G[s:, s:] + lam * np.eye(G.shape[0] - s)
+        w0 = np.concatenate([w[parts[j]] for j in mine])
+        Y = np.linalg.solve(Aoo, np.concatenate([G[s:, :s], C[s:] + lam * w0], axis=1))
+        A00 -= G[:s, s:] @ Y[:, :s]
+        b0 -= G[:s, s:] @ Y[:, s:]
+        elim.append(Y)
+    x0 = np.linalg.solve(A00, b0) if s else np.zeros((0, w.shape[1]))
+    out = [None] * len(parts)
+    out[0] = x0.astype(np.float32)
+    for Y, mine in zip(elim, own, strict=True):
+        if Y is None:
+            continue
+        x = Y[:, s:] - Y[:, :s] @ x0
+        offs = np.cumsum([0] + [sizes[j] for j in mine])
+        for k, j in enumerate(mine):
+            out[j] = x[offs[k] : offs[k + 1]].astype(np.float32)
+    return out
+
+
+def _joint_blocks(local_grams, cross, w, parts, uses, lam) -> list[np.ndarray]:
+    """The joint (n x n) system of ridge_refit assembled from the groups' local blocks."""
+    sizes = [len(p) for p in parts]
+    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    n = int(offs[-1])
+    A = lam * np.eye(n)
+    b = lam * np.concatenate([w[p] for p in parts])
+    for G, C, used in zip(local_grams, cross, uses, strict=True):
+        lo = np.concatenate([[0], np.cumsum([sizes[j] for j in used])]).astype(int)
+        for a, i in enumerate(used):
+            si = slice(offs[i], offs[i + 1])
+            b[si] += C[lo[a] : lo[a + 1]]
+            for c, j in enumerate(used):
+                A[si, offs[j] : offs[j + 1]] += G[lo[a] : lo[a + 1], lo[c] : lo[c + 1]]
+    x = np.linalg.solve(A, b)
+    return [x[offs[i] : offs[i + 1]].astype(np.float32) for i in range(len(parts))]
+
+
 # ---------------------------------------------------------------- one layer on cached inputs
 @partial(jax.jit, static_argnames=("cfg",))
 def _layer_features(lp: Params, x_BxSxD, cfg: LlamaConfig):
@@ -139,9 +228,34 @@ def _layer_features(lp: Params, x_BxSxD, cfg: LlamaConfig):
 
 @jax.jit
 def _masked_gram(act_BxSxF, mask_BxS):
-    """h^T h [F, F] over the positions where mask_BxS is true."""
+    """h^T h [F, F] over the positions where mask_BxS is true (the full Gram of ridge_refit)."""
     hm = act_BxSxF * mask_BxS[..., None].astype(act_BxSxF.dtype)
     return jnp.einsum("bsf,bsg->fg", hm, hm)
+
+
+_COLS_BUCKET = 256  # column counts are padded to a multiple of this: few compiled shapes
+
+
+@jax.jit
+def _gram_rows(act_BxSxF, mask_BxS, cols_N):
+    """Rows cols of h^T h, [N, F], over the positions where mask_BxS is true; cols -1 = padding
+    (zero rows). Entry for entry the same f32 sums as `_masked_gram`'s full [F, F] matrix."""
+    hm = act_BxSxF * mask_BxS[..., None].astype(act_BxSxF.dtype)
+    hc = jnp.take(hm, jnp.maximum(cols_N, 0), axis=-1) * (cols_N >= 0).astype(hm.dtype)
+    return jnp.einsum("bsn,bsf->nf", hc, hm)
+
+
+def _padded(cols: np.ndarray) -> jax.Array:
+    n = -(-max(len(cols), 1) // _COLS_BUCKET) * _COLS_BUCKET
+    return jnp.asarray(np.pad(cols, (0, n - len(cols)), constant_values=-1), jnp.int32)
+
+
+def _layer_f32(dense: Params, l: int) -> Params:
+    """Layer l's weights in f32 (stacked or per-layer params): one layer's copy at a time, so a
+    bf16 model is never held in f32 whole."""
+    layers = dense["layers"]
+    lp = layers[l] if isinstance(layers, list) else {k: v[l] for k, v in layers.items()}
+    return {k: jnp.asarray(v, jnp.float32) for k, v in lp.items()}
 
 
 def _grouped(tokens: np.ndarray, groups: np.ndarray):
@@ -171,6 +285,7 @@ def sequential_refit(
     parts_fn: PartsFn,
     ridge: float,
     desc: str = "reconstruct",
+    on_layer: Callable[[int, list[np.ndarray]], None] | None = None,
 ) -> list[list[np.ndarray]]:
     """Refit every layer in order, each on the inputs the refit earlier layers produce.
 
@@ -178,37 +293,51 @@ def sequential_refit(
     group of each token (-1 = in no group): a domain for domain experts (`domain_groups`), the
     routing-target expert for clustered ones. parts_fn(l) -> (parts, uses) of layer l (see
     `ridge_refit`; its uses set the number of groups G); a token's propagated FFN output is the
-    sum of its group's parts. Returns, per layer, the refit rows of each part. Cost: one forward
-    of every calibration token through the model plus one [F, F] Gram matrix per group present
-    in a batch and layer. Raises ValueError if token_groups does not match the batches."""
+    sum of its group's parts. Returns, per layer, the refit rows of each part; with `on_layer`,
+    calls on_layer(l, rows) instead as each layer is done and returns [] (the caller writes the
+    rows into its final arrays). Cost: one forward of every calibration token; per layer and
+    group, the rows [N_g, F] of its Gram for the columns it uses, one group at a time, then the
+    block solve (`ridge_refit_blocks`). The sums are those of the full-Gram path, so the rows
+    match `ridge_refit` on full Grams to rounding. Memory follows one layer: its weights in f32
+    (the model stays in its dtype), one group's rows, the groups' [N_g, N_g] blocks and the
+    calibration tokens' activations. Raises ValueError if token_groups does not match."""
     if len(token_groups) != len(batches) or any(
         np.shape(g) != np.shape(t) for g, t in zip(token_groups, batches, strict=False)
     ):
         raise ValueError("token_groups must give one [b, S] group array per calibration batch")
     items = [_grouped(t, g) for t, g in zip(batches, token_groups, strict=True)]
-    p = llama.unstack_layers(dense)
-    xs = [p["embed"][t] for t, _ in items]
+    embed = dense["embed"]
+    xs = [jnp.asarray(embed[t], jnp.float32) for t, _ in items]
     out = []
     for l in tqdm(range(cfg.n_layers), desc=desc, leave=False):
-        lp = p["layers"][l]
+        lp = _layer_f32(dense, l)
         parts, uses = parts_fn(l)
-        grams = np.zeros((len(uses), cfg.ffn_dim, cfg.ffn_dim))
-        cache = []
-        for i, (_, g_BxS) in enumerate(items):
-            x1, act = _layer_features(lp, xs[i], cfg)
-            present = [int(g) for g in np.unique(g_BxS[g_BxS >= 0])]
-            for g in present:
-                grams[g] += np.asarray(_masked_gram(act, jnp.asarray(g_BxS == g)), np.float64)
-            cache.append((x1, act, present))
-        rows = ridge_refit(list(grams), np.asarray(lp["w_down"]), parts, uses, ridge)
-        out.append(rows)
-        for i, (x1, act, present) in enumerate(cache):
+        cols = [np.concatenate([parts[j] for j in used]).astype(np.int64) for used in uses]
+        cache = [_layer_features(lp, xs[i], cfg) for i in range(len(items))]
+        present = [[int(g) for g in np.unique(g_BxS[g_BxS >= 0])] for _, g_BxS in items]
+        w64 = np.asarray(lp["w_down"], np.float64)
+        grams, cross = [], []
+        for g, c in enumerate(cols):  # one group's [N_g, F] rows at a time
+            R = np.zeros((len(c), cfg.ffn_dim))
+            for i, (_, g_BxS) in enumerate(items):
+                if g in present[i]:
+                    m = jnp.asarray(g_BxS == g)
+                    R += np.asarray(_gram_rows(cache[i][1], m, _padded(c)), np.float64)[: len(c)]
+            grams.append(R[:, c])
+            cross.append(R @ w64)  # ridge_refit's G[cols] W_down, same sums in the same order
+            del R
+        rows = ridge_refit_blocks(grams, cross, np.asarray(lp["w_down"]), parts, uses, ridge)
+        del grams, cross
+        if on_layer is None:
+            out.append(rows)
+        else:
+            on_layer(l, rows)
+        for i, (x1, act) in enumerate(cache):
             y = x1
-            for g in present:
-                cols = np.concatenate([parts[j] for j in uses[g]])
+            for g in present[i]:
                 w = jnp.asarray(np.concatenate([rows[j] for j in uses[g]]))
-                yg = act[..., cols] @ w
-                if len(present) > 1:  # several groups in the batch: each token takes its own
+                yg = act[..., cols[g]] @ w
+                if len(present[i]) > 1:  # several groups in the batch: each token takes its own
                     yg = jnp.where(jnp.asarray(items[i][1] == g)[..., None], yg, 0)
                 y = y + yg
             xs[i] = y
@@ -255,8 +384,7 @@ def target_expert_groups(
     the router is trained towards the same target."""
     shared, experts = expert_channel_masks(spec, cfg.ffn_dim)
     union = union_masks(shared, experts)
-    dense = llama.unstack_layers(dense)
-    out = []
+    out = []  # stacked layers are sliced inside the jitted forward: no host copy of the model
     for t in batches:
         t = np.asarray(t)
         e = _target_experts(dense, jnp.asarray(np.maximum(t, 0), jnp.int32), union, cfg, top_frac)
@@ -284,18 +412,20 @@ def reconstruct_readme(
         groups = target_expert_groups(dense, cfg, spec, batches)
     else:
         raise ValueError(f"calibration domains {list(domain_batches)} != experts {spec.domains}")
-    rows = sequential_refit(
-        dense, cfg, batches, groups, readme_parts(spec), ridge, "reconstruct Read-ME"
-    )
     layers = backbone["layers"]
-    sd = np.array(layers["shared_down"])
-    ed = np.array(layers["expert_down"])
-    for l, r in enumerate(rows):
-        sd[l, : len(r[0])] = r[0]
+    down = {k: np.array(layers[k]) for k in ("shared_down", "expert_down")}
+
+    def write(l: int, r: list[np.ndarray]) -> None:  # each layer's rows into the final arrays
+        down["shared_down"][l, : len(r[0])] = r[0]
         for e in range(spec.num_experts):
-            ed[l, e, : len(r[1 + e])] = r[1 + e]
+            down["expert_down"][l, e, : len(r[1 + e])] = r[1 + e]
+
+    parts = readme_parts(spec)
+    sequential_refit(dense, cfg, batches, groups, parts, ridge, "reconstruct Read-ME", write)
     dt = layers["shared_down"].dtype
-    new = {**layers, "shared_down": jnp.asarray(sd, dt), "expert_down": jnp.asarray(ed, dt)}
+    new = dict(layers)
+    for k in list(down):  # one host copy at a time becomes the array
+        new[k] = jnp.asarray(down.pop(k), dt)
     return {**backbone, "layers": new}
 
 

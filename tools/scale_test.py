@@ -1,0 +1,217 @@
+"""Paper scale on one host: convert a random Llama-2-7B-shaped checkpoint end to end and print
+the wall time and peak RSS of each stage.
+
+  python tools/scale_test.py --layers 2             # make scale-test LAYERS=2
+  python tools/scale_test.py --layers 32 --max-rss-gb 20
+
+Stages: write (a sharded bf16 safetensors directory as transformers writes it, one tensor in
+memory at a time) -> load -> calibrate -> construct (experts, MoE parameters) -> refit (the
+default least-squares refit of the down projections) -> save -> load the Read-ME model ->
+generate. The library calls are the ones `launch/train.py`'s calibrate and refactor stages make;
+calibration uses random token ids (memory and time depend on shapes, not on text). Gate/up
+channels are scaled by a per-channel lognormal factor (--channel-spread) so that domains agree on
+part of their top channels, as on real text (shared ~ a quarter of F), instead of picking
+independent random halves. Peak RSS is sampled every 10 ms by a thread (psutil); --max-rss-gb
+ends the process (exit 3) as soon as RSS passes it, before the kernel's OOM killer would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import threading
+import time
+import types
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # one line per stage instead of progress bars
+
+import numpy as np
+import psutil
+
+from readme_jax.checkpoints import hf, models
+from readme_jax.decode.generator import Generator
+from readme_jax.decode.steps import readme_model
+from readme_jax.model.config import LlamaConfig
+from readme_jax.refactor import pipeline, reconstruct
+
+GB = 1e9
+
+
+class RssMeter:
+    """Peak RSS of this process per stage, sampled by a daemon thread."""
+
+    def __init__(self, limit_gb: float = 0.0, every_s: float = 0.01):
+        self.proc = psutil.Process()
+        self.limit = limit_gb * GB
+        self.peak = self.now()
+        self.rows: list[dict] = []
+        threading.Thread(target=self._run, args=(every_s,), daemon=True).start()
+
+    def now(self) -> int:
+        return self.proc.memory_info().rss
+
+    def _run(self, every_s: float) -> None:
+        while True:
+            r = self.now()
+            self.peak = max(self.peak, r)
+            if self.limit and r > self.limit:
+                print(f"\nRSS {r / GB:.2f} GB passed --max-rss-gb {self.limit / GB}; aborting")
+                os._exit(3)
+            time.sleep(every_s)
+
+    def stage(self, name: str, fn, *a, **kw):
+        """Run fn, record (wall s, RSS before, peak, after), print one line; returns fn's value."""
+        gc.collect()
+        before = self.peak = self.now()
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        wall = time.perf_counter() - t0
+        row = {"stage": name, "wall_s": round(wall, 1), "rss_before_gb": before / GB}
+        row |= {"peak_gb": max(self.peak, self.now()) / GB, "rss_after_gb": self.now() / GB}
+        self.rows.append(row)
+        print(
+            f"[{name:>9}] {wall:7.1f} s  RSS {row['rss_before_gb']:5.2f} -> peak "
+            f"{row['peak_gb']:5.2f} GB (after {row['rss_after_gb']:5.2f})",
+            flush=True,
+        )
+        return out
+
+
+def paper_config(a) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=a.vocab,
+        dim=a.dim,
+        n_layers=a.layers,
+        n_heads=a.heads,
+        n_kv_heads=a.heads,
+        ffn_dim=a.ffn,
+        max_seq_len=4096,
+        tie_embeddings=False,
+        dtype="bfloat16",
+        bos_id=1,
+        eos_ids=(2,),
+    )
+
+
+def random_tensor(spread: float, seed: int):
+    """tensor_fn for hf.write_hf: N(0, 0.02) weights (norms 1), each layer's gate/up rows scaled
+    by one lognormal(0, spread) factor per FFN channel; deterministic per tensor name."""
+
+    def fn(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if "norm" in name:
+            return np.ones(shape, np.float32)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        w = rng.standard_normal(shape, np.float32)
+        w *= 0.02
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            layer = name.split(".")[2]
+            crng = np.random.default_rng([seed, zlib.crc32(layer.encode())])
+            w *= np.exp(spread * crng.standard_normal((shape[0], 1), np.float32))
+        return w
+
+    return fn
+
+
+def calib_batches(a, V: int) -> dict[str, list[np.ndarray]]:
+    rng = np.random.default_rng(a.seed)
+    out = {}
+    for e in range(a.domains):
+        toks = rng.integers(3, V, (a.seqs, a.seq_len))
+        out[f"d{e}"] = [toks[i : i + 4] for i in range(0, a.seqs, 4)]
+    return out
+
+
+def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
+    """load -> calibrate -> construct -> refit -> save, as launch/train.py runs them."""
+    cfg, dense = meter.stage("load", hf.load_hf, ckpt, "bfloat16")
+    batches = calib_batches(a, cfg.vocab_size)
+    recipe = pipeline.Recipe(
+        checkpoint=str(ckpt),
+        domains=",".join(batches),
+        num_sequences=a.seqs,
+        seq_len=a.seq_len,
+        remain_rate=a.remain_rate,
+        dtype="bfloat16",
+    )
+    tok = types.SimpleNamespace(name="random-ids")  # the recipe records only the name
+    stats = meter.stage(
+        "calibrate", pipeline.calibrate, cfg, dense, batches, recipe.record(tok.name)
+    )
+    built = meter.stage(
+        "construct", pipeline.build_readme, recipe, source=(cfg, dense, tok), stats=stats
+    )
+    m = built.model
+    rcfg = reconstruct.ReconstructConfig("lstsq", a.ridge, a.refit_seqs)
+    args = (rcfg, dense, cfg, m.params, m.spec, stats.mean_abs_ExLxF, batches, moe_dir)
+    params = meter.stage("refit", reconstruct.at_refactor, *args, 1, a.static)
+    m = dataclasses.replace(m, params=params)
+    del built, dense, params
+    meter.stage("save", models.save_readme, moe_dir, m.params, m.rc, m.spec, m.meta)
+    sw, ew = m.spec.shared_widths, m.spec.expert_widths
+    return {"shared_width_mean": float(sw.mean()), "expert_width_mean": float(ew.mean())}
+
+
+def generate(m: models.ReadMEModel, n: int) -> list[int]:
+    prompt = [1, *(np.arange(1, 8) * 997 % m.rc.model.vocab_size).tolist()]
+    return Generator(readme_model(m.rc), m.params).generate([prompt], n)[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--ffn", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--domains", type=int, default=4, help="experts (one per token domain)")
+    ap.add_argument("--seqs", type=int, default=4, help="calibration sequences per domain")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--refit-seqs", type=int, default=0, help="refit rows per domain (0 = all)")
+    ap.add_argument("--remain-rate", type=float, default=0.5)
+    ap.add_argument("--ridge", type=float, default=1e-2)
+    ap.add_argument("--static", action="store_true", help="also refit the static baseline")
+    ap.add_argument("--channel-spread", type=float, default=0.05)
+    ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dir", default="runs/scale_test", help="work directory (deleted after)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --dir")
+    ap.add_argument("--max-rss-gb", type=float, default=0.0, help="abort above this RSS")
+    ap.add_argument("--json", default="", help="also write the figures to this file")
+    a = ap.parse_args()
+
+    meter = RssMeter(a.max_rss_gb)
+    work = Path(a.dir)
+    ckpt, moe_dir = work / "dense_hf", work / "moe_init"
+    cfg = paper_config(a)
+    try:
+        meter.stage("write", hf.write_hf, ckpt, cfg, random_tensor(a.channel_spread, a.seed))
+        ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        print(f"checkpoint: {cfg.param_count() / 1e9:.2f}B params, {ckpt_bytes / GB:.2f} GB")
+        widths = convert(a, meter, ckpt, moe_dir)
+        gc.collect()
+        m = meter.stage("load MoE", models.load_readme, moe_dir)
+        toks = meter.stage("generate", generate, m, a.new_tokens)
+        moe_bytes = sum(f.stat().st_size for f in moe_dir.rglob("*") if f.is_file())
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    conv = [r for r in meter.rows if r["stage"] not in ("write", "load MoE", "generate")]
+    peak = max(r["peak_gb"] for r in conv)
+    print(
+        f"tokens {toks}; widths {widths}; MoE on disk {moe_bytes / GB:.2f} GB; conversion peak "
+        f"{peak:.2f} GB = {peak * GB / ckpt_bytes:.2f} x the checkpoint's bytes"
+    )
+    if a.json:
+        out = {"args": vars(a), "checkpoint_bytes": ckpt_bytes, "moe_bytes": moe_bytes}
+        out |= {"stages": meter.rows, "widths": widths, "conversion_peak_gb": peak}
+        Path(a.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
