@@ -62,6 +62,15 @@ def get_config(variant: str = "") -> ConfigDict:
     c.refactor.remain_rate = 0.5
     c.refactor.clustering = False  # True: experts from k-means clusters of token activations
     c.refactor.num_clusters = 0  # 0 = as many as domains
+    # expert construction (refactor/construct.py; docs/logbook/construction.md): the channel
+    # score ("magnitude" = mean |h|, the paper's; "frequency" = activation rate, CMoE's), the
+    # shared rule ("intersection" of the experts' top sets, the paper's; "core" = the top
+    # shared_frac of the kept channels by the pooled score) and, with "core", the experts
+    # ("overlap" = each group's own top channels; "partition" = disjoint, balanced)
+    c.refactor.score = "magnitude"
+    c.refactor.shared = "intersection"
+    c.refactor.experts = "overlap"
+    c.refactor.shared_frac = 0.5
     # refit each layer's down projection over the kept channels by ridge least squares on the
     # calibration tokens (refactor/reconstruct.py); the static baseline gets the same refit.
     # "lstsq" or "none"; ridge: lam / mean diagonal of the Gram term. On by default: at the
@@ -70,7 +79,7 @@ def get_config(variant: str = "") -> ConfigDict:
     c.refactor.reconstruct = "lstsq"
     c.refactor.ridge = 1e-2
     c.refactor.calib_sequences = 8  # calibration rows per domain for the refit; 0 = all
-    # layer-local distillation after the refit (train/local_distill.py): each layer's MoE FFN
+    # layer-local distillation after the refit (refactor/local_distill.py): each layer's MoE FFN
     # matches the dense FFN's output on cached teacher activations (MSE); 0 steps = off
     c.refactor.local_steps = 0
     c.refactor.local_tokens = 2048  # cached tokens per domain (calibration rows)

@@ -13,7 +13,6 @@ Each stage is skipped when its output already exists in the run directory (delet
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as pylogging
 import os
@@ -24,12 +23,10 @@ from pathlib import Path
 from absl import logging
 
 import readme_jax.train.distributed as dist
-import readme_jax.train.local_distill as local_distill
 from readme_jax import cli
 from readme_jax.checkpoints import models
 from readme_jax.eval.pipeline import run_eval
 from readme_jax.model.config import ConfigError
-from readme_jax.refactor import reconstruct
 from readme_jax.refactor.pipeline import (
     Recipe,
     build_readme,
@@ -66,43 +63,6 @@ def _init_distributed(c) -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def _trains_static(c) -> bool:
-    """Whether the train stage will train the static baseline (it then needs its refit)."""
-    b = c.train.baselines if c.train.baselines is not None else c.train.presets[c.preset].baselines
-    return "static" in str(b).split(",")
-
-
-def _refine(c, recipe: Recipe, source, m: models.ReadMEModel, stats) -> models.ReadMEModel:
-    """After the channel selection: the least-squares refit of the experts (and of the
-    static baseline's rows, saved next to moe_init), then optional layer-local distillation."""
-    cfg, dense, tok = source
-    rcfg = reconstruct.ReconstructConfig.from_config(c.refactor)
-    lcfg = local_distill.LocalDistillConfig.from_config(c.refactor)
-    if rcfg.mode == "none" and lcfg.steps <= 0:
-        return m
-    batches = recipe.batches(tok)
-    moe_dir = Path(c.run_dir) / "moe_init"
-    p = reconstruct.at_refactor(
-        rcfg,
-        dense,
-        cfg,
-        m.params,
-        m.spec,
-        stats.mean_abs_ExLxF,
-        batches,
-        moe_dir,
-        recipe.top_k,
-        _trains_static(c),
-    )
-    p = local_distill.at_refactor(lcfg, dense, cfg, p, m.spec.domains, batches)
-    meta = {
-        **m.meta,
-        "reconstruct": dataclasses.asdict(rcfg),
-        "local_distill": dataclasses.asdict(lcfg),
-    }
-    return dataclasses.replace(m, params=p, meta=meta)
-
-
 def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     """run/calib (statistics) and, with the refactor stage, run/moe_init and run/reports."""
     moe_dir = run / "moe_init"
@@ -123,8 +83,9 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     )
     if "refactor" not in stages:
         return
-    m = _refine(c, recipe, source, build_readme(recipe, source=source, stats=stats).model, stats)
-    models.save_readme(moe_dir, m.params, m.rc, m.spec, m.meta)
+    built = build_readme(recipe, source=source, stats=stats)
+    built.save(moe_dir)
+    m = built.model
     F = source[0].ffn_dim
     rep = write_refactor_report(run / "reports", m.spec, stats, F)
     sw = rep["shared_widths"]

@@ -27,7 +27,7 @@ def _batches(n=3, seed=1):
 
 def _stats(E=3, seed=0):
     rng = np.random.default_rng(seed)
-    return construct.GroupStats(
+    return stats.GroupStats(
         rng.random((E, 2, F)), rng.random((E, 2, F)), rng.integers(5, 50, E).astype(float), 0.5
     )
 
@@ -102,7 +102,7 @@ def test_group_stats_match_mean_abs_and_count_each_tokens_top_channels():
     bs = _batches(2)
     bs[1][1, 5:] = -1  # padding is excluded
     groups = [np.zeros((2, 8), int), np.ones((2, 8), int)]
-    gs = construct.group_stats(p, CFG, bs, groups, 2, 0.5)
+    gs = stats.group_stats(p, CFG, bs, groups, 2, 0.5)
     assert gs.n_tokens.tolist() == [16, 13]
     mean1, n1 = stats.domain_stats(p, CFG, [bs[1]])
     assert n1 == 13

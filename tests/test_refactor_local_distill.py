@@ -7,8 +7,8 @@ import pytest
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.refactor import experts
-from readme_jax.train import local_distill as ld
-from readme_jax.train.losses import local_ffn_mse
+from readme_jax.refactor import local_distill as ld
+from readme_jax.refactor.local_distill import local_ffn_mse
 
 CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from readme_jax.checkpoints import models
-from readme_jax.refactor.pipeline import Recipe, build_readme, parse_domains
+from readme_jax.refactor.construct import Construction, kept_channels, static_channels
+from readme_jax.refactor.pipeline import Recipe, StaticControl, build_readme, parse_domains
 from readme_jax.testing import random_checkpoint
 
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
@@ -31,7 +32,9 @@ def test_build_readme_caches_statistics_and_saves_a_loadable_model(recipe, tmp_p
     assert m.spec.domains == ["drama", "whaling"] and m.rc.moe.num_experts == 2
     rec = m.meta["recipe"]
     assert rec["checkpoint"] == recipe.checkpoint and rec["tokenizer"] == built.tokenizer.name
-    assert built.stats.recipe == rec  # the statistics record the same recipe
+    assert rec == recipe.describe(built.tokenizer.name)  # the whole recipe, refit included
+    assert rec["refit"]["mode"] == "lstsq" and rec["construction"]["shared"] == "intersection"
+    assert built.stats.recipe.items() <= rec.items()  # the statistics record their part of it
     stamp = (calib / "stats.json").stat().st_mtime_ns
     again = build_readme(recipe, calib)  # same recipe: the cached statistics are reused
     assert (calib / "stats.json").stat().st_mtime_ns == stamp
@@ -54,6 +57,30 @@ def test_clusters_and_remain_rate_follow_the_recipe(recipe):
     assert wide.spec.domain_masks_ExLxF.sum() > narrow.spec.domain_masks_ExLxF.sum()
     k3 = build_readme(dataclasses.replace(recipe, clusters=3), source=src)
     assert k3.model.spec.num_experts == 3 and k3.model.meta["recipe"]["clusters"] == 3
+
+
+def test_a_construction_and_its_static_control_share_the_rule(recipe, tmp_path):
+    con = Construction("frequency", "core", "partition", 0.5)
+    r = dataclasses.replace(recipe, construction=con, static_control=True)
+    built = build_readme(r)
+    spec, F = built.model.spec, built.dense_cfg.ffn_dim
+    k = kept_channels(0.5, F)
+    assert (spec.shared_widths + spec.expert_widths.max(-1) == k).all()
+    ctrl = built.static
+    assert ctrl.kept_LxK.shape == (2, k) and ctrl.w_down_LxKxD.shape == (2, k, 32)
+    np.testing.assert_array_equal(
+        ctrl.kept_LxK, static_channels(built.stats.groups(), "frequency", k)
+    )
+    built.save(tmp_path / "moe")
+    back = StaticControl.load(tmp_path / "moe")
+    np.testing.assert_array_equal(back.kept_LxK, ctrl.kept_LxK)
+    np.testing.assert_array_equal(back.w_down_LxKxD, ctrl.w_down_LxKxD)
+    params, width = back.params(models.load_dense(r.checkpoint)[1])
+    assert width == k and params["layers"]["w_down"].shape == (2, k, 32)
+    assert (
+        models.load_readme(tmp_path / "moe").meta["recipe"]["construction"]["score"] == "frequency"
+    )
+    assert StaticControl.load(tmp_path) is None
 
 
 def test_parse_domains_needs_two():

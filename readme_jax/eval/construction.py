@@ -41,14 +41,13 @@ from readme_jax.refactor import reconstruct
 from readme_jax.refactor.cluster import cluster_assign
 from readme_jax.refactor.construct import (
     Construction,
-    GroupStats,
     build_spec,
-    group_stats,
     kept_channels,
     static_channels,
     static_pruned,
 )
 from readme_jax.refactor.experts import active_ffn_fraction, build_moe_params, expert_channel_masks
+from readme_jax.refactor.stats import GroupStats, group_stats
 from readme_jax.refactor.targets import coverage_ffn, union_masks
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
@@ -195,7 +194,7 @@ def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
         raise ValueError(f"grouping {name!r}: expected 'domain' or 'kmeansE'")
     flat_b = [b for bs in batches for b in bs]
     flat_g = [g for gs in groups for g in gs]
-    st = group_stats(dense, cfg, flat_b, flat_g, len(names), c.remain_rate, f"stats {name}")
+    st = group_stats(dense, cfg, flat_b, flat_g, len(names), desc=f"stats {name}")
     return _Grouping(name, names, batches, groups, st, name == "domain")
 
 

@@ -28,19 +28,15 @@ Shapes: E groups (experts), L layers, F dense FFN width, T calibration tokens.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from readme_jax.model import llama
-from readme_jax.model.config import ConfigError, LlamaConfig
+from readme_jax.model.config import ConfigError
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor.experts import build_expert_spec
-from readme_jax.refactor.targets import top_channel_mask
+from readme_jax.refactor.stats import GroupStats
 
 SCORES = ("magnitude", "frequency")
 SHARED_RULES = ("intersection", "core")
@@ -81,81 +77,6 @@ class Construction:
         if self.shared == "intersection":
             return f"{self.score}/intersection"
         return f"{self.score}/core{self.shared_frac:g}/{self.experts}"
-
-
-# ---------------------------------------------------------------- statistics per token group
-@dataclasses.dataclass
-class GroupStats:
-    """Per group e, layer l, channel f: mean |h| and activation rate (share of the group's
-    tokens with f among their top `top_frac` channels); n_tokens [E]."""
-
-    mean_abs_ExLxF: np.ndarray
-    rate_ExLxF: np.ndarray
-    n_tokens: np.ndarray
-    top_frac: float
-
-    def score(self, kind: str) -> np.ndarray:
-        return self.mean_abs_ExLxF if kind == "magnitude" else self.rate_ExLxF
-
-    def pooled(self, kind: str) -> np.ndarray:
-        """The score over all tokens (token-weighted over groups): [L, F]."""
-        w = self.n_tokens / self.n_tokens.sum()
-        return np.einsum("e,elf->lf", w, self.score(kind))
-
-
-@partial(jax.jit, static_argnames=("cfg", "E", "top_frac"))
-def _group_sums(params, tokens_BxS, groups_BxS, cfg: LlamaConfig, E: int, top_frac: float):
-    """Per layer: sums over each group's tokens of |h| and of the top-channel indicator,
-    ([L, E, F], [L, E, F]), and the token count per group [E] (group -1 = not counted)."""
-    onehot_BxSxE = jax.nn.one_hot(groups_BxS, E)  # -1 -> all zeros
-
-    def ffn(lp, x, layer):
-        gu = jnp.einsum("bsd,dgf->bsgf", x, lp["w_gate_up"])
-        h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
-        a = jnp.abs(h).astype(jnp.float32)
-        top = top_channel_mask(a, top_frac)
-        return h @ lp["w_down"], (
-            jnp.einsum("bsf,bse->ef", a, onehot_BxSxE),
-            jnp.einsum("bsf,bse->ef", top, onehot_BxSxE),
-        )
-
-    sums = llama.forward(params, tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2]
-    return sums[0], sums[1], onehot_BxSxE.sum((0, 1))
-
-
-def group_stats(
-    dense: Any,
-    cfg: LlamaConfig,
-    batches: list[np.ndarray],
-    groups: list[np.ndarray],
-    num_groups: int,
-    top_frac: float,
-    desc: str = "group statistics",
-) -> GroupStats:
-    """Stream calibration batches ([b, S] tokens, -1 = padding) with each token's group ([b, S],
-    -1 = none) through the dense model. Raises ValueError when a group gets no token."""
-    p = llama.unstack_layers(dense) if not cfg.scan_layers else dense
-    L, F = cfg.n_layers, cfg.ffn_dim
-    s_abs = np.zeros((num_groups, L, F))
-    s_top = np.zeros((num_groups, L, F))
-    n = np.zeros(num_groups)
-    for toks, g in tqdm(list(zip(batches, groups, strict=True)), desc=desc, leave=False):
-        toks = np.asarray(toks)
-        g = np.where(toks >= 0, np.asarray(g), -1)
-        a, t, c = _group_sums(
-            p,
-            jnp.asarray(np.maximum(toks, 0), jnp.int32),
-            jnp.asarray(g, jnp.int32),
-            cfg,
-            num_groups,
-            float(top_frac),
-        )
-        s_abs += np.moveaxis(np.asarray(a, np.float64), 0, 1)
-        s_top += np.moveaxis(np.asarray(t, np.float64), 0, 1)
-        n += np.asarray(c)
-    if (n == 0).any():
-        raise ValueError(f"{desc}: group(s) {np.flatnonzero(n == 0).tolist()} got no token")
-    return GroupStats(s_abs / n[:, None, None], s_top / n[:, None, None], n, float(top_frac))
 
 
 # ---------------------------------------------------------------- channel rules

@@ -3,7 +3,7 @@
 Each layer's MoE FFN learns to reproduce the dense FFN's output on cached teacher activations:
 the dense model runs once over the calibration rows and keeps, per layer, the FFN input u (the
 normed hidden state) and output y = FFN_dense(u). Then every layer's FFN parameters are trained
-at once with `losses.local_ffn_mse` on minibatches of those cached pairs, each domain's tokens on
+at once with `local_ffn_mse` on minibatches of those cached pairs, each domain's tokens on
 its own expert (domain-oracle routing, as at refactoring time). No attention and no LM head run
 in this phase, so a token costs ~the FFN's FLOPs only (the SmolLM2 LM head alone is ~1/5 of a
 forward); the end-to-end phase then corrects what the layer-local objective cannot see.
@@ -26,7 +26,6 @@ import optax
 
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
-from readme_jax.train.losses import local_ffn_mse
 
 Params = dict[str, Any]
 READ_ME_KEYS = ("shared_gate_up", "shared_down", "expert_gate_up", "expert_down")
@@ -99,6 +98,19 @@ def readme_ffn_out(lp: Params, u_ExTxD: jax.Array) -> jax.Array:
     shared = _swiglu(u_ExTxD.reshape(E * T, D), lp["shared_gate_up"], lp["shared_down"])
     routed = jax.vmap(_swiglu)(u_ExTxD, lp["expert_gate_up"], lp["expert_down"])
     return shared.reshape(E, T, D) + routed
+
+
+def local_ffn_mse(pred_LxTxD: jax.Array, target_LxTxD: jax.Array, mask_T=None) -> jax.Array:
+    """Layer-local distillation loss: per layer, the mean over tokens of
+    ||student FFN output - dense FFN output||^2, divided by the mean ||dense output||^2 of that
+    layer (so every layer weighs the same whatever its output scale), averaged over layers.
+    0 exactly when the student FFN reproduces the dense one. mask_T: tokens that count."""
+    d = (pred_LxTxD - target_LxTxD).astype(jnp.float32)
+    t = target_LxTxD.astype(jnp.float32)
+    m = jnp.ones(d.shape[1], jnp.float32) if mask_T is None else mask_T.astype(jnp.float32)
+    err = jnp.einsum("ltd,t->l", d * d, m)
+    ref = jnp.einsum("ltd,t->l", t * t, m)
+    return jnp.mean(err / jnp.maximum(ref, 1e-12))
 
 
 def local_loss(train: Params, u_LxExTxD, y_LxExTxD) -> jax.Array:

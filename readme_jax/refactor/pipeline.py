@@ -2,12 +2,13 @@
 
   recipe = Recipe(checkpoint="", domains="fiction,drama,code_docs,manual", remain_rate=0.5)
   built = build_readme(recipe, calib_dir="runs/x/calib")   # Built(model, stats, tokenizer)
-  models.save_readme("runs/x/moe_init", built.model.params, built.model.rc, built.model.spec,
-                     built.model.meta)
+  built.save("runs/x/moe_init")   # model.json records recipe.describe()
 
-`launch/train.py` (the calibrate and refactor stages), serving on the fly (`serve/bench/models.py`)
-and `tools/bench.py` all call `build_readme`; each step is also a function of its own
-(`calibration_batches`, `calibrate`, `refactor`) for tests and tools. Statistics are cached in
+`launch/train.py` (the calibrate and refactor stages), serving's on-the-fly build and the
+benchmarks all call `build_readme`, which runs the whole recipe (construction, refit, layer-local
+phase, the static control): the trained and the on-the-fly builds of one config are the same
+model before training. Each step is also a function of its own (`calibration_batches`,
+`calibrate`, `refactor`, `static_control`) for tests and tools. Statistics are cached in
 `calib_dir` and reused when the recorded recipe matches (`ActivationStats.recipe`).
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.checkpoints import models
@@ -36,9 +38,14 @@ from readme_jax.model.config import (
 )
 from readme_jax.model.router import init_layerwise_gates, init_router
 from readme_jax.model.spec import ExpertSpec
-from readme_jax.refactor.cluster import cluster_stats
+from readme_jax.refactor import reconstruct
+from readme_jax.refactor.cluster import cluster_assign
+from readme_jax.refactor.construct import Construction, build_spec, static_channels, static_pruned
 from readme_jax.refactor.experts import active_ffn_fraction, build_expert_spec, build_moe_params
-from readme_jax.refactor.stats import ActivationStats, collect_stats
+from readme_jax.refactor.local_distill import LocalDistillConfig
+from readme_jax.refactor.local_distill import at_refactor as local_distill_at_refactor
+from readme_jax.refactor.reconstruct import ReconstructConfig
+from readme_jax.refactor.stats import ActivationStats, collect_stats, group_stats
 
 DEFAULT_DOMAINS = "fiction,drama,code_docs,manual"
 # Recipe field -> the run config key that sets it (configs/smollm2_135m.py), for messages
@@ -50,7 +57,12 @@ RUN_CONFIG_KEYS = {
     "top_k": "moe.top_k",
     "dispatch": "moe.dispatch",
     "dtype": "model.dtype",
+    "construction.score": "refactor.score",
+    "construction.shared": "refactor.shared",
+    "construction.experts": "refactor.experts",
+    "construction.shared_frac": "refactor.shared_frac",
 }
+STATIC_CONTROL_FILE = "static_control.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,11 @@ class Recipe:
     num_sequences, seq_len, split: calibration text per domain (sequences x tokens).
     clusters: 0 = one expert per domain; k > 0 = k experts from k-means clusters of pooled
     token activations (`refactor/cluster.py`).
+    construction: which channels the shared core and each expert keep (refactor/construct.py).
+    refit: the least-squares refit of the kept channels' down rows (refactor/reconstruct.py);
+    local: layer-local distillation after it (refactor/local_distill.py; 0 steps = off).
+    static_control: also build the static-pruning control of the same rule and refit
+    (`Built.static`; the trainer's static baseline).
     """
 
     checkpoint: str = ""
@@ -79,6 +96,10 @@ class Recipe:
     gate_scaling: bool = False
     dispatch: str = "ragged"
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    construction: Construction = dataclasses.field(default_factory=Construction)
+    refit: ReconstructConfig = dataclasses.field(default_factory=ReconstructConfig)
+    local: LocalDistillConfig = dataclasses.field(default_factory=LocalDistillConfig)
+    static_control: bool = False
 
     def check(self, keys: dict[str, str] | None = None) -> Recipe:
         """Raise ConfigError, in one line naming the key, the value and the allowed range, for
@@ -97,6 +118,7 @@ class Recipe:
             ("router.dim", F.dim >= 1 and F.dim % max(F.n_heads, 1) == 0, "a multiple of n_heads"),
             ("router.n_heads", F.n_heads >= 1, ">= 1"),
             ("router.ffn_dim", F.ffn_dim >= 1, ">= 1"),
+            ("construction.shared_frac", 0 <= self.construction.shared_frac <= 1, "[0, 1]"),
         ]
         for field, ok, allowed in rules:
             if not ok:
@@ -104,6 +126,12 @@ class Recipe:
                 node, _, leaf = field.rpartition(".")
                 value = getattr(getattr(self, node) if node else self, leaf)
                 raise ConfigError(f"{key}={value!r} is out of range: allowed {allowed}")
+        self.construction.check()
+        if self.local.steps > 0 and self.clusters:
+            raise ConfigError(
+                "refactor.local_steps > 0 needs one expert per domain, but refactor.clustering "
+                "builds k-means clusters; set refactor.local_steps=0"
+            )
         return self
 
     @classmethod
@@ -131,6 +159,15 @@ class Recipe:
             gate_scaling=c.moe.gate_scaling,
             dispatch=c.moe.dispatch,
             router=RouterConfig(c.router.dim, c.router.n_heads, c.router.ffn_dim),
+            construction=Construction(
+                c.refactor.get("score", "magnitude"),
+                c.refactor.get("shared", "intersection"),
+                c.refactor.get("experts", "overlap"),
+                c.refactor.get("shared_frac", 0.5),
+            ),
+            refit=ReconstructConfig.from_config(c.refactor),
+            local=LocalDistillConfig.from_config(c.refactor),
+            static_control=_trains_static(c),
         ).check(RUN_CONFIG_KEYS)
 
     def batches(self, tok: Tokenizer) -> dict[str, list[np.ndarray]]:
@@ -159,13 +196,71 @@ class Recipe:
         }
         return rec | ({"clusters": self.clusters} if self.clusters else {})
 
+    def describe(self, tokenizer_name: str) -> dict[str, Any]:
+        """The whole recipe as the model's `model.json` records it ("recipe"): the statistics'
+        record plus every choice that shapes the experts. The trained build and the on-the-fly
+        build of one config describe themselves identically."""
+        return self.record(tokenizer_name) | {
+            "remain_rate": self.remain_rate,
+            "top_k": self.top_k,
+            "construction": dataclasses.asdict(self.construction),
+            "refit": dataclasses.asdict(self.refit),
+            "local_distill": dataclasses.asdict(self.local),
+        }
+
+
+def _trains_static(c: Any) -> bool:
+    """Whether a run config's train stage trains the static baseline (it then needs the control)."""
+    b = c.train.baselines if c.train.baselines is not None else c.train.presets[c.preset].baselines
+    return "static" in str(b).split(",")
+
+
+@dataclasses.dataclass
+class StaticControl:
+    """Static pruning by the recipe's rule: the dense model keeping kept_LxK channels of every
+    FFN, with refit down rows [L, K, D] when the recipe refits (else None)."""
+
+    kept_LxK: np.ndarray
+    w_down_LxKxD: np.ndarray | None
+
+    def save(self, path: str | Path) -> None:
+        extra = {} if self.w_down_LxKxD is None else {"w_down": self.w_down_LxKxD}
+        np.savez(Path(path) / STATIC_CONTROL_FILE, kept=self.kept_LxK, **extra)
+
+    @classmethod
+    def load(cls, path: str | Path) -> StaticControl | None:
+        """From a model directory; None when it holds no control (built without one)."""
+        f = Path(path) / STATIC_CONTROL_FILE
+        if not f.exists():
+            return None
+        z = np.load(f)
+        return cls(z["kept"], z["w_down"] if "w_down" in z else None)
+
+    def params(self, dense: Any) -> tuple[Any, int]:
+        """(the pruned dense params, its FFN width K); use with cfg.replace(ffn_dim=K)."""
+        p = static_pruned(llama.stack_layers(dense), self.kept_LxK)
+        if self.w_down_LxKxD is not None:
+            w = p["layers"]["w_down"]
+            p = {**p, "layers": {**p["layers"], "w_down": jnp.asarray(self.w_down_LxKxD, w.dtype)}}
+        return p, int(self.kept_LxK.shape[1])
+
 
 @dataclasses.dataclass
 class Built:
-    model: models.ReadMEModel  # meta = {"recipe": ..., "stage": "refactor"}
+    model: models.ReadMEModel  # meta = {"recipe": Recipe.describe(), "stage": "refactor"}
     stats: ActivationStats
     tokenizer: Tokenizer
     dense_cfg: LlamaConfig
+    static: StaticControl | None = None
+
+    def save(self, moe_dir: str | Path) -> None:
+        """The static control, then the Read-ME model (checkpoints.models.save_readme, whose
+        model.json comes last: a directory that `models.exists` holds both)."""
+        if self.static is not None:
+            Path(moe_dir).mkdir(parents=True, exist_ok=True)
+            self.static.save(moe_dir)
+        m = self.model
+        models.save_readme(moe_dir, m.params, m.rc, m.spec, m.meta)
 
 
 def parse_domains(spec: str) -> dict[str, str | None]:
@@ -217,10 +312,11 @@ def calibrate(
     recipe: dict[str, Any],
     out_dir: str | Path | None = None,
 ) -> ActivationStats:
-    """Per-domain activation statistics; reuses out_dir/stats.json if its recipe matches."""
+    """Per-domain activation statistics (mean |h| and activation rate); reuses
+    out_dir/stats.json if its recipe matches and it has both scores."""
     if out_dir is not None and (Path(out_dir) / "stats.json").exists():
         st = ActivationStats.load(out_dir)
-        if st.recipe == recipe:
+        if st.recipe == recipe and st.rate_ExLxF is not None:
             return st
     st = collect_stats(params, cfg, domain_batches, recipe)
     if out_dir is not None:
@@ -236,9 +332,16 @@ def refactor(
     mcfg: MoEConfig,
     rcfg: RouterConfig,
     seed: int = 0,
+    construction: Construction | None = None,
 ) -> tuple[dict[str, Any], ExpertSpec]:
-    """Read-ME params {"backbone", "router"} (and layer-wise gates for the baseline)."""
-    spec = build_expert_spec(stats.mean_abs_ExLxF, remain_rate, stats.domains)
+    """Read-ME params {"backbone", "router"} (and layer-wise gates for the baseline); experts by
+    `construction` (default: the paper's rule, which also works on statistics without the
+    activation rate)."""
+    con = construction or Construction()
+    if con == Construction():
+        spec = build_expert_spec(stats.mean_abs_ExLxF, remain_rate, stats.domains)
+    else:
+        spec = build_spec(stats.groups(), remain_rate, stats.domains, con)
     k_router, k_gates = jax.random.split(jax.random.key(seed))
     gates = init_layerwise_gates(cfg, spec.num_experts, k_gates)
     backbone = build_moe_params(llama.stack_layers(dense), spec, gates_LxDxE=gates)
@@ -257,7 +360,8 @@ def calibrate_recipe(
     source: tuple[LlamaConfig, Any, Tokenizer],
     calib_dir: str | Path | None = None,
 ) -> ActivationStats:
-    """Statistics of `source` = (cfg, params, tokenizer) on the recipe's calibration text."""
+    """Statistics of `source` = (cfg, params, tokenizer) on the recipe's calibration text: per
+    domain, or per k-means cluster of the pooled tokens (recipe.clusters)."""
     cfg, dense, tok = source
     rec = recipe.record(tok.name)
     batches = recipe.batches(tok)
@@ -265,13 +369,65 @@ def calibrate_recipe(
         return calibrate(cfg, dense, batches, rec, calib_dir)
     if calib_dir is not None and (Path(calib_dir) / "stats.json").exists():
         st = ActivationStats.load(calib_dir)
-        if st.recipe.get("clusters") == recipe.clusters:
+        if st.recipe.get("clusters") == recipe.clusters and st.rate_ExLxF is not None:
             return st
     pooled = [b for bs in batches.values() for b in bs]
-    st = cluster_stats(dense, cfg, pooled, recipe.clusters, rec, seed=recipe.seed)
+    groups = cluster_assign(dense, cfg, pooled, recipe.clusters, seed=recipe.seed)
+    g = group_stats(dense, cfg, pooled, groups, recipe.clusters, desc="calibrate clusters")
+    sizes = g.n_tokens.astype(int).tolist()
+    method = {"method": "spherical k-means", "proj_per_layer": 8, "seed": recipe.seed}
+    st = ActivationStats(
+        [f"cluster{j}" for j in range(recipe.clusters)],
+        g.mean_abs_ExLxF,
+        sizes,
+        {**rec, "clustering": {**method, "sizes": sizes}},
+        g.rate_ExLxF,
+    )
     if calib_dir is not None:
         st.save(calib_dir)
     return st
+
+
+def _refit_subset(recipe: Recipe, batches: dict[str, list[np.ndarray]]):
+    """The refit's calibration rows: the first refit.calib_sequences rows per domain (0 = all)."""
+    n = recipe.refit.calib_sequences
+    if not n:
+        return batches
+    out = {}
+    for d, bs in batches.items():
+        rows, left = [], n
+        for b in bs:
+            if left <= 0:
+                break
+            rows.append(np.asarray(b)[:left])
+            left -= len(rows[-1])
+        out[d] = rows
+    return out
+
+
+def static_control(
+    recipe: Recipe,
+    source: tuple[LlamaConfig, Any, Tokenizer],
+    stats: ActivationStats,
+    spec: ExpertSpec,
+    batches: dict[str, list[np.ndarray]] | None = None,
+) -> StaticControl:
+    """Static pruning at the Read-ME model's active FFN width (shared + top_k average experts)
+    by the same channel score as its construction (the pooled score over all calibration
+    tokens: `construct.static_channels`), with the same refit."""
+    cfg, dense, tok = source
+    F = cfg.ffn_dim
+    width = int(round(active_ffn_fraction(spec, F, recipe.top_k) * F))
+    score = recipe.construction.score
+    if stats.rate_ExLxF is None:  # statistics from before the rate: the domain-averaged rule
+        kept = reconstruct.static_kept(stats.mean_abs_ExLxF, width / F)
+    else:
+        kept = static_channels(stats.groups(), score, width)
+    w = None
+    if recipe.refit.mode != "none":
+        sub = _refit_subset(recipe, batches or recipe.batches(tok))
+        w = reconstruct.reconstruct_static(dense, cfg, kept, sub, recipe.refit.ridge)
+    return StaticControl(kept, w)
 
 
 def build_readme(
@@ -282,22 +438,59 @@ def build_readme(
     source: tuple[LlamaConfig, Any, Tokenizer] | None = None,
     stats: ActivationStats | None = None,
 ) -> Built:
-    """The untrained Read-ME model of `recipe`: load the dense source (unless `source` is given),
-    calibrate (cached in `calib_dir`, or in `calib_root`/calib-<recipe hash>; or use `stats`),
-    build experts and the MoE parameters. Raises ConfigError (`Recipe.check`) before loading."""
+    """The untrained Read-ME model of `recipe`, whole: load the dense source (unless `source`
+    is given), calibrate (cached in `calib_dir`, or in `calib_root`/calib-<recipe hash>; or use
+    `stats`), build the experts by the recipe's construction, refit them, run the layer-local
+    phase if any, and (recipe.static_control) the static control of the same rule. Raises
+    ConfigError (`Recipe.check`) before loading."""
     recipe.check()
-    cfg, dense, tok = source or models.load_dense(
+    source = source or models.load_dense(
         recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed
     )
+    cfg, dense, tok = source
     if calib_dir is None and calib_root is not None:
         calib_dir = cache_dir(recipe, tok.name, calib_root)
     if stats is None:
-        stats = calibrate_recipe(recipe, (cfg, dense, tok), calib_dir)
+        stats = calibrate_recipe(recipe, source, calib_dir)
     mcfg = MoEConfig(len(stats.domains), recipe.top_k, recipe.gate_scaling, recipe.dispatch)
-    params, spec = refactor(dense, cfg, stats, recipe.remain_rate, mcfg, recipe.router, recipe.seed)
+    params, spec = refactor(
+        dense,
+        cfg,
+        stats,
+        recipe.remain_rate,
+        mcfg,
+        recipe.router,
+        recipe.seed,
+        recipe.construction,
+    )
+    needs_batches = recipe.refit.mode != "none" or recipe.local.steps > 0
+    batches = recipe.batches(tok) if needs_batches else None
+    if recipe.refit.mode != "none":
+        params = reconstruct.at_refactor(
+            recipe.refit,
+            dense,
+            cfg,
+            params,
+            spec,
+            stats.mean_abs_ExLxF,
+            batches,
+            "",
+            recipe.top_k,
+            with_static=False,
+        )
+    if recipe.local.steps > 0:
+        params = local_distill_at_refactor(recipe.local, dense, cfg, params, spec.domains, batches)
+    control = (
+        static_control(recipe, source, stats, spec, batches) if recipe.static_control else None
+    )
     rc = ReadMEConfig(cfg.replace(scan_layers=recipe.scan_layers), mcfg, recipe.router)
-    meta = {"recipe": recipe.record(tok.name), "stage": "refactor"}
-    return Built(models.ReadMEModel(rc, params, spec, meta), stats, tok, cfg)
+    meta = {
+        "recipe": recipe.describe(tok.name),
+        "stage": "refactor",
+        "reconstruct": dataclasses.asdict(recipe.refit),  # read by older tools and the trainer
+        "local_distill": dataclasses.asdict(recipe.local),
+    }
+    return Built(models.ReadMEModel(rc, params, spec, meta), stats, tok, cfg, control)
 
 
 def write_refactor_report(path: Path, spec: ExpertSpec, stats: ActivationStats, F: int) -> dict:

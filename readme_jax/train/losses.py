@@ -273,14 +273,3 @@ def reference_head_loss(
 
 
 # ---------------------------------------------------------------- layer-local distillation
-def local_ffn_mse(pred_LxTxD: jax.Array, target_LxTxD: jax.Array, mask_T=None) -> jax.Array:
-    """Layer-local distillation loss: per layer, the mean over tokens of
-    ||student FFN output - dense FFN output||^2, divided by the mean ||dense output||^2 of that
-    layer (so every layer weighs the same whatever its output scale), averaged over layers.
-    0 exactly when the student FFN reproduces the dense one. mask_T: tokens that count."""
-    d = (pred_LxTxD - target_LxTxD).astype(jnp.float32)
-    t = target_LxTxD.astype(jnp.float32)
-    m = jnp.ones(d.shape[1], jnp.float32) if mask_T is None else mask_T.astype(jnp.float32)
-    err = jnp.einsum("ltd,t->l", d * d, m)
-    ref = jnp.einsum("ltd,t->l", t * t, m)
-    return jnp.mean(err / jnp.maximum(ref, 1e-12))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from readme_jax.refactor.experts import active_ffn_fraction, static_pruned_params
+from readme_jax.refactor.pipeline import StaticControl
 from readme_jax.refactor.reconstruct import apply_static_refit
 from readme_jax.refactor.stats import ActivationStats
 from readme_jax.train.context import Context, TrainingError, training_layout
@@ -47,20 +48,31 @@ def make_variant(ctx: Context, kind: str) -> Variant:
         params = {"backbone": training_layout(backbone, scan)}
         kw.update(cfg=rc.model, mcfg=dataclasses.replace(rc.moe, layerwise=True), rcfg=rc.router)
     elif kind == "static":
-        calib = ctx.run / "calib"
-        if not (calib / "stats.json").exists():
-            raise TrainingError(f"{calib} not found: the static baseline needs the calibrate stage")
-        stats = ActivationStats.load(calib)
-        dense, w = static_pruned_params(ctx.teacher, stats.mean_abs_ExLxF, width / F)
-        # the same refit as Read-ME's experts (a fair baseline), never silently without it
-        refit = ctx.model.meta.get("reconstruct", {}).get("mode", "none") != "none"
-        try:
-            dense = apply_static_refit(ctx.run / "moe_init", dense, required=refit)
-        except FileNotFoundError as e:
-            raise TrainingError(str(e)) from None
+        control = StaticControl.load(ctx.run / "moe_init")
+        if control is not None:  # built by the recipe: same channel rule and refit as Read-ME
+            dense, w = control.params(ctx.teacher)
+        else:
+            dense, w = _static_from_stats(ctx, width / F)
         params = training_layout(dense, scan)
         width = float(w)
         kw.update(cfg=ctx.teacher_cfg.replace(ffn_dim=w, scan_layers=scan))
     else:
         raise TrainingError(f"unknown model kind {kind!r}; choose from {KINDS}")
     return Variant(kind, params, kw, width)
+
+
+def _static_from_stats(ctx: Context, frac: float) -> tuple[dict, int]:
+    """Run directories refactored before the recipe saved its static control: the
+    domain-averaged mean |h| rule on RUN/calib and the refit rows in RUN/moe_init, if any."""
+    calib = ctx.run / "calib"
+    if not (calib / "stats.json").exists():
+        raise TrainingError(f"{calib} not found: the static baseline needs the calibrate stage")
+    stats = ActivationStats.load(calib)
+    dense, w = static_pruned_params(ctx.teacher, stats.mean_abs_ExLxF, frac)
+    # the same refit as Read-ME's experts (a fair baseline), never silently without it
+    refit = ctx.model.meta.get("reconstruct", {}).get("mode", "none") != "none"
+    try:
+        dense = apply_static_refit(ctx.run / "moe_init", dense, required=refit)
+    except FileNotFoundError as e:
+        raise TrainingError(str(e)) from None
+    return dense, w
