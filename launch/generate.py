@@ -84,9 +84,10 @@ def main(argv):
 
 
 def _is_readme(path: str) -> bool:
-    from readme_jax.checkpoints import models
+    """A Read-ME checkpoint, or a run directory holding one (its moe_trained / moe_init)."""
+    from readme_jax.serve.model import resolve
 
-    return models.discover(path).kind == "readme_moe"
+    return resolve(path)[0] == "readme"
 
 
 def _generate_moe(sp) -> None:
