@@ -13,6 +13,7 @@ from readme_jax.checkpoints import models
 from readme_jax.checkpoints.tokenizer import Tokenizer, prompt_ids, with_end_ids
 from readme_jax.decode.generator import Generator, dense_logits
 from readme_jax.decode.steps import dense_model, readme_model, validate_tokens
+from readme_jax.model import quant as quant_lib
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.readme import readme_forward
 from readme_jax.model.sampling import SamplingParams
@@ -24,6 +25,7 @@ class LoadedModel:
     params: Any
     tokenizer: Tokenizer
     readme: Any = None  # ReadMEConfig for a Read-ME MoE checkpoint, else None (dense)
+    quant: str = "none"  # the matmul weights' form when generating (model/quant.py)
 
     @property
     def is_moe(self) -> bool:
@@ -34,6 +36,9 @@ class LoadedModel:
         for i, row in enumerate(token_ids):
             validate_tokens(row, self.cfg.vocab_size, f"row {i}")
         toks = jnp.asarray(token_ids, jnp.int32)
+        if self.quant != "none":  # the generator's low-bit weights, through its step
+            gen = self.generator()
+            return _step_logits(gen.params, toks, gen.model)
         if self.is_moe:
             return _moe_forward(self.params, toks, self.readme)
         return dense_logits(self.params, toks, self.cfg)
@@ -41,9 +46,9 @@ class LoadedModel:
     def generator(self) -> Generator:
         if not hasattr(self, "_gen"):
             if self.is_moe:
-                self._gen = Generator(readme_model(self.readme), self.params)
+                self._gen = Generator(readme_model(self.readme, self.quant), self.params)
             else:
-                self._gen = Generator(dense_model(self.cfg), self.params)
+                self._gen = Generator(dense_model(self.cfg, self.quant), self.params)
         return self._gen
 
     def generate(
@@ -71,12 +76,30 @@ def _moe_impl(p, t, rc):
 _moe_forward = jax.jit(_moe_impl, static_argnums=2)
 
 
-def load(path: str | Path | None = None, dtype: str = "float32", **cfg_overrides) -> LoadedModel:
+def _step_impl(params, toks_BxS, model):
+    B, S = toks_BxS.shape
+    return model.step(params, toks_BxS, model.new_cache(B, S), None)[0]
+
+
+_step_logits = jax.jit(_step_impl, static_argnums=2)
+
+
+def load(
+    path: str | Path | None = None,
+    dtype: str = "float32",
+    quant: str | None = None,
+    **cfg_overrides,
+) -> LoadedModel:
     """Load a model: None = bundled SmolLM2 GGUF; a GGUF file; a Hugging Face directory; or a
     readme_jax model directory (a Read-ME MoE written by launch/train.py). What the path holds
-    is found by `checkpoints.models.discover`; raises CheckpointError if nothing it knows."""
-    kind, cfg, params, tok, _ = models.load_any(path, dtype, **cfg_overrides)
+    is found by `checkpoints.models.discover`; raises CheckpointError if nothing it knows.
+
+    quant: the matmul weights' form for generating and logits, one of model/quant.py's
+    QUANT_MODES ("int8", "bf16", ...); None takes the one saved in the model's model.json
+    ("quant", see `models.saved_quant`), else "none". Raises ConfigError for an unknown one."""
+    kind, cfg, params, tok, meta = models.load_any(path, dtype, **cfg_overrides)
+    q = quant_lib.check_mode(models.saved_quant(meta) if quant is None else quant)
     if kind == "readme_moe":  # end ids of the source tokenizer (older saves kept one)
         cfg = cfg.replace(model=with_end_ids(cfg.model, tok))
-        return LoadedModel(cfg.model, params, tok, cfg)
-    return LoadedModel(with_end_ids(cfg, tok), params, tok)
+        return LoadedModel(cfg.model, params, tok, cfg, q)
+    return LoadedModel(with_end_ids(cfg, tok), params, tok, quant=q)

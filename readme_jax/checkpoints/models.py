@@ -236,6 +236,13 @@ def load_readme(path: str | Path, verify: bool | None = None) -> ReadMEModel:
     return ReadMEModel(rc, params, ExpertSpec.load(found.path / "experts"), meta)
 
 
+def saved_quant(meta: dict[str, Any]) -> str:
+    """The low-bit form a model was saved to be served in (model.json "quant", written by
+    `save_readme` / `save_dense` with extra={"quant": ...}; model/quant.py), "none" if absent.
+    The weights themselves are saved in full precision; the form is applied at load."""
+    return str(meta.get("quant", "none"))
+
+
 def load_meta(path: str | Path) -> dict[str, Any]:
     """model.json of one of our model directories, with "_path" set."""
     return store.read_meta(path) | {"_path": str(path)}

@@ -31,7 +31,7 @@ class Generator:
     def __init__(self, model: DecodeModel, params: Any):
         self.model = model
         # on device once: host (NumPy) params would be copied in on every jitted call
-        self.params = jax.device_put(params if model.cfg.scan_layers else model.prepare(params))
+        self.params = jax.device_put(model.prepare(params))
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("sp",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("sp",), donate_argnums=(1,))
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.errors import UserError
-from readme_jax.model import llama, moe, readme
+from readme_jax.model import llama, moe, quant, readme
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.readme import ReadMEConfig
 from readme_jax.model.router import init_router_cache
@@ -67,10 +67,14 @@ class DecodeModel:
     cfg: LlamaConfig
     step: Callable[..., tuple[jax.Array, Any]]
     new_cache: Callable[[int, int], Any]
-    prepare: Callable[[Any], Any] = llama.unstack_layers  # params -> decode layout
+    prepare: Callable[[Any], Any] = llama.unstack_layers  # params -> decode layout (+ quant)
 
 
-def dense_model(cfg: LlamaConfig) -> DecodeModel:
+def dense_model(cfg: LlamaConfig, quant_mode: str = "none") -> DecodeModel:
+    """The dense Llama; `quant_mode` (model/quant.py QUANT_MODES) converts the matmul weights of
+    the decode layout at `prepare`."""
+    quant.check_mode(quant_mode)
+
     def step(params, tokens_BxS, cache, num_new_B, last_B=None):
         logits, cache, _ = llama.forward(
             params, tokens_BxS, cfg, cache=cache, num_new_B=num_new_B, last_B=last_B
@@ -79,16 +83,23 @@ def dense_model(cfg: LlamaConfig) -> DecodeModel:
 
     # the unrolled decode keeps one KV array per layer (see llama.init_cache)
     per_layer = not cfg.scan_layers
-    return DecodeModel(cfg, step, lambda b, m: llama.init_cache(cfg, b, m, per_layer=per_layer))
-
-
-def decode_layout(rc: ReadMEConfig, params: Params) -> Params:
-    """{"backbone", "router"} in the decode layout of the in-graph expert source: per-layer
-    lists, experts trimmed to their real widths, shared + expert fused for top-1 models."""
-    return {
-        "backbone": moe.unstack_experts(
-            params["backbone"], trim=True, fuse_shared=rc.moe.top_k == 1
+    return DecodeModel(
+        cfg,
+        step,
+        lambda b, m: llama.init_cache(cfg, b, m, per_layer=per_layer),
+        lambda p: quant.quantize_params(
+            p if cfg.scan_layers else llama.unstack_layers(p), quant_mode
         ),
+    )
+
+
+def decode_layout(rc: ReadMEConfig, params: Params, quant_mode: str = "none") -> Params:
+    """{"backbone", "router"} in the decode layout of the in-graph expert source: per-layer
+    lists, experts trimmed to their real widths, shared + expert fused for top-1 models; the
+    backbone's matmul weights in `quant_mode` (model/quant.py; the router stays f32)."""
+    bb = moe.unstack_experts(params["backbone"], trim=True, fuse_shared=rc.moe.top_k == 1)
+    return {
+        "backbone": quant.quantize_params(bb, quant_mode),
         "router": llama.unstack_layers(params["router"]),
     }
 
@@ -117,9 +128,11 @@ def backbone(rc: ReadMEConfig, bb: Params, tokens_BxS, cache, routing, num_new_B
     return out, cache
 
 
-def readme_model(rc: ReadMEConfig) -> DecodeModel:
+def readme_model(rc: ReadMEConfig, quant_mode: str = "none") -> DecodeModel:
     """Read-ME for the Generator: each step routes its tokens (the router has its own KV
-    cache), then the backbone runs them with the in-graph experts."""
+    cache), then the backbone runs them with the in-graph experts (`quant_mode`: see
+    decode_layout)."""
+    quant.check_mode(quant_mode)
 
     def step(params, tokens_BxS, cache, num_new_B, last_B=None):
         _, routing, rcache = readme.route(
@@ -138,7 +151,10 @@ def readme_model(rc: ReadMEConfig) -> DecodeModel:
 
     rc = rc.replace(model=rc.model.replace(scan_layers=False))
     return DecodeModel(
-        rc.model, step, lambda b, m: readme_cache(rc, b, m), lambda p: decode_layout(rc, p)
+        rc.model,
+        step,
+        lambda b, m: readme_cache(rc, b, m),
+        lambda p: decode_layout(rc, p, quant_mode),
     )
 
 
@@ -295,7 +311,8 @@ def pf_begin(bb, cache, row, start, tok_Q):
     """Embed a prefill chunk and cut the slot's KV row out: (x [1, Q, D], k, v: lists of L
     arrays [1, M, K, hd])."""
     c1 = cache_row(cache, row, start)
-    return bb["embed"][tok_Q][None], c1["k"], c1["v"]
+    x_QxD = quant.take_rows(bb["embed"], tok_Q, c1["k"][0].dtype)
+    return x_QxD[None], c1["k"], c1["v"]
 
 
 def chunk_layer(lp, x_1xQxD, k_c, v_c, start, *, rc: ReadMEConfig):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from readme_jax.model import quant
 from readme_jax.model.config import ConfigError, LlamaConfig
 
 Params = dict[str, Any]
@@ -84,9 +85,13 @@ def attention(q_BxSxHxhd, k_BxMxKxhd, v_BxMxKxhd, mask_BxSxM) -> jax.Array:
 
 
 def dense_ffn(lp: Params, x_BxSxD: jax.Array, layer: Any = None) -> tuple[jax.Array, None]:
-    gu_BxSx2xF = jnp.einsum("bsd,dtf->bstf", x_BxSxD, lp["w_gate_up"])
+    """SwiGLU FFN: gate and up as one [D, 2F] matmul, then down [F, D]. Weights may be
+    low-bit (`quant.dot`)."""
+    D, _, F = lp["w_gate_up"].shape
+    B, S, _ = x_BxSxD.shape
+    gu_BxSx2xF = quant.dot(x_BxSxD, quant.reshape(lp["w_gate_up"], D, 2 * F)).reshape(B, S, 2, F)
     h_BxSxF = jax.nn.silu(gu_BxSx2xF[:, :, 0]) * gu_BxSx2xF[:, :, 1]
-    return h_BxSxF @ lp["w_down"], None
+    return quant.dot(h_BxSxF, lp["w_down"]), None
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False):
@@ -114,19 +119,19 @@ def is_per_layer(cache: Params) -> bool:
     return isinstance(cache["k"], (list, tuple))
 
 
-def qkv_proj(h_BxSxD: jax.Array, wqkv_Dx_Nxhd: jax.Array) -> jax.Array:
-    """[B, S, H + 2K, hd]. Contracted as a 2-D matmul: XLA:CPU runs the 3-D einsum form of
-    these projections ~3x slower at batch-1 decode."""
+def qkv_proj(h_BxSxD: jax.Array, wqkv_Dx_Nxhd) -> jax.Array:
+    """[B, S, H + 2K, hd]: q, k and v as one matmul. Contracted as a 2-D matmul: XLA:CPU runs
+    the 3-D einsum form of these projections ~3x slower at batch-1 decode."""
     D, N, hd = wqkv_Dx_Nxhd.shape
     B, S, _ = h_BxSxD.shape
-    return jnp.dot(h_BxSxD, wqkv_Dx_Nxhd.reshape(D, N * hd)).reshape(B, S, N, hd)
+    return quant.dot(h_BxSxD, quant.reshape(wqkv_Dx_Nxhd, D, N * hd)).reshape(B, S, N, hd)
 
 
-def out_proj(o_BxSxHxhd: jax.Array, wo_HxhdxD: jax.Array) -> jax.Array:
+def out_proj(o_BxSxHxhd: jax.Array, wo_HxhdxD) -> jax.Array:
     """[B, S, D] from the attention output, as a 2-D matmul (see qkv_proj)."""
     H, hd, D = wo_HxhdxD.shape
     B, S = o_BxSxHxhd.shape[:2]
-    return jnp.dot(o_BxSxHxhd.reshape(B, S, H * hd), wo_HxhdxD.reshape(H * hd, D))
+    return quant.dot(o_BxSxHxhd.reshape(B, S, H * hd), quant.reshape(wo_HxhdxD, H * hd, D))
 
 
 def block(lp: Params, x_BxSxD, ctx: Params, kv_update, cfg: LlamaConfig, ffn: FFN, layer):
@@ -226,7 +231,7 @@ def forward(
     lengths = None if cache is None else cache["lengths"]
     M = None if cache is None else cache_len(cache)
     ctx = context(cfg, tokens_BxS, positions_BxS, segment_ids_BxS, lengths, M)
-    x = params["embed"][tokens_BxS]
+    x = quant.take_rows(params["embed"], tokens_BxS, _dtype(cfg))
 
     def layer_step(lp, x, layer, kv):
         upd = None if kv is None else (lambda k, v: write_kv(*kv, k, v, ctx))
@@ -284,11 +289,10 @@ def _index(tree, i: int):
 
 
 def lm_head(params: Params, x_BxSxD: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """Logits [B, S, V] in f32 (weights may be low-bit, `quant.dot`)."""
     if cfg.tie_embeddings:  # contract against [V, D] directly: a transposed copy costs 8x here
-        return jnp.einsum(
-            "bsd,vd->bsv", x_BxSxD, params["embed"], preferred_element_type=jnp.float32
-        )
-    return jnp.einsum("bsd,dv->bsv", x_BxSxD, params["lm_head"], preferred_element_type=jnp.float32)
+        return quant.dot(x_BxSxD, params["embed"], contract_w=1, out_dtype=jnp.float32)
+    return quant.dot(x_BxSxD, params["lm_head"], out_dtype=jnp.float32)
 
 
 def unstack_layers(params: Params) -> Params:

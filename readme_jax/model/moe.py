@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from readme_jax.model import llama
+from readme_jax.model import llama, quant
 from readme_jax.model.config import DISPATCH_MODES as DISPATCH_MODES  # moe.DISPATCH_MODES
 from readme_jax.model.config import LlamaConfig, MoEConfig
 from readme_jax.model.router import top_k_routing
@@ -80,8 +80,10 @@ def pick_dispatch(
 
 
 def _swiglu(x_TxD, gu_Dx2xF, down_FxD):
-    gu_Tx2xF = jnp.einsum("td,dgf->tgf", x_TxD, gu_Dx2xF)
-    return (jax.nn.silu(gu_Tx2xF[:, 0]) * gu_Tx2xF[:, 1]) @ down_FxD
+    """One SwiGLU FFN; its weights may be low-bit (model/quant.py)."""
+    D, _, F = gu_Dx2xF.shape
+    gu_Tx2xF = quant.dot(x_TxD, quant.reshape(gu_Dx2xF, D, 2 * F)).reshape(-1, 2, F)
+    return quant.dot(jax.nn.silu(gu_Tx2xF[:, 0]) * gu_Tx2xF[:, 1], down_FxD)
 
 
 def _switch_swiglu(e, gu_list, down_list, x_TxD):

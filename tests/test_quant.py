@@ -1,0 +1,134 @@
+"""Low-bit weights (model/quant.py): quantization error within the scale's bound, the int8 dot
+equal to the dequantized weight's product, low-bit dense and Read-ME models generating through
+the same API, the form saved with a model, and the fused-projection step equal to an unfused one.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import readme_jax as rj
+from readme_jax.checkpoints import models
+from readme_jax.decode.generator import Generator
+from readme_jax.decode.steps import DecodeModel, dense_model, readme_model
+from readme_jax.model import llama, quant
+from readme_jax.model.config import ConfigError
+from readme_jax.testing import np_init, tiny_llama_config, tiny_readme
+
+PROMPTS = [[5, 17, 33, 4, 60], [9, 8, 7]]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    cfg = tiny_llama_config().replace(scan_layers=False)
+    return cfg, np_init(llama.param_shapes(cfg), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("shape,n_block,n_contract", [((6, 5, 7), 3, 1), ((4, 6, 5), 2, 1)])
+def test_int8_round_trip_error_is_within_half_a_step_per_channel(shape, n_block, n_contract):
+    w = jax.random.normal(jax.random.key(0), shape) * jnp.arange(1, shape[-1] + 1)
+    q = quant.quantize_weight(w, n_block, n_contract, "int8")
+    assert q.q.qvalue.dtype == jnp.int8
+    err = jnp.abs(quant.dequantize(q) - w)
+    # Qwix's symmetric absmax: step = max |w| of the channel / 127.5, so rounding (and the clip
+    # of the channel's largest entry to 127) errs by at most step / 2 (+ f32 rounding)
+    assert bool(jnp.all(err <= q.q.scale * (0.5 + 1e-4)))
+    assert float(err.max()) > 0  # it did quantize
+
+
+def test_int8_dot_equals_the_dequantized_weights_product_to_f32_accuracy():
+    k1, k2 = jax.random.split(jax.random.key(1))
+    w = jax.random.normal(k1, (64, 40)) * 0.02
+    x = jax.random.normal(k2, (3, 64)).at[:, 5].mul(50.0)  # an outlier channel
+    ref = x @ quant.dequantize(quant.quantize_weight(w, 2, 1, "int8"))
+    y = quant.dot(x, quant.quantize_weight(w, 2, 1, "int8"))
+    # the input is kept to step max|x| / 32512: error <= sum_i |w_i| * step / 2 per output
+    bound = jnp.sum(jnp.abs(w), 0) * jnp.max(jnp.abs(x), 1, keepdims=True) / 32512 / 2
+    assert bool(jnp.all(jnp.abs(y - ref) <= bound * 1.01 + 1e-6))
+    y8 = quant.dot(x, quant.quantize_weight(w, 2, 1, "int8_act"))  # 8-bit inputs: coarser
+    assert float(jnp.abs(y8 - ref).max()) > 10 * float(jnp.abs(y - ref).max())
+
+
+def test_quantized_tree_holds_a_quarter_of_the_bytes(dense):
+    cfg, params = dense
+    layout = llama.unstack_layers(params)
+    f32 = quant.weight_bytes(layout)
+    # int8 values + f32 scales per output channel + the f32 norms: the tiny model has D=32
+    assert quant.weight_bytes(quant.quantize_params(layout, "int8")) < 0.3 * f32
+    assert quant.weight_bytes(quant.quantize_params(layout, "bf16")) < 0.51 * f32
+    with pytest.raises(ConfigError, match="int8"):
+        quant.quantize_params(layout, "int3")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8_qwix", "bf16", "int8_act"])
+def test_low_bit_dense_model_generates_like_its_reference(dense, mode):
+    cfg, params = dense
+    gen = Generator(dense_model(cfg, mode), params)
+    out = gen.generate(PROMPTS, 6, eos_ids=[])
+    assert [len(o) for o in out] == [6, 6]
+    # the int8 dot and Qwix's dequantize-then-dot run the same int8 weights
+    if mode == "int8":
+        ref = Generator(dense_model(cfg, "int8_qwix"), params).generate(PROMPTS, 6, eos_ids=[])
+        assert out == ref
+    logits = llama.forward(gen.params, jnp.asarray([PROMPTS[0]]), cfg)[0]
+    want = llama.forward(params, jnp.asarray([PROMPTS[0]]), cfg)[0]
+    tol = {"int8": 0.05, "int8_qwix": 0.05, "bf16": 0.05, "int8_act": 0.3}[mode]
+    assert float(jnp.abs(logits - want).max()) < tol * float(jnp.abs(want).max())
+
+
+def test_low_bit_readme_model_generates_and_its_experts_are_int8():
+    m = tiny_readme(num_experts=3, seed=2)
+    gen = Generator(readme_model(m.rc, "int8"), m.params)
+    lp = gen.params["backbone"]["layers"][0]
+    assert all(isinstance(w, quant.QWeight) for w in lp["expert_gate_up"] + lp["fused_down"])
+    out = gen.generate(PROMPTS, 5, eos_ids=[])
+    ref = Generator(readme_model(m.rc, "int8_qwix"), m.params).generate(PROMPTS, 5, eos_ids=[])
+    assert out == ref and [len(o) for o in out] == [5, 5]
+
+
+def test_quant_form_is_saved_with_the_model_and_applied_at_load(tmp_path):
+    m = tiny_readme(num_experts=3, seed=1)
+    path = models.save_readme(tmp_path / "moe", m.params, m.rc, m.spec, {**m.meta, "quant": "int8"})
+    loaded = rj.load(path)
+    assert loaded.quant == "int8" and rj.load(path, quant="none").quant == "none"
+    toks = [[5, 6, 7, 8]]
+    gen = loaded.generator()
+    assert isinstance(gen.params["backbone"]["embed"], quant.QWeight)
+    ref = Generator(readme_model(m.rc, "int8"), m.params).generate(toks, 4, eos_ids=[])
+    assert gen.generate(toks, 4, eos_ids=[]) == ref
+    assert loaded.logits(toks).shape == (1, 4, m.rc.model.vocab_size)
+    with pytest.raises(ConfigError):
+        rj.load(path, quant="int4")
+
+
+def _unfused_ffn(lp, x_BxSxD, layer=None):
+    gate, up = lp["w_gate_up"][:, 0], lp["w_gate_up"][:, 1]
+    return (jax.nn.silu(x_BxSxD @ gate) * (x_BxSxD @ up)) @ lp["w_down"], None
+
+
+def test_fused_projection_step_greedy_equals_unfused(dense, monkeypatch):
+    cfg, params = dense
+    fused = Generator(dense_model(cfg), params).generate(PROMPTS, 8, eos_ids=[])
+
+    def step(p, tokens_BxS, cache, num_new_B, last_B=None):
+        logits, cache, _ = llama.forward(
+            p, tokens_BxS, cfg, cache=cache, num_new_B=num_new_B, last_B=last_B, ffn=_unfused_ffn
+        )
+        return logits, cache
+
+    H, K = cfg.n_heads, cfg.n_kv_heads
+    monkeypatch.setattr(
+        llama,
+        "qkv_proj",
+        lambda h, w: jnp.concatenate(
+            [
+                jnp.einsum("bsd,dnh->bsnh", h, w[:, a:b])
+                for a, b in ((0, H), (H, H + K), (H + K, H + 2 * K))
+            ],
+            axis=2,
+        ),
+    )
+    base = dense_model(cfg)
+    unfused = Generator(DecodeModel(cfg, step, base.new_cache, base.prepare), params)
+    assert unfused.generate(PROMPTS, 8, eos_ids=[]) == fused
