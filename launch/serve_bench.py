@@ -8,7 +8,7 @@ run the whole grid. `--config.real_grid=full` runs the whole grid on the real en
 3x longer). Compilation takes ~2 minutes (once per capacity); `--config.compile_cache=DIR` keeps
 it.
 
-  # SmolLM2 Read-ME (refactored on the fly unless a checkpoint): ~6-9 min on 2 busy CPU cores
+  # no checkpoint: the newest trained run, else refactored on the fly; ~6-9 min on 2 busy cores
   python launch/serve_bench.py --config.out_dir=runs/serve_bench
   # a trained checkpoint, a bigger bursty trace
   python launch/serve_bench.py --config.checkpoint=runs/smollm2_135m/moe_trained \
