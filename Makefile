@@ -17,7 +17,7 @@ for c in "$(PYTHON)" python3.13 python3.12 python3 \
 done; exit 1
 endef
 
-.PHONY: help setup test test-min demo bench peer lint format fixtures clean data compare
+.PHONY: help setup test test-min demo bench bench-bytes peer lint format fixtures clean data compare
 
 help:
 	@echo "make demo   - set up and run the default Read-ME pipeline on SmolLM2-135M"
@@ -126,6 +126,13 @@ peer: $(PEER)/.installed
 bench: setup
 	@$(MAKE) --no-print-directory peer || echo "WARNING: PyTorch peer unavailable; peer columns will read n/a"
 	$(PY) launch/bench.py
+
+# Low-bit weights (int8, bf16) vs f32: decode tok/s side by side, bytes per token, perplexity and
+# KL on held-out text (launch/bench_bytes.py; BYTES_ARGS=--config.readme_checkpoint=RUN/moe_trained
+# adds the Read-ME rows).
+BYTES_ARGS ?=
+bench-bytes: setup
+	$(PY) launch/bench_bytes.py --config.out=docs/benchmarks.md $(BYTES_ARGS)
 
 fixtures: peer
 	$(PEER)/bin/python tools/make_fixtures.py
