@@ -18,14 +18,12 @@ ends the process (exit 3) as soon as RSS passes it, before the kernel's OOM kill
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
 import shutil
 import threading
 import time
-import types
 import zlib
 from pathlib import Path
 
@@ -37,8 +35,9 @@ import psutil
 from readme_jax.checkpoints import hf, models
 from readme_jax.decode.generator import Generator
 from readme_jax.decode.steps import readme_model
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
 from readme_jax.refactor import pipeline, reconstruct
+from readme_jax.refactor.stats import collect_stats
 
 GB = 1e9
 
@@ -128,32 +127,23 @@ def calib_batches(a, V: int) -> dict[str, list[np.ndarray]]:
 
 
 def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
-    """load -> calibrate -> construct -> refit -> save, as launch/train.py runs them."""
+    """load -> calibrate -> construct -> refit -> save: the library calls of the pipeline's
+    calibrate and refactor stages (refactor/pipeline.py), with the paper's construction."""
     cfg, dense = meter.stage("load", hf.load_hf, ckpt, "bfloat16")
     batches = calib_batches(a, cfg.vocab_size)
-    recipe = pipeline.Recipe(
-        checkpoint=str(ckpt),
-        domains=",".join(batches),
-        num_sequences=a.seqs,
-        seq_len=a.seq_len,
-        remain_rate=a.remain_rate,
-        dtype="bfloat16",
-    )
-    tok = types.SimpleNamespace(name="random-ids")  # the recipe records only the name
-    stats = meter.stage(
-        "calibrate", pipeline.calibrate, cfg, dense, batches, recipe.record(tok.name)
-    )
-    built = meter.stage(
-        "construct", pipeline.build_readme, recipe, source=(cfg, dense, tok), stats=stats
-    )
-    m = built.model
+    record = {"checkpoint": str(ckpt), "domains": list(batches), "tokens": "random ids"}
+    stats = meter.stage("calibrate", collect_stats, dense, cfg, batches, record)
+    mcfg, router = MoEConfig(a.domains), RouterConfig()
+    args = (dense, cfg, stats, a.remain_rate, mcfg, router, a.seed)
+    params, spec = meter.stage("construct", pipeline.refactor, *args)
     rcfg = reconstruct.ReconstructConfig("lstsq", a.ridge, a.refit_seqs)
-    args = (rcfg, dense, cfg, m.params, m.spec, stats.mean_abs_ExLxF, batches, moe_dir)
-    params = meter.stage("refit", reconstruct.at_refactor, *args, 1, a.static)
-    m = dataclasses.replace(m, params=params)
-    del built, dense, params
-    meter.stage("save", models.save_readme, moe_dir, m.params, m.rc, m.spec, m.meta)
-    sw, ew = m.spec.shared_widths, m.spec.expert_widths
+    args = (rcfg, dense, cfg, params, spec, stats.mean_abs_ExLxF, batches, moe_dir, 1, a.static)
+    params = meter.stage("refit", reconstruct.at_refactor, *args)
+    del dense
+    rc = ReadMEConfig(cfg, mcfg, router)
+    meta = {"recipe": record, "stage": "refactor"}
+    meter.stage("save", models.save_readme, moe_dir, params, rc, spec, meta)
+    sw, ew = spec.shared_widths, spec.expert_widths
     return {"shared_width_mean": float(sw.mean()), "expert_width_mean": float(ew.mean())}
 
 

@@ -149,20 +149,28 @@ def ridge_refit_blocks(
     Returns the refit rows of each part, [len(parts[p]), D] (f32)."""
     if len(local_grams) != len(uses) or len(cross) != len(uses):
         raise ValueError(f"{len(local_grams)} Gram matrices for {len(uses)} token groups")
+    n = sum(len(p) for p in parts)
+    lam = ridge * sum(float(np.trace(G)) for G in local_grams) / max(n, 1)
+    return _solve_blocks(zip(local_grams, cross, strict=True), w_down_FxD, parts, uses, lam)
+
+
+def _solve_blocks(blocks, w_down_FxD, parts, uses, lam: float) -> list[np.ndarray]:
+    """ridge_refit_blocks with lam given and `blocks` an iterable of (local Gram, cross) per
+    group, consumed one group at a time: with Read-ME's structure a group's blocks are dropped
+    as soon as its own part is eliminated (only [own, shared + D] is kept per group)."""
     w = np.asarray(w_down_FxD, np.float64)
     sizes = [len(p) for p in parts]
-    n = sum(sizes)
-    if n == 0:
+    if sum(sizes) == 0:
         return [np.zeros((0, w.shape[1]), np.float32) for _ in parts]
-    lam = ridge * sum(float(np.trace(G)) for G in local_grams) / n
     own = _own_parts(parts, uses)
     if own is None:
+        local_grams, cross = zip(*blocks, strict=True)
         return _joint_blocks(local_grams, cross, w, parts, uses, lam)
     s = sizes[0]
     A00 = lam * np.eye(s)
     b0 = lam * w[parts[0]]
     elim = []
-    for G, C, mine in zip(local_grams, cross, own, strict=True):
+    for (G, C), mine in zip(blocks, own, strict=True):
         G, C = np.asarray(G, np.float64), np.asarray(C, np.float64)
         A00 += G[:s, :s]
         b0 += C[:s]
@@ -172,9 +180,11 @@ def ridge_refit_blocks(
         Aoo = G[s:, s:] + lam * np.eye(G.shape[0] - s)
         w0 = np.concatenate([w[parts[j]] for j in mine])
         Y = np.linalg.solve(Aoo, np.concatenate([G[s:, :s], C[s:] + lam * w0], axis=1))
+        del Aoo, w0
         A00 -= G[:s, s:] @ Y[:, :s]
         b0 -= G[:s, s:] @ Y[:, s:]
         elim.append(Y)
+        del G, C
     x0 = np.linalg.solve(A00, b0) if s else np.zeros((0, w.shape[1]))
     out = [None] * len(parts)
     out[0] = x0.astype(np.float32)
@@ -243,6 +253,31 @@ def _gram_rows(act_BxSxF, mask_BxS, cols_N):
     hm = act_BxSxF * mask_BxS[..., None].astype(act_BxSxF.dtype)
     hc = jnp.take(hm, jnp.maximum(cols_N, 0), axis=-1) * (cols_N >= 0).astype(hm.dtype)
     return jnp.einsum("bsn,bsf->nf", hc, hm)
+
+
+@jax.jit
+def _gram_diag(act_BxSxF, mask_BxS):
+    """The diagonal of `_masked_gram`, [F], bit for bit: from the [256, 256] diagonal blocks,
+    as XLA:CPU sums a matmul entry alike whatever the output's shape (an elementwise
+    square-and-sum rounds differently, and the ridge weight would move with it)."""
+    B, S, F = act_BxSxF.shape
+    hm = act_BxSxF * mask_BxS[..., None].astype(act_BxSxF.dtype)
+    k = -(-F // _COLS_BUCKET)
+    x = jnp.pad(hm, ((0, 0), (0, 0), (0, k * _COLS_BUCKET - F))).reshape(B, S, k, _COLS_BUCKET)
+    blocks = jnp.einsum("bskn,bskm->knm", x, x)
+    return jnp.diagonal(blocks, axis1=1, axis2=2).reshape(-1)[:F]
+
+
+def _group_blocks(acts, items, present, cols, w64):
+    """Per group g, (its local Gram R[:, cols_g], R W_down) from its Gram rows R [N_g, F], one
+    group at a time: ridge_refit's G[cols] W_down, the same sums in the same order."""
+    for g, c in enumerate(cols):
+        R = np.zeros((len(c), w64.shape[0]))
+        for i, (_, g_BxS) in enumerate(items):
+            if g in present[i]:
+                m = jnp.asarray(g_BxS == g)
+                R += np.asarray(_gram_rows(acts[i], m, _padded(c)))[: len(c)]
+        yield R[:, c], R @ w64
 
 
 def _padded(cols: np.ndarray) -> jax.Array:
@@ -316,18 +351,15 @@ def sequential_refit(
         cache = [_layer_features(lp, xs[i], cfg) for i in range(len(items))]
         present = [[int(g) for g in np.unique(g_BxS[g_BxS >= 0])] for _, g_BxS in items]
         w64 = np.asarray(lp["w_down"], np.float64)
-        grams, cross = [], []
-        for g, c in enumerate(cols):  # one group's [N_g, F] rows at a time
-            R = np.zeros((len(c), cfg.ffn_dim))
-            for i, (_, g_BxS) in enumerate(items):
-                if g in present[i]:
-                    m = jnp.asarray(g_BxS == g)
-                    R += np.asarray(_gram_rows(cache[i][1], m, _padded(c)), np.float64)[: len(c)]
-            grams.append(R[:, c])
-            cross.append(R @ w64)  # ridge_refit's G[cols] W_down, same sums in the same order
-            del R
-        rows = ridge_refit_blocks(grams, cross, np.asarray(lp["w_down"]), parts, uses, ridge)
-        del grams, cross
+        sq = np.zeros((len(uses), cfg.ffn_dim))  # per group, the diagonal of its Gram
+        for i, (_, g_BxS) in enumerate(items):
+            for g in present[i]:
+                sq[g] += np.asarray(_gram_diag(cache[i][1], jnp.asarray(g_BxS == g)))
+        n = sum(len(q) for q in parts)
+        lam = ridge * sum(float(np.sum(sq[g][c])) for g, c in enumerate(cols)) / max(n, 1)
+        acts = [a for _, a in cache]
+        rows = _solve_blocks(_group_blocks(acts, items, present, cols, w64), w64, parts, uses, lam)
+        del w64
         if on_layer is None:
             out.append(rows)
         else:
