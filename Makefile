@@ -17,7 +17,7 @@ for c in "$(PYTHON)" python3.13 python3.12 python3 \
 done; exit 1
 endef
 
-.PHONY: help setup test test-min demo bench bench-bytes peer lint format fixtures clean data compare
+.PHONY: help setup test test-min demo bench bench-bytes peer lint format fixtures clean data compare scale-test
 
 help:
 	@echo "make demo   - set up and run the default Read-ME pipeline on SmolLM2-135M"
@@ -133,6 +133,12 @@ bench: setup
 BYTES_ARGS ?=
 bench-bytes: setup
 	$(PY) launch/bench_bytes.py --config.out=docs/benchmarks.md $(BYTES_ARGS)
+
+# A random Llama-2-7B-shaped checkpoint (hidden 4096, FFN 11008, sharded bf16 safetensors) of
+# LAYERS layers (default 2; 8 and 32 in docs/benchmarks.md) converted end to end, with the wall
+# time and peak RSS of each stage; SCALE_ARGS passes more flags (e.g. --max-rss-gb 20).
+scale-test: setup
+	$(PY) tools/scale_test.py $(if $(LAYERS),--layers $(LAYERS)) $(SCALE_ARGS)
 
 fixtures: peer
 	$(PEER)/bin/python tools/make_fixtures.py

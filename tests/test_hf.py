@@ -271,3 +271,23 @@ def test_unsupported_variant_with_biases(tmp_path):
 
 def test_errors_are_value_errors():
     assert issubclass(CheckpointError, ValueError) and issubclass(ConfigError, ValueError)
+
+
+def test_write_hf_streams_tensors_that_load_back_and_transformers_can_shard(tmp_path):
+    from readme_jax.checkpoints.hf import write_hf
+
+    cfg, params = load_hf(GQA)
+    made = []
+
+    def tensor(name, shape):  # the saved model's own tensors, in HF's layout, one at a time
+        made.append(name)
+        return read_tensor(read_safetensors_header(src / file_of[name])[name])
+
+    src = save_hf(tmp_path / "src", cfg, params, max_shard_bytes=40_000)
+    file_of = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    out = write_hf(tmp_path / "w", cfg, tensor, max_shard_bytes=40_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert made[0] == "model.embed_tokens.weight" and len(made) == len(set(made))
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
