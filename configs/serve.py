@@ -28,10 +28,12 @@ def get_config():
     c.checkpoint = ""
     c.dense = False  # serve the dense model itself (with "" or a dense checkpoint)
     c.model_name = ""  # the name /v1/models reports and requests must use ("" = derived)
-    c.domains = "fiction,drama,code_docs,manual"  # on-the-fly refactoring: one expert each
+    # on-the-fly refactoring (no checkpoint and no trained run): the default run config's recipe
+    # (configs/smollm2_135m.py; tests/test_served.py checks they agree), one expert per domain
+    c.domains = "fiction,drama,code_docs,manual,chat"
     c.remain_rate = 0.5
-    c.calib_sequences = 4
-    c.calib_len = 256
+    c.calib_sequences = 16
+    c.calib_len = 512
     c.seed = 0
     # engine (readme_jax.serve.engine.EngineConfig; the block and its comments:
     # configs/engine.py): an expert cache of C = 2 slots with Belady and prefetch

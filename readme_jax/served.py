@@ -18,9 +18,13 @@ checkpoints only and never imports `refactor/`.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 from readme_jax import cache_dir
+from readme_jax.checkpoints import models
 from readme_jax.checkpoints.tokenizer import load_tokenizer
 from readme_jax.refactor.pipeline import Recipe, build_readme
 from readme_jax.serve.model import ServeModel, default_trained_run, load_checkpoint, serve_model
@@ -31,20 +35,23 @@ TINY = "tiny"
 
 
 def on_the_fly_recipe(
-    domains: str = "fiction,drama,code_docs,manual",
+    domains: str | None = None,
     remain_rate: float = 0.5,
-    calib_sequences: int = 4,
-    calib_len: int = 256,
+    calib_sequences: int | None = None,
+    calib_len: int | None = None,
     seed: int = 0,
     checkpoint: str = "",
 ) -> Recipe:
-    """The recipe of a model refactored at serving time: `calib_sequences` x `calib_len`
-    training-split tokens per domain, select dispatch (the serving layout)."""
+    """The recipe of a model refactored at serving time: by default the default run config's
+    (configs/smollm2_135m.py: the same domains, calibration, construction and refit, so the
+    on-the-fly and the trained builds record the same recipe), select dispatch (the serving
+    layout)."""
+    base = Recipe()
     return Recipe(
         checkpoint=checkpoint,
-        domains=domains,
-        num_sequences=calib_sequences,
-        seq_len=calib_len,
+        domains=domains or base.domains,
+        num_sequences=calib_sequences or base.num_sequences,
+        seq_len=calib_len or base.seq_len,
         split="train",
         seed=seed,
         remain_rate=remain_rate,
@@ -52,16 +59,31 @@ def on_the_fly_recipe(
     )
 
 
+def _built_dir(recipe: Recipe) -> Path:
+    """Where the on-the-fly build of `recipe` is kept (cache dir / serve / model-<hash>)."""
+    rec = dataclasses.asdict(dataclasses.replace(recipe, dispatch="select", static_control=False))
+    key = hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return cache_dir.cache_root() / "serve" / f"model-{key}"
+
+
 def build_on_the_fly(recipe: Recipe) -> ServeModel:
-    """`build_readme(recipe)` split for serving, named UNTRAINED_NAME."""
-    built = build_readme(recipe, calib_root=cache_dir.cache_root() / "serve")
-    m, n = built.model, built.model.spec.num_experts
+    """`build_readme(recipe)` split for serving, named UNTRAINED_NAME. The built model is kept in
+    the cache directory: a second start with the same recipe loads it in seconds."""
+    path = _built_dir(recipe)
+    if models.exists(path):
+        m = models.load_readme(path)
+        tok = models.tokenizer_for(m.meta)
+    else:
+        built = build_readme(recipe, calib_root=cache_dir.cache_root() / "serve")
+        built.save(path)
+        m, tok = built.model, built.tokenizer
+    n = m.spec.num_experts
     src = (
         f"{m.meta['recipe']['checkpoint']} refactored on the fly: {n} experts ({recipe.domains}), "
         f"remain rate {recipe.remain_rate}, statistics on {recipe.num_sequences} x "
-        f"{recipe.seq_len} tokens per domain, UNTRAINED router"
+        f"{recipe.seq_len} tokens per domain, refit; UNTRAINED router (kept in {path})"
     )
-    return serve_model(m, built.tokenizer, src, UNTRAINED_NAME)
+    return serve_model(m, tok, src, UNTRAINED_NAME)
 
 
 def load_served(

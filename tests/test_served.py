@@ -8,13 +8,15 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from readme_jax import cli
 from readme_jax.checkpoints import models
 from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.refactor.pipeline import Recipe
 from readme_jax.serve.model import default_trained_run, resolve
-from readme_jax.served import UNTRAINED_NAME, load_served
+from readme_jax.served import UNTRAINED_NAME, load_served, on_the_fly_recipe
 from readme_jax.testing import random_checkpoint, tiny_readme
 
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus"
@@ -86,5 +88,24 @@ def test_no_trained_run_means_the_on_the_fly_build_named_untrained(tmp_path, mon
     assert sm.name == UNTRAINED_NAME and "UNTRAINED" in sm.note and "UNTRAINED" in sm.source
     assert sm.params.num_experts == 2 and sm.spec.domains == ["drama", "whaling"]
     assert any((tmp_path / "cache" / "serve").iterdir())  # statistics cached for the next start
+    kept = [d for d in (tmp_path / "cache" / "serve").iterdir() if d.name.startswith("model-")]
+    assert len(kept) == 1 and (kept[0] / "model.json").exists()  # the build itself is kept
+    again = load_served("", runs=tmp_path, recipe=recipe)  # loaded from the cache, not rebuilt
+    assert again.name == UNTRAINED_NAME and str(kept[0]) in again.source
+    np.testing.assert_array_equal(again.spec.expert_idx_LxExFe, sm.spec.expert_idx_LxExFe)
     dense = load_served("", dense=True, runs=tmp_path)
     assert dense.name == "dense-smollm2-135m" and dense.params.num_experts == 1
+
+
+def test_the_on_the_fly_build_is_the_default_configs_recipe():
+    """What serving builds on the fly and what `launch/train.py` builds from the default run
+    config record the same recipe in model.json (the serve config's defaults included)."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    run_cfg = cli.parse_config(root / "smollm2_135m.py", [])
+    serve_cfg = cli.parse_config(root / "serve.py", [])
+    trained = Recipe.from_config(run_cfg)
+    fly = on_the_fly_recipe(
+        serve_cfg.domains, serve_cfg.remain_rate, serve_cfg.calib_sequences, serve_cfg.calib_len
+    )
+    assert fly.describe("tok") == trained.describe("tok")
+    assert fly == on_the_fly_recipe()  # the library's defaults are the config's

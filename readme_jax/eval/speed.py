@@ -35,6 +35,7 @@ from readme_jax.decode.generator import Generator
 from readme_jax.decode.steps import dense_model, readme_model
 from readme_jax.model import llama
 from readme_jax.refactor.pipeline import Recipe, build_readme
+from readme_jax.refactor.reconstruct import ReconstructConfig
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 PROMPT = list(range(1000, 1032))  # a 32-token prompt of real vocabulary ids
@@ -134,10 +135,16 @@ def run_peer(cfg, params, python: str | Path, script: str | Path) -> dict | None
 
 
 def quick_moe(cfg, dense, tok, remain_rate: float = 0.5):
-    """(rc, params, spec) of a Read-ME MoE from a small real calibration (4 x 256 tokens per
-    domain, not cached; untrained router)."""
+    """(rc, params, spec) of a Read-ME MoE from a small real calibration (4 x 256 tokens of
+    each of the four text domains, not cached; no refit: speed does not depend on it;
+    untrained router)."""
     recipe = Recipe(
-        num_sequences=4, seq_len=256, remain_rate=remain_rate, scan_layers=cfg.scan_layers
+        domains="fiction,drama,code_docs,manual",
+        num_sequences=4,
+        seq_len=256,
+        remain_rate=remain_rate,
+        scan_layers=cfg.scan_layers,
+        refit=ReconstructConfig(mode="none"),
     )
     m = build_readme(recipe, source=(cfg, dense, tok)).model
     return m.rc, m.params, m.spec

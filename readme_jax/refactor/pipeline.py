@@ -47,7 +47,9 @@ from readme_jax.refactor.local_distill import at_refactor as local_distill_at_re
 from readme_jax.refactor.reconstruct import ReconstructConfig
 from readme_jax.refactor.stats import ActivationStats, collect_stats, group_stats
 
-DEFAULT_DOMAINS = "fiction,drama,code_docs,manual"
+# the defaults of configs/smollm2_135m.py (tests/test_served.py checks they agree), so that the
+# on-the-fly build (readme_jax/served.py) is the default config's recipe
+DEFAULT_DOMAINS = "fiction,drama,code_docs,manual,chat"
 # Recipe field -> the run config key that sets it (configs/smollm2_135m.py), for messages
 RUN_CONFIG_KEYS = {
     "remain_rate": "refactor.remain_rate",
@@ -83,8 +85,8 @@ class Recipe:
 
     checkpoint: str = ""
     domains: str = DEFAULT_DOMAINS
-    num_sequences: int = 4
-    seq_len: int = 256
+    num_sequences: int = 16
+    seq_len: int = 512
     split: str = "train"
     seed: int = 0
     remain_rate: float = 0.5
@@ -97,7 +99,9 @@ class Recipe:
     dispatch: str = "ragged"
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     construction: Construction = dataclasses.field(default_factory=Construction)
-    refit: ReconstructConfig = dataclasses.field(default_factory=ReconstructConfig)
+    refit: ReconstructConfig = dataclasses.field(
+        default_factory=lambda: ReconstructConfig(calib_sequences=8)
+    )
     local: LocalDistillConfig = dataclasses.field(default_factory=LocalDistillConfig)
     static_control: bool = False
 
