@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,77 +243,73 @@ def decode_step(
     return nxt_N, e, w, cache, rcache
 
 
-def prefill_step(
-    params,
-    slots,
-    cache,
-    rcache,
-    row,
-    start,
-    tok_Q,
-    exp_QxA,
-    w_QxA,
-    n,
-    is_last,
-    sp_row,
-    *,
-    rc,
-    sampled: bool,
-):
-    """One prompt chunk of one request (every expert it needs on device) in one call: the
-    chunk's Q tokens (n real) at positions start.., the next token sampled and routed.
+@flax.struct.dataclass
+class PrefillChunk:
+    """One prompt chunk of one request slot, as the prefill steps take it.
 
-    Returns (next token, its experts [A], weights [A], cache, rcache); the next token and its
-    router KV only count when `is_last` (the chunk ends the prompt)."""
-    c1 = cache_row(cache, row, start)
-    last = (n - 1)[None]
+    row, start, n: int32 scalars (the slot row; the position of the chunk's first token; how
+    many of the Q tokens are real). tok_Q: int32 [Q], right-padded. is_last: int32 scalar, 1
+    when the chunk ends the prompt (only then do the next token and its router KV count).
+    sp: the request's sampling (temperature, top_k, top_p, seed, count), scalars."""
+
+    row: jax.Array
+    start: jax.Array
+    tok_Q: jax.Array
+    n: jax.Array
+    is_last: jax.Array
+    sp: tuple
+
+
+@flax.struct.dataclass
+class ChunkState:
+    """A prefill chunk between the layers of the layer-streamed prefill: hidden states
+    x [1, Q, D] and the slot row's KV, k and v lists of L arrays [1, M, K, hd]."""
+
+    x_1xQxD: jax.Array
+    k: list
+    v: list
+
+
+def prefill_step(params, slots, cache, rcache, chunk: PrefillChunk, routing, *, rc, sampled: bool):
+    """One prompt chunk (every expert it needs on device) in one call: the chunk's tokens at
+    positions chunk.start.., the next token sampled and routed. routing: (experts [Q, A],
+    weights [Q, A]) of the chunk's tokens, as expert ids (slots None) or slot ids.
+
+    Returns (next token, its experts [A], weights [A], cache, rcache)."""
+    c1 = cache_row(cache, chunk.row, chunk.start)
+    exp_QxA, w_QxA = routing
     logits, c1 = backbone(
         rc,
         params["backbone"],
-        tok_Q[None],
+        chunk.tok_Q[None],
         c1,
         (exp_QxA[None], w_QxA[None]),
-        n[None],
+        chunk.n[None],
         slots=slots,
-        last_B=last,
+        last_B=(chunk.n - 1)[None],
     )
-    return _prefill_epilogue(
-        params["router"],
-        cache,
-        rcache,
-        c1,
-        logits[:, 0],
-        row,
-        start,
-        tok_Q,
-        n,
-        is_last,
-        sp_row,
-        rc,
-        sampled,
-    )
+    return _prefill_epilogue(params["router"], cache, rcache, c1, logits[:, 0], chunk, rc, sampled)
 
 
-def _prefill_epilogue(
-    router, cache, rcache, c1, logits_1xV, row, start, tok_Q, n, is_last, sp_row, rc, sampled
-):
-    nxt_1 = _sample(logits_1xV, tuple(jnp.asarray(v)[None] for v in sp_row), sampled)
-    r1 = cache_row(rcache, row, start)
-    _, _, r1 = readme.route({"router": router}, tok_Q[None], rc, cache=r1, num_new_B=n[None])
-    e, w, r1 = _route_next(rc, router, nxt_1, r1, is_last[None].astype(jnp.int32))
-    cache, rcache = put_row(cache, c1, row), put_row(rcache, r1, row)
+def _prefill_epilogue(router, cache, rcache, c1, logits_1xV, chunk: PrefillChunk, rc, sampled):
+    nxt_1 = _sample(logits_1xV, tuple(jnp.asarray(v)[None] for v in chunk.sp), sampled)
+    r1 = cache_row(rcache, chunk.row, chunk.start)
+    _, _, r1 = readme.route(
+        {"router": router}, chunk.tok_Q[None], rc, cache=r1, num_new_B=chunk.n[None]
+    )
+    e, w, r1 = _route_next(rc, router, nxt_1, r1, chunk.is_last[None].astype(jnp.int32))
+    cache, rcache = put_row(cache, c1, chunk.row), put_row(rcache, r1, chunk.row)
     return nxt_1[0], e[0], w[0], cache, rcache
 
 
 # layer-streamed prefill (experts streamed into C < E slots, layer by layer)
 
 
-def pf_begin(bb, cache, row, start, tok_Q):
-    """Embed a prefill chunk and cut the slot's KV row out: (x [1, Q, D], k, v: lists of L
-    arrays [1, M, K, hd])."""
-    c1 = cache_row(cache, row, start)
-    x_QxD = quant.take_rows(bb["embed"], tok_Q, c1["k"][0].dtype)
-    return x_QxD[None], c1["k"], c1["v"]
+def pf_begin(bb, cache, chunk: PrefillChunk) -> ChunkState:
+    """Embed a prefill chunk and cut the slot's KV row out."""
+    c1 = cache_row(cache, chunk.row, chunk.start)
+    x_QxD = quant.take_rows(bb["embed"], chunk.tok_Q, c1["k"][0].dtype)
+    return ChunkState(x_QxD[None], c1["k"], c1["v"])
 
 
 def chunk_layer(lp, x_1xQxD, k_c, v_c, start, *, rc: ReadMEConfig):
@@ -334,32 +331,16 @@ def pf_experts(slots_l, x_1xQxD, h_QxD, slot_QxA, w_QxA):
 
 
 def pf_end(
-    bb,
-    router,
-    cache,
-    rcache,
-    k_c,
-    v_c,
-    x_1xQxD,
-    row,
-    start,
-    tok_Q,
-    n,
-    is_last,
-    sp_row,
-    *,
-    rc: ReadMEConfig,
-    sampled: bool,
+    bb, router, cache, rcache, state: ChunkState, chunk: PrefillChunk, *, rc: ReadMEConfig, sampled
 ):
-    """Final norm and head at the chunk's last token, then the prefill epilogue."""
+    """Final norm and head at the chunk's last token, then the prefill epilogue (as
+    `prefill_step` returns)."""
     cfg = rc.model
-    x = llama.rms_norm(x_1xQxD, bb["final_norm"], cfg.norm_eps)
-    last_1x1xD = jax.lax.dynamic_slice_in_dim(x, n - 1, 1, axis=1)
+    x = llama.rms_norm(state.x_1xQxD, bb["final_norm"], cfg.norm_eps)
+    last_1x1xD = jax.lax.dynamic_slice_in_dim(x, chunk.n - 1, 1, axis=1)
     logits_1xV = llama.lm_head(bb, last_1x1xD, cfg)[:, 0]
-    c1 = {"k": k_c, "v": v_c, "lengths": (start + n)[None]}
-    return _prefill_epilogue(
-        router, cache, rcache, c1, logits_1xV, row, start, tok_Q, n, is_last, sp_row, rc, sampled
-    )
+    c1 = {"k": state.k, "v": state.v, "lengths": (chunk.start + chunk.n)[None]}
+    return _prefill_epilogue(router, cache, rcache, c1, logits_1xV, chunk, rc, sampled)
 
 
 def route_prompt(router, tok_1xS, *, rc: ReadMEConfig):

@@ -163,6 +163,7 @@ class SlotDecoder:
             sl[:n], w[:n] = slot_ids, weights
             padded.append((sl, w, loads))
         i32, spa = np.int32, _sp_arrays(sp_row)
+        chunk = steps.PrefillChunk(i32(row), i32(start), tok, i32(n), i32(is_last), spa)
         sampled = bool(spa[0] > 0)
         if slots is None:
             ((sl, w, _),) = padded
@@ -171,22 +172,16 @@ class SlotDecoder:
                 None,
                 self.cache,
                 self.rcache,
-                i32(row),
-                i32(start),
-                tok,
-                sl,
-                w,
-                i32(n),
-                i32(is_last),
-                spa,
+                chunk,
+                (sl, w),
                 rc=self.rc,
                 sampled=sampled,
             )
             return nxt, e, wt
         slots_at = slots if callable(slots) else slots.__getitem__
         bb = self.sp.backbone
-        x, k_c, v_c = steps.pf_begin_jit(bb, self.cache, i32(row), i32(start), tok)
-        k_c, v_c = list(k_c), list(v_c)
+        st = steps.pf_begin_jit(bb, self.cache, chunk)
+        x, k_c, v_c = st.x_1xQxD, list(st.k), list(st.v)
         for l, lp in enumerate(bb["layers"]):
             x, h, k_c[l], v_c[l] = steps.chunk_layer_jit(
                 lp, x, k_c[l], v_c[l], i32(start), rc=self.rc
@@ -200,15 +195,8 @@ class SlotDecoder:
             self.sp.router,
             self.cache,
             self.rcache,
-            k_c,
-            v_c,
-            x,
-            i32(row),
-            i32(start),
-            tok,
-            i32(n),
-            i32(is_last),
-            spa,
+            steps.ChunkState(x, k_c, v_c),
+            chunk,
             rc=self.rc,
             sampled=sampled,
         )
