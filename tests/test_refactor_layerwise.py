@@ -170,33 +170,57 @@ def test_moe_params_filled_per_layer_equal_the_stacked_gathers():
             np.testing.assert_array_equal(np.asarray(got[k]), v)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("READMEJAX_PAPER_WIDTH"),
-    reason="paper width (D 4096, F 11008): ~1-2 min and ~4 GB; set READMEJAX_PAPER_WIDTH=1",
-)
-@pytest.mark.slow
-def test_paper_width_layer_refits_within_bounded_time_and_memory():
-    """One Llama-2-7B-width layer, 4 domains x 512 tokens: the refit's extra memory stays
-    near one layer's f32 weights plus the groups' blocks (the joint solve needed ~14 GB)."""
-    import time
+def _peak_rss_during(fn):
+    """(fn(), peak RSS growth in bytes while it ran), sampled every 10 ms."""
+    import threading
 
     import psutil
 
+    proc, done = psutil.Process(), threading.Event()
+    base = peak = proc.memory_info().rss
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            done.wait(0.01)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        t.join()
+    return out, peak - base
+
+
+@pytest.mark.skipif(
+    not os.environ.get("READMEJAX_PAPER_WIDTH"),
+    reason="paper width (D 4096, F 11008): 1-4 min on 2 cores; set READMEJAX_PAPER_WIDTH=1",
+)
+@pytest.mark.slow
+def test_paper_width_layer_refits_within_bounded_time_and_memory():
+    """One Llama-2-7B-width layer, 4 domains x 512 tokens, experts as wide as on real text: the
+    refit's extra memory stays near one layer's f32 weights, one group's [N, F] Gram rows and
+    the groups' eliminated blocks (the joint solve of full Grams passed 14 GB at two layers)."""
+    import time
+
     cfg = LlamaConfig(
         vocab_size=512, dim=4096, n_layers=1, n_heads=32, n_kv_heads=32, ffn_dim=11008
-    )
-    cfg = cfg.replace(dtype="bfloat16")
+    ).replace(dtype="bfloat16")
     p = llama.init_params(cfg, jax.random.key(0))
-    scores = np.random.default_rng(0).random((4, 1, cfg.ffn_dim))
-    spec = experts.build_expert_spec(scores + np.linspace(0, 3, cfg.ffn_dim), 0.5, list("abcd"))
-    per_domain = [_batches(i + 1, cfg, 2, 256) for i in range(4)]
-    batches, groups = reconstruct.domain_groups(per_domain)
-    proc = psutil.Process()
-    before, t0 = proc.memory_info().rss, time.perf_counter()
-    rows = reconstruct.sequential_refit(
-        p, cfg, batches, groups, reconstruct.readme_parts(spec), 1e-2
+    rng = np.random.default_rng(0)
+    scores = rng.random((4, 1, cfg.ffn_dim)) + 3 * rng.random(cfg.ffn_dim)  # shared ~ F/4
+    spec = experts.build_expert_spec(scores, 0.5, list("abcd"))
+    batches, groups = reconstruct.domain_groups([_batches(i + 1, cfg, 2, 256) for i in range(4)])
+    fn = reconstruct.readme_parts(spec)
+    t0 = time.perf_counter()
+    rows, grown = _peak_rss_during(
+        lambda: reconstruct.sequential_refit(p, cfg, batches, groups, fn, 1e-2)
     )
-    wall, grown = time.perf_counter() - t0, proc.memory_info().rss - before
+    wall = time.perf_counter() - t0
     assert all(np.isfinite(r).all() for r in rows[0])
-    assert wall < 300, wall
-    assert grown < 4e9, grown
+    assert [len(r) for r in rows[0]] == [len(q) for q in fn(0)[0]]
+    assert wall < 400, wall
+    assert grown < 4.5e9, grown

@@ -12,7 +12,8 @@ calibration uses random token ids (memory and time depend on shapes, not on text
 channels are scaled by a per-channel lognormal factor (--channel-spread) so that domains agree on
 part of their top channels, as on real text (shared ~ a quarter of F), instead of picking
 independent random halves. Peak RSS is sampled every 10 ms by a thread (psutil); --max-rss-gb
-ends the process (exit 3) as soon as RSS passes it, before the kernel's OOM killer would.
+ends the process (exit 3) as soon as RSS passes it, and --min-free-gb as soon as the machine's
+available memory falls below it, before the kernel's OOM killer would pick a process.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ GB = 1e9
 class RssMeter:
     """Peak RSS of this process per stage, sampled by a daemon thread."""
 
-    def __init__(self, limit_gb: float = 0.0, every_s: float = 0.01):
+    def __init__(self, limit_gb: float = 0.0, min_free_gb: float = 0.0, every_s: float = 0.01):
         self.proc = psutil.Process()
-        self.limit = limit_gb * GB
+        self.limit, self.min_free = limit_gb * GB, min_free_gb * GB
         self.peak = self.now()
         self.rows: list[dict] = []
         threading.Thread(target=self._run, args=(every_s,), daemon=True).start()
@@ -61,6 +62,10 @@ class RssMeter:
             self.peak = max(self.peak, r)
             if self.limit and r > self.limit:
                 print(f"\nRSS {r / GB:.2f} GB passed --max-rss-gb {self.limit / GB}; aborting")
+                os._exit(3)
+            free = psutil.virtual_memory().available
+            if free < self.min_free:  # other processes share the machine: leave them room
+                print(f"\nRSS {r / GB:.2f} GB; the machine has {free / GB:.2f} GB left; aborting")
                 os._exit(3)
             time.sleep(every_s)
 
@@ -166,16 +171,19 @@ def main() -> None:
     ap.add_argument("--remain-rate", type=float, default=0.5)
     ap.add_argument("--ridge", type=float, default=1e-2)
     ap.add_argument("--static", action="store_true", help="also refit the static baseline")
-    ap.add_argument("--channel-spread", type=float, default=0.05)
+    ap.add_argument("--channel-spread", type=float, default=0.1)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default="runs/scale_test", help="work directory (deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --dir")
     ap.add_argument("--max-rss-gb", type=float, default=0.0, help="abort above this RSS")
+    ap.add_argument(
+        "--min-free-gb", type=float, default=1.0, help="abort when the machine has less left"
+    )
     ap.add_argument("--json", default="", help="also write the figures to this file")
     a = ap.parse_args()
 
-    meter = RssMeter(a.max_rss_gb)
+    meter = RssMeter(a.max_rss_gb, a.min_free_gb)
     work = Path(a.dir)
     ckpt, moe_dir = work / "dense_hf", work / "moe_init"
     cfg = paper_config(a)

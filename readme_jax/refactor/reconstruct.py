@@ -177,7 +177,8 @@ def _solve_blocks(blocks, w_down_FxD, parts, uses, lam: float) -> list[np.ndarra
         if G.shape[0] == s:
             elim.append(None)
             continue
-        Aoo = G[s:, s:] + lam * np.eye(G.shape[0] - s)
+        Aoo = G[s:, s:].copy()
+        Aoo[np.diag_indices_from(Aoo)] += lam
         w0 = np.concatenate([w[parts[j]] for j in mine])
         Y = np.linalg.solve(Aoo, np.concatenate([G[s:, :s], C[s:] + lam * w0], axis=1))
         del Aoo, w0
@@ -277,7 +278,9 @@ def _group_blocks(acts, items, present, cols, w64):
             if g in present[i]:
                 m = jnp.asarray(g_BxS == g)
                 R += np.asarray(_gram_rows(acts[i], m, _padded(c)))[: len(c)]
-        yield R[:, c], R @ w64
+        G, C = R[:, c], R @ w64
+        del R  # before the next group's rows are allocated
+        yield G, C
 
 
 def _padded(cols: np.ndarray) -> jax.Array:
@@ -351,6 +354,7 @@ def sequential_refit(
         cache = [_layer_features(lp, xs[i], cfg) for i in range(len(items))]
         present = [[int(g) for g in np.unique(g_BxS[g_BxS >= 0])] for _, g_BxS in items]
         w64 = np.asarray(lp["w_down"], np.float64)
+        del lp  # the features are computed: only w_down (as w64) is needed until the next layer
         sq = np.zeros((len(uses), cfg.ffn_dim))  # per group, the diagonal of its Gram
         for i, (_, g_BxS) in enumerate(items):
             for g in present[i]:
@@ -373,6 +377,7 @@ def sequential_refit(
                     yg = jnp.where(jnp.asarray(items[i][1] == g)[..., None], yg, 0)
                 y = y + yg
             xs[i] = y
+        del cache, acts
     return out
 
 
