@@ -132,3 +132,21 @@ def test_fused_projection_step_greedy_equals_unfused(dense, monkeypatch):
     base = dense_model(cfg)
     unfused = Generator(DecodeModel(cfg, step, base.new_cache, base.prepare), params)
     assert unfused.generate(PROMPTS, 8, eos_ids=[]) == fused
+
+
+def test_engine_serves_int8_weights_as_the_generator_runs_them():
+    import dataclasses
+
+    from readme_jax.serve.engine import generate
+    from readme_jax.testing import tiny_serve_model
+
+    sm = tiny_serve_model(num_experts=3, seed=0)
+    sp8 = dataclasses.replace(sm.params, quant="int8")
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    kw = dict(max_len=64, num_slots=2, prefill_chunk=8)
+    full = generate(sp8, prompts, 5, capacity=None, **kw)  # every expert resident: in-graph
+    m = tiny_readme(num_experts=3, seed=0)
+    ref = Generator(readme_model(m.rc, "int8"), m.params).generate(prompts, 5, eos_ids=[])
+    assert full.tokens == ref
+    sliced = generate(sp8, prompts, 5, capacity=2, **kw)  # int8 backbone, f32 slot experts
+    assert [len(t) for t in sliced.tokens] == [5, 5]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.decode import steps
-from readme_jax.model import llama
+from readme_jax.model import llama, quant
 from readme_jax.model.config import ReadMEConfig
 from readme_jax.model.router import init_router_cache
 
@@ -44,12 +44,16 @@ class ServeParams:
     backbone: decode layout (per-layer list) without routed experts or layer-wise gates.
     router: pre-gating router params. experts: host NumPy {"gate_up": [E, L, D, 2, Fe],
     "down": [E, L, Fe, D]}, expert-major so that one expert is one contiguous slice.
+    quant: the form of the matmul weights the steps run (model/quant.py): the backbone's and,
+    with every expert resident (the in-graph source), the experts'; slot buffers (C < E) stay
+    as the store holds them.
     """
 
     rc: ReadMEConfig
     backbone: Params
     router: Params
     experts: dict[str, np.ndarray]
+    quant: str = "none"
 
     @property
     def num_experts(self) -> int:
@@ -99,7 +103,7 @@ def graph_params(sp: ServeParams) -> Params:
         for l, lp in enumerate(sp.backbone["layers"])
     ]
     full = {"backbone": {**sp.backbone, "layers": layers}, "router": sp.router}
-    return jax.device_put(steps.decode_layout(sp.rc, full), jax.devices()[0])
+    return jax.device_put(steps.decode_layout(sp.rc, full, sp.quant), jax.devices()[0])
 
 
 class SlotDecoder:
@@ -118,7 +122,10 @@ class SlotDecoder:
         self.top_k = sp.rc.moe.top_k
         self.device = jax.devices()[0]
         self._graph = None
-        self.params = {"backbone": sp.backbone, "router": sp.router}
+        self.params = {
+            "backbone": quant.quantize_params(sp.backbone, sp.quant),
+            "router": sp.router,
+        }
         self.reset()
 
     @property
@@ -179,7 +186,7 @@ class SlotDecoder:
             )
             return nxt, e, wt
         slots_at = slots if callable(slots) else slots.__getitem__
-        bb = self.sp.backbone
+        bb = self.params["backbone"]
         st = steps.pf_begin_jit(bb, self.cache, chunk)
         x, k_c, v_c = st.x_1xQxD, list(st.k), list(st.v)
         for l, lp in enumerate(bb["layers"]):
