@@ -8,10 +8,16 @@ training, with and without the refit, under oracle routing (readme_jax/eval/cons
 Model, domains, calibration text and the refit's ridge come from the run config
 (configs/smollm2_135m.py: model.*, data.domains, calib.*, refactor.ridge,
 refactor.calib_sequences). Writes OUT/construction.json (with per-window NLLs) and
-OUT/construction.md.
+OUT/construction.md. Parts run separately (one grouping per process) merge into one table:
+
+  python launch/construction.py --merge runs/a/construction.json,runs/b/construction.json \
+      --out runs/construction
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from absl import flags, logging
 
@@ -31,12 +37,20 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("tokens", 4096, "Held-out tokens per domain (validation split).")
 flags.DEFINE_string("refit", "both", "none | lstsq | both: models without and/or with the refit.")
+flags.DEFINE_list("merge", [], "construction.json files of studies run in parts: merge, no run.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.merge:
+        parts = [json.loads(Path(f).read_text()) for f in FLAGS.merge]
+        res = construction.merge(parts)
+        out = construction.save(res, FLAGS.out)
+        print(construction.render(res))
+        print(f"-> {out}/construction.json, {out}/construction.md")
+        return
     c = _CONFIG.value
     recipe = Recipe.from_config(c)
     refit = {"none": (False,), "lstsq": (True,), "both": (False, True)}.get(FLAGS.refit)

@@ -132,3 +132,31 @@ def test_paired_bootstrap():
         paired.paired_bootstrap(np.array([]))
     with pytest.raises(ValueError, match="non-finite"):
         paired.paired_bootstrap(np.array([1.0, np.nan]))
+
+
+def _result(models):
+    cfg = {"window": 16, "seed": 0, "remain_rate": 0.5}
+    return {
+        "config": cfg,
+        "domains": ["a"],
+        "tokens_per_domain": {"a": 64},
+        "minutes": 1.0,
+        "models": models,
+    }
+
+
+def test_studies_run_in_parts_merge_with_paired_intervals():
+    dense = {"kind": "dense", "ppl": 2.0, "ppl_per_domain": {"a": 2.0}, "window_nll": [0.7] * 4}
+    static = {**dense, "kind": "static", "window_nll": [1.0, 1.1, 0.9, 1.0]}
+    better = {**dense, "kind": "readme", "control": "static", "window_nll": [0.9, 1.0, 0.8, 0.9]}
+    res = construction.merge(
+        [_result({"dense": dense, "static": static}), _result({"dense": dense, "ours": better})]
+    )
+    assert set(res["models"]) == {"dense", "static", "ours"} and res["minutes"] == 2.0
+    vs = res["models"]["ours"]["vs_control"]
+    np.testing.assert_allclose(vs["ppl_ratio"], np.exp(-0.1))
+    np.testing.assert_allclose(vs["ci95"], np.exp([-0.1, -0.1]))
+    assert "| ours |" in construction.render(res)
+    other = {**dense, "window_nll": [0.6] * 4}
+    with pytest.raises(ValueError, match="different held-out windows"):
+        construction.merge([_result({"dense": dense}), _result({"dense": other})])

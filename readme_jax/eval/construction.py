@@ -315,15 +315,7 @@ def run_study(
                     shared_width_mean=float(spec.shared_widths.mean()),
                 )
             jax.clear_caches()
-    for m in models.values():
-        if m.get("control"):
-            d = np.asarray(m["window_nll"]) - np.asarray(models[m["control"]]["window_nll"])
-            mean, lo, hi = paired_bootstrap(d, seed=c.seed)
-            m["vs_control"] = {
-                "ppl_ratio": math.exp(mean),
-                "ci95": [math.exp(lo), math.exp(hi)],
-            }
-    return {
+    res = {
         "config": dataclasses.asdict(c),
         "domains": doms,
         "tokens_per_domain": {d: int(len(streams[d])) for d in doms},
@@ -331,6 +323,37 @@ def run_study(
         "minutes": (time.time() - t_start) / 60,
         "models": models,
     }
+    return with_intervals(res, c.seed)
+
+
+def with_intervals(res: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Fill each Read-ME model's "vs_control": the perplexity ratio to its static control and
+    the 95% paired bootstrap interval over the held-out windows."""
+    models = res["models"]
+    for m in models.values():
+        if m.get("control"):
+            d = np.asarray(m["window_nll"]) - np.asarray(models[m["control"]]["window_nll"])
+            mean, lo, hi = paired_bootstrap(d, seed=seed)
+            m["vs_control"] = {"ppl_ratio": math.exp(mean), "ci95": [math.exp(lo), math.exp(hi)]}
+    return res
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Studies run in parts (e.g. one grouping per process) as one result. Raises ValueError
+    unless they scored the same held-out windows (same domains, tokens, window and dense NLLs)."""
+    first = results[0]
+    out = {**first, "models": {}, "minutes": sum(r["minutes"] for r in results)}
+    for r in results:
+        same = (r["domains"], r["tokens_per_domain"], r["config"]["window"]) == (
+            first["domains"],
+            first["tokens_per_domain"],
+            first["config"]["window"],
+        )
+        dense = np.asarray(r["models"]["dense"]["window_nll"])
+        if not same or not np.allclose(dense, first["models"]["dense"]["window_nll"], atol=1e-5):
+            raise ValueError("studies scored different held-out windows: cannot merge")
+        out["models"].update(r["models"])
+    return with_intervals(out, first["config"]["seed"])
 
 
 def render(res: dict[str, Any]) -> str:
