@@ -29,7 +29,11 @@ from readme_jax.refactor.pipeline import Recipe, parse_domains
 
 _CONFIG = cli.define_config("configs/smollm2_135m.py", "Run config (model, data, calibration).")
 flags.DEFINE_string("out", "runs/construction", "Output directory.")
-flags.DEFINE_list("groupings", ["domain"], "Token groupings: domain, kmeansE (E clusters).")
+flags.DEFINE_list(
+    "groupings",
+    ["domain"],
+    "Groupings: domain, kmeansE (E token clusters), chunkE (E clusters of 128-token contexts).",
+)
 flags.DEFINE_list(
     "constructions",
     ["magnitude/intersection", "frequency/intersection", "frequency/core0.5/overlap"],

@@ -1,11 +1,14 @@
 """The construction study: how good are experts built by each rule, against static pruning built
 by the same rule, before training, with and without the least-squares refit?
 
-For each token grouping (domain labels, or k-means clusters of the tokens' activation patterns)
+For each token grouping (domain labels; k-means clusters of the tokens' activation patterns,
+"kmeansE"; or k-means clusters of 128-token context chunks, "chunkE")
 and each construction (refactor/construct.py), the experts are evaluated with *oracle* routing:
 a domain's tokens on the domain's expert; a clustered token on the expert whose channels cover
 most of its own top channels (Eq. 4's target, `refactor/targets.py`, computed from the dense
-model in the same forward: the assignment the router is trained towards). That is the ceiling a
+model in the same forward: the assignment the router is trained towards); a context-clustered
+model routes each token by the same counts summed over its causal prefix (what a pre-gating
+router, which sees the prefix, could follow; routes then change rarely). That is the ceiling a
 pre-gating router can reach with these experts. The control of each construction is the static
 model keeping the same number of channels per layer chosen by the same score over all tokens,
 with the same refit (or none). Every model is scored on the same held-out windows; differences
@@ -38,7 +41,7 @@ from readme_jax.model import llama, moe
 from readme_jax.model.config import LlamaConfig, MoEConfig
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor import reconstruct
-from readme_jax.refactor.cluster import cluster_assign
+from readme_jax.refactor.cluster import chunk_assign, cluster_assign
 from readme_jax.refactor.construct import (
     Construction,
     build_spec,
@@ -68,6 +71,7 @@ class StudyConfig:
     window: int = 512
     batch_size: int = 4
     top_frac: float = 0.5  # Eq. 4's share of a token's channels (the router target's)
+    chunk: int = 128  # tokens per context chunk of the "chunkE" grouping
     seed: int = 0
 
 
@@ -123,21 +127,54 @@ def label_route_logits_fn(cfg: LlamaConfig, num_experts: int) -> LogitsFn:
     return fn
 
 
+def coverage_experts(
+    dense, tokens_BxS, union_LxFxE, cfg: LlamaConfig, top_frac: float, prefix: bool
+):
+    """Each token's oracle expert [B, S]: the argmax over experts of Eq. 4's coverage counts
+    summed over layers, of the token itself, or (prefix=True) summed over the tokens up to it
+    (causal: a pre-gating router sees the same prefix)."""
+    ffn = coverage_ffn(union_LxFxE, top_frac)
+    cov = jnp.sum(llama.forward(dense, tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2], axis=0)
+    if prefix:
+        cov = jnp.cumsum(cov, axis=1)
+    return jnp.argmax(cov, axis=-1).astype(jnp.int32)
+
+
 @functools.cache
-def coverage_route_logits_fn(cfg: LlamaConfig, num_experts: int, top_frac: float) -> LogitsFn:
-    """logits_fn over {"dense", "backbone", "union"}: each token on the expert whose shared +
-    private channels cover most of its own top-`top_frac` dense channels, summed over layers
-    (Eq. 4's argmax; one dense forward then one MoE forward per batch)."""
+def coverage_route_logits_fn(
+    cfg: LlamaConfig, num_experts: int, top_frac: float, prefix: bool = False
+) -> LogitsFn:
+    """logits_fn over {"dense", "backbone", "union"}: each token on its `coverage_experts`
+    expert (one dense forward then one MoE forward per batch)."""
     mcfg = MoEConfig(num_experts, dispatch="ragged")
 
     def fn(p, tokens_BxS):
-        ffn = coverage_ffn(p["union"], top_frac)
-        cov = llama.forward(p["dense"], tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2]
-        e = jnp.argmax(jnp.sum(cov, axis=0), axis=-1).astype(jnp.int32)[..., None]
+        e = coverage_experts(p["dense"], tokens_BxS, p["union"], cfg, top_frac, prefix)[..., None]
         routing = (e, jnp.ones(e.shape, jnp.float32))
         return moe.moe_forward(p["backbone"], tokens_BxS, cfg, mcfg, routing)[0]
 
     return fn
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "top_frac", "prefix"))
+def _coverage_experts_jit(dense, tokens_BxS, union, cfg, top_frac, prefix):
+    return coverage_experts(dense, tokens_BxS, union, cfg, top_frac, prefix)
+
+
+def prefix_groups(dense, cfg: LlamaConfig, spec: ExpertSpec, batches, top_frac: float):
+    """The causal-prefix oracle expert of every calibration token ([b, S] per batch, -1 at
+    padding): the refit's token groups for context-clustered experts."""
+    sh, ex = expert_channel_masks(spec, cfg.ffn_dim)
+    union = union_masks(sh, ex)
+    du = llama.unstack_layers(dense)
+    out = []
+    for t in batches:
+        t = np.asarray(t)
+        e = _coverage_experts_jit(
+            du, jnp.asarray(np.maximum(t, 0), jnp.int32), union, cfg, top_frac, True
+        )
+        out.append(np.where(t >= 0, np.asarray(e), -1))
+    return out
 
 
 # ---------------------------------------------------------------- building
@@ -176,6 +213,7 @@ class _Grouping:
     groups: list[list[np.ndarray]]  # the same shape: each token's group
     stats: GroupStats
     by_label: bool  # True: evaluate a domain's tokens on its own expert
+    prefix: bool = False  # oracle over the causal prefix (context clusters) instead of the token
 
 
 def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
@@ -190,12 +228,18 @@ def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
         assign = iter(cluster_assign(dense, cfg, flat, E, seed=c.seed))
         groups = [[next(assign) for _ in bs] for bs in batches]
         names = [f"cluster{j}" for j in range(E)]
+    elif name.startswith("chunk"):
+        E = int(name[len("chunk") :])
+        flat = [b for bs in batches for b in bs]
+        assign = iter(chunk_assign(dense, cfg, flat, E, chunk=c.chunk, seed=c.seed))
+        groups = [[next(assign) for _ in bs] for bs in batches]
+        names = [f"cluster{j}" for j in range(E)]
     else:
-        raise ValueError(f"grouping {name!r}: expected 'domain' or 'kmeansE'")
+        raise ValueError(f"grouping {name!r}: expected 'domain', 'kmeansE' or 'chunkE'")
     flat_b = [b for bs in batches for b in bs]
     flat_g = [g for gs in groups for g in gs]
     st = group_stats(dense, cfg, flat_b, flat_g, len(names), desc=f"stats {name}")
-    return _Grouping(name, names, batches, groups, st, name == "domain")
+    return _Grouping(name, names, batches, groups, st, name == "domain", name.startswith("chunk"))
 
 
 def _static_model(stacked, dense, cfg, kept_LxK, refit_batches, c: StudyConfig):
@@ -228,7 +272,7 @@ def _oracle(cfg, spec: ExpertSpec, dense_u, backbone_u, g: _Grouping, doms, c: S
         return fn, lambda d: {"backbone": backbone_u, "expert": jnp.int32(doms.index(d))}
     sh, ex = expert_channel_masks(spec, cfg.ffn_dim)
     p = {"dense": dense_u, "backbone": backbone_u, "union": union_masks(sh, ex)}
-    return coverage_route_logits_fn(cfg, E, c.top_frac), lambda d: p
+    return coverage_route_logits_fn(cfg, E, c.top_frac, g.prefix), lambda d: p
 
 
 # ---------------------------------------------------------------- the study
@@ -290,6 +334,8 @@ def run_study(
             base = build_moe_params(stacked, spec)
             if g.by_label:
                 fit_groups = rg
+            elif g.prefix:
+                fit_groups = prefix_groups(dense, cfg, spec, rb, c.top_frac)
             else:
                 fit_groups = reconstruct.target_expert_groups(dense, cfg, spec, rb, c.top_frac)
             for refit in c.refit:

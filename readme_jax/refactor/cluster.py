@@ -101,6 +101,43 @@ def cluster_assign(
     ]
 
 
+def chunk_assign(
+    params: Any,
+    cfg: LlamaConfig,
+    batches: list[np.ndarray],
+    num_experts: int,
+    chunk: int = 128,
+    proj: int = 8,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Groups of contexts rather than tokens: each calibration row is cut into chunks of `chunk`
+    tokens, a chunk's feature is the normalised mean of its tokens' features (those of
+    `cluster_assign`), k-means splits the chunks into `num_experts` clusters, and every token
+    takes its chunk's cluster ([b, S] per batch, -1 at padding). Raises ValueError with fewer
+    chunks than clusters."""
+    p = llama.unstack_layers(params)
+    proj_LxFxP = jax.random.normal(jax.random.key(seed), (cfg.n_layers, cfg.ffn_dim, proj))
+    proj_LxFxP = proj_LxFxP / np.sqrt(cfg.ffn_dim)
+    feats, owners = [], []  # one feature per chunk; (batch, row, start) of each chunk
+    for i, toks in enumerate(batches):
+        toks = np.asarray(toks)
+        f = np.asarray(_features(p, jnp.asarray(np.maximum(toks, 0), jnp.int32), proj_LxFxP, cfg))
+        for r in range(toks.shape[0]):
+            for s0 in range(0, toks.shape[1], chunk):
+                valid = toks[r, s0 : s0 + chunk] >= 0
+                if valid.any():
+                    v = f[r, s0 : s0 + chunk][valid].mean(0)
+                    feats.append(v / (np.linalg.norm(v) + 1e-12))
+                    owners.append((i, r, s0))
+    cent = kmeans(np.stack(feats), num_experts, seed)
+    labels = np.argmax(np.stack(feats) @ cent.T, axis=-1)
+    out = [np.full(np.shape(t), -1) for t in batches]
+    for (i, r, s0), lab in zip(owners, labels, strict=True):
+        t = np.asarray(batches[i])[r, s0 : s0 + chunk]
+        out[i][r, s0 : s0 + chunk] = np.where(t >= 0, lab, -1)
+    return out
+
+
 def cluster_stats(
     params: Any,
     cfg: LlamaConfig,
