@@ -34,5 +34,8 @@ def test_run_and_render_dense_and_readme_rows():
         r = res[key]
         assert set(r["tok_s"]) == {"none", "int8"} and r["tok_s"]["int8"]["1"] > 0
         assert r["weight_mb"]["int8"] < 0.5 * r["weight_mb"]["none"]
+        assert r["token_mb"]["int8"] < 0.5 * r["token_mb"]["none"]
+    # a top-1 Read-ME token reads one fused FFN per layer, not all E experts' weights
+    assert res["readme"]["token_mb"]["none"] < 0.6 * res["readme"]["weight_mb"]["none"]
     text = bytes_bench.render(res, "cmd")
     assert text.startswith(bytes_bench.START) and "#### Read-ME" in text

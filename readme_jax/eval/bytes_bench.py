@@ -135,6 +135,30 @@ def count_weight_copies(hlo_text: str) -> int:
     return n
 
 
+def token_bytes(params: Any) -> int:
+    """Weight bytes a batch-1 decode step reads: every weight once, except that of a Read-ME
+    layer's FFN lists (decode layout) one entry: the fused shared + expert FFN of a top-1 model
+    (`fused_*`; the separate shared and private parts are then not read), else the shared part
+    and one private expert (the mean over experts). An embedding with a separate head (the
+    untied LM head, the router's expert head) is read one row per token: not counted."""
+    mean = lambda xs: sum(quant.weight_bytes(x) for x in xs) / len(xs)
+    total = 0
+    for key, sub in params.items():
+        if key == "embed" and ("lm_head" in params or "head" in params):
+            continue
+        if key != "layers" or not isinstance(sub, list):
+            total += token_bytes(sub) if isinstance(sub, dict) else quant.weight_bytes(sub)
+            continue
+        for lp in sub:
+            fused = "fused_gate_up" in lp
+            for k, v in lp.items():
+                if isinstance(v, list):
+                    total += mean(v) if fused == k.startswith("fused_") else 0
+                elif not (fused and k.startswith("shared_")):
+                    total += quant.weight_bytes(v)
+    return int(total)
+
+
 def logits_fn(model: DecodeModel):
     """(params, tokens_BxS) -> logits [B, S, V] through the model's decode step (a fresh cache),
     so the quality is that of the weights as they are served."""
@@ -178,6 +202,7 @@ def bench_model(name: str, make, params, c: BytesBenchConfig, tokens_T) -> dict:
     gens = {m: Generator(models[m], params) for m in c.modes}
     res: dict[str, Any] = {"model": name, "modes": list(c.modes)}
     res["weight_mb"] = {m: quant.weight_bytes(g.params) / 1e6 for m, g in gens.items()}
+    res["token_mb"] = {m: token_bytes(g.params) / 1e6 for m, g in gens.items()}
     res["xla"] = {m: step_bytes(models[m], g.params) for m, g in gens.items()}
     rates = decode_rates(gens, c.batches, c.steps, c.rounds)
     res["tok_s"] = {m: {str(b): r for b, r in v.items()} for m, v in rates.items()}
@@ -250,7 +275,7 @@ def render(res: dict, cmd: str) -> str:
         head += "".join(f"decode b{b} tok/s (x f32) | " for b in bs) + "bound b1 | b1 of bound |"
         lines += [head, "|" + "---|" * (5 + len(bs))]
         for m in r["modes"]:
-            mb, x = r["weight_mb"][m], r["xla"][m]
+            mb, x = r["token_mb"][m], r["xla"][m]
             cells = "".join(
                 f"{r['tok_s'][m][b]:.1f} ({r['tok_s'][m][b] / r['tok_s']['none'][b]:.2f}x) | "
                 for b in bs
