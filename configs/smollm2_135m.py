@@ -62,6 +62,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.refactor.remain_rate = 0.5
     c.refactor.clustering = False  # True: experts from k-means clusters of token activations
     c.refactor.num_clusters = 0  # 0 = as many as domains
+    # clustering unit: 0 = tokens; N > 0 = N-token context chunks (refactor/cluster.py:
+    # chunk_assign; route them with train.target_prefix=True)
+    c.refactor.cluster_chunk = 0
     # expert construction (refactor/construct.py; docs/logbook/construction.md): the channel
     # score ("magnitude" = mean |h|, the paper's; "frequency" = activation rate, CMoE's), the
     # shared rule ("intersection" of the experts' top sets, the paper's; "core" = the top
@@ -147,6 +150,9 @@ def get_config(variant: str = "") -> ConfigDict:
     # 24 router steps):
     # 35.06 -> 33.85 ppl, temporal locality 68% -> 96%, within 1% of domain-oracle routing.
     c.train.domain_target = 1.0
+    # the coverage counts summed over each token's causal prefix within its document (losses.
+    # prefix_counts): the target of context-clustered experts (refactor.cluster_chunk > 0)
+    c.train.target_prefix = False
     # router phase: + locality_weight * mean switch (total variation of the router's distribution
     # between consecutive tokens of a document, train.losses.switch_penalty); 0 = off (paper)
     c.train.locality_weight = 0.0

@@ -160,3 +160,34 @@ def test_studies_run_in_parts_merge_with_paired_intervals():
     other = {**dense, "window_nll": [0.6] * 4}
     with pytest.raises(ValueError, match="different held-out windows"):
         construction.merge([_result({"dense": dense}), _result({"dense": other})])
+
+
+def test_context_chunks_share_one_cluster_and_padding_none():
+    from readme_jax.refactor.cluster import chunk_assign
+
+    bs = _batches(3)
+    bs[2][1, 6:] = -1
+    groups = chunk_assign(_params(), CFG, bs, 2, chunk=4)
+    for t, g in zip(bs, groups, strict=True):
+        assert g.shape == t.shape and ((g == -1) == (t < 0)).all()
+        for r in range(t.shape[0]):
+            for s0 in (0, 4):
+                vals = set(g[r, s0 : s0 + 4][t[r, s0 : s0 + 4] >= 0].tolist())
+                assert len(vals) <= 1  # one cluster per chunk
+    assert set(np.concatenate([g.ravel() for g in groups]).tolist()) == {-1, 0, 1}
+
+
+def test_prefix_counts_sum_over_each_documents_prefix():
+    from readme_jax.train.losses import prefix_counts
+
+    counts = jnp.asarray(np.random.default_rng(0).random((2, 6, 3)), jnp.float32)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    got = np.asarray(prefix_counts(counts, seg))
+    c = np.asarray(counts)
+    want = np.stack(
+        [
+            np.concatenate([np.cumsum(c[0, :3], 0), np.cumsum(c[0, 3:5], 0), c[0, 5:]]),
+            np.cumsum(c[1], 0),
+        ]
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -39,7 +39,7 @@ from readme_jax.model.config import (
 from readme_jax.model.router import init_layerwise_gates, init_router
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor import reconstruct
-from readme_jax.refactor.cluster import cluster_assign
+from readme_jax.refactor.cluster import chunk_assign, cluster_assign
 from readme_jax.refactor.construct import Construction, build_spec, static_channels, static_pruned
 from readme_jax.refactor.experts import active_ffn_fraction, build_expert_spec, build_moe_params
 from readme_jax.refactor.local_distill import LocalDistillConfig
@@ -56,6 +56,7 @@ RUN_CONFIG_KEYS = {
     "num_sequences": "calib.num_sequences",
     "seq_len": "calib.seq_len",
     "clusters": "refactor.num_clusters",
+    "cluster_chunk": "refactor.cluster_chunk",
     "top_k": "moe.top_k",
     "dispatch": "moe.dispatch",
     "dtype": "model.dtype",
@@ -75,7 +76,8 @@ class Recipe:
     domains: "name[=path],..." (>= 2; one expert each unless `clusters` > 0).
     num_sequences, seq_len, split: calibration text per domain (sequences x tokens).
     clusters: 0 = one expert per domain; k > 0 = k experts from k-means clusters of pooled
-    token activations (`refactor/cluster.py`).
+    token activations (`refactor/cluster.py`); cluster_chunk > 0 clusters contexts of that
+    many tokens instead of tokens (`cluster.chunk_assign`).
     construction: which channels the shared core and each expert keep (refactor/construct.py).
     refit: the least-squares refit of the kept channels' down rows (refactor/reconstruct.py);
     local: layer-local distillation after it (refactor/local_distill.py; 0 steps = off).
@@ -91,6 +93,7 @@ class Recipe:
     seed: int = 0
     remain_rate: float = 0.5
     clusters: int = 0
+    cluster_chunk: int = 0
     dtype: str = "float32"
     scan_layers: bool = False
     data_cache: str | None = None
@@ -116,6 +119,7 @@ class Recipe:
             ("num_sequences", self.num_sequences >= 1, ">= 1"),
             ("seq_len", self.seq_len >= 2, ">= 2"),
             ("clusters", self.clusters >= 0, ">= 0"),
+            ("cluster_chunk", self.cluster_chunk >= 0, ">= 0 (0 = cluster tokens)"),
             ("top_k", self.top_k >= 1, ">= 1"),
             ("dispatch", self.dispatch in DISPATCH_MODES, f"one of {list(DISPATCH_MODES)}"),
             ("dtype", self.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
@@ -156,6 +160,7 @@ class Recipe:
             seed=c.seed,
             remain_rate=c.refactor.remain_rate,
             clusters=k,
+            cluster_chunk=c.refactor.get("cluster_chunk", 0) if k else 0,
             dtype=c.model.dtype,
             scan_layers=c.model.scan_layers,
             data_cache=c.data.cache or None,
@@ -198,6 +203,8 @@ class Recipe:
             "seed": self.seed,
             "tokenizer": tokenizer_name,
         }
+        if self.clusters and self.cluster_chunk:
+            rec["cluster_chunk"] = self.cluster_chunk
         return rec | ({"clusters": self.clusters} if self.clusters else {})
 
     def describe(self, tokenizer_name: str) -> dict[str, Any]:
@@ -373,10 +380,16 @@ def calibrate_recipe(
         return calibrate(cfg, dense, batches, rec, calib_dir)
     if calib_dir is not None and (Path(calib_dir) / "stats.json").exists():
         st = ActivationStats.load(calib_dir)
-        if st.recipe.get("clusters") == recipe.clusters and st.rate_ExLxF is not None:
+        saved = {k: v for k, v in st.recipe.items() if k != "clustering"}
+        if saved == rec and st.rate_ExLxF is not None:
             return st
     pooled = [b for bs in batches.values() for b in bs]
-    groups = cluster_assign(dense, cfg, pooled, recipe.clusters, seed=recipe.seed)
+    if recipe.cluster_chunk:
+        groups = chunk_assign(
+            dense, cfg, pooled, recipe.clusters, recipe.cluster_chunk, seed=recipe.seed
+        )
+    else:
+        groups = cluster_assign(dense, cfg, pooled, recipe.clusters, seed=recipe.seed)
     g = group_stats(dense, cfg, pooled, groups, recipe.clusters, desc="calibrate clusters")
     sizes = g.n_tokens.astype(int).tolist()
     method = {"method": "spherical k-means", "proj_per_layer": 8, "seed": recipe.seed}

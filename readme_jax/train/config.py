@@ -61,6 +61,7 @@ class TrainConfig:
     target_temperature: float = 1.0  # < 1 sharpens the target: p ∝ counts^(1/T) (1 = Eq. 4)
     locality_weight: float = 0.0  # router phase: + weight * losses.switch_penalty (0 = off)
     domain_target: float = 0.0  # router target: (1 - w) * coverage target + w * one-hot(domain)
+    target_prefix: bool = False  # coverage counts summed over each token's causal prefix
     head_chunk: int = 512  # tokens per LM-head chunk
     compute_dtype: str = "float32"  # "bfloat16": bf16 forward/backward, f32 master weights
     dispatch: str = ""  # MoE dispatch while training; "" = the model's; "auto": blocked on CPU

@@ -273,3 +273,16 @@ def reference_head_loss(
 
 
 # ---------------------------------------------------------------- layer-local distillation
+
+
+def prefix_counts(counts_BxSxE: jax.Array, segment_ids_BxS: jax.Array) -> jax.Array:
+    """Coverage counts summed over each token's causal prefix within its document (packed rows:
+    a new segment id starts a new sum), [B, S, E]: the routing target of context-clustered
+    experts, which a pre-gating router (it sees the same prefix) can follow."""
+    c = jnp.cumsum(counts_BxSxE, axis=1)
+    seg = segment_ids_BxS
+    start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    S = seg.shape[1]
+    first = jax.lax.cummax(jnp.where(start, jnp.arange(S)[None], 0), axis=1)  # segment start
+    before = jnp.take_along_axis(c - counts_BxSxE, first[..., None], axis=1)
+    return c - before

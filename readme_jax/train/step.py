@@ -189,7 +189,10 @@ def router_loss(s: Setup, params: Params, b: Params, cov, mesh):
         logits, _ = router_logits(
             params["router"], b["tokens"], s.rcfg, s.cfg, segment_ids_BxS=b["segment_ids"]
         )
-        target = losses.normalize_counts(jnp.sum(cov, axis=0), s.tc.target_temperature)
+        counts = jnp.sum(cov, axis=0)
+        if s.tc.target_prefix:
+            counts = losses.prefix_counts(counts, b["segment_ids"])
+        target = losses.normalize_counts(counts, s.tc.target_temperature)
         target = losses.mix_domain_target(target, b["domain"], s.tc.domain_target)
         loss = losses.routing_kl(target, logits, mask)
         if s.tc.locality_weight:  # temporal locality for the serving cache (H17)
