@@ -158,7 +158,7 @@ def _solve_blocks(blocks, w_down_FxD, parts, uses, lam: float) -> list[np.ndarra
     """ridge_refit_blocks with lam given and `blocks` an iterable of (local Gram, cross) per
     group, consumed one group at a time: with Read-ME's structure a group's blocks are dropped
     as soon as its own part is eliminated (only [own, shared + D] is kept per group)."""
-    w = np.asarray(w_down_FxD, np.float64)
+    w = w_down_FxD  # rows are taken in f64 as needed (no f64 copy of the whole [F, D])
     sizes = [len(p) for p in parts]
     if sum(sizes) == 0:
         return [np.zeros((0, w.shape[1]), np.float32) for _ in parts]
@@ -168,7 +168,7 @@ def _solve_blocks(blocks, w_down_FxD, parts, uses, lam: float) -> list[np.ndarra
         return _joint_blocks(local_grams, cross, w, parts, uses, lam)
     s = sizes[0]
     A00 = lam * np.eye(s)
-    b0 = lam * w[parts[0]]
+    b0 = lam * np.asarray(w[parts[0]], np.float64)
     elim = []
     for (G, C), mine in zip(blocks, own, strict=True):
         G, C = np.asarray(G, np.float64), np.asarray(C, np.float64)
@@ -179,7 +179,7 @@ def _solve_blocks(blocks, w_down_FxD, parts, uses, lam: float) -> list[np.ndarra
             continue
         Aoo = G[s:, s:].copy()
         Aoo[np.diag_indices_from(Aoo)] += lam
-        w0 = np.concatenate([w[parts[j]] for j in mine])
+        w0 = np.concatenate([np.asarray(w[parts[j]], np.float64) for j in mine])
         Y = np.linalg.solve(Aoo, np.concatenate([G[s:, :s], C[s:] + lam * w0], axis=1))
         del Aoo, w0
         A00 -= G[:s, s:] @ Y[:, :s]
@@ -205,7 +205,7 @@ def _joint_blocks(local_grams, cross, w, parts, uses, lam) -> list[np.ndarray]:
     offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     n = int(offs[-1])
     A = lam * np.eye(n)
-    b = lam * np.concatenate([w[p] for p in parts])
+    b = lam * np.concatenate([np.asarray(w[p], np.float64) for p in parts])
     for G, C, used in zip(local_grams, cross, uses, strict=True):
         lo = np.concatenate([[0], np.cumsum([sizes[j] for j in used])]).astype(int)
         for a, i in enumerate(used):
@@ -247,13 +247,16 @@ def _masked_gram(act_BxSxF, mask_BxS):
 _COLS_BUCKET = 256  # column counts are padded to a multiple of this: few compiled shapes
 
 
-@jax.jit
-def _gram_rows(act_BxSxF, mask_BxS, cols_N):
-    """Rows cols of h^T h, [N, F], over the positions where mask_BxS is true; cols -1 = padding
-    (zero rows). Entry for entry the same f32 sums as `_masked_gram`'s full [F, F] matrix."""
+@partial(jax.jit, static_argnames=("start", "width"))
+def _gram_rows(act_BxSxF, mask_BxS, cols_N, start: int = 0, width: int | None = None):
+    """Rows cols of h^T h, columns [start, start + width) (default all F), [N, width], over the
+    positions where mask_BxS is true; cols -1 = padding (zero rows). Entry for entry the same
+    f32 sums as `_masked_gram`'s full [F, F] matrix (XLA:CPU sums a matmul entry alike whatever
+    the output's shape)."""
     hm = act_BxSxF * mask_BxS[..., None].astype(act_BxSxF.dtype)
     hc = jnp.take(hm, jnp.maximum(cols_N, 0), axis=-1) * (cols_N >= 0).astype(hm.dtype)
-    return jnp.einsum("bsn,bsf->nf", hc, hm)
+    width = hm.shape[-1] - start if width is None else width
+    return jnp.einsum("bsn,bsf->nf", hc, jax.lax.dynamic_slice_in_dim(hm, start, width, -1))
 
 
 @jax.jit
@@ -269,17 +272,31 @@ def _gram_diag(act_BxSxF, mask_BxS):
     return jnp.diagonal(blocks, axis1=1, axis2=2).reshape(-1)[:F]
 
 
-def _group_blocks(acts, items, present, cols, w64):
-    """Per group g, (its local Gram R[:, cols_g], R W_down) from its Gram rows R [N_g, F], one
-    group at a time: ridge_refit's G[cols] W_down, the same sums in the same order."""
+_F_CHUNK = 2048  # Gram rows are formed this many columns of F at a time
+
+
+def _group_blocks(acts, items, present, cols, w_down_FxD):
+    """Per group g, (its local Gram R[:, cols_g], R W_down) from its Gram rows R [N_g, F]
+    (ridge_refit's G[cols] W_down: the same f32 sums, accumulated over batches in f64 in the
+    same order), one group at a time and R one chunk of F columns at a time."""
+    F = w_down_FxD.shape[0]
     for g, c in enumerate(cols):
-        R = np.zeros((len(c), w64.shape[0]))
-        for i, (_, g_BxS) in enumerate(items):
-            if g in present[i]:
-                m = jnp.asarray(g_BxS == g)
-                R += np.asarray(_gram_rows(acts[i], m, _padded(c)))[: len(c)]
-        G, C = R[:, c], R @ w64
-        del R  # before the next group's rows are allocated
+        N, pc = len(c), _padded(c)
+        G = np.zeros((N, N))
+        C = np.zeros((N, w_down_FxD.shape[1]))
+        where = np.full(F, -1)
+        where[c] = np.arange(N)
+        for start in range(0, F, _F_CHUNK):
+            width = min(_F_CHUNK, F - start)
+            R = np.zeros((N, width))
+            for i, (_, g_BxS) in enumerate(items):
+                if g in present[i]:
+                    m = jnp.asarray(g_BxS == g)
+                    R += np.asarray(_gram_rows(acts[i], m, pc, start, width))[:N]
+            C += R @ np.asarray(w_down_FxD[start : start + width], np.float64)
+            k = where[start : start + width]
+            G[:, k[k >= 0]] = R[:, k >= 0]
+            del R
         yield G, C
 
 
@@ -353,8 +370,8 @@ def sequential_refit(
         cols = [np.concatenate([parts[j] for j in used]).astype(np.int64) for used in uses]
         cache = [_layer_features(lp, xs[i], cfg) for i in range(len(items))]
         present = [[int(g) for g in np.unique(g_BxS[g_BxS >= 0])] for _, g_BxS in items]
-        w64 = np.asarray(lp["w_down"], np.float64)
-        del lp  # the features are computed: only w_down (as w64) is needed until the next layer
+        w_down = np.asarray(lp["w_down"])
+        del lp  # the features are computed: only w_down is needed until the next layer
         sq = np.zeros((len(uses), cfg.ffn_dim))  # per group, the diagonal of its Gram
         for i, (_, g_BxS) in enumerate(items):
             for g in present[i]:
@@ -362,8 +379,9 @@ def sequential_refit(
         n = sum(len(q) for q in parts)
         lam = ridge * sum(float(np.sum(sq[g][c])) for g, c in enumerate(cols)) / max(n, 1)
         acts = [a for _, a in cache]
-        rows = _solve_blocks(_group_blocks(acts, items, present, cols, w64), w64, parts, uses, lam)
-        del w64
+        blocks = _group_blocks(acts, items, present, cols, w_down)
+        rows = _solve_blocks(blocks, w_down, parts, uses, lam)
+        del w_down
         if on_layer is None:
             out.append(rows)
         else:
