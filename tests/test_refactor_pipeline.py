@@ -57,6 +57,9 @@ def test_clusters_and_remain_rate_follow_the_recipe(recipe):
     assert wide.spec.domain_masks_ExLxF.sum() > narrow.spec.domain_masks_ExLxF.sum()
     k3 = build_readme(dataclasses.replace(recipe, clusters=3), source=src)
     assert k3.model.spec.num_experts == 3 and k3.model.meta["recipe"]["clusters"] == 3
+    c3 = build_readme(dataclasses.replace(recipe, clusters=3, cluster_chunk=8), source=src)
+    assert c3.model.meta["recipe"]["cluster_chunk"] == 8 and c3.model.spec.num_experts == 3
+    assert c3.stats.recipe["cluster_chunk"] == 8  # context clusters are their own statistics
 
 
 def test_a_construction_and_its_static_control_share_the_rule(recipe, tmp_path):

@@ -45,13 +45,16 @@ from readme_jax.refactor.cluster import chunk_assign, cluster_assign
 from readme_jax.refactor.construct import (
     Construction,
     build_spec,
+    coverage_experts,
     kept_channels,
+    prefix_groups,
+    refit_rows,
     static_channels,
     static_pruned,
 )
 from readme_jax.refactor.experts import active_ffn_fraction, build_moe_params, expert_channel_masks
 from readme_jax.refactor.stats import GroupStats, group_stats
-from readme_jax.refactor.targets import coverage_ffn, union_masks
+from readme_jax.refactor.targets import union_masks
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -127,19 +130,6 @@ def label_route_logits_fn(cfg: LlamaConfig, num_experts: int) -> LogitsFn:
     return fn
 
 
-def coverage_experts(
-    dense, tokens_BxS, union_LxFxE, cfg: LlamaConfig, top_frac: float, prefix: bool
-):
-    """Each token's oracle expert [B, S]: the argmax over experts of Eq. 4's coverage counts
-    summed over layers, of the token itself, or (prefix=True) summed over the tokens up to it
-    (causal: a pre-gating router sees the same prefix)."""
-    ffn = coverage_ffn(union_LxFxE, top_frac)
-    cov = jnp.sum(llama.forward(dense, tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2], axis=0)
-    if prefix:
-        cov = jnp.cumsum(cov, axis=1)
-    return jnp.argmax(cov, axis=-1).astype(jnp.int32)
-
-
 @functools.cache
 def coverage_route_logits_fn(
     cfg: LlamaConfig, num_experts: int, top_frac: float, prefix: bool = False
@@ -156,41 +146,7 @@ def coverage_route_logits_fn(
     return fn
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "top_frac", "prefix"))
-def _coverage_experts_jit(dense, tokens_BxS, union, cfg, top_frac, prefix):
-    return coverage_experts(dense, tokens_BxS, union, cfg, top_frac, prefix)
-
-
-def prefix_groups(dense, cfg: LlamaConfig, spec: ExpertSpec, batches, top_frac: float):
-    """The causal-prefix oracle expert of every calibration token ([b, S] per batch, -1 at
-    padding): the refit's token groups for context-clustered experts."""
-    sh, ex = expert_channel_masks(spec, cfg.ffn_dim)
-    union = union_masks(sh, ex)
-    du = llama.unstack_layers(dense)
-    out = []
-    for t in batches:
-        t = np.asarray(t)
-        e = _coverage_experts_jit(
-            du, jnp.asarray(np.maximum(t, 0), jnp.int32), union, cfg, top_frac, True
-        )
-        out.append(np.where(t >= 0, np.asarray(e), -1))
-    return out
-
-
 # ---------------------------------------------------------------- building
-def _refit_rows(backbone: dict, spec: ExpertSpec, rows: list[list[np.ndarray]]) -> dict:
-    """Write refit down rows (per layer: shared, then expert e) into a stacked MoE backbone."""
-    layers = backbone["layers"]
-    sd, ed = np.array(layers["shared_down"]), np.array(layers["expert_down"])
-    for l, r in enumerate(rows):
-        sd[l, : len(r[0])] = r[0]
-        for e in range(spec.num_experts):
-            ed[l, e, : len(r[1 + e])] = r[1 + e]
-    dt = layers["shared_down"].dtype
-    new = {**layers, "shared_down": jnp.asarray(sd, dt), "expert_down": jnp.asarray(ed, dt)}
-    return {**backbone, "layers": new}
-
-
 def _first_rows(batches, groups, n):
     """The first n rows of each domain's batches (the refit's calibration subset)."""
     out_b, out_g = [], []
@@ -345,7 +301,7 @@ def run_study(
                     rows = reconstruct.sequential_refit(
                         dense, cfg, rb, fit_groups, parts, c.ridge, f"refit {gname} {cname}"
                     )
-                    bb = _refit_rows(base, spec, rows)
+                    bb = refit_rows(base, spec, rows)
                 fn, params_for = _oracle(cfg, spec, dense_u, llama.unstack_layers(bb), g, doms, c)
                 name = f"{gname} {cname}" + (" +refit" if refit else "")
                 add(

@@ -28,15 +28,19 @@ Shapes: E groups (experts), L layers, F dense FFN width, T calibration tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from readme_jax.model.config import ConfigError
+from readme_jax.model import llama
+from readme_jax.model.config import ConfigError, LlamaConfig
 from readme_jax.model.spec import ExpertSpec
-from readme_jax.refactor.experts import build_expert_spec
+from readme_jax.refactor.experts import build_expert_spec, expert_channel_masks
 from readme_jax.refactor.stats import GroupStats
+from readme_jax.refactor.targets import coverage_ffn, union_masks
 
 SCORES = ("magnitude", "frequency")
 SHARED_RULES = ("intersection", "core")
@@ -177,3 +181,51 @@ def static_pruned(dense: dict[str, Any], kept_LxK: np.ndarray) -> dict[str, Any]
     dt = layers["w_gate_up"].dtype
     new = {**layers, "w_gate_up": jnp.asarray(gu, dt), "w_down": jnp.asarray(dn, dt)}
     return {**dense, "layers": new}
+
+
+# ---------------------------------------------------------------- routing oracles and the refit
+def coverage_experts(
+    dense, tokens_BxS, union_LxFxE, cfg: LlamaConfig, top_frac: float, prefix: bool
+):
+    """Each token's oracle expert [B, S]: the argmax over experts of Eq. 4's coverage counts
+    summed over layers, of the token itself, or (prefix=True) summed over the tokens up to it
+    (causal: a pre-gating router sees the same prefix)."""
+    ffn = coverage_ffn(union_LxFxE, top_frac)
+    cov = jnp.sum(llama.forward(dense, tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2], axis=0)
+    if prefix:
+        cov = jnp.cumsum(cov, axis=1)
+    return jnp.argmax(cov, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "top_frac", "prefix"))
+def _coverage_experts_jit(dense, tokens_BxS, union, cfg, top_frac, prefix):
+    return coverage_experts(dense, tokens_BxS, union, cfg, top_frac, prefix)
+
+
+def prefix_groups(dense, cfg: LlamaConfig, spec: ExpertSpec, batches, top_frac: float):
+    """The causal-prefix oracle expert of every calibration token ([b, S] per batch, -1 at
+    padding): the refit's token groups for context-clustered experts."""
+    sh, ex = expert_channel_masks(spec, cfg.ffn_dim)
+    union = union_masks(sh, ex)
+    du = llama.unstack_layers(dense)
+    out = []
+    for t in batches:
+        t = np.asarray(t)
+        e = _coverage_experts_jit(
+            du, jnp.asarray(np.maximum(t, 0), jnp.int32), union, cfg, top_frac, True
+        )
+        out.append(np.where(t >= 0, np.asarray(e), -1))
+    return out
+
+
+def refit_rows(backbone: dict, spec: ExpertSpec, rows: list[list[np.ndarray]]) -> dict:
+    """Write refit down rows (per layer: shared, then expert e) into a stacked MoE backbone."""
+    layers = backbone["layers"]
+    sd, ed = np.array(layers["shared_down"]), np.array(layers["expert_down"])
+    for l, r in enumerate(rows):
+        sd[l, : len(r[0])] = r[0]
+        for e in range(spec.num_experts):
+            ed[l, e, : len(r[1 + e])] = r[1 + e]
+    dt = layers["shared_down"].dtype
+    new = {**layers, "shared_down": jnp.asarray(sd, dt), "expert_down": jnp.asarray(ed, dt)}
+    return {**backbone, "layers": new}

@@ -40,7 +40,14 @@ from readme_jax.model.router import init_layerwise_gates, init_router
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor import reconstruct
 from readme_jax.refactor.cluster import chunk_assign, cluster_assign
-from readme_jax.refactor.construct import Construction, build_spec, static_channels, static_pruned
+from readme_jax.refactor.construct import (
+    Construction,
+    build_spec,
+    prefix_groups,
+    refit_rows,
+    static_channels,
+    static_pruned,
+)
 from readme_jax.refactor.experts import active_ffn_fraction, build_expert_spec, build_moe_params
 from readme_jax.refactor.local_distill import LocalDistillConfig
 from readme_jax.refactor.local_distill import at_refactor as local_distill_at_refactor
@@ -447,6 +454,24 @@ def static_control(
     return StaticControl(kept, w)
 
 
+def _refit_context_clusters(recipe, dense, cfg, params, spec, batches):
+    """The refit of context-clustered experts: every calibration token on the expert of its
+    causal-prefix oracle (`construct.prefix_groups`, the target train.target_prefix trains the
+    router towards), instead of its own token's (reconstruct.target_expert_groups)."""
+    rows_in = [b for bs in _refit_subset(recipe, batches).values() for b in bs]
+    groups = prefix_groups(dense, cfg, spec, rows_in, 0.5)
+    rows = reconstruct.sequential_refit(
+        dense,
+        cfg,
+        rows_in,
+        groups,
+        reconstruct.readme_parts(spec),
+        recipe.refit.ridge,
+        "reconstruct Read-ME (context clusters)",
+    )
+    return {**params, "backbone": refit_rows(params["backbone"], spec, rows)}
+
+
 def build_readme(
     recipe: Recipe,
     calib_dir: str | Path | None = None,
@@ -482,7 +507,9 @@ def build_readme(
     )
     needs_batches = recipe.refit.mode != "none" or recipe.local.steps > 0
     batches = recipe.batches(tok) if needs_batches else None
-    if recipe.refit.mode != "none":
+    if recipe.refit.mode != "none" and recipe.cluster_chunk:
+        params = _refit_context_clusters(recipe, dense, cfg, params, spec, batches)
+    elif recipe.refit.mode != "none":
         params = reconstruct.at_refactor(
             recipe.refit,
             dense,
