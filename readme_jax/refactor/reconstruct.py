@@ -309,8 +309,15 @@ def _layer_f32(dense: Params, l: int) -> Params:
     """Layer l's weights in f32 (stacked or per-layer params): one layer's copy at a time, so a
     bf16 model is never held in f32 whole."""
     layers = dense["layers"]
-    lp = layers[l] if isinstance(layers, list) else {k: v[l] for k, v in layers.items()}
-    return {k: jnp.asarray(v, jnp.float32) for k, v in lp.items()}
+    if isinstance(layers, list):
+        return {k: jnp.asarray(v, jnp.float32) for k, v in layers[l].items()}
+    return {k: _slice_f32(v, l) for k, v in layers.items()}
+
+
+@jax.jit
+def _slice_f32(stacked_LxX, l):
+    """stacked[l] in f32, sliced and converted in one pass (no copy in the model's dtype)."""
+    return jax.lax.dynamic_index_in_dim(stacked_LxX, l, keepdims=False).astype(jnp.float32)
 
 
 def _grouped(tokens: np.ndarray, groups: np.ndarray):
