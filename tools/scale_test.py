@@ -51,6 +51,7 @@ class RssMeter:
         self.limit, self.min_free = limit_gb * GB, min_free_gb * GB
         self.peak = self.now()
         self.rows: list[dict] = []
+        self.on_abort = lambda: None  # e.g. delete the work directory
         threading.Thread(target=self._run, args=(every_s,), daemon=True).start()
 
     def now(self) -> int:
@@ -61,13 +62,16 @@ class RssMeter:
             r = self.now()
             self.peak = max(self.peak, r)
             if self.limit and r > self.limit:
-                print(f"\nRSS {r / GB:.2f} GB passed --max-rss-gb {self.limit / GB}; aborting")
-                os._exit(3)
+                self._abort(f"RSS {r / GB:.2f} GB passed --max-rss-gb {self.limit / GB}")
             free = psutil.virtual_memory().available
             if free < self.min_free:  # other processes share the machine: leave them room
-                print(f"\nRSS {r / GB:.2f} GB; the machine has {free / GB:.2f} GB left; aborting")
-                os._exit(3)
+                self._abort(f"RSS {r / GB:.2f} GB; the machine has {free / GB:.2f} GB left")
             time.sleep(every_s)
+
+    def _abort(self, why: str) -> None:
+        print(f"\n{why}; aborting", flush=True)
+        self.on_abort()
+        os._exit(3)
 
     def stage(self, name: str, fn, *a, **kw):
         """Run fn, record (wall s, RSS before, peak, after), print one line; returns fn's value."""
@@ -187,6 +191,8 @@ def main() -> None:
     work = Path(a.dir)
     ckpt, moe_dir = work / "dense_hf", work / "moe_init"
     cfg = paper_config(a)
+    if not a.keep:
+        meter.on_abort = lambda: shutil.rmtree(work, ignore_errors=True)
     try:
         meter.stage("write", hf.write_hf, ckpt, cfg, random_tensor(a.channel_spread, a.seed))
         ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
