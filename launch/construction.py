@@ -77,7 +77,7 @@ def main(argv):
         d: domain_stream(d, "validation", tok, max_tokens=FLAGS.tokens, cache=recipe.data_cache)[0]
         for d in parse_domains(recipe.domains)
     }
-    res = construction.run_study(cfg, dense, batches, streams, sc)
+    res = construction.run_study(cfg, dense, batches, streams, sc, out=FLAGS.out)
     out = construction.save(res, FLAGS.out)
     print(construction.render(res))
     print(f"-> {out}/construction.json, {out}/construction.md")

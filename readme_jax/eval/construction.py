@@ -239,9 +239,11 @@ def run_study(
     streams: dict[str, np.ndarray],
     c: StudyConfig,
     log: Callable[[str], None] = print,
+    out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Every (grouping, construction, refit) model and its static control on the held-out
-    `streams` (domain -> tokens_T). Returns the JSON-ready result (see `render`)."""
+    `streams` (domain -> tokens_T). Returns the JSON-ready result (see `render`); with `out`,
+    also saved there after every model (an interrupted study keeps what it measured)."""
     t_start = time.time()
     doms = list(streams)
     dense_u = llama.unstack_layers(dense)
@@ -253,6 +255,17 @@ def run_study(
 
     models: dict[str, dict[str, Any]] = {}
 
+    def result() -> dict[str, Any]:
+        res = {
+            "config": dataclasses.asdict(c),
+            "domains": doms,
+            "tokens_per_domain": {d: int(len(streams[d])) for d in doms},
+            "dense_ffn": F,
+            "minutes": (time.time() - t_start) / 60,
+            "models": models,
+        }
+        return with_intervals(res, c.seed)
+
     def add(name, per_domain, **info):
         allw = np.concatenate([per_domain[d] for d in doms])
         models[name] = {
@@ -262,6 +275,8 @@ def run_study(
             "window_nll": allw.tolist(),
         }
         log(f"[construction] {name}: ppl {models[name]['ppl']:.2f} ({time.time() - t_start:.0f}s)")
+        if out is not None:
+            save(result(), out)
 
     add("dense", score(dense_logits_fn(cfg), lambda d: dense_u), kind="dense")
     stacked = llama.stack_layers(dense)
@@ -317,15 +332,7 @@ def run_study(
                     shared_width_mean=float(spec.shared_widths.mean()),
                 )
             jax.clear_caches()
-    res = {
-        "config": dataclasses.asdict(c),
-        "domains": doms,
-        "tokens_per_domain": {d: int(len(streams[d])) for d in doms},
-        "dense_ffn": F,
-        "minutes": (time.time() - t_start) / 60,
-        "models": models,
-    }
-    return with_intervals(res, c.seed)
+    return result()
 
 
 def with_intervals(res: dict[str, Any], seed: int = 0) -> dict[str, Any]:
