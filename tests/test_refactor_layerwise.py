@@ -10,7 +10,7 @@ import pytest
 
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
-from readme_jax.refactor import experts, reconstruct
+from readme_jax.refactor import block_solve, experts, reconstruct
 
 CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=40)
 SMOL = LlamaConfig(vocab_size=256, dim=576, n_layers=2, n_heads=9, n_kv_heads=3, ffn_dim=1536)
@@ -101,7 +101,7 @@ def _blocks(hs, w, parts, uses):
 def test_block_solve_equals_the_joint_solve(ridge):
     hs, w, parts, uses = _random_layer(0)
     want = reconstruct.ridge_refit([h.T @ h for h in hs], w, parts, uses, ridge)
-    got = reconstruct.ridge_refit_blocks(*_blocks(hs, w, parts, uses), w, parts, uses, ridge)
+    got = block_solve.ridge_refit_blocks(*_blocks(hs, w, parts, uses), w, parts, uses, ridge)
     for x, y in zip(want, got, strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
@@ -110,7 +110,7 @@ def test_block_solve_of_other_structures_assembles_the_joint_system():
     hs, w, parts, _ = _random_layer(1)
     uses = [[0, 1, 2], [0, 2], [3]]  # part 2 in two groups, part 0 not in every group
     want = reconstruct.ridge_refit([h.T @ h for h in hs], w, parts, uses, 1e-2)
-    got = reconstruct.ridge_refit_blocks(*_blocks(hs, w, parts, uses), w, parts, uses, 1e-2)
+    got = block_solve.ridge_refit_blocks(*_blocks(hs, w, parts, uses), w, parts, uses, 1e-2)
     for x, y in zip(want, got, strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
@@ -120,7 +120,7 @@ def test_block_solve_with_no_shared_part_and_a_single_part():
     parts = [parts[0][:0], *parts[1:]]
     for ps, us in [(parts, uses), ([parts[1]], [[0], [0], [0]])]:
         want = reconstruct.ridge_refit([h.T @ h for h in hs], w, ps, us, 1e-2)
-        got = reconstruct.ridge_refit_blocks(*_blocks(hs, w, ps, us), w, ps, us, 1e-2)
+        got = block_solve.ridge_refit_blocks(*_blocks(hs, w, ps, us), w, ps, us, 1e-2)
         for x, y in zip(want, got, strict=True):
             np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 

@@ -14,11 +14,11 @@ channels) whose down rows W'_p are the unknowns, and the target is the dense out
     min over W'   sum_g || sum_{p in uses(g)} h_g[:, P_p] W'_p  -  h_g W_down ||^2
                   + lam * || W' - W_down[kept] ||^2
 
-One joint solve per layer (shared and every private part together) from the groups' Gram
-matrices G_g = h_g^T h_g [F, F]; the right-hand side is G_g W_down, so no [T, D] target is kept.
-The ridge term pulls toward the original rows (lam = ridge x mean diagonal of the data term),
-so with every channel kept the solution is the original W_down exactly, and a channel no token
-activates keeps its original row.
+One joint solve per layer (all parts together) from each group's Gram G_g = h_g^T h_g restricted
+to the columns it uses, with right-hand side G_g W_down (no [T, D] target is kept); the shared +
+private structure is solved block by block (refactor/block_solve.py): memory follows one layer.
+The ridge term pulls toward the original rows (lam = ridge x mean diagonal of the data term):
+with every channel kept the solution is W_down exactly; an unused channel keeps its row.
 
 The first probe of the refit (SmolLM2, remain rate 0.5, ~3.6k held-out tokens per domain):
 static pruning 87.7 -> 47.8 ppl with this refit; Read-ME's experts with domain-oracle routing
@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.spec import ExpertSpec
+from readme_jax.refactor.block_solve import solve_blocks
 from readme_jax.refactor.experts import (
     active_ffn_fraction,
     expert_channel_masks,
@@ -114,106 +115,6 @@ def ridge_refit(
     w0 = np.concatenate([w[p] for p in parts])
     lam = ridge * float(np.trace(A)) / n
     x = np.linalg.solve(A + lam * np.eye(n), b + lam * w0)
-    return [x[offs[i] : offs[i + 1]].astype(np.float32) for i in range(len(parts))]
-
-
-def _own_parts(parts: Sequence[np.ndarray], uses: Sequence[Sequence[int]]):
-    """Per group, its parts other than part 0, when part 0 is in every group and every other
-    part in exactly one (Read-ME: shared + private experts; static: one part); else None."""
-    count = [0] * len(parts)
-    for used in uses:
-        for j in used:
-            count[j] += 1
-    if any(0 not in used for used in uses) or any(c != 1 for c in count[1:]):
-        return None
-    return [[j for j in used if j != 0] for used in uses]
-
-
-def ridge_refit_blocks(
-    local_grams: Sequence[np.ndarray],
-    cross: Sequence[np.ndarray],
-    w_down_FxD: np.ndarray,
-    parts: Sequence[np.ndarray],
-    uses: Sequence[Sequence[int]],
-    ridge: float,
-) -> list[np.ndarray]:
-    """`ridge_refit` from each group's Gram over its own columns only.
-
-    Group g's columns are cols_g = concat(parts[j] for j in uses[g]) (N_g of them).
-    local_grams[g]: h_g[:, cols_g]^T h_g[:, cols_g] [N_g, N_g]; cross[g]: h_g[:, cols_g]^T
-    (h_g W_down) [N_g, D] (the right-hand side; for ridge_refit's G that is G[cols_g] W_down).
-    Read-ME's structure (part 0 shared by every group, each other part owned by one group) is
-    solved by eliminating each group's own block and then the shared one (Schur complement):
-    O(sum of own^3 + shared^3) instead of O(n^3) for the joint n x n system, which is assembled
-    only for other structures. Same solution as ridge_refit up to rounding; f64 inside.
-    Returns the refit rows of each part, [len(parts[p]), D] (f32)."""
-    if len(local_grams) != len(uses) or len(cross) != len(uses):
-        raise ValueError(f"{len(local_grams)} Gram matrices for {len(uses)} token groups")
-    n = sum(len(p) for p in parts)
-    lam = ridge * sum(float(np.trace(G)) for G in local_grams) / max(n, 1)
-    return _solve_blocks(zip(local_grams, cross, strict=True), w_down_FxD, parts, uses, lam)
-
-
-def _solve_blocks(blocks, w_down_FxD, parts, uses, lam: float) -> list[np.ndarray]:
-    """ridge_refit_blocks with lam given and `blocks` an iterable of (local Gram, cross) per
-    group, consumed one group at a time: with Read-ME's structure a group's blocks are dropped
-    as soon as its own part is eliminated (only [own, shared + D] is kept per group)."""
-    w = w_down_FxD  # rows are taken in f64 as needed (no f64 copy of the whole [F, D])
-    sizes = [len(p) for p in parts]
-    if sum(sizes) == 0:
-        return [np.zeros((0, w.shape[1]), np.float32) for _ in parts]
-    own = _own_parts(parts, uses)
-    if own is None:
-        local_grams, cross = zip(*blocks, strict=True)
-        return _joint_blocks(local_grams, cross, w, parts, uses, lam)
-    s = sizes[0]
-    A00 = lam * np.eye(s)
-    b0 = lam * np.asarray(w[parts[0]], np.float64)
-    elim = []
-    for (G, C), mine in zip(blocks, own, strict=True):
-        G, C = np.asarray(G, np.float64), np.asarray(C, np.float64)
-        A00 += G[:s, :s]
-        b0 += C[:s]
-        if G.shape[0] == s:
-            elim.append(None)
-            continue
-        Aoo = G[s:, s:].copy()
-        Aoo[np.diag_indices_from(Aoo)] += lam
-        w0 = np.concatenate([np.asarray(w[parts[j]], np.float64) for j in mine])
-        Y = np.linalg.solve(Aoo, np.concatenate([G[s:, :s], C[s:] + lam * w0], axis=1))
-        del Aoo, w0
-        A00 -= G[:s, s:] @ Y[:, :s]
-        b0 -= G[:s, s:] @ Y[:, s:]
-        elim.append(Y)
-        del G, C
-    x0 = np.linalg.solve(A00, b0) if s else np.zeros((0, w.shape[1]))
-    out = [None] * len(parts)
-    out[0] = x0.astype(np.float32)
-    for Y, mine in zip(elim, own, strict=True):
-        if Y is None:
-            continue
-        x = Y[:, s:] - Y[:, :s] @ x0
-        offs = np.cumsum([0] + [sizes[j] for j in mine])
-        for k, j in enumerate(mine):
-            out[j] = x[offs[k] : offs[k + 1]].astype(np.float32)
-    return out
-
-
-def _joint_blocks(local_grams, cross, w, parts, uses, lam) -> list[np.ndarray]:
-    """The joint (n x n) system of ridge_refit assembled from the groups' local blocks."""
-    sizes = [len(p) for p in parts]
-    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    n = int(offs[-1])
-    A = lam * np.eye(n)
-    b = lam * np.concatenate([np.asarray(w[p], np.float64) for p in parts])
-    for G, C, used in zip(local_grams, cross, uses, strict=True):
-        lo = np.concatenate([[0], np.cumsum([sizes[j] for j in used])]).astype(int)
-        for a, i in enumerate(used):
-            si = slice(offs[i], offs[i + 1])
-            b[si] += C[lo[a] : lo[a + 1]]
-            for c, j in enumerate(used):
-                A[si, offs[j] : offs[j + 1]] += G[lo[a] : lo[a + 1], lo[c] : lo[c + 1]]
-    x = np.linalg.solve(A, b)
     return [x[offs[i] : offs[i + 1]].astype(np.float32) for i in range(len(parts))]
 
 
@@ -359,7 +260,7 @@ def sequential_refit(
     calls on_layer(l, rows) instead as each layer is done and returns [] (the caller writes the
     rows into its final arrays). Cost: one forward of every calibration token; per layer and
     group, the rows [N_g, F] of its Gram for the columns it uses, one group at a time, then the
-    block solve (`ridge_refit_blocks`). The sums are those of the full-Gram path, so the rows
+    block solve (refactor/block_solve.py). The sums are those of the full-Gram path, so the rows
     match `ridge_refit` on full Grams to rounding. Memory follows one layer: its weights in f32
     (the model stays in its dtype), one group's rows, the groups' [N_g, N_g] blocks and the
     calibration tokens' activations. Raises ValueError if token_groups does not match."""
@@ -387,7 +288,7 @@ def sequential_refit(
         lam = ridge * sum(float(np.sum(sq[g][c])) for g, c in enumerate(cols)) / max(n, 1)
         acts = [a for _, a in cache]
         blocks = _group_blocks(acts, items, present, cols, w_down)
-        rows = _solve_blocks(blocks, w_down, parts, uses, lam)
+        rows = solve_blocks(blocks, w_down, parts, uses, lam)
         del w_down
         if on_layer is None:
             out.append(rows)
