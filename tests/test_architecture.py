@@ -37,7 +37,6 @@ KNOWN_SCRIPT_IMPORTS: set[tuple[str, str]] = set()
 KNOWN_SYS_PATH = {
     "tools/device_check.py",
     "tools/make_fixtures.py",
-    "tools/static_refit.py",
 }
 
 

@@ -132,7 +132,7 @@ def test_static_refit_is_applied_and_a_missing_one_is_refused_when_read_me_was_r
     L, K, D = 2, 3, 4
     params = {"layers": {"w_down": np.zeros((L, K, D), np.float32)}}
     assert reconstruct.apply_static_refit(tmp_path, params) is params  # reconstruction off
-    with pytest.raises(FileNotFoundError, match="tools/static_refit.py"):
+    with pytest.raises(FileNotFoundError, match="Rerun the refactor stage"):
         reconstruct.apply_static_refit(tmp_path, params, required=True)
     rows = np.arange(L * K * D, dtype=np.float32).reshape(L, K, D)
     reconstruct.save_static_refit(tmp_path, np.zeros((L, K), np.int32), rows)

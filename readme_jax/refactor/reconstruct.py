@@ -433,10 +433,9 @@ def apply_static_refit(
         if required:
             raise FileNotFoundError(
                 f"{f} not found, but the Read-ME experts in {moe_dir} were refit: the static "
-                "baseline would train without the same refit (an unfair comparison). Compute "
-                f"its rows with `python tools/static_refit.py --calib {Path(moe_dir).parent}/calib "
-                f"--out {moe_dir}` (same remain rate and ridge), or rerun the refactor stage "
-                "with `static` in train.baselines"
+                "baseline would train without the same refit (an unfair comparison). Rerun the "
+                f"refactor stage with `static` in train.baselines (delete {moe_dir} first): it "
+                "saves the static control, built by the same rule and refit, beside the model"
             )
         return static_params
     z = np.load(f)
