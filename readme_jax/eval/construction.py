@@ -50,9 +50,9 @@ from readme_jax.refactor.construct import (
     prefix_groups,
     refit_rows,
     static_channels,
-    static_pruned,
 )
 from readme_jax.refactor.experts import active_ffn_fraction, build_moe_params, expert_channel_masks
+from readme_jax.refactor.pipeline import StaticControl
 from readme_jax.refactor.stats import GroupStats, group_stats
 from readme_jax.refactor.targets import union_masks
 
@@ -198,25 +198,13 @@ def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
     return _Grouping(name, names, batches, groups, st, name == "domain", name.startswith("chunk"))
 
 
-def _static_model(stacked, dense, cfg, kept_LxK, refit_batches, c: StudyConfig):
-    """The static control keeping kept_LxK channels; refit on `refit_batches` unless None.
-    Returns per-layer (unstacked) params."""
-    sp = static_pruned(stacked, kept_LxK)
+def _static_model(dense, cfg, kept_LxK, refit_batches, c: StudyConfig):
+    """The static control keeping kept_LxK channels (the recipe's `StaticControl`), refit on
+    `refit_batches` unless None. Returns per-layer (unstacked) params."""
+    w = None
     if refit_batches is not None:
-        zs = [np.zeros(np.shape(b), int) for b in refit_batches]
-        rows = reconstruct.sequential_refit(
-            dense,
-            cfg,
-            refit_batches,
-            zs,
-            lambda l: ([kept_LxK[l]], [[0]]),
-            c.ridge,
-            "refit static",
-        )
-        w = np.stack([r[0] for r in rows])
-        dt = sp["layers"]["w_down"].dtype
-        sp = {**sp, "layers": {**sp["layers"], "w_down": jnp.asarray(w, dt)}}
-    return llama.unstack_layers(sp)
+        w = reconstruct.reconstruct_static(dense, cfg, kept_LxK, {"all": refit_batches}, c.ridge)
+    return llama.unstack_layers(StaticControl(kept_LxK, w).params(dense)[0])
 
 
 def _oracle(cfg, spec: ExpertSpec, dense_u, backbone_u, g: _Grouping, doms, c: StudyConfig):
@@ -289,7 +277,7 @@ def run_study(
             for refit in c.refit:
                 if (con.score, refit) not in controls:  # the static control of score and refit
                     kept = static_channels(g.stats, con.score, k)
-                    spu = _static_model(stacked, dense, cfg, kept, rb if refit else None, c)
+                    spu = _static_model(dense, cfg, kept, rb if refit else None, c)
                     name = f"static {con.score}" + (" +refit" if refit else "")
                     fn = dense_logits_fn(cfg.replace(ffn_dim=k))
                     add(

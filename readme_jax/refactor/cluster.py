@@ -49,6 +49,12 @@ def _cluster_sums(params, tokens_BxS, mask_BxS, proj_LxFxP, centroids_ExLP, cfg,
     return jnp.moveaxis(sums_LxExF, 0, 1), onehot_BxSxE.sum((0, 1))
 
 
+def _projection(cfg: LlamaConfig, proj: int, seed: int) -> jax.Array:
+    """The fixed random projection of each layer's |act| to `proj` dims, [L, F, P]."""
+    shape = (cfg.n_layers, cfg.ffn_dim, proj)
+    return jax.random.normal(jax.random.key(seed), shape) / np.sqrt(cfg.ffn_dim)
+
+
 def kmeans(x_NxP: np.ndarray, k: int, seed: int = 0, iters: int = 30) -> np.ndarray:
     """Spherical k-means with k-means++ init; returns unit-norm centroids [k, P]."""
     rng = np.random.default_rng(seed)
@@ -83,8 +89,7 @@ def cluster_assign(
     features and k-means as `cluster_stats`, for constructions that measure their own per-group
     statistics (refactor/construct.py). Raises ValueError with fewer tokens than clusters."""
     p = llama.unstack_layers(params)
-    proj_LxFxP = jax.random.normal(jax.random.key(seed), (cfg.n_layers, cfg.ffn_dim, proj))
-    proj_LxFxP = proj_LxFxP / np.sqrt(cfg.ffn_dim)
+    proj_LxFxP = _projection(cfg, proj, seed)
     feats = []
     for toks in batches:
         toks = np.asarray(toks)
@@ -116,8 +121,7 @@ def chunk_assign(
     takes its chunk's cluster ([b, S] per batch, -1 at padding). Raises ValueError with fewer
     chunks than clusters."""
     p = llama.unstack_layers(params)
-    proj_LxFxP = jax.random.normal(jax.random.key(seed), (cfg.n_layers, cfg.ffn_dim, proj))
-    proj_LxFxP = proj_LxFxP / np.sqrt(cfg.ffn_dim)
+    proj_LxFxP = _projection(cfg, proj, seed)
     feats, owners = [], []  # one feature per chunk; (batch, row, start) of each chunk
     for i, toks in enumerate(batches):
         toks = np.asarray(toks)
@@ -149,8 +153,7 @@ def cluster_stats(
 ) -> ActivationStats:
     """ActivationStats whose "domains" are k-means clusters of the calibration tokens."""
     params = llama.unstack_layers(params)
-    key = jax.random.key(seed)
-    proj_LxFxP = jax.random.normal(key, (cfg.n_layers, cfg.ffn_dim, proj)) / np.sqrt(cfg.ffn_dim)
+    proj_LxFxP = _projection(cfg, proj, seed)
     feats = []
     for toks in batches:
         toks = np.asarray(toks)

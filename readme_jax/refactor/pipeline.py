@@ -415,18 +415,7 @@ def calibrate_recipe(
 def _refit_subset(recipe: Recipe, batches: dict[str, list[np.ndarray]]):
     """The refit's calibration rows: the first refit.calib_sequences rows per domain (0 = all)."""
     n = recipe.refit.calib_sequences
-    if not n:
-        return batches
-    out = {}
-    for d, bs in batches.items():
-        rows, left = [], n
-        for b in bs:
-            if left <= 0:
-                break
-            rows.append(np.asarray(b)[:left])
-            left -= len(rows[-1])
-        out[d] = rows
-    return out
+    return {d: reconstruct.first_rows(bs, n) for d, bs in batches.items()} if n else batches
 
 
 def static_control(

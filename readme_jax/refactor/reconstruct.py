@@ -462,7 +462,8 @@ def layer_output_error(grams_GxFxF, w_FxD, parts, uses, rows) -> float:
     return num / den if den > 0 else math.nan
 
 
-def _first_rows(batches: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+def first_rows(batches: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+    """The first n rows of a domain's [b, S] calibration batches (the refit's subset)."""
     out, left = [], n
     for b in batches:
         if left <= 0:
@@ -493,7 +494,7 @@ def at_refactor(
         return params
     if rcfg.calib_sequences:
         n = rcfg.calib_sequences
-        domain_batches = {d: _first_rows(bs, n) for d, bs in domain_batches.items()}
+        domain_batches = {d: first_rows(bs, n) for d, bs in domain_batches.items()}
     backbone = reconstruct_readme(dense, cfg, params["backbone"], spec, domain_batches, rcfg.ridge)
     if not with_static:
         return {**params, "backbone": backbone}
