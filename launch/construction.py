@@ -32,12 +32,19 @@ flags.DEFINE_string("out", "runs/construction", "Output directory.")
 flags.DEFINE_list(
     "groupings",
     ["domain"],
-    "Groupings: domain, kmeansE (E token clusters), chunkE (E clusters of 128-token contexts).",
+    "Groupings: domain, kmeansE (E token clusters), chunkE (E clusters of 128-token contexts), "
+    "router (the tokens --router sends to each expert).",
 )
 flags.DEFINE_list(
     "constructions",
     ["magnitude/intersection", "frequency/intersection", "frequency/core0.5/overlap"],
     "SCORE/intersection or SCORE/coreFRAC/{overlap,partition}; SCORE: magnitude, frequency.",
+)
+flags.DEFINE_string(
+    "router",
+    "",
+    "A Read-ME model directory (e.g. RUN/moe_router): the 'router' grouping rebuilds the experts "
+    "around the tokens this router sends to each expert, and routes by it (no oracle).",
 )
 flags.DEFINE_integer("tokens", 4096, "Held-out tokens per domain (validation split).")
 flags.DEFINE_string("refit", "both", "none | lstsq | both: models without and/or with the refit.")
@@ -70,6 +77,7 @@ def main(argv):
         ridge=c.refactor.ridge,
         refit_sequences=c.refactor.calib_sequences or recipe.num_sequences,
         seed=recipe.seed,
+        router=FLAGS.router,
     )
     cfg, dense, tok = models.load_dense(recipe.checkpoint, recipe.dtype, False, recipe.seed)
     batches = recipe.batches(tok)

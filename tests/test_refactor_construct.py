@@ -191,3 +191,47 @@ def test_prefix_counts_sum_over_each_documents_prefix():
         ]
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_router_grouping_follows_the_router_and_scores_its_model(tmp_path):
+    """The study's "router" grouping: every calibration token grouped by the trained router's
+    top-1 expert (padding -1), and the router's own model scored with the router's routing
+    (equal to readme_forward's NLL on the same window)."""
+    from readme_jax.checkpoints.models import save_readme
+    from readme_jax.model.readme import readme_forward
+    from readme_jax.refactor.cluster import router_assign
+    from readme_jax.testing import tiny_readme
+
+    m = tiny_readme(num_experts=3, vocab=64)
+    cfg = m.rc.model
+    save_readme(tmp_path / "moe", m.params, m.rc, m.spec, m.meta)
+    bs = [np.random.default_rng(s).integers(0, 64, (2, 16)) for s in range(4)]
+    bs[3][1, 9:] = -1
+    groups = router_assign(m.params["router"], m.rc.router, cfg, bs)
+    for t, g in zip(bs, groups, strict=True):
+        want = np.argmax(
+            np.asarray(
+                readme_forward(m.params, jnp.asarray(np.maximum(t, 0)), m.rc)[1]["router_logits"]
+            ),
+            -1,
+        )
+        np.testing.assert_array_equal(g, np.where(t >= 0, want, -1))
+    dense = llama.init_params(cfg, jax.random.key(0))
+    stream = np.random.default_rng(9).integers(0, 64, 33)
+    c = construction.StudyConfig(
+        groupings=("router",),
+        refit=(True,),
+        refit_sequences=4,
+        window=16,
+        router=str(tmp_path / "moe"),
+    )
+    res = construction.run_study(
+        cfg, dense, {"a": bs[:2], "b": bs[2:]}, {"a": stream, "b": stream}, c, log=lambda s: None
+    )
+    row = res["models"][f"model {tmp_path / 'moe'}"]
+    toks = jnp.asarray(stream[:16][None])
+    logits = readme_forward(m.params, toks, m.rc)[0][0, :-1]
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, toks[0, 1:, None], -1)[:, 0]
+    np.testing.assert_allclose(row["window_nll"][0], float(nll.mean()), rtol=1e-4)
+    rebuilt = res["models"]["router magnitude/intersection +refit"]
+    assert rebuilt["num_experts"] == 3 and "vs_control" in rebuilt

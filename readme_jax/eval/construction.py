@@ -35,13 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from readme_jax.checkpoints.models import ReadMEModel, load_readme
 from readme_jax.eval.paired import paired_bootstrap
 from readme_jax.eval.perplexity import dense_logits_fn, window_batches
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig, MoEConfig
+from readme_jax.model.config import LlamaConfig, MoEConfig, RouterConfig
+from readme_jax.model.router import router_logits
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor import reconstruct
-from readme_jax.refactor.cluster import chunk_assign, cluster_assign
+from readme_jax.refactor.cluster import chunk_assign, cluster_assign, router_assign
 from readme_jax.refactor.construct import (
     Construction,
     build_spec,
@@ -76,6 +78,7 @@ class StudyConfig:
     top_frac: float = 0.5  # Eq. 4's share of a token's channels (the router target's)
     chunk: int = 128  # tokens per context chunk of the "chunkE" grouping
     seed: int = 0
+    router: str = ""  # a Read-ME model directory: its router defines the "router" grouping
 
 
 def parse_construction(name: str) -> Construction:
@@ -131,6 +134,20 @@ def label_route_logits_fn(cfg: LlamaConfig, num_experts: int) -> LogitsFn:
 
 
 @functools.cache
+def router_route_logits_fn(cfg: LlamaConfig, rcfg: RouterConfig, num_experts: int) -> LogitsFn:
+    """logits_fn over {"router", "backbone"}: each token on its pre-gating router's top-1 expert
+    (the router sees token ids only: no oracle)."""
+    mcfg = MoEConfig(num_experts, dispatch="ragged")
+
+    def fn(p, tokens_BxS):
+        e = jnp.argmax(router_logits(p["router"], tokens_BxS, rcfg, cfg)[0], -1)[..., None]
+        routing = (e.astype(jnp.int32), jnp.ones(e.shape, jnp.float32))
+        return moe.moe_forward(p["backbone"], tokens_BxS, cfg, mcfg, routing)[0]
+
+    return fn
+
+
+@functools.cache
 def coverage_route_logits_fn(
     cfg: LlamaConfig, num_experts: int, top_frac: float, prefix: bool = False
 ) -> LogitsFn:
@@ -170,6 +187,7 @@ class _Grouping:
     stats: GroupStats
     by_label: bool  # True: evaluate a domain's tokens on its own expert
     prefix: bool = False  # oracle over the causal prefix (context clusters) instead of the token
+    router: ReadMEModel | None = None  # route by this model's router (no oracle)
 
 
 def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
@@ -190,12 +208,22 @@ def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
         assign = iter(chunk_assign(dense, cfg, flat, E, chunk=c.chunk, seed=c.seed))
         groups = [[next(assign) for _ in bs] for bs in batches]
         names = [f"cluster{j}" for j in range(E)]
+    elif name == "router":
+        if not c.router:
+            raise ValueError("grouping 'router' needs StudyConfig.router (a Read-ME model dir)")
+        rm = load_readme(c.router)
+        flat = [b for bs in batches for b in bs]
+        assign = iter(router_assign(rm.params["router"], rm.rc.router, cfg, flat))
+        groups = [[next(assign) for _ in bs] for bs in batches]
+        names = [f"router{j}" for j in range(rm.rc.moe.num_experts)]
     else:
-        raise ValueError(f"grouping {name!r}: expected 'domain', 'kmeansE' or 'chunkE'")
+        raise ValueError(f"grouping {name!r}: expected 'domain', 'kmeansE', 'chunkE' or 'router'")
     flat_b = [b for bs in batches for b in bs]
     flat_g = [g for gs in groups for g in gs]
     st = group_stats(dense, cfg, flat_b, flat_g, len(names), desc=f"stats {name}")
-    return _Grouping(name, names, batches, groups, st, name == "domain", name.startswith("chunk"))
+    g = _Grouping(name, names, batches, groups, st, name == "domain", name.startswith("chunk"))
+    g.router = rm if name == "router" else None
+    return g
 
 
 def _static_model(dense, cfg, kept_LxK, refit_batches, c: StudyConfig):
@@ -211,6 +239,9 @@ def _oracle(cfg, spec: ExpertSpec, dense_u, backbone_u, g: _Grouping, doms, c: S
     """(logits_fn, domain -> params) routing every held-out token by the grouping's oracle:
     its domain's expert (labels) or Eq. 4's argmax (clusters)."""
     E = spec.num_experts
+    if g.router is not None:
+        fn = router_route_logits_fn(cfg, g.router.rc.router, E)
+        return fn, lambda d: {"router": g.router.params["router"], "backbone": backbone_u}
     if g.by_label:
         fn = label_route_logits_fn(cfg, E)
         return fn, lambda d: {"backbone": backbone_u, "expert": jnp.int32(doms.index(d))}
@@ -272,6 +303,14 @@ def run_study(
     for gname in c.groupings:
         g = _grouping(gname, dense, cfg, domain_batches, c)
         rb, rg = _first_rows(g.batches, g.groups, c.refit_sequences)
+        if g.router is not None and f"model {c.router}" not in models:  # its own experts
+            rm = g.router
+            fn = router_route_logits_fn(cfg, rm.rc.router, rm.rc.moe.num_experts)
+            p = {
+                "router": rm.params["router"],
+                "backbone": llama.unstack_layers(rm.params["backbone"]),
+            }
+            add(f"model {c.router}", score(fn, lambda d, p=p: p), kind="model", path=c.router)
         for cname in c.constructions:
             con = parse_construction(cname)
             for refit in c.refit:
@@ -291,7 +330,7 @@ def run_study(
                     controls[(con.score, refit)] = name
             spec = build_spec(g.stats, c.remain_rate, g.names, con)
             base = build_moe_params(stacked, spec)
-            if g.by_label:
+            if g.by_label or g.router is not None:
                 fit_groups = rg
             elif g.prefix:
                 fit_groups = prefix_groups(dense, cfg, spec, rb, c.top_frac)

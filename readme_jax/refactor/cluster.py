@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import LlamaConfig, RouterConfig
+from readme_jax.model.router import router_logits
 from readme_jax.refactor.stats import ActivationStats, _abs_act_ffn
 
 
@@ -104,6 +105,25 @@ def cluster_assign(
         np.where(np.asarray(t) >= 0, np.argmax(f @ cent.T, axis=-1), -1)
         for f, t in zip(feats, batches, strict=True)
     ]
+
+
+@partial(jax.jit, static_argnames=("rcfg", "cfg"))
+def _router_argmax(rparams, tokens_BxS, rcfg, cfg):
+    return jnp.argmax(router_logits(rparams, tokens_BxS, rcfg, cfg)[0], axis=-1)
+
+
+def router_assign(
+    rparams: Any, rcfg: RouterConfig, cfg: LlamaConfig, batches: list[np.ndarray]
+) -> list[np.ndarray]:
+    """Each calibration token's expert as a trained pre-gating router chooses it ([b, S] per
+    batch, -1 at padding): groups a router can reach by construction, for experts rebuilt around
+    the router's own partition of the tokens (the construction study's "router" grouping)."""
+    out = []
+    for toks in batches:
+        toks = np.asarray(toks)
+        e = _router_argmax(rparams, jnp.asarray(np.maximum(toks, 0), jnp.int32), rcfg, cfg)
+        out.append(np.where(toks >= 0, np.asarray(e), -1))
+    return out
 
 
 def chunk_assign(
