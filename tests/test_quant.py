@@ -148,5 +148,30 @@ def test_engine_serves_int8_weights_as_the_generator_runs_them():
     m = tiny_readme(num_experts=3, seed=0)
     ref = Generator(readme_model(m.rc, "int8"), m.params).generate(prompts, 5, eos_ids=[])
     assert full.tokens == ref
-    sliced = generate(sp8, prompts, 5, capacity=2, **kw)  # int8 backbone, f32 slot experts
-    assert [len(t) for t in sliced.tokens] == [5, 5]
+
+
+def test_offloaded_int8_experts_serve_as_the_all_resident_int8_model_at_a_quarter_of_the_bytes():
+    import dataclasses
+
+    from readme_jax.model.sampling import SamplingParams
+    from readme_jax.serve.backend import ModelBackend
+    from readme_jax.serve.engine import EngineConfig, generate
+    from readme_jax.testing import tiny_serve_model
+
+    sm = tiny_serve_model(num_experts=4, seed=0)
+    sp8 = dataclasses.replace(sm.params, quant="int8")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 97, int(n)).tolist() for n in rng.integers(3, 24, 6)]
+    kw = dict(max_len=64, num_slots=4, prefill_chunk=8)
+    for sampling in (SamplingParams(), SamplingParams(1.0, 0, 1.0)):
+        full = generate(sp8, prompts, 8, sampling, capacity=None, **kw)  # in-graph int8 experts
+        be = ModelBackend.for_config(sp8, EngineConfig(capacity=2, **kw).for_experts(4))
+        off = generate(sp8, prompts, 8, sampling, capacity=2, cache_policy="lru", backend=be, **kw)
+        assert off.tokens == full.tokens
+        # the slots held int8 experts, and each load moved the int8 bytes
+        assert all(isinstance(w, quant.QWeight) for w in be.store.slots[0].values())
+        assert off.stats["loads"] > 4 and be.store.loads == off.stats["loads"]
+        assert off.stats["bytes_moved"] == be.store.bytes_moved
+        assert be.store.bytes_moved == off.stats["loads"] * sp8.bytes_per_expert
+    # the tiny model (D = 32) carries its f32 scales: a bit under 4x; SmolLM2's width 3.97x
+    assert 3.4 < sm.params.bytes_per_expert / sp8.bytes_per_expert < 4

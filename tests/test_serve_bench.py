@@ -1,5 +1,6 @@
 """launch/serve_bench.py end to end on the tiny model, and the cost model it simulates with."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -155,3 +156,23 @@ def test_a_negative_expert_cap_is_a_config_error(tmp_path):
         _serve_bench().main(
             ["--model=tiny", f"--out_dir={tmp_path}", "--config.engine.max_experts=-1"]
         )
+
+
+def test_int8_experts_cost_a_quarter_of_the_f32_bytes_to_load_and_read():
+    f32 = dataclasses.replace(MC, dtype_bytes=4)
+    q8 = dataclasses.replace(f32, quant="int8")
+    # one byte per weight and an f32 scale per output channel (gate/up 2 Fe, down D) per layer
+    assert q8.bytes_per_expert == 4 * (3 * 64 * 32 + 4 * (2 * 32 + 64))
+    ratio = f32.bytes_per_expert / q8.bytes_per_expert
+    assert 3.5 < ratio < 4 and q8.dense_bytes < f32.dense_bytes / 3
+    # the same device memory holds `ratio` times the experts
+    assert q8.experts_in(2 * f32.bytes_per_expert) == int(2 * ratio)
+    hw = cm.a100_pcie4(MC.layers)
+    load = {
+        m: cm.CostClock(hw, m, pipelined=False).duration(_step(2), 0, 0)
+        - cm.CostClock(hw, m, pipelined=False).duration(_step(0), 0, 0)
+        for m in (f32, q8)
+    }
+    n = sum(c["loads"] for c in _step(2)["calls"])
+    assert load[q8] == pytest.approx(n * q8.bytes_per_expert / hw.link_bw)
+    assert load[f32] / load[q8] == pytest.approx(ratio)

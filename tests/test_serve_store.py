@@ -1,9 +1,11 @@
-"""Offloaded expert store: pinned-host placement, slot loads, capacity, NumPy fallback."""
+"""Offloaded expert store: pinned-host placement, slot loads, capacity, NumPy fallback, int8
+experts."""
 
 import jax
 import numpy as np
 import pytest
 
+from readme_jax.model import quant
 from readme_jax.serve.cache import ExpertCache, make_policy, split_waves
 from readme_jax.serve.store import OffloadedExpertStore, memory_kinds
 
@@ -116,3 +118,34 @@ def test_per_layer_store_loads_every_layer_into_its_own_buffer():
     assert store.bytes_per_expert == sum(x[0].nbytes for x in experts.values())
     with pytest.raises(ValueError, match="same layer axis"):
         OffloadedExpertStore({"a": np.zeros((2, 3, 4)), "b": np.zeros((2, 4))}, 1, layer_axis=1)
+
+
+@pytest.mark.parametrize("host_kind", ["pinned_host", None])
+def test_int8_expert_round_trips_through_the_store(host_kind):
+    rng = np.random.default_rng(1)
+    Dq, Fq = 32, 48  # wide enough that the f32 scales are a small part of an expert's bytes
+    experts = {
+        "gate_up": rng.standard_normal((E, L, Dq, 2, Fq)).astype(np.float32),
+        "down": rng.standard_normal((E, L, Fq, Dq)).astype(np.float32),
+    }
+    q = quant.quantize_experts(experts, "int8")
+    store = OffloadedExpertStore(q, 2, layer_axis=1, host_memory_kind=host_kind)
+    store.load(3, 1, block=True)
+    for l in range(L):
+        for name in experts:
+            w = store.slots[l][name]
+            assert isinstance(w, quant.QWeight) and w.q.qvalue.dtype == np.int8
+            np.testing.assert_array_equal(np.asarray(w.q.qvalue[1]), q[name].q.qvalue[3, l])
+            np.testing.assert_array_equal(np.asarray(w.q.scale[1]), q[name].q.scale[3, l])
+            # what lands in the slot dequantizes to the f32 expert within half a step
+            err = np.abs(np.asarray(quant.dequantize(w[1])) - experts[name][3, l])
+            assert np.all(err <= np.asarray(w.q.scale[1]) * (0.5 + 1e-4))
+    values = sum(x[3].size for x in experts.values())  # one byte per weight
+    scales = L * (2 * Fq + Dq) * 4  # f32, per layer and output channel
+    assert store.bytes_per_expert == values + scales
+    f32 = sum(x[3].nbytes for x in experts.values())
+    assert 3.5 < f32 / store.bytes_per_expert < 4
+    store.load(0, 0)
+    assert store.bytes_moved == store.loads * store.bytes_per_expert == 2 * (values + scales)
+    got = store.gather([0, 3])[0]["down"]  # per-layer store: one tree per layer
+    assert got.shape == (2, Fq, Dq) and got.q.qvalue.dtype == np.int8

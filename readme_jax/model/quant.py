@@ -32,6 +32,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 
 from readme_jax.model.config import ConfigError
@@ -71,6 +72,17 @@ class QWeight:
     def shape(self) -> tuple[int, ...]:
         return self.q.shape
 
+    # a stacked weight ([E, ...] or [C, ...] slot buffers) indexes along its leading axis like
+    # an array, so the MoE dispatch reads int8 experts and f32 ones alike
+    def __getitem__(self, idx) -> QWeight:
+        return QWeight(self.q[idx], self.lhs)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
 
 _LHS = {"int8": "digits", "int8_qwix": "float", "int8_act": "int8"}
 
@@ -96,6 +108,29 @@ def quantize_weight(w: jax.Array, n_block: int, n_contract: int, quant: str):
     axes = tuple(a for a in range(nd) if a not in contracted)
     q = qwix.quantize(jnp.asarray(w, jnp.float32), jnp.int8, channelwise_axes=axes)
     return QWeight(q, _LHS[quant])
+
+
+# the host experts of the serving engine (serve/decode.py ServeParams.experts): leaves
+# [E, L, ...], contracted as their in-graph counterparts
+EXPERT_AXES = {"gate_up": WEIGHT_AXES["expert_gate_up"], "down": WEIGHT_AXES["expert_down"]}
+
+
+def quantize_experts(experts: dict[str, Any], quant: str) -> dict[str, Any]:
+    """Host experts {"gate_up": [E, L, D, 2, F], "down": [E, L, F, D]} in mode `quant`, as
+    NumPy leaves: int8 values with f32 scales per expert, layer and output channel (the same
+    numbers as the unfused in-graph experts), or bf16. The form an offload store holds and
+    moves. Quantized one expert at a time, so the f32 tree is never copied whole."""
+    check_mode(quant)
+    if quant == "none":
+        return experts
+    out = {}
+    for key, w in experts.items():
+        n_block, n_contract = EXPERT_AXES[key]
+        parts = [
+            quantize_weight(jnp.asarray(w[e]), n_block, n_contract, quant) for e in range(len(w))
+        ]
+        out[key] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *parts)
+    return out
 
 
 def quantize_params(params: Any, quant: str) -> Any:

@@ -57,7 +57,7 @@ class ModelBackend:
         cfg = sp.rc.model
         self.num_experts, self.top_k = sp.num_experts, sp.rc.moe.top_k
         self.eos_ids, self.vocab_size = tuple(cfg.eos_ids), cfg.vocab_size
-        self.bytes_per_expert = sum(v[0].nbytes for v in sp.experts.values())
+        self.bytes_per_expert = sp.bytes_per_expert  # as the store moves it (sp.quant's form)
         self.host_memory_kind = host_memory_kind
         self.store: OffloadedExpertStore | None = None
         self.in_graph = False  # every expert resident in its own slot: the in-graph experts
@@ -74,7 +74,7 @@ class ModelBackend:
         if self.store is None or self.store.capacity != cache.capacity:
             self.store = None  # free the old slots first
             self.store = OffloadedExpertStore(
-                self.sp.experts,
+                self.sp.store_experts,
                 cache.capacity,
                 layer_axis=1,
                 host_memory_kind=self.host_memory_kind,

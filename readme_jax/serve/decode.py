@@ -19,6 +19,7 @@ waves or chunk boundaries (tested bitwise).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -44,9 +45,9 @@ class ServeParams:
     backbone: decode layout (per-layer list) without routed experts or layer-wise gates.
     router: pre-gating router params. experts: host NumPy {"gate_up": [E, L, D, 2, Fe],
     "down": [E, L, Fe, D]}, expert-major so that one expert is one contiguous slice.
-    quant: the form of the matmul weights the steps run (model/quant.py): the backbone's and,
-    with every expert resident (the in-graph source), the experts'; slot buffers (C < E) stay
-    as the store holds them.
+    quant: the form of the matmul weights the steps run (model/quant.py): the backbone's, the
+    in-graph experts' (every expert resident) and the offloaded experts' (`store_experts`: what
+    an offload store holds and moves, so an int8 expert load moves a quarter of the f32 bytes).
     """
 
     rc: ReadMEConfig
@@ -58,6 +59,17 @@ class ServeParams:
     @property
     def num_experts(self) -> int:
         return self.experts["gate_up"].shape[0]
+
+    @functools.cached_property
+    def store_experts(self) -> dict[str, Any]:
+        """The routed experts in `quant`'s form, host leaves [E, L, ...] (int8: values and
+        per-expert, per-layer, per-channel f32 scales), for `OffloadedExpertStore`."""
+        return quant.quantize_experts(self.experts, self.quant)
+
+    @property
+    def bytes_per_expert(self) -> int:
+        """Bytes of one expert as the store holds and moves it."""
+        return quant.weight_bytes(jax.tree.map(lambda x: x[0], self.store_experts))
 
 
 def split_params(rc: ReadMEConfig, params: Params) -> ServeParams:
@@ -83,11 +95,12 @@ def split_params(rc: ReadMEConfig, params: Params) -> ServeParams:
     return ServeParams(rc, backbone, jax.device_put(params["router"]), experts)
 
 
-def resident_slots(experts: dict[str, np.ndarray]) -> list[Params]:
-    """All E experts as slot buffers (slot e = expert e): the no-offload layout."""
+def resident_slots(experts: dict[str, Any]) -> list[Params]:
+    """All E experts as slot buffers (slot e = expert e): the no-offload layout. experts: the
+    host experts in any form (`ServeParams.experts` or `store_experts`)."""
     L = experts["gate_up"].shape[1]
     dev = jax.devices()[0]  # committed, like the store's slots: the same compiled steps
-    return [{k: jax.device_put(v[:, l], dev) for k, v in experts.items()} for l in range(L)]
+    return [jax.device_put(jax.tree.map(lambda x, l=l: x[:, l], experts), dev) for l in range(L)]
 
 
 def graph_params(sp: ServeParams) -> Params:

@@ -9,6 +9,9 @@ Model (per call: a decode over some rows, or one prefill chunk with all its wave
   compute = launch + max(flops / (peak_flops * flop_eff), bytes / (hbm_bw * mem_eff))
      bytes = dense weights (attention, shared expert, norms, router, LM head) read once per call
              + the call's experts' weights + the KV cache read (context tokens of its rows);
+             matmul weights in the model's form (`ModelCost.quant`: int8 = 1 byte per weight
+             + an f32 scale per output channel, as model/quant.py stores them), so an int8
+             expert is both a quarter of the bytes to load and to read;
      flops = 2 * tokens * (dense + K expert params per layer) + 4 * context * H * hd per layer
              + 2 * D * V per sampled row.
   load    = demand loads * bytes_per_expert / link_bw.
@@ -73,6 +76,14 @@ class ModelCost:
     dtype_bytes: int = 4
     top_k: int = 1
     other_params: int = 0  # router and anything else read once per call
+    quant: str = "none"  # matmul weights' form (model/quant.py); norms, router, KV keep dtype
+
+    def weight_bytes(self, params: int, channels: int) -> int:
+        """Bytes of matmul weights (`params` of them, `channels` output channels) in `quant`'s
+        form: int8 values with an f32 scale per channel, bf16, or dtype_bytes each."""
+        if self.quant.startswith("int8"):
+            return params + 4 * channels
+        return params * (2 if self.quant == "bf16" else self.dtype_bytes)
 
     @property
     def attn_layer_params(self) -> int:
@@ -94,8 +105,23 @@ class ModelCost:
         return self.layers * per_layer + self.vocab * self.dim + self.other_params
 
     @property
+    def dense_bytes(self) -> int:
+        """Bytes of `dense_params`: the matmul weights in `quant`'s form, the rest in dtype."""
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
+        channels = self.layers * (qkv + self.dim + 2 * self.shared_width + self.dim) + self.vocab
+        matmul = self.layers * self.dense_layer_params + self.vocab * self.dim
+        rest = self.dense_params - matmul  # norms and router
+        return self.weight_bytes(matmul, channels) + rest * self.dtype_bytes
+
+    @property
     def bytes_per_expert(self) -> int:
-        return self.layers * self.expert_layer_params * self.dtype_bytes
+        """One expert as it is loaded and read (every layer's gate/up and down)."""
+        channels = self.layers * (2 * self.expert_width + self.dim)
+        return self.weight_bytes(self.layers * self.expert_layer_params, channels)
+
+    def experts_in(self, device_bytes: float) -> int:
+        """How many experts `device_bytes` of expert memory holds (the cache capacity C)."""
+        return int(device_bytes // self.bytes_per_expert)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -103,7 +129,7 @@ class ModelCost:
 
     def call_bytes(self, call: dict) -> float:
         return (
-            self.dense_params * self.dtype_bytes
+            self.dense_bytes
             + len(call["experts"]) * self.bytes_per_expert
             + call["context"] * self.kv_bytes_per_token
         )
@@ -117,12 +143,12 @@ class ModelCost:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {
             "bytes_per_expert": self.bytes_per_expert,
-            "dense_bytes": self.dense_params * self.dtype_bytes,
+            "dense_bytes": self.dense_bytes,
         }
 
 
 def model_cost(sp, name: str = "served model") -> ModelCost:
-    """Counts of a `decode.ServeParams` (its real shapes and dtype)."""
+    """Counts of a `decode.ServeParams` (its real shapes, dtype and weight form)."""
     cfg = sp.rc.model
     router = sum(int(np.size(x)) for x in _leaves(sp.router))
     return ModelCost(
@@ -139,6 +165,7 @@ def model_cost(sp, name: str = "served model") -> ModelCost:
         dtype_bytes=sp.experts["gate_up"].dtype.itemsize,
         top_k=sp.rc.moe.top_k,
         other_params=router,
+        quant=getattr(sp, "quant", "none"),
     )
 
 
