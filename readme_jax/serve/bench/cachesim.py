@@ -9,7 +9,7 @@ t: every access of step t itself, plus the accesses of later steps that belong t
 requests that have arrived by step t, at their positions in the access sequence. "online
 Belady" (`cache.OnlineBelady`) evicts by Belady's rule over this known future; hindsight Belady
 sees the whole sequence. The engine itself guesses a little more (decoding requests keep their
-expert, `Engine._known_future`); the online policy here takes no guess.
+expert, `executor.known_future`); the online policy here takes no guess.
 
 The simulation (`simulate`) replaces the model with routed traces: each request carries its
 prompt's experts and the experts of the tokens it will generate (from the router run over real
