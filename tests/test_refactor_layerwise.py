@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
-from readme_jax.refactor import block_solve, experts, reconstruct
+from readme_jax.model.config import LlamaConfig, MoEConfig, RouterConfig
+from readme_jax.refactor import block_solve, experts, layerwise, pipeline, reconstruct, stats
+from readme_jax.refactor.targets import top_channel_mask
 
 CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=40)
 SMOL = LlamaConfig(vocab_size=256, dim=576, n_layers=2, n_heads=9, n_kv_heads=3, ffn_dim=1536)
@@ -70,6 +71,37 @@ def _whole_model_moe(dense, spec):
         "expert_gate_up": np.stack([np.stack([g for g, _ in r]) for r in ex]),
         "expert_down": np.stack([np.stack([d for _, d in r]) for r in ex]),
     }
+
+
+def _whole_model_group_stats(dense, cfg, batches, groups, E, top_frac=0.5):
+    """group_stats as it was: one jitted forward over the whole model per batch."""
+
+    def ffn(lp, x, layer, onehot):
+        gu = jnp.einsum("bsd,dgf->bsgf", x, lp["w_gate_up"])
+        h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        a = jnp.abs(h).astype(jnp.float32)
+        top = top_channel_mask(a, top_frac)
+        return h @ lp["w_down"], (
+            jnp.einsum("bsf,bse->ef", a, onehot),
+            jnp.einsum("bsf,bse->ef", top, onehot),
+        )
+
+    @jax.jit
+    def sums(p, toks, g):
+        onehot = jax.nn.one_hot(g, E)
+        f = lambda lp, x, layer: ffn(lp, x, layer, onehot)  # noqa: E731
+        return llama.forward(p, toks, cfg, ffn=f, return_hidden=True)[2], onehot.sum((0, 1))
+
+    s_abs = np.zeros((E, cfg.n_layers, cfg.ffn_dim))
+    s_top = np.zeros_like(s_abs)
+    n = np.zeros(E)
+    for toks, g in zip(batches, groups, strict=True):
+        g = np.where(toks >= 0, g, -1)
+        (a, t), c = sums(dense, jnp.asarray(np.maximum(toks, 0)), jnp.asarray(g))
+        s_abs += np.moveaxis(np.asarray(a, np.float64), 0, 1)
+        s_top += np.moveaxis(np.asarray(t, np.float64), 0, 1)
+        n += np.asarray(c)
+    return s_abs / n[:, None, None], s_top / n[:, None, None], n
 
 
 def _batches(seed, cfg, n=2, S=8):
@@ -227,3 +259,59 @@ def test_paper_width_layer_refits_within_bounded_time_and_memory():
     assert [len(r) for r in rows[0]] == [len(q) for q in fn(0)[0]]
     assert wall < 400, wall
     assert grown < 4.5e9, grown
+
+
+@pytest.mark.parametrize("cfg", [CFG, SMOL], ids=["tiny", "smollm2_width"])
+def test_per_layer_statistics_equal_the_whole_model_forward(cfg):
+    p = llama.init_params(cfg, jax.random.key(2))
+    per_domain = [_batches(i + 1, cfg, 2, 16) for i in range(3)]
+    batches, groups = reconstruct.domain_groups(per_domain)
+    want = _whole_model_group_stats(p, cfg, batches, groups, 3)
+    for src in (p, llama.unstack_layers(p)):
+        got = stats.group_stats(src, cfg, batches, groups, 3)
+        np.testing.assert_allclose(got.mean_abs_ExLxF, want[0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got.rate_ExLxF, want[1], rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(got.n_tokens, want[2])
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "none"])
+def test_one_pass_refactor_equals_construction_then_refit(mode, tmp_path):
+    cfg = CFG
+    p = llama.init_params(cfg, jax.random.key(3))
+    names = ["a", "b", "c"]
+    domain_batches = {d: _batches(i + 1, cfg, 3) for i, d in enumerate(names)}
+    st = stats.collect_stats(p, cfg, domain_batches, {})
+    rcfg, refit = RouterConfig(16, 2, 32), reconstruct.ReconstructConfig(mode)
+    want, spec = pipeline.refactor(p, cfg, st, 0.5, MoEConfig(3), rcfg, seed=4)
+    want = reconstruct.at_refactor(
+        refit, p, cfg, want, spec, st.mean_abs_ExLxF, domain_batches, tmp_path, with_static=False
+    )
+    for src, alloc in ((p, None), (llama.unstack_layers(p), layerwise.DiskArrays(tmp_path / "a"))):
+        got, spec2 = layerwise.refactor_per_layer(
+            src, cfg, st, 0.5, rcfg, refit, domain_batches, seed=4, alloc=alloc
+        )
+        assert spec2.shared_widths.tolist() == spec.shared_widths.tolist()
+        w, g = jax.tree.leaves_with_path(want), jax.tree.leaves_with_path(got)
+        assert [k for k, _ in w] == [k for k, _ in g]
+        for (k, x), (_, y) in zip(w, g, strict=True):
+            assert x.dtype == y.dtype, k
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=str(k))
+
+
+def test_layers_read_from_disk_equal_the_loaded_model(tmp_path):
+    from readme_jax.checkpoints import hf, layers
+
+    cfg = CFG.replace(tie_embeddings=False, dtype="bfloat16")
+    p = llama.init_params(cfg, jax.random.key(5))
+    hf.save_hf(tmp_path, cfg, p, max_shard_bytes=20_000)  # several shards
+    cfg2, loaded = hf.load_hf(tmp_path, "bfloat16")
+    cfg3, lazy = layers.open_hf(tmp_path, "bfloat16")
+    assert cfg3 == cfg2 and isinstance(lazy["layers"], layers.HFLayers)
+    for k in ("embed", "final_norm", "lm_head"):
+        np.testing.assert_array_equal(np.asarray(lazy[k]), np.asarray(loaded[k]))
+    for l in range(cfg.n_layers):
+        want, got = layers.host_layer(loaded, l), lazy["layers"][l]
+        assert want.keys() == got.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype
+            np.testing.assert_array_equal(got[k], want[k])

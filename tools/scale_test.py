@@ -1,18 +1,24 @@
 """Paper scale on one host: convert a random Llama-2-7B-shaped checkpoint end to end and print
 the wall time and peak RSS of each stage.
 
-  python tools/scale_test.py --layers 2             # make scale-test LAYERS=2
-  python tools/scale_test.py --layers 32 --max-rss-gb 20
+  python tools/scale_test.py --layers 8             # make scale-test LAYERS=8
+  python tools/scale_test.py --layers 32 --moe-arrays disk
 
 Stages: write (a sharded bf16 safetensors directory as transformers writes it, one tensor in
-memory at a time) -> load -> calibrate -> construct (experts, MoE parameters) -> refit (the
-default least-squares refit of the down projections) -> save -> load the Read-ME model ->
-generate. The library calls are the ones `launch/train.py`'s calibrate and refactor stages make;
-calibration uses random token ids (memory and time depend on shapes, not on text). Gate/up
-channels are scaled by a per-channel lognormal factor (--channel-spread) so that domains agree on
-part of their top channels, as on real text (shared ~ a quarter of F), instead of picking
-independent random halves. Peak RSS is sampled every 10 ms by a thread (psutil); --max-rss-gb
-ends the process (exit 3) as soon as RSS passes it, and --min-free-gb as soon as the machine's
+memory at a time) -> load (embedding and head; the decoder layers stay on disk and are read one
+at a time when used: checkpoints/layers.py) -> calibrate (per layer) -> refactor (experts built
+and refit layer by layer into their final arrays: refactor/layerwise.py) -> save -> load the
+Read-ME model -> generate. Calibration uses random token ids (memory and time depend on shapes,
+not on text). Gate/up channels are scaled by a per-channel lognormal factor (--channel-spread)
+so that domains agree on part of their top channels, as on real text (shared ~ a quarter of F),
+instead of picking independent random halves. --moe-arrays disk keeps the Read-ME backbone's
+[L, ...] arrays in memory-mapped files under --dir while they are built (each layer's pages are
+written back and unmapped after it), so the refactor stage holds one layer's working set
+whatever the depth.
+
+Peak RSS is sampled every 10 ms by a thread (psutil), with its anonymous part (RSS minus
+file-backed pages: what the kernel cannot drop under pressure); --max-rss-gb ends the process
+(exit 3) as soon as the anonymous RSS passes it, and --min-free-gb as soon as the machine's
 available memory falls below it, before the kernel's OOM killer would pick a process.
 """
 
@@ -33,59 +39,73 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one line per stage instead of prog
 import numpy as np
 import psutil
 
-from readme_jax.checkpoints import hf, models
+from readme_jax.checkpoints import hf, layers, models
 from readme_jax.decode.generator import Generator
 from readme_jax.decode.steps import readme_model
 from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
-from readme_jax.refactor import pipeline, reconstruct
+from readme_jax.refactor import layerwise, reconstruct
 from readme_jax.refactor.stats import collect_stats
 
 GB = 1e9
 
 
 class RssMeter:
-    """Peak RSS of this process per stage, sampled by a daemon thread."""
+    """Peak RSS of this process per stage, and of its anonymous part, sampled by a thread."""
 
     def __init__(self, limit_gb: float = 0.0, min_free_gb: float = 0.0, every_s: float = 0.01):
         self.proc = psutil.Process()
         self.limit, self.min_free = limit_gb * GB, min_free_gb * GB
-        self.peak = self.now()
+        self.peak, self.peak_anon = self.now()
         self.rows: list[dict] = []
         self.on_abort = lambda: None  # e.g. delete the work directory
+        self.json_path = ""
         threading.Thread(target=self._run, args=(every_s,), daemon=True).start()
 
-    def now(self) -> int:
-        return self.proc.memory_info().rss
+    def now(self) -> tuple[int, int]:
+        """(RSS, anonymous RSS = RSS less file-backed and shared pages)."""
+        m = self.proc.memory_info()
+        return m.rss, m.rss - m.shared
 
     def _run(self, every_s: float) -> None:
         while True:
-            r = self.now()
-            self.peak = max(self.peak, r)
-            if self.limit and r > self.limit:
-                self._abort(f"RSS {r / GB:.2f} GB passed --max-rss-gb {self.limit / GB}")
+            r, anon = self.now()
+            self.peak, self.peak_anon = max(self.peak, r), max(self.peak_anon, anon)
+            if self.limit and anon > self.limit:
+                self._abort(
+                    f"anonymous RSS {anon / GB:.2f} GB passed --max-rss-gb {self.limit / GB}"
+                )
             free = psutil.virtual_memory().available
             if free < self.min_free:  # other processes share the machine: leave them room
                 self._abort(f"RSS {r / GB:.2f} GB; the machine has {free / GB:.2f} GB left")
             time.sleep(every_s)
 
     def _abort(self, why: str) -> None:
-        print(f"\n{why}; aborting", flush=True)
+        stage = f" in stage {self.current!r}" if getattr(self, "current", "") else ""
+        print(f"\n{why}{stage}; aborting", flush=True)
         self.on_abort()
         os._exit(3)
 
     def stage(self, name: str, fn, *a, **kw):
-        """Run fn, record (wall s, RSS before, peak, after), print one line; returns fn's value."""
+        """Run fn, record (wall s, RSS before, peak, peak anonymous, after), print one line;
+        returns fn's value."""
         gc.collect()
-        before = self.peak = self.now()
+        self.current = name
+        before, _ = self.now()
+        self.peak, self.peak_anon = self.now()
         t0 = time.perf_counter()
         out = fn(*a, **kw)
         wall = time.perf_counter() - t0
+        r, anon = self.now()
         row = {"stage": name, "wall_s": round(wall, 1), "rss_before_gb": before / GB}
-        row |= {"peak_gb": max(self.peak, self.now()) / GB, "rss_after_gb": self.now() / GB}
+        row |= {"peak_gb": max(self.peak, r) / GB, "peak_anon_gb": max(self.peak_anon, anon) / GB}
+        row["rss_after_gb"] = r / GB
         self.rows.append(row)
+        if self.json_path:  # an aborted run keeps the stages it finished
+            Path(self.json_path).write_text(json.dumps({"stages": self.rows}, indent=2))
         print(
             f"[{name:>9}] {wall:7.1f} s  RSS {row['rss_before_gb']:5.2f} -> peak "
-            f"{row['peak_gb']:5.2f} GB (after {row['rss_after_gb']:5.2f})",
+            f"{row['peak_gb']:5.2f} GB (anonymous {row['peak_anon_gb']:5.2f}; after "
+            f"{row['rss_after_gb']:5.2f})",
             flush=True,
         )
         return out
@@ -136,22 +156,25 @@ def calib_batches(a, V: int) -> dict[str, list[np.ndarray]]:
 
 
 def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
-    """load -> calibrate -> construct -> refit -> save: the library calls of the pipeline's
-    calibrate and refactor stages (refactor/pipeline.py), with the paper's construction."""
-    cfg, dense = meter.stage("load", hf.load_hf, ckpt, "bfloat16")
+    """load -> calibrate -> refactor -> save: the pipeline's calibrate and refactor stages with
+    the paper's construction and the default refit, one layer at a time."""
+    load = layers.open_hf if a.dense == "disk" else hf.load_hf
+    cfg, dense = meter.stage("load", load, ckpt, "bfloat16")
     batches = calib_batches(a, cfg.vocab_size)
     record = {"checkpoint": str(ckpt), "domains": list(batches), "tokens": "random ids"}
     stats = meter.stage("calibrate", collect_stats, dense, cfg, batches, record)
     mcfg, router = MoEConfig(a.domains), RouterConfig()
-    args = (dense, cfg, stats, a.remain_rate, mcfg, router, a.seed)
-    params, spec = meter.stage("construct", pipeline.refactor, *args)
     rcfg = reconstruct.ReconstructConfig("lstsq", a.ridge, a.refit_seqs)
-    args = (rcfg, dense, cfg, params, spec, stats.mean_abs_ExLxF, batches, moe_dir, 1, a.static)
-    params = meter.stage("refit", reconstruct.at_refactor, *args)
+    arrays = moe_dir.parent / "moe_arrays"
+    alloc = layerwise.DiskArrays(arrays) if a.moe_arrays == "disk" else None
+    args = (dense, cfg, stats, a.remain_rate, router, rcfg, batches, a.seed, None, alloc, False)
+    params, spec = meter.stage("refactor", layerwise.refactor_per_layer, *args)
     del dense
     rc = ReadMEConfig(cfg, mcfg, router)
     meta = {"recipe": record, "stage": "refactor"}
     meter.stage("save", models.save_readme, moe_dir, params, rc, spec, meta)
+    del params
+    shutil.rmtree(arrays, ignore_errors=True)
     sw, ew = spec.shared_widths, spec.expert_widths
     return {"shared_width_mean": float(sw.mean()), "expert_width_mean": float(ew.mean())}
 
@@ -174,7 +197,18 @@ def main() -> None:
     ap.add_argument("--refit-seqs", type=int, default=0, help="refit rows per domain (0 = all)")
     ap.add_argument("--remain-rate", type=float, default=0.5)
     ap.add_argument("--ridge", type=float, default=1e-2)
-    ap.add_argument("--static", action="store_true", help="also refit the static baseline")
+    ap.add_argument(
+        "--dense",
+        choices=("disk", "resident"),
+        default="disk",
+        help="dense layers read per layer from the checkpoint, or loaded whole (hf.load_hf)",
+    )
+    ap.add_argument(
+        "--moe-arrays",
+        choices=("host", "disk"),
+        default="host",
+        help="where the Read-ME backbone's arrays are built: host memory or mapped files",
+    )
     ap.add_argument("--channel-spread", type=float, default=0.1)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -188,6 +222,7 @@ def main() -> None:
     a = ap.parse_args()
 
     meter = RssMeter(a.max_rss_gb, a.min_free_gb)
+    meter.json_path = a.json
     work = Path(a.dir)
     ckpt, moe_dir = work / "dense_hf", work / "moe_init"
     cfg = paper_config(a)
@@ -207,13 +242,16 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     conv = [r for r in meter.rows if r["stage"] not in ("write", "load MoE", "generate")]
     peak = max(r["peak_gb"] for r in conv)
+    anon = max(r["peak_anon_gb"] for r in conv)
     print(
         f"tokens {toks}; widths {widths}; MoE on disk {moe_bytes / GB:.2f} GB; conversion peak "
-        f"{peak:.2f} GB = {peak * GB / ckpt_bytes:.2f} x the checkpoint's bytes"
+        f"{peak:.2f} GB = {peak * GB / ckpt_bytes:.2f} x the checkpoint's bytes (anonymous "
+        f"{anon:.2f} GB = {anon * GB / ckpt_bytes:.2f} x)"
     )
     if a.json:
         out = {"args": vars(a), "checkpoint_bytes": ckpt_bytes, "moe_bytes": moe_bytes}
         out |= {"stages": meter.rows, "widths": widths, "conversion_peak_gb": peak}
+        out["conversion_peak_anon_gb"] = anon
         Path(a.json).write_text(json.dumps(out, indent=2))
 
 

@@ -394,8 +394,13 @@ def load_params(path: str | Path, abstract: Any | None = None, verify: bool | No
                     f"{tuple(have[k].shape)}, the config implies {tuple(v.shape)}"
                 )
     # orbax restores NumPy arrays without a target; on device once, or every jitted call that
-    # takes them copies them in again
-    return jax.device_put(restored)
+    # takes them copies them in again. One leaf at a time, each host copy dropped as soon as it
+    # is on device: the model is held once plus one leaf, not twice.
+    leaves, treedef = jax.tree.flatten(restored)
+    del restored
+    for i in range(len(leaves)):
+        leaves[i] = jax.device_put(leaves[i])
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def tree_nbytes(tree: Any) -> int:

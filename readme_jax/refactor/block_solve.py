@@ -52,10 +52,13 @@ def ridge_refit_blocks(
     return solve_blocks(zip(local_grams, cross, strict=True), w_down_FxD, parts, uses, lam)
 
 
-def solve_blocks(blocks, w_down_FxD, parts, uses, lam: float) -> list[np.ndarray]:
+def solve_blocks(blocks, w_down_FxD, parts, uses, lam: float, shared_rhs=None) -> list[np.ndarray]:
     """ridge_refit_blocks with lam given and `blocks` an iterable of (local Gram, cross) per
     group, consumed one group at a time: with Read-ME's structure a group's blocks are dropped
-    as soon as its own part is eliminated (only [own, shared + D] is kept per group)."""
+    as soon as its own part is eliminated (only [own, shared + D] is kept per group).
+    shared_rhs: with Read-ME's structure, a callable giving the shared rows of the right-hand
+    side summed over groups [shared, D], called once every group is consumed (the crosses'
+    shared rows are then zero: reconstruct._group_blocks)."""
     w = w_down_FxD  # rows are taken in f64 as needed (no f64 copy of the whole [F, D])
     sizes = [len(p) for p in parts]
     if sum(sizes) == 0:
@@ -84,6 +87,8 @@ def solve_blocks(blocks, w_down_FxD, parts, uses, lam: float) -> list[np.ndarray
         b0 -= G[:s, s:] @ Y[:, s:]
         elim.append(Y)
         del G, C
+    if shared_rhs is not None:
+        b0 += shared_rhs()
     x0 = np.linalg.solve(A00, b0) if s else np.zeros((0, w.shape[1]))
     out = [None] * len(parts)
     out[0] = x0.astype(np.float32)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.model.spec import ExpertSpec
-from readme_jax.refactor.block_solve import solve_blocks
+from readme_jax.refactor.block_solve import _own_parts, solve_blocks
 from readme_jax.refactor.experts import (
     active_ffn_fraction,
     expert_channel_masks,
@@ -176,11 +176,20 @@ def _gram_diag(act_BxSxF, mask_BxS):
 _F_CHUNK = 2048  # Gram rows are formed this many columns of F at a time
 
 
-def _group_blocks(acts, items, present, cols, w_down_FxD):
+def _group_blocks(acts, items, present, cols, w_down_FxD, shared: int = 0, acc=None):
     """Per group g, (its local Gram R[:, cols_g], R W_down) from its Gram rows R [N_g, F]
     (ridge_refit's G[cols] W_down: the same f32 sums, accumulated over batches in f64 in the
-    same order), one group at a time and R one chunk of F columns at a time."""
+    same order), one group at a time and R one chunk of F columns at a time.
+
+    shared > 0: the first `shared` columns of every group are the shared part, whose rows of
+    R W_down only enter the solve summed over groups: those rows of each C are left zero and
+    the groups' rows R[:shared] are summed into acc["shared_rows"] [shared, F] instead
+    (`_shared_rhs` multiplies once: the f64 product, most of the refit's time, shrinks from
+    sum_g N_g to shared + sum_g own rows)."""
     F = w_down_FxD.shape[0]
+    s = shared
+    if s:
+        acc["shared_rows"] = np.zeros((s, F))
     for g, c in enumerate(cols):
         N, pc = len(c), _padded(c)
         G = np.zeros((N, N))
@@ -194,11 +203,23 @@ def _group_blocks(acts, items, present, cols, w_down_FxD):
                 if g in present[i]:
                     m = jnp.asarray(g_BxS == g)
                     R += np.asarray(_gram_rows(acts[i], m, pc, start, width))[:N]
-            C += R @ np.asarray(w_down_FxD[start : start + width], np.float64)
+            C[s:] += R[s:] @ np.asarray(w_down_FxD[start : start + width], np.float64)
+            if s:
+                acc["shared_rows"][:, start : start + width] += R[:s]
             k = where[start : start + width]
             G[:, k[k >= 0]] = R[:, k >= 0]
             del R
         yield G, C
+
+
+def _shared_rhs(acc, w_down_FxD) -> np.ndarray:
+    """sum_g R_g[:shared] W_down [shared, D] (`_group_blocks`), chunk by chunk of F."""
+    R = acc.pop("shared_rows")
+    out = np.zeros((R.shape[0], w_down_FxD.shape[1]))
+    for start in range(0, R.shape[1], _F_CHUNK):
+        end = min(start + _F_CHUNK, R.shape[1])
+        out += R[:, start:end] @ np.asarray(w_down_FxD[start:end], np.float64)
+    return out
 
 
 def _padded(cols: np.ndarray) -> jax.Array:
@@ -207,10 +228,10 @@ def _padded(cols: np.ndarray) -> jax.Array:
 
 
 def _layer_f32(dense: Params, l: int) -> Params:
-    """Layer l's weights in f32 (stacked or per-layer params): one layer's copy at a time, so a
-    bf16 model is never held in f32 whole."""
+    """Layer l's weights in f32 (stacked, per-layer or read from disk): one layer's copy at a
+    time, so a bf16 model is never held in f32 whole."""
     layers = dense["layers"]
-    if isinstance(layers, list):
+    if not isinstance(layers, dict):  # a list, or layers read from disk (checkpoints.layers)
         return {k: jnp.asarray(v, jnp.float32) for k, v in layers[l].items()}
     return {k: _slice_f32(v, l) for k, v in layers.items()}
 
@@ -287,8 +308,11 @@ def sequential_refit(
         n = sum(len(q) for q in parts)
         lam = ridge * sum(float(np.sum(sq[g][c])) for g, c in enumerate(cols)) / max(n, 1)
         acts = [a for _, a in cache]
-        blocks = _group_blocks(acts, items, present, cols, w_down)
-        rows = solve_blocks(blocks, w_down, parts, uses, lam)
+        s = len(parts[0]) if len(uses) > 1 and _own_parts(parts, uses) is not None else 0
+        acc: dict[str, np.ndarray] = {}
+        blocks = _group_blocks(acts, items, present, cols, w_down, s, acc)
+        rhs = partial(_shared_rhs, acc, w_down) if s else None
+        rows = solve_blocks(blocks, w_down, parts, uses, lam, rhs)
         del w_down
         if on_layer is None:
             out.append(rows)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from readme_jax.model import llama
+from readme_jax.checkpoints import layers
+from readme_jax.model import llama, quant
 from readme_jax.model.config import LlamaConfig
 from readme_jax.refactor.targets import top_channel_mask
 
@@ -72,9 +73,10 @@ class GroupStats:
 
 
 @partial(jax.jit, static_argnames=("cfg", "E", "top_frac"))
-def _group_sums(params, tokens_BxS, groups_BxS, cfg: LlamaConfig, E: int, top_frac: float):
-    """Per layer: sums over each group's tokens of |h| and of the top-channel indicator,
-    ([L, E, F], [L, E, F]), and the token count per group [E] (group -1 = not counted)."""
+def _layer_group_sums(lp, x_BxSxD, groups_BxS, cfg: LlamaConfig, E: int, top_frac: float):
+    """One layer (`llama.block`, the forward's own layer) on its input: (its output, sums over
+    each group's tokens of |h| [E, F] and of the top-channel indicator [E, F]); group -1 =
+    not counted."""
     onehot_BxSxE = jax.nn.one_hot(groups_BxS, E)  # -1 -> all zeros
 
     def ffn(lp, x, layer):
@@ -87,8 +89,14 @@ def _group_sums(params, tokens_BxS, groups_BxS, cfg: LlamaConfig, E: int, top_fr
             jnp.einsum("bsf,bse->ef", top, onehot_BxSxE),
         )
 
-    sums = llama.forward(params, tokens_BxS, cfg, ffn=ffn, return_hidden=True)[2]
-    return sums[0], sums[1], onehot_BxSxE.sum((0, 1))
+    ctx = llama.context(cfg, groups_BxS)
+    x, _, (s_abs, s_top) = llama.block(lp, x_BxSxD, ctx, None, cfg, ffn, 0)
+    return x, s_abs, s_top
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _embed(embed_VxD, tokens_BxS, cfg: LlamaConfig):
+    return quant.take_rows(embed_VxD, tokens_BxS, llama._dtype(cfg))
 
 
 def group_stats(
@@ -101,26 +109,28 @@ def group_stats(
     desc: str = "group statistics",
 ) -> GroupStats:
     """Stream calibration batches ([b, S] tokens, -1 = padding) with each token's group ([b, S],
-    -1 = none) through the dense model. Raises ValueError when a group gets no token."""
-    p = llama.unstack_layers(dense) if not cfg.scan_layers else dense
+    -1 = none) through the dense model, one layer at a time: every batch's residual stream is
+    kept and each layer is fetched once (`checkpoints.layers.layer`; stacked, per-layer or read
+    from disk), so memory follows one layer. Raises ValueError when a group gets no token."""
     L, F = cfg.n_layers, cfg.ffn_dim
     s_abs = np.zeros((num_groups, L, F))
     s_top = np.zeros((num_groups, L, F))
     n = np.zeros(num_groups)
-    for toks, g in tqdm(list(zip(batches, groups, strict=True)), desc=desc, leave=False):
+    gs = []
+    xs = []
+    for toks, g in zip(batches, groups, strict=True):
         toks = np.asarray(toks)
         g = np.where(toks >= 0, np.asarray(g), -1)
-        a, t, c = _group_sums(
-            p,
-            jnp.asarray(np.maximum(toks, 0), jnp.int32),
-            jnp.asarray(g, jnp.int32),
-            cfg,
-            num_groups,
-            float(top_frac),
-        )
-        s_abs += np.moveaxis(np.asarray(a, np.float64), 0, 1)
-        s_top += np.moveaxis(np.asarray(t, np.float64), 0, 1)
-        n += np.asarray(c)
+        n += np.bincount(g[g >= 0].ravel(), minlength=num_groups)[:num_groups]
+        gs.append(jnp.asarray(g, jnp.int32))
+        xs.append(_embed(dense["embed"], jnp.asarray(np.maximum(toks, 0), jnp.int32), cfg))
+    for l in tqdm(range(L), desc=desc, leave=False):
+        lp = layers.layer(dense, l)
+        for i, g in enumerate(gs):
+            xs[i], a, t = _layer_group_sums(lp, xs[i], g, cfg, num_groups, float(top_frac))
+            s_abs[:, l] += np.asarray(a, np.float64)
+            s_top[:, l] += np.asarray(t, np.float64)
+        del lp
     if (n == 0).any():
         raise ValueError(f"{desc}: group(s) {np.flatnonzero(n == 0).tolist()} got no token")
     return GroupStats(s_abs / n[:, None, None], s_top / n[:, None, None], n, float(top_frac))
