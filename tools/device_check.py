@@ -42,16 +42,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from readme_jax.decode.steps import DecodeModel, dense_model, readme_model  # noqa: E402
-from readme_jax.model import llama, readme  # noqa: E402
-from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig  # noqa: E402
-from readme_jax.refactor import experts as ex  # noqa: E402
-from readme_jax.serve.backend import ModelBackend  # noqa: E402
-from readme_jax.serve.bench import costmodel as cm  # noqa: E402
-from readme_jax.serve.decode import split_params  # noqa: E402
-from readme_jax.serve.engine import Engine, EngineConfig, ServeRequest  # noqa: E402
-from readme_jax.serve.store import OffloadedExpertStore, memory_kinds  # noqa: E402
+from readme_jax.decode.steps import DecodeModel, dense_model, readme_model
+from readme_jax.model import llama, readme
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.refactor import experts as ex
+from readme_jax.serve.backend import ModelBackend
+from readme_jax.serve.bench import costmodel as cm
+from readme_jax.serve.decode import split_params
+from readme_jax.serve.engine import Engine, EngineConfig, ServeRequest
+from readme_jax.serve.store import OffloadedExpertStore, memory_kinds
 
 SHAPES = {  # vocab, width, layers, heads, kv heads, FFN width; router (dim, heads, ffn)
     "llama2-7b": dict(

@@ -14,6 +14,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target .whl/site .whl/*.whl
   export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# the accelerator image has the package uncompiled and uninstalled: the repository goes on the path
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 if [[ " $* " == *" --smoke "* ]]; then

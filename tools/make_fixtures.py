@@ -5,7 +5,8 @@
 Needs torch and transformers (the peer venv; the project venv has no torch). For each tiny random
 config it writes `tests/fixtures/<name>/`: the HF model directory (`config.json`, safetensors,
 sharded with `model.safetensors.index.json` for one of them), `tokens.npy` (int32 [B, S]) and
-`logits.npy` (float32 [B, S, V], from transformers' eager PyTorch forward of the saved model).
+`logits.npy` (float32 [B, S, V], from transformers' eager PyTorch forward of the saved model, by
+`tools/peer_logits.py` in its own process).
 Deterministic: fixed seeds, so rerunning reproduces the same files.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,10 +23,10 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).parent))
-from peer_logits import load_peer, peer_logits  # noqa: E402
-
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+# the parity peer's own command (the one tests/peer.py runs), so the fixture logits and the live
+# comparison come from the same code
+PEER_LOGITS = Path(__file__).resolve().with_name("peer_logits.py")
 
 CONFIGS = {
     # Grouped-query attention, untied head, plain RoPE, one safetensors file.
@@ -101,10 +103,11 @@ def build(name: str, spec: dict, seed: int) -> None:
 
     rng = np.random.default_rng(seed)
     tokens_BxS = rng.integers(0, cfg.vocab_size, size=(B, S), dtype=np.int32)
-    # Logits of the model as reloaded from disk: exactly the weights the tests will load.
-    logits_BxSxV = peer_logits(load_peer(str(out)), tokens_BxS)
     np.save(out / "tokens.npy", tokens_BxS)
-    np.save(out / "logits.npy", logits_BxSxV.astype(np.float32))
+    # Logits of the model as reloaded from disk: exactly the weights the tests will load.
+    peer = [sys.executable, str(PEER_LOGITS), str(out), str(out / "tokens.npy")]
+    subprocess.run([*peer, str(out / "logits.npy")], check=True)
+    logits_BxSxV = np.load(out / "logits.npy")
     files = sorted(p.name for p in out.iterdir())
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"{name}: {size / 1024:.0f} KiB, logits std {logits_BxSxV.std():.3f}, files {files}")
