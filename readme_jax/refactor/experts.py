@@ -58,7 +58,7 @@ def build_expert_spec(
 def _layer_weights(layers: Any, l: int) -> tuple[np.ndarray, np.ndarray]:
     """Layer l's (w_gate_up [D, 2, F], w_down [F, D]) as host arrays, from stacked or per-layer
     params; a stacked host-resident array is viewed, not copied."""
-    if isinstance(layers, list):
+    if not isinstance(layers, dict):
         return np.asarray(layers[l]["w_gate_up"]), np.asarray(layers[l]["w_down"])
     return np.asarray(layers["w_gate_up"])[l], np.asarray(layers["w_down"])[l]
 
@@ -75,13 +75,14 @@ def build_moe_params(
 ) -> Params:
     """Replace each layer's dense FFN by the shared expert plus E zero-padded routed experts.
 
-    dense: stacked ([L, ...] leaves) or per-layer (list) layers. The new arrays are
+    dense: stacked ([L, ...] leaves), per-layer (list) or read-per-layer (checkpoints.layers)
+    layers. The new arrays are
     shared_gate_up [L, D, 2, Fs], shared_down [L, Fs, D], expert_gate_up [L, E, D, 2, Fe] and
     expert_down [L, E, Fe, D], in the dense dtype, always stacked. Each is allocated once on the
     host, filled layer by layer, then handed to JAX and its host copy dropped before the next is
     built: the extra memory is the MoE FFN plus one of its arrays, never a second stacked copy."""
     layers = dense["layers"]
-    first = layers[0] if isinstance(layers, list) else layers
+    first = layers if isinstance(layers, dict) else layers[0]
     dt = first["w_gate_up"].dtype
     L, E = spec.shared_idx_LxFs.shape[0], spec.num_experts
     D = first["w_gate_up"].shape[-3]
@@ -105,7 +106,7 @@ def build_moe_params(
         out[dn_key] = jnp.asarray(dn, dt)
         del dn
     keep = [k for k in first if k not in ("w_gate_up", "w_down")]
-    if isinstance(layers, list):
+    if not isinstance(layers, dict):
         new_layers = {k: jnp.stack([lp[k] for lp in layers]) for k in keep}
     else:
         new_layers = {k: layers[k] for k in keep}

@@ -362,7 +362,7 @@ def refactor(
         spec = build_spec(stats.groups(), remain_rate, stats.domains, con)
     k_router, k_gates = jax.random.split(jax.random.key(seed))
     gates = init_layerwise_gates(cfg, spec.num_experts, k_gates)
-    backbone = build_moe_params(llama.stack_layers(dense), spec, gates_LxDxE=gates)
+    backbone = build_moe_params(dense, spec, gates_LxDxE=gates)  # per-layer: no stacked copy
     router = init_router(rcfg, cfg, spec.num_experts, k_router, backbone_embed_VxD=dense["embed"])
     return {"backbone": backbone, "router": router}, spec
 
