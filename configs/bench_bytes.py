@@ -18,6 +18,12 @@ def get_config() -> ConfigDict:
     c.readme_checkpoint = ""  # a Read-ME model directory; "" = dense only
     c.domain = "fiction"  # held-out tokens for perplexity and KL (launch/data.py prepares it)
     c.quality_tokens = 2048  # 0 skips the quality rows
+    # the offload engine with a Read-ME checkpoint: C of E experts on device, f32 vs low-bit
+    c.offload_capacity = 2  # 0 skips it
+    c.offload_requests = 8
+    c.offload_prompt_len = 48
+    c.offload_new_tokens = 32
+    c.offload_text = "heldout"  # held-out windows of `domain`, or "synthetic"
     c.out = ""  # a markdown file to put the table into (docs/benchmarks.md); "" = print only
     c.json = ""  # a file for the raw results
     return c

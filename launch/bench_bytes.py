@@ -4,6 +4,7 @@ bf16; model/quant.py) against f32, measured side by side in one run.
   python launch/bench_bytes.py                                  # dense SmolLM2, every form
   python launch/bench_bytes.py --config.readme_checkpoint=runs/smollm2_135m/moe_trained
   python launch/bench_bytes.py --config.modes=none,int8 --config.quality_tokens=0  # speed only
+  # with a Read-ME checkpoint, also expert bytes moved per token by the offload engine at C=2
   make bench-bytes                                              # writes docs/benchmarks.md
 
 Settings: configs/bench_bytes.py. The library: readme_jax/eval/bytes_bench.py.
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> dict:
         readme_checkpoint=c.readme_checkpoint,
         domain=c.domain,
         quality_tokens=c.quality_tokens,
+        offload_capacity=c.offload_capacity,
+        offload_requests=c.offload_requests,
+        offload_prompt_len=c.offload_prompt_len,
+        offload_new_tokens=c.offload_new_tokens,
+        offload_text=c.offload_text,
     )
     res = bytes_bench.run(bc)
     section = bytes_bench.render(res, "python launch/bench_bytes.py " + " ".join(argv))

@@ -27,7 +27,12 @@ def test_run_and_render_dense_and_readme_rows():
     cfg = m.rc.model
     dense = np_init(llama.param_shapes(cfg), np.random.default_rng(1))
     c = bytes_bench.BytesBenchConfig(
-        modes=("none", "int8"), batches=(1,), steps=5, rounds=1, quality_tokens=0
+        modes=("none", "int8"),
+        batches=(1,),
+        steps=5,
+        rounds=1,
+        quality_tokens=0,
+        offload_text="synthetic",
     )
     res = bytes_bench.run(c, dense_source=(cfg, dense), readme_source=(m.rc, m.params))
     for key in ("dense", "readme"):
@@ -39,3 +44,39 @@ def test_run_and_render_dense_and_readme_rows():
     assert res["readme"]["token_mb"]["none"] < 0.6 * res["readme"]["weight_mb"]["none"]
     text = bytes_bench.render(res, "cmd")
     assert text.startswith(bytes_bench.START) and "#### Read-ME" in text
+    assert res["offload"]["forms"]["int8"]["loads"] > 0 and "Offload engine" in text
+
+
+def test_offload_rows_count_a_quarter_of_the_f32_expert_bytes_per_token():
+    from readme_jax.testing import tiny_serve_model
+
+    sm = tiny_serve_model(num_experts=4, seed=0)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 97, 12).tolist() for _ in range(4)]
+    o = bytes_bench.offload_bytes(sm.params, prompts, 6, capacity=2)
+    f32, q8 = o["forms"]["none"], o["forms"]["int8"]
+    assert f32["loads"] > 0 and f32["same_tokens"] == q8["same_tokens"] == 4
+    # the same tokens route to the same experts: the same loads, each int8 load ~1/4 the bytes
+    assert q8["loads"] == f32["loads"]
+    ratio = f32["bytes_per_token"] / q8["bytes_per_token"]
+    assert ratio == f32["bytes_per_expert"] / q8["bytes_per_expert"] and 3.4 < ratio < 4
+    assert q8["a100_s"] < f32["a100_s"] and q8["experts_in_f32_slots"] >= 6
+    assert "Offload engine: C = 2 of 4" in "\n".join(bytes_bench.render_offload(o))
+
+
+def test_store_form_holds_the_numbers_the_offload_store_moves():
+    import dataclasses
+
+    from readme_jax.model import quant
+    from readme_jax.serve.decode import split_params
+
+    m = tiny_readme(num_experts=3, seed=0)
+    fq = bytes_bench.store_form(m.params)
+    sp = dataclasses.replace(split_params(m.rc, m.params), quant="int8")
+    for key in ("gate_up", "down"):
+        want = np.asarray(quant.dequantize(sp.store_experts[key]))  # [E, L, ...]
+        got = np.asarray(fq["backbone"]["layers"][f"expert_{key}"])  # [L, E, ...]
+        np.testing.assert_allclose(np.moveaxis(got, 0, 1), want, rtol=1e-6, atol=1e-8)
+    f32 = np.asarray(m.params["backbone"]["layers"]["shared_down"])
+    assert not np.array_equal(np.asarray(fq["backbone"]["layers"]["shared_down"]), f32)
+    assert np.array_equal(fq["router"]["embed"], m.params["router"]["embed"])  # router stays f32

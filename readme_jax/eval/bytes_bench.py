@@ -54,6 +54,13 @@ class BytesBenchConfig:
     domain: str = "fiction"
     quality_tokens: int = 2048
     window: int = 512
+    # the offload engine (Read-ME only): C of E experts on device, `offload_requests` prompts
+    # of `offload_prompt_len` held-out tokens, `offload_new_tokens` each (capacity 0 skips)
+    offload_capacity: int = 2
+    offload_requests: int = 8
+    offload_prompt_len: int = 48
+    offload_new_tokens: int = 32
+    offload_text: str = "heldout"  # or "synthetic" (see offload_prompts)
 
 
 def read_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 5) -> float:
@@ -196,8 +203,21 @@ def quality(
     return out
 
 
-def bench_model(name: str, make, params, c: BytesBenchConfig, tokens_T) -> dict:
-    """Every measurement of one model; make(mode) -> DecodeModel."""
+def store_form(params: Any) -> Any:
+    """f32 params whose matmul weights are their int8 values times their scales, quantized in
+    the stacked layout: each expert and the shared part apart, per layer and output channel,
+    as the offload store holds them (the decode layout's fused shared + expert down
+    projection shares one scale per channel instead)."""
+    q = quant.quantize_params(params["backbone"], "int8")  # the router stays f32, as served
+    bb = jax.tree.map(quant.dequantize, q, is_leaf=lambda x: isinstance(x, quant.QWeight))
+    return {**params, "backbone": bb}
+
+
+def bench_model(
+    name: str, make, params, c: BytesBenchConfig, tokens_T, offload_form: bool = False
+) -> dict:
+    """Every measurement of one model; make(mode) -> DecodeModel. offload_form (Read-ME):
+    also the quality of the int8 weights as the offload store holds them (`store_form`)."""
     models = {m: make(m) for m in c.modes}
     gens = {m: Generator(models[m], params) for m in c.modes}
     res: dict[str, Any] = {"model": name, "modes": list(c.modes)}
@@ -208,6 +228,11 @@ def bench_model(name: str, make, params, c: BytesBenchConfig, tokens_T) -> dict:
     res["tok_s"] = {m: {str(b): r for b, r in v.items()} for m, v in rates.items()}
     if tokens_T is not None:
         res["quality"] = quality(models, {m: g.params for m, g in gens.items()}, tokens_T, c.window)
+        if offload_form and "int8" in c.modes:
+            ref = models["none"]
+            both = {"none": gens["none"].params, "int8_store": ref.prepare(store_form(params))}
+            q = quality({"none": ref, "int8_store": ref}, both, tokens_T, c.window)
+            res["quality"]["int8_store"] = q["int8_store"]
     return res
 
 
@@ -243,8 +268,140 @@ def run(c: BytesBenchConfig, dense_source: Any = None, readme_source: Any = None
         readme_source = (m.rc, m.params)
     if readme_source is not None:
         rc, rparams = readme_source
-        out["readme"] = bench_model("Read-ME", lambda m: readme_model(rc, m), rparams, c, tokens_T)
+        out["readme"] = bench_model(
+            "Read-ME", lambda m: readme_model(rc, m), rparams, c, tokens_T, offload_form=True
+        )
+        if c.offload_capacity:
+            from readme_jax.serve.decode import split_params
+
+            out["offload"] = offload_bytes(
+                split_params(rc, rparams),
+                offload_prompts(c, tok, rc.model.vocab_size),
+                c.offload_new_tokens,
+                capacity=c.offload_capacity,
+                modes=[m for m in c.modes if m in ("none", "int8", "bf16")],
+            ) | {"prompts": f"{c.offload_text} ({c.domain})"}
     return out
+
+
+def offload_prompts(c: BytesBenchConfig, tok, vocab: int) -> list[list[int]]:
+    """`offload_requests` prompts of `offload_prompt_len` tokens: windows spread over `domain`'s
+    validation split (offload_text "heldout"), or distinct id ramps (offload_text "synthetic",
+    for tests and machines without the data)."""
+    n, S = c.offload_requests, c.offload_prompt_len
+    if c.offload_text == "synthetic":
+        return [[(1000 + 37 * i + j) % vocab for j in range(S)] for i in range(n)]
+    from readme_jax.checkpoints.tokenizer import load_tokenizer
+    from readme_jax.data.pipeline import load_tokens
+
+    stream = np.asarray(load_tokens(c.domain, "validation", tok or load_tokenizer()))
+    starts = np.linspace(0, len(stream) - S, n).astype(int)
+    return [stream[a : a + S].tolist() for a in starts]
+
+
+# ----------------------------------------------------------------------------- offload engine
+
+
+def sim_seconds(steps: list[dict], mc, pipelined: bool, profile: str = "a100") -> float:
+    """Seconds a run's own schedule (`RunResult.steps`) takes on a simulated accelerator
+    (serve/bench/costmodel.py) for the model costs `mc`."""
+    from readme_jax.serve.bench import costmodel as cm
+
+    clk, t = cm.CostClock(cm.PROFILES[profile](mc.layers), mc, pipelined), 0.0
+    for st in steps:
+        t += clk.duration(st, 0.0, t)
+    return t
+
+
+def offload_bytes(
+    sp,
+    prompts: Sequence[Sequence[int]],
+    new_tokens: int,
+    *,
+    capacity: int = 2,
+    modes: Sequence[str] = ("none", "int8"),
+    policy: str = "belady",
+    prefetch: bool = True,
+) -> dict:
+    """The serving engine with C = `capacity` of E experts on device, its offloaded experts
+    stored and moved in each form of `modes` (`ServeParams.quant`), on the same requests (all
+    arriving at once, greedy): expert bytes moved per generated token, loads, hit ratio,
+    tokens equal to the first form's, and the simulated A100 seconds of each run's schedule
+    (cost model at the served model's dims, and at Llama-2-7B dims with bf16 for f32)."""
+    from readme_jax.serve.backend import ModelBackend
+    from readme_jax.serve.bench import costmodel as cm
+    from readme_jax.serve.config import EngineConfig
+    from readme_jax.serve.engine import Engine, ServeRequest
+
+    longest = max(len(p) for p in prompts)
+    cfg = EngineConfig(
+        num_slots=min(8, len(prompts)),
+        max_len=longest + new_tokens + 1,
+        max_batch_tokens=max(128, longest),
+        cache_policy=policy,
+        capacity=capacity,
+        prefetch=prefetch,
+    ).for_experts(sp.num_experts)
+    reqs = [ServeRequest(i, list(p), new_tokens, seed=i) for i, p in enumerate(prompts)]
+    out: dict[str, Any] = {"capacity": cfg.capacity, "num_experts": sp.num_experts}
+    out |= {"policy": policy, "prefetch": prefetch, "new_tokens": new_tokens, "forms": {}}
+    ref = None
+    for m in modes:
+        spm = dataclasses.replace(sp, quant=m)
+        t = time.perf_counter()
+        run = Engine(ModelBackend.for_config(spm, cfg), cfg).run(reqs)
+        wall = time.perf_counter() - t
+        s = run.summary()
+        toks = [r.tokens for r in run.results]
+        ref = toks if ref is None else ref
+        mc = cm.model_cost(spm)
+        big = cm.scaled_cost(mc, "Llama-2-7B dims", **cm.LLAMA2_7B)
+        row = {k: s[k] for k in ("generated_tokens", "loads", "hits", "misses", "hit_ratio")}
+        row |= {
+            "bytes_per_expert": spm.bytes_per_expert,
+            "bytes_moved": s["bytes_moved"],
+            "bytes_per_token": s["bytes_per_token"],
+            "same_tokens": sum(a == b for a, b in zip(toks, ref, strict=True)),
+            "requests": len(reqs),
+            "wall_s": wall,
+            "a100_s": sim_seconds(run.steps, mc, prefetch),
+            "a100_7b_s": sim_seconds(run.steps, big, prefetch),
+            "a100_7b_bytes_per_expert": big.bytes_per_expert,
+            # experts that the f32 run's C slots of device memory hold in this form
+            "experts_in_f32_slots": mc.experts_in(cfg.capacity * sp.bytes_per_expert),
+        }
+        out["forms"][m] = row
+    return out
+
+
+def render_offload(o: dict) -> list[str]:
+    """Markdown lines of `offload_bytes`' results."""
+    f = o["forms"]
+    ref = next(iter(f.values()))
+    lines = [
+        "",
+        f"#### Offload engine: C = {o['capacity']} of {o['num_experts']} experts on device "
+        f"({o['policy']}, {'prefetch' if o['prefetch'] else 'on demand'}; "
+        f"{ref['requests']} {o.get('prompts', 'given')} prompts, "
+        f"{o['new_tokens']} new tokens each)",
+        "",
+        "| experts stored and moved as | MB per expert | loads | hit ratio | expert MB moved "
+        "per token (x fewer) | same tokens as f32 | A100 sim s (x faster) | A100 sim s, "
+        "Llama-2-7B dims | experts in f32's C slots |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in f.items():
+        fewer = ref["bytes_per_token"] / r["bytes_per_token"] if r["bytes_per_token"] else 0.0
+        name = MODE_NAMES.get(m, m) if m != "none" else "f32 (7B dims: bf16)"
+        lines.append(
+            f"| {name} | {r['bytes_per_expert'] / 1e6:.2f} | {r['loads']} | "
+            f"{r['hit_ratio']:.1%} | {r['bytes_per_token'] / 1e6:.2f} ({fewer:.2f}x) | "
+            f"{r['same_tokens']}/{r['requests']} | "
+            f"{r['a100_s']:.4f} ({ref['a100_s'] / r['a100_s']:.2f}x) | "
+            f"{r['a100_7b_s']:.3f} ({ref['a100_7b_s'] / r['a100_7b_s']:.2f}x) | "
+            f"{r['experts_in_f32_slots']} |"
+        )
+    return lines
 
 
 MODE_NAMES = {
@@ -253,6 +410,7 @@ MODE_NAMES = {
     "bf16": "bf16",
     "int8_act": "int8 w8a8 (Qwix, 8-bit inputs)",
     "int8_qwix": "int8 (Qwix dequantize + f32 dot)",
+    "int8_store": "int8 as the offload store holds it (shared and experts apart; f32 dot)",
 }
 
 
@@ -302,12 +460,14 @@ def render(res: dict, cmd: str) -> str:
                 "| weights | perplexity | vs f32 | KL | top-1 |",
                 "|---|---|---|---|---|",
             ]
-            for m in r["modes"]:
+            for m in q:
                 d = q[m]["ppl"] / q["none"]["ppl"] - 1
                 lines.append(
                     f"| {MODE_NAMES.get(m, m)} | {q[m]['ppl']:.3f} | {d:+.2%} | "
                     f"{q[m]['kl']:.4f} | {q[m]['top1']:.1%} |"
                 )
+    if "offload" in res:
+        lines += render_offload(res["offload"])
     lines.append(END)
     return "\n".join(lines)
 

@@ -3,10 +3,13 @@
 Dimension letters: E experts, C cache slots, L layers, D width, F ffn width.
 
 The routed experts are any pytree whose leaves carry a leading expert axis, e.g.
-{"w_gate_up": [E, L, D, 2, F], "w_down": [E, L, F, D]}. Each expert's slice is kept as its own
-host array (`memory_kind="pinned_host"`, or NumPy where the backend has no memory kinds), so a
-load is one host->device `device_put` plus a jitted, donated `dynamic_update_index_in_dim` into
-the slot buffer (leaves [C, ...]; no copy of the whole buffer). Both are dispatched
+{"w_gate_up": [E, L, D, 2, F], "w_down": [E, L, F, D]}, or the same in a low-bit form
+(`quant.quantize_experts`: int8 values and f32 scales are the leaves, so a load moves the
+stored bytes, a quarter of f32's, and the slots hold int8 `QWeight`s that the steps read).
+Each expert's slice is kept as its own host array (`memory_kind="pinned_host"`, or NumPy
+where the backend has no memory kinds), so a load is one host->device `device_put` plus a
+jitted, donated `dynamic_update_index_in_dim` into the slot buffer (leaves [C, ...]; no copy
+of the whole buffer). Both are dispatched
 asynchronously: `load` returns before the copy lands. The compute reads
 `store.slots` and maps tokens to slots with `slot_of` (kept in step with an `ExpertCache`).
 
@@ -80,7 +83,7 @@ class OffloadedExpertStore:
         self.device = device or jax.devices()[0]
         kinds = memory_kinds(self.device)
         self.host_memory_kind = host_memory_kind if host_memory_kind in kinds else None
-        self._device_sharding = jax.sharding.SingleDeviceSharding(
+        self._device_sharding = jax.sharding.make_single_device_sharding(
             self.device, memory_kind="device" if "device" in kinds else None
         )
         self.layer_axis = layer_axis
@@ -127,7 +130,9 @@ class OffloadedExpertStore:
     def _to_host(self, tree: Any) -> Any:
         if self.host_memory_kind is None:
             return jax.tree.map(np.array, tree)  # own copy, not a view of the caller's array
-        sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind=self.host_memory_kind)
+        sharding = jax.sharding.make_single_device_sharding(
+            self.device, memory_kind=self.host_memory_kind
+        )
         return jax.device_put(tree, sharding)
 
     def host_expert(self, expert: int) -> Any:
