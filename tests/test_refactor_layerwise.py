@@ -315,3 +315,40 @@ def test_layers_read_from_disk_equal_the_loaded_model(tmp_path):
         for k in want:
             assert got[k].dtype == want[k].dtype
             np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_an_interrupted_refactor_resumes_at_the_next_layer(tmp_path, monkeypatch):
+    p = llama.init_params(CFG, jax.random.key(6))
+    domain_batches = {d: _batches(i + 1, CFG, 3) for i, d in enumerate("abc")}
+    st = stats.collect_stats(p, CFG, domain_batches, {})
+    args = (
+        p,
+        CFG,
+        st,
+        0.5,
+        RouterConfig(16, 2, 32),
+        reconstruct.ReconstructConfig(),
+        domain_batches,
+    )
+    want, _ = layerwise.refactor_per_layer(*args)
+    solve, solved = reconstruct.solve_blocks, []
+
+    def interrupted(*a, **kw):
+        if len(solved) == 2:
+            raise KeyboardInterrupt
+        solved.append(1)
+        return solve(*a, **kw)
+
+    monkeypatch.setattr(reconstruct, "solve_blocks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        layerwise.refactor_per_layer(*args, resume_dir=tmp_path)
+    solved.clear()
+    monkeypatch.setattr(
+        reconstruct, "solve_blocks", lambda *a, **kw: solved.append(1) or solve(*a, **kw)
+    )
+    got, _ = layerwise.refactor_per_layer(*args, resume_dir=tmp_path)
+    assert len(solved) == CFG.n_layers - 2  # the two finished layers are not refit again
+    for (k, x), (_, y) in zip(
+        jax.tree.leaves_with_path(want), jax.tree.leaves_with_path(got), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=str(k))

@@ -41,14 +41,21 @@ class DiskArrays:
     """An `alloc` whose arrays are .npy files in `root`, memory-mapped; `release()` writes the
     pages touched so far back and unmaps them from this process (they stay in the files)."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, reuse: bool = False):
+        """reuse: open arrays already in `root` (of the asked shape) instead of zeroing them."""
+        self.root, self.reuse = Path(root), reuse
         self.root.mkdir(parents=True, exist_ok=True)
         self.maps: list[np.memmap] = []
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         raw = np.dtype(np.uint16) if dtype == ml_dtypes.bfloat16 else dtype  # .npy has no bf16
-        m = np.lib.format.open_memmap(self.root / f"{name}.npy", "w+", raw, shape)
+        f = self.root / f"{name}.npy"
+        m = None
+        if self.reuse and f.exists():
+            m = np.load(f, mmap_mode="r+")
+            m = m if (m.shape, m.dtype) == (tuple(shape), raw) else None
+        if m is None:
+            m = np.lib.format.open_memmap(f, "w+", raw, shape)
         self.maps.append(m)
         return m.view(dtype)
 
@@ -93,6 +100,7 @@ def refactor_per_layer(
     construction: Construction | None = None,
     alloc: Alloc | None = None,
     as_jax: bool = True,
+    resume_dir: str | Path | None = None,
 ) -> tuple[Params, ExpertSpec]:
     """Read-ME params {"backbone", "router"} and the expert spec: `pipeline.refactor` then
     `reconstruct.at_refactor(..., with_static=False)` in one pass over the layers.
@@ -101,11 +109,18 @@ def refactor_per_layer(
     arrays). as_jax: hand each to JAX at the end, one at a time (else the backbone's layers stay
     the allocated arrays, e.g. memory-mapped files for `save_readme`). domain_batches: the
     calibration batches (refit.mode "none": unused). Memory beyond those arrays: one dense layer
-    and the refit's working set (`reconstruct.sequential_refit`)."""
+    and the refit's working set (`reconstruct.sequential_refit`).
+
+    resume_dir: build the arrays in files there (`DiskArrays`) and save the refit's progress
+    after each layer; a call with the same arguments after an interruption keeps the finished
+    layers and starts at the next one (the statistics must be the same: the calibrate stage
+    caches them)."""
     spec = experts_spec(stats, remain_rate, construction or Construction())
     E, L = spec.num_experts, cfg.n_layers
     k_router, k_gates = jax.random.split(jax.random.key(seed))
     gates = init_layerwise_gates(cfg, E, k_gates)
+    if resume_dir is not None:
+        alloc = DiskArrays(Path(resume_dir) / "arrays", reuse=True)
     alloc = alloc or _host_alloc
     first = host_layer(dense, 0)
     dt = first["w_down"].dtype
@@ -144,7 +159,9 @@ def refactor_per_layer(
         batches, groups = _refit_tokens(dense, cfg, spec, domain_batches, refit.calib_sequences)
         parts = reconstruct.readme_parts(spec)
         desc = "refactor per layer"
-        reconstruct.sequential_refit(dense, cfg, batches, groups, parts, refit.ridge, desc, write)
+        reconstruct.sequential_refit(
+            dense, cfg, batches, groups, parts, refit.ridge, desc, write, resume_dir
+        )
     layers = {}
     for k in list(out):  # one host array at a time becomes a JAX array
         layers[k] = jnp.asarray(out.pop(k)) if as_jax else out.pop(k)

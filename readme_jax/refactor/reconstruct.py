@@ -28,7 +28,9 @@ static pruning 87.7 -> 47.8 ppl with this refit; Read-ME's experts with domain-o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -270,6 +272,7 @@ def sequential_refit(
     ridge: float,
     desc: str = "reconstruct",
     on_layer: Callable[[int, list[np.ndarray]], None] | None = None,
+    resume: str | Path | None = None,
 ) -> list[list[np.ndarray]]:
     """Refit every layer in order, each on the inputs the refit earlier layers produce.
 
@@ -284,16 +287,27 @@ def sequential_refit(
     block solve (refactor/block_solve.py). The sums are those of the full-Gram path, so the rows
     match `ridge_refit` on full Grams to rounding. Memory follows one layer: its weights in f32
     (the model stays in its dtype), one group's rows, the groups' [N_g, N_g] blocks and the
-    calibration tokens' activations. Raises ValueError if token_groups does not match."""
+    calibration tokens' activations. Raises ValueError if token_groups does not match.
+
+    resume (with on_layer, which must persist what it writes): a directory where the next
+    layer's inputs are saved after each layer (`RefitState`); a run that finds them there
+    starts at that layer instead of the first."""
+    if resume is not None and on_layer is None:
+        raise ValueError("resume needs on_layer: the rows of finished layers are not returned")
     if len(token_groups) != len(batches) or any(
         np.shape(g) != np.shape(t) for g, t in zip(token_groups, batches, strict=False)
     ):
         raise ValueError("token_groups must give one [b, S] group array per calibration batch")
     items = [_grouped(t, g) for t, g in zip(batches, token_groups, strict=True)]
     embed = dense["embed"]
-    xs = [jnp.asarray(embed[t], jnp.float32) for t, _ in items]
+    state = None if resume is None else RefitState(resume, items, ridge)
+    saved = None if state is None else state.load()
+    if saved is not None:
+        start, xs = saved
+    else:
+        start, xs = 0, [jnp.asarray(embed[t], jnp.float32) for t, _ in items]
     out = []
-    for l in tqdm(range(cfg.n_layers), desc=desc, leave=False):
+    for l in tqdm(range(start, cfg.n_layers), desc=desc, leave=False):
         lp = _layer_f32(dense, l)
         parts, uses = parts_fn(l)
         cols = [np.concatenate([parts[j] for j in used]).astype(np.int64) for used in uses]
@@ -328,7 +342,44 @@ def sequential_refit(
                 y = y + yg
             xs[i] = y
         del cache, acts
+        if state is not None:
+            state.save(l + 1, xs)
     return out
+
+
+class RefitState:
+    """The refit's progress in `root`/refit_state.npz: the next layer and its inputs (one f32
+    [b, S, D] array per calibration batch), replaced atomically after each layer; a key of the
+    calibration tokens, their groups and the ridge guards against resuming another refit."""
+
+    def __init__(self, root: str | Path, items, ridge: float):
+        self.path = Path(root) / "refit_state.npz"
+        h = hashlib.sha256(repr(float(ridge)).encode())
+        for t, g in items:
+            h.update(np.asarray(t).tobytes())
+            h.update(np.asarray(g, np.int64).tobytes())
+        self.key = h.hexdigest()
+
+    def load(self) -> tuple[int, list[jax.Array]] | None:
+        """(next layer, its inputs), or None when nothing was saved. Raises ValueError when the
+        saved state belongs to other calibration tokens."""
+        if not self.path.exists():
+            return None
+        with np.load(self.path) as z:
+            if str(z["key"]) != self.key:
+                raise ValueError(
+                    f"{self.path} holds the progress of a refit on other calibration tokens; "
+                    "delete it to start over"
+                )
+            n = len([k for k in z.files if k.startswith("x")])
+            return int(z["next_layer"]), [jnp.asarray(z[f"x{i}"]) for i in range(n)]
+
+    def save(self, next_layer: int, xs: Sequence[jax.Array]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        arrays = {f"x{i}": np.asarray(x) for i, x in enumerate(xs)}
+        np.savez(tmp, next_layer=next_layer, key=self.key, **arrays)
+        os.replace(tmp, self.path)
 
 
 # ---------------------------------------------------------------- Read-ME and static builders
