@@ -28,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -40,6 +41,7 @@ import numpy as np
 import psutil
 
 from readme_jax.checkpoints import hf, layers, models
+from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.decode.generator import Generator
 from readme_jax.decode.steps import readme_model
 from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
@@ -155,6 +157,29 @@ def calib_batches(a, V: int) -> dict[str, list[np.ndarray]]:
     return out
 
 
+class ConsumingArrays(layerwise.DiskArrays):
+    """DiskArrays that also deletes each checkpoint shard once every layer it holds is built
+    (--consume-checkpoint: a disk without room for the dense model and its MoE at once; the
+    random checkpoint is deleted at the end anyway). Layers finish in order, one release each."""
+
+    def __init__(self, root: Path, ckpt: Path):
+        super().__init__(root)
+        self.ckpt, self.done, self.last = ckpt, -1, {}
+        weight_map = json.loads((ckpt / hf.INDEX_NAME).read_text())["weight_map"]
+        for name, f in weight_map.items():
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            old = self.last.get(f, -1)
+            self.last[f] = None if m is None or old is None else max(old, int(m.group(1)))
+
+    def release(self) -> None:
+        super().release()
+        self.done += 1
+        for f, last in list(self.last.items()):
+            if last is not None and last <= self.done:
+                (self.ckpt / f).unlink()
+                del self.last[f]
+
+
 def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
     """load -> calibrate -> refactor -> save: the pipeline's calibrate and refactor stages with
     the paper's construction and the default refit, one layer at a time."""
@@ -167,6 +192,8 @@ def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
     rcfg = reconstruct.ReconstructConfig("lstsq", a.ridge, a.refit_seqs)
     arrays = moe_dir.parent / "moe_arrays"
     alloc = layerwise.DiskArrays(arrays) if a.moe_arrays == "disk" else None
+    if a.consume_checkpoint:
+        alloc = ConsumingArrays(arrays, ckpt)
     args = (dense, cfg, stats, a.remain_rate, router, rcfg, batches, a.seed, None, alloc, False)
     params, spec = meter.stage("refactor", layerwise.refactor_per_layer, *args)
     del dense
@@ -209,6 +236,12 @@ def main() -> None:
         default="host",
         help="where the Read-ME backbone's arrays are built: host memory or mapped files",
     )
+    ap.add_argument(
+        "--consume-checkpoint",
+        action="store_true",
+        help="(implies --moe-arrays disk) write one layer per shard and delete each shard once "
+        "its layers are built, for a disk without room for both models",
+    )
     ap.add_argument("--channel-spread", type=float, default=0.1)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -229,7 +262,9 @@ def main() -> None:
     if not a.keep:
         meter.on_abort = lambda: shutil.rmtree(work, ignore_errors=True)
     try:
-        meter.stage("write", hf.write_hf, ckpt, cfg, random_tensor(a.channel_spread, a.seed))
+        shard = cfg.param_count() * 2 // (cfg.n_layers + 1) if a.consume_checkpoint else 5 * GB
+        tensors = random_tensor(a.channel_spread, a.seed)
+        meter.stage("write", hf.write_hf, ckpt, cfg, tensors, int(shard))
         ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         print(f"checkpoint: {cfg.param_count() / 1e9:.2f}B params, {ckpt_bytes / GB:.2f} GB")
         widths = convert(a, meter, ckpt, moe_dir)
@@ -237,6 +272,9 @@ def main() -> None:
         m = meter.stage("load MoE", models.load_readme, moe_dir)
         toks = meter.stage("generate", generate, m, a.new_tokens)
         moe_bytes = sum(f.stat().st_size for f in moe_dir.rglob("*") if f.is_file())
+    except CheckpointError as e:  # e.g. no room on disk for the Read-ME model: say where
+        print(f"stopped in stage {meter.current!r}: {e}", flush=True)
+        raise SystemExit(4) from e
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
