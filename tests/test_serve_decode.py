@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from readme_jax.decode.steps import SlotState
 from readme_jax.model.readme import readme_forward
 from readme_jax.model.sampling import sample_rows
 from readme_jax.serve import decode as dec
@@ -73,7 +74,7 @@ def _greedy(d, slots, row, prompt, n, cuts=(), slot_map=lambda e: e):
         wt, act = np.zeros((N, 1), np.float32), np.zeros(N, bool)
         tk[row], sl[row, 0], wt[row], act[row] = toks[-1], slot_map(exps[-1]), w, True
         sp = (np.zeros(N), np.zeros(N), np.ones(N), np.zeros(N), np.full(N, i))
-        t, e, w = (np.asarray(x) for x in d.decode(slots, tk, sl, wt, act, sp))
+        t, e, w = (np.asarray(x) for x in d.decode(slots, SlotState(tk, sl, wt, act, sp)))
         toks.append(int(t[row]))
         exps.append(int(e[row, 0]))
         w = w[row]
@@ -160,7 +161,7 @@ def test_offloaded_slot_decode_equals_all_resident(model):
         wt, act = np.zeros((N, 1), np.float32), np.zeros(N, bool)
         wt[0], act[0] = w, True
         sp_n = (np.zeros(N), np.zeros(N), np.ones(N), np.zeros(N), np.full(N, i))
-        t, e, w = (np.asarray(x) for x in d.decode(store.slots, tk, sl, wt, act, sp_n))
+        t, e, w = (np.asarray(x) for x in d.decode(store.slots, SlotState(tk, sl, wt, act, sp_n)))
         out.append(int(t[0]))
         exps.append(int(e[0, 0]))
         w = w[0]

@@ -220,25 +220,40 @@ def _route_next(rc, router, tok_B, rcache, n_B):
 # ----------------------------------------------------------------------------- engine steps
 
 
-def decode_step(
-    params, slots, cache, rcache, tok_N, exp_NxA, w_NxA, active_N, sp_N, *, rc, sampled: bool
-):
+@flax.struct.dataclass
+class SlotState:
+    """The request slots' inputs to one decode step (N rows, A experts per token).
+
+    tok_N: int32 [N], each row's last token. exp_NxA: int32 [N, A], that token's experts:
+    expert ids for the in-graph source, slot ids for slot buffers. w_NxA: float32 [N, A], its
+    routing weights. active_N: bool [N], the rows that decode (the others neither advance
+    their caches nor run an expert). sp: per-row sampling (temperature, top_k, top_p, seed,
+    count), five arrays [N]."""
+
+    tok_N: jax.Array
+    exp_NxA: jax.Array
+    w_NxA: jax.Array
+    active_N: jax.Array
+    sp: tuple
+
+
+def decode_step(params, slots, cache, rcache, rows: SlotState, *, rc, sampled: bool):
     """One token for every active slot row. params: {"backbone", "router"}; slots: None (the
-    in-graph experts, exp_NxA expert ids) or slot buffers (exp_NxA slot ids). sp_N:
-    (temperature, top_k, top_p, seed, count) [N]. Returns (next tokens [N], their experts
-    [N, A], weights [N, A], cache, rcache); inactive rows do not advance."""
-    n_N = active_N.astype(jnp.int32)
-    w_NxA = jnp.where(active_N[:, None], w_NxA, 0.0)
+    in-graph experts, rows.exp_NxA expert ids) or slot buffers (rows.exp_NxA slot ids).
+    Returns (next tokens [N], their experts [N, A], weights [N, A], cache, rcache); inactive
+    rows do not advance."""
+    n_N = rows.active_N.astype(jnp.int32)
+    w_NxA = jnp.where(rows.active_N[:, None], rows.w_NxA, 0.0)
     logits, cache = backbone(
         rc,
         params["backbone"],
-        tok_N[:, None],
+        rows.tok_N[:, None],
         cache,
-        (exp_NxA[:, None], w_NxA[:, None]),
+        (rows.exp_NxA[:, None], w_NxA[:, None]),
         n_N,
         slots=slots,
     )
-    nxt_N = _sample(logits[:, 0], sp_N, sampled)
+    nxt_N = _sample(logits[:, 0], rows.sp, sampled)
     e, w, rcache = _route_next(rc, params["router"], nxt_N, rcache, n_N)
     return nxt_N, e, w, cache, rcache
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from readme_jax.decode.steps import SlotState
 from readme_jax.serve.decode import ServeParams, SlotDecoder
 from readme_jax.serve.store import OffloadedExpertStore
 
@@ -130,10 +131,10 @@ class ModelBackend:
         handle = self._take_ahead(tok, slot_NxA, w_NxA, active, sp)
         if handle is None:
             slots = None if self.in_graph else self.store.slots
-            handle = self.decoder.decode(slots, tok, slot_NxA, w_NxA, active, sp)
+            handle = self.decoder.decode(slots, SlotState(tok, slot_NxA, w_NxA, active, sp))
         if lookahead and self.in_graph:
             nxt_sp = (*sp[:4], sp[4] + active)
-            ahead = self.decoder.decode(None, handle[0], handle[1], handle[2], active, nxt_sp)
+            ahead = self.decoder.decode(None, SlotState(*handle, active, nxt_sp))
             self._ahead = (handle, active, nxt_sp, ahead)
         return handle
 

@@ -235,20 +235,24 @@ class SlotDecoder:
             self.cache = {**self.cache, "lengths": self.cache["lengths"] - back}
             self.rcache = {**self.rcache, "lengths": self.rcache["lengths"] - back}
 
-    def decode(self, slots, tok_N, slot_NxA, w_NxA, active_N, sp_N):
+    def decode(self, slots, rows: steps.SlotState):
         """Dispatch one decode step over all slots (slots None: in-graph experts, slot ids =
-        expert ids); returns device (tok [N], experts [N, A], weights [N, A])."""
-        spa = _sp_arrays(sp_N)
+        expert ids); rows' fields may be host or device arrays. Returns device (tok [N],
+        experts [N, A], weights [N, A])."""
+        spa = _sp_arrays(rows.sp)
+        rows = steps.SlotState(
+            self._on_device(rows.tok_N, np.int32),  # device arrays: the lookahead step, no sync
+            self._on_device(rows.exp_NxA, np.int32),
+            self._on_device(rows.w_NxA, np.float32),
+            np.asarray(rows.active_N, bool),
+            spa,
+        )
         nxt, e, w, self.cache, self.rcache = steps.decode_jit(
             self.params if slots is not None else self.graph,
             slots,
             self.cache,
             self.rcache,
-            self._on_device(tok_N, np.int32),  # device arrays: the lookahead step, no sync
-            self._on_device(slot_NxA, np.int32),
-            self._on_device(w_NxA, np.float32),
-            np.asarray(active_N, bool),
-            spa,
+            rows,
             rc=self.rc,
             sampled=bool(np.any(spa[0] > 0)),
         )
