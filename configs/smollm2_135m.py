@@ -65,6 +65,10 @@ def get_config(variant: str = "") -> ConfigDict:
     # clustering unit: 0 = tokens; N > 0 = N-token context chunks (refactor/cluster.py:
     # chunk_assign; route them with train.target_prefix=True)
     c.refactor.cluster_chunk = 0
+    # with clustering: a Read-ME model directory (e.g. an earlier run's moe_router) whose trained
+    # router groups the calibration tokens instead of k-means; the experts are built around the
+    # router's partition, refit on it, and the model starts from that router
+    c.refactor.cluster_router = ""
     # expert construction (refactor/construct.py; docs/logbook/construction.md): the channel
     # score ("magnitude" = mean |h|, the paper's; "frequency" = activation rate, CMoE's), the
     # shared rule ("intersection" of the experts' top sets, the paper's; "core" = the top

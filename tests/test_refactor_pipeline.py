@@ -90,3 +90,31 @@ def test_parse_domains_needs_two():
     assert parse_domains("a, b=/x") == {"a": None, "b": "/x"}
     with pytest.raises(ValueError, match="at least 2 domains"):
         parse_domains("only")
+
+
+def test_experts_built_around_a_trained_router(recipe, tmp_path):
+    """refactor.cluster_router: the calibration tokens grouped by a saved model's router, the
+    experts built and refit on those groups, and the new model starts from that router."""
+    from readme_jax.model.config import ConfigError
+    from readme_jax.refactor.cluster import router_assign
+
+    src = models.load_dense(recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed)
+    k3 = build_readme(dataclasses.replace(recipe, clusters=3), source=src).model
+    # a router that is not the init of a fresh build: perturb its head
+    k3.params["router"]["head"] = k3.params["router"]["head"] * 50.0
+    path = models.save_readme(tmp_path / "r", k3.params, k3.rc, k3.spec, k3.meta)
+    r = dataclasses.replace(recipe, clusters=3, cluster_router=str(path))
+    built = build_readme(r, source=src)
+    m = built.model
+    assert m.meta["recipe"]["cluster_router"] == str(path) and m.spec.num_experts == 3
+    np.testing.assert_array_equal(m.params["router"]["head"], k3.params["router"]["head"])
+    # the statistics' groups are the router's top-1 choices
+    rows = [b for bs in r.batches(src[2]).values() for b in bs]
+    g = np.concatenate(
+        [x.ravel() for x in router_assign(k3.params["router"], k3.rc.router, src[0], rows)]
+    )
+    assert built.stats.n_tokens == [int((g == e).sum()) for e in range(3)]
+    with pytest.raises(ConfigError, match="num_clusters=3"):
+        build_readme(dataclasses.replace(r, clusters=2), source=src)
+    with pytest.raises(ConfigError, match="refactor.clustering"):
+        dataclasses.replace(recipe, cluster_router=str(path)).check()

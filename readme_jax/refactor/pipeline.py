@@ -39,7 +39,7 @@ from readme_jax.model.config import (
 from readme_jax.model.router import init_layerwise_gates, init_router
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor import reconstruct
-from readme_jax.refactor.cluster import chunk_assign, cluster_assign
+from readme_jax.refactor.cluster import chunk_assign, cluster_assign, router_assign
 from readme_jax.refactor.construct import (
     Construction,
     build_spec,
@@ -64,6 +64,7 @@ RUN_CONFIG_KEYS = {
     "seq_len": "calib.seq_len",
     "clusters": "refactor.num_clusters",
     "cluster_chunk": "refactor.cluster_chunk",
+    "cluster_router": "refactor.cluster_router",
     "top_k": "moe.top_k",
     "dispatch": "moe.dispatch",
     "dtype": "model.dtype",
@@ -84,7 +85,11 @@ class Recipe:
     num_sequences, seq_len, split: calibration text per domain (sequences x tokens).
     clusters: 0 = one expert per domain; k > 0 = k experts from k-means clusters of pooled
     token activations (`refactor/cluster.py`); cluster_chunk > 0 clusters contexts of that
-    many tokens instead of tokens (`cluster.chunk_assign`).
+    many tokens instead of tokens (`cluster.chunk_assign`); cluster_router = a Read-ME model
+    directory: the groups are the tokens its trained router sends to each expert
+    (`cluster.router_assign`; `clusters` = its number of experts), the experts are refit on those
+    groups and the model starts from that router: experts built around a partition the router
+    reaches.
     construction: which channels the shared core and each expert keep (refactor/construct.py).
     refit: the least-squares refit of the kept channels' down rows (refactor/reconstruct.py);
     local: layer-local distillation after it (refactor/local_distill.py; 0 steps = off).
@@ -101,6 +106,7 @@ class Recipe:
     remain_rate: float = 0.5
     clusters: int = 0
     cluster_chunk: int = 0
+    cluster_router: str = ""
     dtype: str = "float32"
     scan_layers: bool = False
     data_cache: str | None = None
@@ -142,6 +148,13 @@ class Recipe:
                 value = getattr(getattr(self, node) if node else self, leaf)
                 raise ConfigError(f"{key}={value!r} is out of range: allowed {allowed}")
         self.construction.check()
+        if self.cluster_router and not self.clusters:
+            raise ConfigError(
+                f"{keys.get('cluster_router', 'cluster_router')}={self.cluster_router!r} groups "
+                "tokens by a router: it needs clustered experts (refactor.clustering=True)"
+            )
+        if self.cluster_router and self.cluster_chunk:
+            raise ConfigError("cluster_router and cluster_chunk exclude each other: choose one")
         if self.local.steps > 0 and self.clusters:
             raise ConfigError(
                 "refactor.local_steps > 0 needs one expert per domain, but refactor.clustering "
@@ -168,6 +181,7 @@ class Recipe:
             remain_rate=c.refactor.remain_rate,
             clusters=k,
             cluster_chunk=c.refactor.get("cluster_chunk", 0) if k else 0,
+            cluster_router=c.refactor.get("cluster_router", "") if k else "",
             dtype=c.model.dtype,
             scan_layers=c.model.scan_layers,
             data_cache=c.data.cache or None,
@@ -212,6 +226,8 @@ class Recipe:
         }
         if self.clusters and self.cluster_chunk:
             rec["cluster_chunk"] = self.cluster_chunk
+        if self.clusters and self.cluster_router:
+            rec["cluster_router"] = self.cluster_router
         return rec | ({"clusters": self.clusters} if self.clusters else {})
 
     def describe(self, tokenizer_name: str) -> dict[str, Any]:
@@ -391,7 +407,9 @@ def calibrate_recipe(
         if saved == rec and st.rate_ExLxF is not None:
             return st
     pooled = [b for bs in batches.values() for b in bs]
-    if recipe.cluster_chunk:
+    if recipe.cluster_router:
+        groups = _router_groups(recipe, cfg, pooled)
+    elif recipe.cluster_chunk:
         groups = chunk_assign(
             dense, cfg, pooled, recipe.clusters, recipe.cluster_chunk, seed=recipe.seed
         )
@@ -400,6 +418,8 @@ def calibrate_recipe(
     g = group_stats(dense, cfg, pooled, groups, recipe.clusters, desc="calibrate clusters")
     sizes = g.n_tokens.astype(int).tolist()
     method = {"method": "spherical k-means", "proj_per_layer": 8, "seed": recipe.seed}
+    if recipe.cluster_router:
+        method = {"method": "router top-1", "router": recipe.cluster_router}
     st = ActivationStats(
         [f"cluster{j}" for j in range(recipe.clusters)],
         g.mean_abs_ExLxF,
@@ -443,12 +463,39 @@ def static_control(
     return StaticControl(kept, w)
 
 
-def _refit_context_clusters(recipe, dense, cfg, params, spec, batches):
-    """The refit of context-clustered experts: every calibration token on the expert of its
-    causal-prefix oracle (`construct.prefix_groups`, the target train.target_prefix trains the
-    router towards), instead of its own token's (reconstruct.target_expert_groups)."""
+def _cluster_router(recipe: Recipe, cfg: LlamaConfig) -> models.ReadMEModel:
+    """The Read-ME model whose router groups the tokens (recipe.cluster_router), checked."""
+    rm = models.load_readme(recipe.cluster_router)
+    if rm.rc.router != recipe.router:
+        raise ConfigError(
+            f"refactor.cluster_router={recipe.cluster_router!r} has a router of {rm.rc.router}; "
+            f"the recipe's is {recipe.router}: set router.* to match"
+        )
+    if rm.rc.moe.num_experts != recipe.clusters or rm.rc.model.vocab_size != cfg.vocab_size:
+        raise ConfigError(
+            f"refactor.cluster_router={recipe.cluster_router!r} routes over "
+            f"{rm.rc.moe.num_experts} experts and {rm.rc.model.vocab_size} token ids; the recipe "
+            f"asks for {recipe.clusters} clusters of a {cfg.vocab_size}-token model: set "
+            f"refactor.num_clusters={rm.rc.moe.num_experts} or use a router of this model"
+        )
+    return rm
+
+
+def _router_groups(recipe: Recipe, cfg: LlamaConfig, batches: list[np.ndarray]):
+    rm = _cluster_router(recipe, cfg)
+    return router_assign(rm.params["router"], rm.rc.router, cfg, batches)
+
+
+def _refit_by_groups(recipe, dense, cfg, params, spec, batches):
+    """The refit of experts whose tokens are not grouped by Eq. 4's token oracle
+    (reconstruct.target_expert_groups): context clusters by their causal-prefix oracle
+    (`construct.prefix_groups`, the target train.target_prefix trains the router towards), router
+    clusters by the router's own choice (`cluster.router_assign`)."""
     rows_in = [b for bs in _refit_subset(recipe, batches).values() for b in bs]
-    groups = prefix_groups(dense, cfg, spec, rows_in, 0.5)
+    if recipe.cluster_router:
+        groups, what = _router_groups(recipe, cfg, rows_in), "router clusters"
+    else:
+        groups, what = prefix_groups(dense, cfg, spec, rows_in, 0.5), "context clusters"
     rows = reconstruct.sequential_refit(
         dense,
         cfg,
@@ -456,7 +503,7 @@ def _refit_context_clusters(recipe, dense, cfg, params, spec, batches):
         groups,
         reconstruct.readme_parts(spec),
         recipe.refit.ridge,
-        "reconstruct Read-ME (context clusters)",
+        f"reconstruct Read-ME ({what})",
     )
     return {**params, "backbone": refit_rows(params["backbone"], spec, rows)}
 
@@ -496,8 +543,10 @@ def build_readme(
     )
     needs_batches = recipe.refit.mode != "none" or recipe.local.steps > 0
     batches = recipe.batches(tok) if needs_batches else None
-    if recipe.refit.mode != "none" and recipe.cluster_chunk:
-        params = _refit_context_clusters(recipe, dense, cfg, params, spec, batches)
+    if recipe.cluster_router:  # start from the router the experts were built around
+        params = {**params, "router": _cluster_router(recipe, cfg).params["router"]}
+    if recipe.refit.mode != "none" and (recipe.cluster_chunk or recipe.cluster_router):
+        params = _refit_by_groups(recipe, dense, cfg, params, spec, batches)
     elif recipe.refit.mode != "none":
         params = reconstruct.at_refactor(
             recipe.refit,
