@@ -17,10 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import readme_jax.data.fetch as fetch
-import readme_jax.data.rdata as rdata
+from readme_jax.errors import UserError
 
 MIN_DOC_CHARS = 200  # drops tables of contents, empty stubs and title pages
 EXTRACTOR_VERSION = 1  # bump to invalidate prepared corpora when extraction changes
+
+
+class ExtractError(UserError, ValueError):
+    """A pinned artifact whose contents are not what its extractor expects."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +60,7 @@ def austen_chapters(novels: dict[str, list[str]]) -> list[Document]:
         lines = ["" if line is None else line for line in lines]
         starts = [i for i, line in enumerate(lines) if _AUSTEN_CHAPTER.match(line)]
         if not starts:
-            raise rdata.RDataError(f"no chapter headings found in {title}")
+            raise ExtractError(f"no chapter headings found in {title}")
         docs += _split_at(lines, starts, f"austen/{title}")
     return docs
 
@@ -73,6 +77,11 @@ def moby_dick_chapters(text: str) -> list[Document]:
 
 
 def extract_fiction(cache: Path | None) -> tuple[list[Document], list[str]]:
+    # Imported here, not at the top: the `rdata` package imports pandas (about 1 s of CPU),
+    # and only this first build of the fiction domain reads R databases; every launch script
+    # imports this module through `readme_jax.data`.
+    import readme_jax.data.rdata as rdata
+
     deb = fetch.fetch("r-cran-janeaustenr", cache, context="domain 'fiction'")
     files = dict(fetch.iter_deb_files(deb, lambda p: "/janeaustenr/data/Rdata.rd" in p))
     base = "usr/lib/R/site-library/janeaustenr/data/Rdata"
