@@ -45,8 +45,7 @@ from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.decode.generator import Generator
 from readme_jax.decode.steps import readme_model
 from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
-from readme_jax.refactor import layerwise, reconstruct
-from readme_jax.refactor.stats import collect_stats
+from readme_jax.refactor import layerwise, pipeline, reconstruct
 
 GB = 1e9
 
@@ -187,15 +186,17 @@ def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
     cfg, dense = meter.stage("load", load, ckpt, "bfloat16")
     batches = calib_batches(a, cfg.vocab_size)
     record = {"checkpoint": str(ckpt), "domains": list(batches), "tokens": "random ids"}
-    stats = meter.stage("calibrate", collect_stats, dense, cfg, batches, record)
+    calib = moe_dir.parent / "calib" if a.resume else None  # statistics kept for a rerun
+    stats = meter.stage("calibrate", pipeline.calibrate, cfg, dense, batches, record, calib)
     mcfg, router = MoEConfig(a.domains), RouterConfig()
     rcfg = reconstruct.ReconstructConfig("lstsq", a.ridge, a.refit_seqs)
-    arrays = moe_dir.parent / "moe_arrays"
-    alloc = layerwise.DiskArrays(arrays) if a.moe_arrays == "disk" else None
+    resume = moe_dir.parent / "refactor" if a.resume else None
+    arrays = moe_dir.parent / "moe_arrays" if resume is None else resume / "arrays"
+    alloc = layerwise.DiskArrays(arrays, a.resume) if a.moe_arrays == "disk" else None
     if a.consume_checkpoint:
         alloc = ConsumingArrays(arrays, ckpt)
     args = (dense, cfg, stats, a.remain_rate, router, rcfg, batches, a.seed, None, alloc, False)
-    params, spec = meter.stage("refactor", layerwise.refactor_per_layer, *args)
+    params, spec = meter.stage("refactor", layerwise.refactor_per_layer, *args, resume_dir=resume)
     del dense
     rc = ReadMEConfig(cfg, mcfg, router)
     meta = {"recipe": record, "stage": "refactor"}
@@ -242,6 +243,12 @@ def main() -> None:
         help="(implies --moe-arrays disk) write one layer per shard and delete each shard once "
         "its layers are built, for a disk without room for both models",
     )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the work directory when stopped, and on a rerun reuse its checkpoint and "
+        "statistics and continue the refactor at its first unfinished layer",
+    )
     ap.add_argument("--channel-spread", type=float, default=0.1)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -253,30 +260,36 @@ def main() -> None:
     )
     ap.add_argument("--json", default="", help="also write the figures to this file")
     a = ap.parse_args()
+    if a.resume and a.consume_checkpoint:  # a rerun could not open the consumed checkpoint
+        ap.error("--resume and --consume-checkpoint cannot be combined")
 
     meter = RssMeter(a.max_rss_gb, a.min_free_gb)
     meter.json_path = a.json
     work = Path(a.dir)
     ckpt, moe_dir = work / "dense_hf", work / "moe_init"
     cfg = paper_config(a)
-    if not a.keep:
+    finished = False
+    if not (a.keep or a.resume):
         meter.on_abort = lambda: shutil.rmtree(work, ignore_errors=True)
     try:
         shard = cfg.param_count() * 2 // (cfg.n_layers + 1) if a.consume_checkpoint else 5 * GB
         tensors = random_tensor(a.channel_spread, a.seed)
-        meter.stage("write", hf.write_hf, ckpt, cfg, tensors, int(shard))
-        ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        if not (a.resume and (ckpt / "config.json").exists()):
+            meter.stage("write", hf.write_hf, ckpt, cfg, tensors, int(shard))
+        ckpt_bytes = cfg.param_count() * 2  # bf16 (shards may be consumed on a rerun)
         print(f"checkpoint: {cfg.param_count() / 1e9:.2f}B params, {ckpt_bytes / GB:.2f} GB")
         widths = convert(a, meter, ckpt, moe_dir)
         gc.collect()
         m = meter.stage("load MoE", models.load_readme, moe_dir)
         toks = meter.stage("generate", generate, m, a.new_tokens)
         moe_bytes = sum(f.stat().st_size for f in moe_dir.rglob("*") if f.is_file())
+        finished = True
     except CheckpointError as e:  # e.g. no room on disk for the Read-ME model: say where
         print(f"stopped in stage {meter.current!r}: {e}", flush=True)
+        finished = True
         raise SystemExit(4) from e
-    finally:
-        if not a.keep:
+    finally:  # an interrupted --resume run keeps its work for the rerun
+        if not a.keep and (finished or not a.resume):
             shutil.rmtree(work, ignore_errors=True)
     conv = [r for r in meter.rows if r["stage"] not in ("write", "load MoE", "generate")]
     peak = max(r["peak_gb"] for r in conv)

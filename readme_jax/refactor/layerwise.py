@@ -111,7 +111,8 @@ def refactor_per_layer(
     calibration batches (refit.mode "none": unused). Memory beyond those arrays: one dense layer
     and the refit's working set (`reconstruct.sequential_refit`).
 
-    resume_dir: build the arrays in files there (`DiskArrays`) and save the refit's progress
+    resume_dir: build the arrays in files there (`DiskArrays`, unless `alloc` is one that
+    reuses its files) and save the refit's progress
     after each layer; a call with the same arguments after an interruption keeps the finished
     layers and starts at the next one (the statistics must be the same: the calibrate stage
     caches them)."""
@@ -119,7 +120,7 @@ def refactor_per_layer(
     E, L = spec.num_experts, cfg.n_layers
     k_router, k_gates = jax.random.split(jax.random.key(seed))
     gates = init_layerwise_gates(cfg, E, k_gates)
-    if resume_dir is not None:
+    if resume_dir is not None and alloc is None:
         alloc = DiskArrays(Path(resume_dir) / "arrays", reuse=True)
     alloc = alloc or _host_alloc
     first = host_layer(dense, 0)
