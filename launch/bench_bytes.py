@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 
 from readme_jax import cli
+from readme_jax.checkpoints import models
 from readme_jax.eval import bytes_bench
+from readme_jax.serve.bench import offload
+from readme_jax.serve.decode import split_params
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bench_bytes.py"
 
@@ -33,14 +36,22 @@ def main(argv: list[str] | None = None) -> dict:
         readme_checkpoint=c.readme_checkpoint,
         domain=c.domain,
         quality_tokens=c.quality_tokens,
-        offload_capacity=c.offload_capacity,
-        offload_requests=c.offload_requests,
-        offload_prompt_len=c.offload_prompt_len,
-        offload_new_tokens=c.offload_new_tokens,
-        offload_text=c.offload_text,
     )
-    res = bytes_bench.run(bc)
-    section = bytes_bench.render(res, "python launch/bench_bytes.py " + " ".join(argv))
+    m = models.load_readme(c.readme_checkpoint) if c.readme_checkpoint else None
+    res = bytes_bench.run(bc, readme_source=None if m is None else (m.rc, m.params))
+    extra = []
+    if m is not None and c.offload_capacity:
+        V = m.rc.model.vocab_size
+        prompts = offload.offload_prompts(
+            c.offload_requests, c.offload_prompt_len, c.offload_text, c.domain, None, V
+        )
+        modes = [q for q in bc.modes if q in ("none", "int8", "bf16")]
+        sp = split_params(m.rc, m.params)
+        res["offload"] = offload.offload_bytes(
+            sp, prompts, c.offload_new_tokens, capacity=c.offload_capacity, modes=modes
+        ) | {"prompts": f"{c.offload_text} ({c.domain})"}
+        extra = offload.render_offload(res["offload"])
+    section = bytes_bench.render(res, "python launch/bench_bytes.py " + " ".join(argv), extra)
     print(section)
     if c.out:
         bytes_bench.write_section(c.out, section)

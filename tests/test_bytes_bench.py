@@ -1,11 +1,13 @@
-"""eval/bytes_bench.py on a tiny model: the rows it reports and the compiled-step check that
-tells a dequantize fused into its dot from one that writes a float copy of the weight."""
+"""eval/bytes_bench.py and serve/bench/offload.py on a tiny model: the rows they report, the
+compiled-step check that tells a dequantize fused into its dot from one that writes a float copy
+of the weight, and the int8 numbers of the offload store's form."""
 
 import numpy as np
 
 from readme_jax.decode.steps import dense_model
 from readme_jax.eval import bytes_bench
 from readme_jax.model import llama
+from readme_jax.serve.bench import offload
 from readme_jax.testing import np_init, tiny_llama_config, tiny_readme
 
 
@@ -32,7 +34,6 @@ def test_run_and_render_dense_and_readme_rows():
         steps=5,
         rounds=1,
         quality_tokens=0,
-        offload_text="synthetic",
     )
     res = bytes_bench.run(c, dense_source=(cfg, dense), readme_source=(m.rc, m.params))
     for key in ("dense", "readme"):
@@ -44,7 +45,6 @@ def test_run_and_render_dense_and_readme_rows():
     assert res["readme"]["token_mb"]["none"] < 0.6 * res["readme"]["weight_mb"]["none"]
     text = bytes_bench.render(res, "cmd")
     assert text.startswith(bytes_bench.START) and "#### Read-ME" in text
-    assert res["offload"]["forms"]["int8"]["loads"] > 0 and "Offload engine" in text
 
 
 def test_offload_rows_count_a_quarter_of_the_f32_expert_bytes_per_token():
@@ -53,7 +53,7 @@ def test_offload_rows_count_a_quarter_of_the_f32_expert_bytes_per_token():
     sm = tiny_serve_model(num_experts=4, seed=0)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 97, 12).tolist() for _ in range(4)]
-    o = bytes_bench.offload_bytes(sm.params, prompts, 6, capacity=2)
+    o = offload.offload_bytes(sm.params, prompts, 6, capacity=2)
     f32, q8 = o["forms"]["none"], o["forms"]["int8"]
     assert f32["loads"] > 0 and f32["same_tokens"] == q8["same_tokens"] == 4
     # the same tokens route to the same experts: the same loads, each int8 load ~1/4 the bytes
@@ -61,7 +61,9 @@ def test_offload_rows_count_a_quarter_of_the_f32_expert_bytes_per_token():
     ratio = f32["bytes_per_token"] / q8["bytes_per_token"]
     assert ratio == f32["bytes_per_expert"] / q8["bytes_per_expert"] and 3.4 < ratio < 4
     assert q8["a100_s"] < f32["a100_s"] and q8["experts_in_f32_slots"] >= 6
-    assert "Offload engine: C = 2 of 4" in "\n".join(bytes_bench.render_offload(o))
+    assert "Offload engine: C = 2 of 4" in "\n".join(offload.render_offload(o))
+    synthetic = offload.offload_prompts(3, 5, "synthetic", "", None, 97)
+    assert len(synthetic) == 3 and len(set(map(tuple, synthetic))) == 3
 
 
 def test_store_form_holds_the_numbers_the_offload_store_moves():
