@@ -199,15 +199,24 @@ def test_readme_cached_decode_equals_greedy_reforward(B, P):
     assert (B * P > moe.SELECT_SWITCH_MIN) == (P == 40)  # which prompt path select takes
     gen = Generator(readme_model(rc), params)
     got = gen.generate(prompts, 6, eos_ids=[])
-    fwd = jax.jit(lambda t: readme_forward(params, t, rc)[0])
+
+    @jax.jit  # one program at one width (eager ops would compile one per op and shape)
+    def fwd(row_1x64):
+        logits, aux = readme_forward(params, row_1x64, rc)
+        return logits[0], aux["routing"][0][0]  # [64, V], experts [64, A]
+
+    def padded(ids):  # right-padded to one width: the model and router are causal
+        row = np.zeros((1, 64), np.int32)
+        row[0, : len(ids)] = ids
+        return row
+
     for b, p in enumerate(prompts):
         ids = list(p)
-        for _ in range(6):  # right-padded to one width: causal, so the padding is inert
-            row = jnp.zeros((1, 64), jnp.int32).at[0, : len(ids)].set(jnp.asarray(ids))
-            ids.append(int(jnp.argmax(fwd(row)[0, len(ids) - 1])))
+        for _ in range(6):
+            ids.append(int(np.argmax(np.asarray(fwd(padded(ids))[0])[len(ids) - 1])))
         assert got[b] == ids[len(p) :]
-    routes = readme_forward(params, jnp.asarray([ids]), rc)[1]["routing"][0]
-    assert len(np.unique(np.asarray(routes))) > 1  # the decode switched experts on the way
+    routes = np.asarray(fwd(padded(ids))[1])[: len(ids)]
+    assert len(np.unique(routes)) > 1  # the decode switched experts on the way
 
 
 @pytest.mark.parametrize("read", ["gather", "switch"])
@@ -250,7 +259,7 @@ def test_eval_logits_fn_equals_ragged_readme_forward():
     router = init_router(rc.router, CFG, E, jax.random.key(4), backbone_embed_VxD=dense["embed"])
     params = {"backbone": mp, "router": router}
     toks = jax.random.randint(jax.random.key(9), (3, 40), 0, CFG.vocab_size)
-    want, aux = readme_forward(params, toks, rc)
+    want, aux = jax.jit(readme_forward, static_argnums=2)(params, toks, rc)
     routes = aux["routing"][0]
     assert len(np.unique(np.asarray(routes))) > 1  # several experts in play
     np.testing.assert_allclose(readme_logits_fn(rc)(params, toks), want, atol=1e-5)
@@ -294,8 +303,9 @@ def test_forward_last_position_logits_equal_full_logits_there():
         (dense_model(CFG), dense),
         (readme_model(rc), {"backbone": mp, "router": router}),
     ):
-        full, _ = model.step(params, toks, model.new_cache(2, 16), None)
-        got, _ = model.step(params, toks, model.new_cache(2, 16), None, last)
+        step = jax.jit(model.step)  # one program per call (eager: one per op)
+        full, _ = step(params, toks, model.new_cache(2, 16), None)
+        got, _ = step(params, toks, model.new_cache(2, 16), None, last)
         assert got.shape == (2, 1, CFG.vocab_size)
         np.testing.assert_allclose(got[:, 0], full[jnp.arange(2), last], atol=1e-5)
 

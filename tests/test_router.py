@@ -18,6 +18,8 @@ from readme_jax.refactor import experts as ex
 CFG = LlamaConfig(vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 RCFG = RouterConfig(dim=16, n_heads=2, ffn_dim=32)
 E = 3
+# jitted: one program per input shape (eager, every op of the router compiles on its own)
+logits_jit = jax.jit(router_logits, static_argnums=(2, 3))
 
 
 def _router(seed=0):
@@ -28,9 +30,9 @@ def _router(seed=0):
 def test_router_is_causal():
     rp = _router()
     toks = jax.random.randint(jax.random.key(1), (2, 12), 0, CFG.vocab_size)
-    a, _ = router_logits(rp, toks, RCFG, CFG)
+    a, _ = logits_jit(rp, toks, RCFG, CFG)
     changed = toks.at[:, 8:].set((toks[:, 8:] + 7) % CFG.vocab_size)
-    b, _ = router_logits(rp, changed, RCFG, CFG)
+    b, _ = logits_jit(rp, changed, RCFG, CFG)
     np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-6)
     assert np.abs(np.asarray(a[:, 8:] - b[:, 8:])).max() > 1e-4  # later routes did change
 
@@ -38,12 +40,12 @@ def test_router_is_causal():
 def test_router_decode_with_cache_equals_full_recompute():
     rp = _router()
     toks = jax.random.randint(jax.random.key(2), (2, 10), 0, CFG.vocab_size)
-    full, _ = router_logits(rp, toks, RCFG, CFG)
+    full, _ = logits_jit(rp, toks, RCFG, CFG)
     cache = init_router_cache(RCFG, CFG, 2, 16)
-    first, cache = router_logits(rp, toks[:, :4], RCFG, CFG, cache=cache)
+    first, cache = logits_jit(rp, toks[:, :4], RCFG, CFG, cache=cache)
     steps = [first]
     for t in range(4, 10):
-        lg, cache = router_logits(rp, toks[:, t : t + 1], RCFG, CFG, cache=cache)
+        lg, cache = logits_jit(rp, toks[:, t : t + 1], RCFG, CFG, cache=cache)
         steps.append(lg)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
     assert np.all(np.asarray(cache["lengths"]) == 10)
@@ -74,7 +76,8 @@ def test_layerwise_baseline_routes_each_layer_from_hidden_state():
     gates = init_layerwise_gates(CFG, E, jax.random.key(4)) * 50
     mp = ex.build_moe_params(dense, spec, gates_LxDxE=gates)
     toks = jax.random.randint(jax.random.key(3), (2, 9), 0, CFG.vocab_size)
-    logits, _, aux_LxBxSxE = moe.moe_forward(mp, toks, CFG, moe.MoEConfig(E, layerwise=True), None)
+    fwd = jax.jit(moe.moe_forward, static_argnums=(2, 3))
+    logits, _, aux_LxBxSxE = fwd(mp, toks, CFG, moe.MoEConfig(E, layerwise=True), None)
     assert aux_LxBxSxE.shape == (CFG.n_layers, 2, 9, E)
     choices = np.asarray(jnp.argmax(aux_LxBxSxE, -1))
     assert (choices[0] != choices[1]).any()  # layers disagree: routing really is per layer
@@ -85,5 +88,5 @@ def test_layerwise_baseline_routes_each_layer_from_hidden_state():
         e = jnp.asarray(choices)[layer][..., None]
         return ex.dense_masked_ffn(sh, em, (e, jnp.ones(e.shape)))(lp, x, layer)
 
-    want, _, _ = llama.forward(dense, toks, CFG, ffn=ref_ffn)
+    want = jax.jit(lambda p, t: llama.forward(p, t, CFG, ffn=ref_ffn)[0])(dense, toks)
     np.testing.assert_allclose(logits, want, atol=1e-5)

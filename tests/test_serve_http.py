@@ -490,11 +490,16 @@ def test_dense_model_through_the_engine_equals_dense_greedy():
 # ----------------------------------------------------------------------------- logprobs
 
 
+_forward_jit = jax.jit(readme_forward, static_argnums=2)
+
+
 def _direct_logprobs(ids):
     """log p(ids[j] | ids[:j]) for j >= 1 and the argmax per position, from readme_forward on
     the unsplit model (an independent path: no serving layout, no KV cache)."""
     m = tiny_readme(num_experts=4, seed=0, vocab=49152)
-    logits = readme_forward(m.params, jnp.asarray([ids], jnp.int32), m.rc)[0][0]
+    row = np.zeros((1, -(-len(ids) // 64) * 64), np.int32)  # one width, one compile; causal
+    row[0, : len(ids)] = ids
+    logits = _forward_jit(m.params, row, m.rc)[0][0, : len(ids)]
     lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
     return lp[np.arange(len(ids) - 1), ids[1:]], lp.argmax(-1)
 
