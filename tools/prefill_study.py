@@ -2,6 +2,7 @@
 
     python tools/prefill_study.py --rounds 3
     python tools/prefill_study.py --variants default,onednn,torch --json runs/prefill.json
+    python tools/prefill_study.py --profile    # where our prefill's time goes, by HLO op
 
 Each variant runs in its own process (XLA flags are read once per process), the variants in
 alternating rounds, best round of each. A process measures, on dense SmolLM2-135M f32 (the
@@ -163,6 +164,60 @@ def child_torch(model_dir: str) -> dict:
     return out
 
 
+def profile(calls: int = 3) -> None:
+    """Thread time per HLO op of our default prefill (JAX profiler), grouped by op kind and
+    output shape: which matmuls, which attention ops. Run in its own process: it sets XLA_FLAGS."""
+    os.environ["XLA_FLAGS"] = "--xla_cpu_enable_xprof_traceme=true"
+    import collections
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.profiler import ProfileData
+
+    from readme_jax.checkpoints.gguf import load_gguf
+    from readme_jax.decode.steps import dense_model
+
+    cfg, params = load_gguf()
+    model = dense_model(cfg.replace(scan_layers=False))
+    p = jax.device_put(model.prepare(params))
+    step = jax.jit(lambda p, t, c: model.step(p, t, c, None, jnp.array([S - 1]))[0])
+    toks = jnp.asarray(np.random.default_rng(0).integers(100, 20000, (1, S)), jnp.int32)
+    step(p, toks, model.new_cache(1, S)).block_until_ready()
+    hlo = step.lower(p, toks, model.new_cache(1, S)).compile().as_text()
+    defs = {}
+    for line in hlo.splitlines():
+        m = re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+?)\[([\d,]*)\]\S* (\w+)\(", line)
+        if m:
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            body = ""
+            if called:
+                at = hlo.find(called.group(1) + " ")
+                body = hlo[at : hlo.find("\n}\n", at)]
+            kind = ("ynn" if "ynn_fusion" in m.group(1) else m.group(4)) + (
+                "+dot" if " dot(" in body else ""
+            )
+            defs[m.group(1)] = f"{kind} {m.group(2)}[{m.group(3)}]"
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                step(p, toks, model.new_cache(1, S)).block_until_ready()
+        trace = sorted(Path(d).rglob("*.xplane.pb"))[-1]
+        data = ProfileData.from_file(str(trace))
+    per = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name.startswith("tf_XLA"):
+                for ev in line.events:
+                    if ev.name in defs:
+                        per[defs[ev.name]] += ev.duration_ns
+    total = sum(per.values())
+    print(f"thread time of XLA ops per prefill: {total / calls / 1e6:.0f} ms")
+    for k, v in per.most_common(15):
+        print(f"{100 * v / total:5.1f}%  {k}")
+
+
 def run_variant(name: str, model_dir: str, peer_python: str, one_core: bool) -> dict | None:
     flags, opts = VARIANTS[name]
     here = str(Path(__file__).resolve())
@@ -192,6 +247,7 @@ def main() -> None:
         help="pin every child to core 0 (taskset; the peer then runs 1 thread, XLA's pool 1)",
     )
     ap.add_argument("--child", choices=["ours", "torch"])
+    ap.add_argument("--profile", action="store_true", help="profile our default prefill only")
     ap.add_argument("--opts", default="{}")
     ap.add_argument("--model_dir", default="")
     a = ap.parse_args()
@@ -200,6 +256,9 @@ def main() -> None:
         return
     if a.child == "torch":
         print(json.dumps(child_torch(a.model_dir)))
+        return
+    if a.profile:
+        profile()
         return
     from readme_jax.checkpoints.gguf import load_gguf
     from readme_jax.checkpoints.hf import save_hf
