@@ -1,6 +1,7 @@
 """Low-bit weights (model/quant.py): quantization error within the scale's bound, the int8 dot
 equal to the dequantized weight's product, low-bit dense and Read-ME models generating through
-the same API, the form saved with a model, and the fused-projection step equal to an unfused one.
+the same API, the form saved with a model, the fused-projection step equal to an unfused one,
+and the serving engine's int8 weights: resident, and offloaded experts moved in int8.
 """
 
 import jax
