@@ -193,11 +193,13 @@ def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
     resume = moe_dir.parent / "refactor" if a.resume else None
     arrays = moe_dir.parent / "moe_arrays" if resume is None else resume / "arrays"
     alloc = layerwise.DiskArrays(arrays, a.resume) if a.moe_arrays == "disk" else None
-    if a.consume_checkpoint:
+    if a.consume_checkpoint and a.moe_arrays == "disk":
         alloc = ConsumingArrays(arrays, ckpt)
     args = (dense, cfg, stats, a.remain_rate, router, rcfg, batches, a.seed, None, alloc, False)
     params, spec = meter.stage("refactor", layerwise.refactor_per_layer, *args, resume_dir=resume)
     del dense
+    if a.consume_checkpoint:  # the dense layers are not read again: room for the save
+        shutil.rmtree(ckpt, ignore_errors=True)
     rc = ReadMEConfig(cfg, mcfg, router)
     meta = {"recipe": record, "stage": "refactor"}
     meter.stage("save", models.save_readme, moe_dir, params, rc, spec, meta)
@@ -240,8 +242,9 @@ def main() -> None:
     ap.add_argument(
         "--consume-checkpoint",
         action="store_true",
-        help="(implies --moe-arrays disk) write one layer per shard and delete each shard once "
-        "its layers are built, for a disk without room for both models",
+        help="write one layer per shard; with --moe-arrays disk delete each shard once its layers "
+        "are built, with host arrays the checkpoint after the refactor (a disk without room for "
+        "both models)",
     )
     ap.add_argument(
         "--resume",
