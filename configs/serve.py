@@ -29,7 +29,8 @@ def get_config():
     c.dense = False  # serve the dense model itself (with "" or a dense checkpoint)
     c.model_name = ""  # the name /v1/models reports and requests must use ("" = derived)
     # on-the-fly refactoring (no checkpoint and no trained run): the default run config's recipe
-    # (configs/smollm2_135m.py; tests/test_served.py checks they agree), one expert per domain
+    # (configs/smollm2_135m.py; tests/project/test_served.py checks they agree), one expert per
+    # domain
     c.domains = "fiction,drama,code_docs,manual,chat"
     c.remain_rate = 0.5
     c.calib_sequences = 16

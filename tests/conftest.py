@@ -7,7 +7,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
 # XLA:CPU's LLVM backend at -O0: the suite's tiny models spend most of their time compiling, and
 # -O0 compiles them about a third faster with no measured loss in the SmolLM2 tests' run time
-# (tests/test_train_losses.py + test_moe.py 308 -> 206 s of CPU; test_smollm2.py +
+# (tests/train/test_train_losses.py + model/test_moe.py 308 -> 206 s of CPU; test_smollm2.py +
 # test_eval_multiple_choice.py 215 -> 177 s). Processes launched by the tests inherit it.
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"

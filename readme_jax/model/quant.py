@@ -203,7 +203,7 @@ def digits_dot(x_RxI: jax.Array, q: qwix.QArray, contract_w: int = 0) -> jax.Arr
     written as hi * 256 + lo with int8 digits hi, lo; one int8 x int8 -> int32 dot over the 2R
     digit rows reads the weight once, and y = (256 acc_hi + acc_lo) * step * weight scale. The
     input's rounding error is at most step / 2 = max|x| / 65024 per entry, below bf16's, so the
-    result is the int8 weight's product to about f32 matmul accuracy (tests/test_quant.py).
+    result is the int8 weight's product to about f32 matmul accuracy (tests/model/test_quant.py).
 
     Our own code: Qwix (0.1.8) runs a float input against an int8 weight by dequantizing the
     weight first (`qwix.dot_general`'s slow path), which XLA:CPU does not fuse into the dot: it

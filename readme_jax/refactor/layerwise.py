@@ -7,7 +7,8 @@ fetched (stacked, per-layer or read from disk: `checkpoints.layers`), its featur
 its down rows refit (`reconstruct.sequential_refit`), and its attention, shared and expert weights
 written into the preallocated [L, ...] arrays of the Read-ME backbone. `alloc` decides where
 those live: host memory (default) or files on disk (`DiskArrays`, for a model whose MoE does not
-fit beside the working set). The result equals the two passes' (tests/test_refactor_layerwise.py).
+fit beside the working set). The result equals the two passes'
+(tests/refactor/test_refactor_layerwise.py).
 """
 
 from __future__ import annotations

@@ -54,8 +54,8 @@ from readme_jax.refactor.local_distill import at_refactor as local_distill_at_re
 from readme_jax.refactor.reconstruct import ReconstructConfig
 from readme_jax.refactor.stats import ActivationStats, collect_stats, group_stats
 
-# the defaults of configs/smollm2_135m.py (tests/test_served.py checks they agree), so that the
-# on-the-fly build (readme_jax/served.py) is the default config's recipe
+# the defaults of configs/smollm2_135m.py (tests/project/test_served.py checks they agree), so
+# that the on-the-fly build (readme_jax/served.py) is the default config's recipe
 DEFAULT_DOMAINS = "fiction,drama,code_docs,manual,chat"
 # Recipe field -> the run config key that sets it (configs/smollm2_135m.py), for messages
 RUN_CONFIG_KEYS = {
