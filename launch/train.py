@@ -27,12 +27,8 @@ from readme_jax import cli
 from readme_jax.checkpoints import models
 from readme_jax.eval.pipeline import run_eval
 from readme_jax.model.config import ConfigError
-from readme_jax.refactor.pipeline import (
-    Recipe,
-    build_readme,
-    calibrate_recipe,
-    write_refactor_report,
-)
+from readme_jax.refactor.experts import write_refactor_report
+from readme_jax.refactor.pipeline import Recipe, build_readme, calibrate_recipe
 from readme_jax.train import config as train_config
 from readme_jax.train.dry_run import dry_run
 from readme_jax.train.loop import run_training
@@ -87,7 +83,7 @@ def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
     built.save(moe_dir)
     m = built.model
     F = source[0].ffn_dim
-    rep = write_refactor_report(run / "reports", m.spec, stats, F)
+    rep = write_refactor_report(run / "reports", m.spec, stats.n_tokens, F)
     sw = rep["shared_widths"]
     print(
         f"[refactor] shared channels per layer {min(sw)}-{max(sw)} of {F}; active FFN "

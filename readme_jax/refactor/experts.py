@@ -7,6 +7,8 @@ to common widths; padded channels get zero weights, which is exact (silu(0) * 0 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -163,3 +165,37 @@ def active_ffn_fraction(spec: ExpertSpec, F: int, top_k: int = 1) -> float:
     """Mean fraction of FFN channels active per token (shared + k average experts)."""
     per_layer = spec.shared_widths + top_k * spec.expert_widths.mean(-1)
     return float(per_layer.mean() / F)
+
+
+def write_refactor_report(path: Path, spec: ExpertSpec, n_tokens: list[int], F: int) -> dict:
+    """path/refactor.json and path/refactor.md: widths per layer and the active FFN fraction."""
+    rep = {
+        "domains": spec.domains,
+        "remain_rate": spec.remain_rate,
+        "calibration_tokens": dict(zip(spec.domains, n_tokens, strict=True)),
+        "shared_widths": spec.shared_widths.tolist(),
+        "expert_widths": spec.expert_widths.tolist(),
+        "ffn_dim": F,
+        "active_ffn_fraction": active_ffn_fraction(spec, F),
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "refactor.json").write_text(json.dumps(rep, indent=2))
+    sw = spec.shared_widths
+    lines = [
+        f"# Refactor report (remain rate {spec.remain_rate})",
+        "",
+        f"Domains (one expert each): {', '.join(spec.domains)}; calibration tokens per domain: "
+        f"{', '.join(str(n) for n in n_tokens)}.",
+        "",
+        f"Shared channels per layer: min {sw.min()}, mean {sw.mean():.0f}, max {sw.max()} of {F}. "
+        f"Active FFN fraction per token: {rep['active_ffn_fraction']:.3f}.",
+        "",
+        "| layer | shared | " + " | ".join(spec.domains) + " |",
+        "|---|---|" + "---|" * len(spec.domains),
+    ]
+    for l in range(len(sw)):
+        lines.append(
+            f"| {l} | {sw[l]} | " + " | ".join(str(w) for w in spec.expert_widths[l]) + " |"
+        )
+    (path / "refactor.md").write_text("\n".join(lines) + "\n")
+    return rep

@@ -573,37 +573,3 @@ def build_readme(
         "local_distill": dataclasses.asdict(recipe.local),
     }
     return Built(models.ReadMEModel(rc, params, spec, meta), stats, tok, cfg, control)
-
-
-def write_refactor_report(path: Path, spec: ExpertSpec, stats: ActivationStats, F: int) -> dict:
-    """path/refactor.json and path/refactor.md: widths per layer and the active FFN fraction."""
-    rep = {
-        "domains": spec.domains,
-        "remain_rate": spec.remain_rate,
-        "calibration_tokens": dict(zip(stats.domains, stats.n_tokens, strict=True)),
-        "shared_widths": spec.shared_widths.tolist(),
-        "expert_widths": spec.expert_widths.tolist(),
-        "ffn_dim": F,
-        "active_ffn_fraction": active_ffn_fraction(spec, F),
-    }
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "refactor.json").write_text(json.dumps(rep, indent=2))
-    sw = spec.shared_widths
-    lines = [
-        f"# Refactor report (remain rate {spec.remain_rate})",
-        "",
-        f"Domains (one expert each): {', '.join(spec.domains)}; calibration tokens per domain: "
-        f"{', '.join(str(n) for n in stats.n_tokens)}.",
-        "",
-        f"Shared channels per layer: min {sw.min()}, mean {sw.mean():.0f}, max {sw.max()} of {F}. "
-        f"Active FFN fraction per token: {rep['active_ffn_fraction']:.3f}.",
-        "",
-        "| layer | shared | " + " | ".join(spec.domains) + " |",
-        "|---|---|" + "---|" * len(spec.domains),
-    ]
-    for l in range(len(sw)):
-        lines.append(
-            f"| {l} | {sw[l]} | " + " | ".join(str(w) for w in spec.expert_widths[l]) + " |"
-        )
-    (path / "refactor.md").write_text("\n".join(lines) + "\n")
-    return rep
