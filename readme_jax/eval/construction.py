@@ -39,8 +39,8 @@ from readme_jax.checkpoints.models import ReadMEModel, load_readme
 from readme_jax.eval.paired import paired_bootstrap
 from readme_jax.eval.perplexity import dense_logits_fn, window_batches
 from readme_jax.model import llama, moe
-from readme_jax.model.config import LlamaConfig, MoEConfig, RouterConfig
-from readme_jax.model.router import router_logits
+from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.model.readme import readme_forward
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor import reconstruct
 from readme_jax.refactor.cluster import chunk_assign, cluster_assign, router_assign
@@ -137,14 +137,8 @@ def label_route_logits_fn(cfg: LlamaConfig, num_experts: int) -> LogitsFn:
 def router_route_logits_fn(cfg: LlamaConfig, rcfg: RouterConfig, num_experts: int) -> LogitsFn:
     """logits_fn over {"router", "backbone"}: each token on its pre-gating router's top-1 expert
     (the router sees token ids only: no oracle)."""
-    mcfg = MoEConfig(num_experts, dispatch="ragged")
-
-    def fn(p, tokens_BxS):
-        e = jnp.argmax(router_logits(p["router"], tokens_BxS, rcfg, cfg)[0], -1)[..., None]
-        routing = (e.astype(jnp.int32), jnp.ones(e.shape, jnp.float32))
-        return moe.moe_forward(p["backbone"], tokens_BxS, cfg, mcfg, routing)[0]
-
-    return fn
+    rc = ReadMEConfig(cfg, MoEConfig(num_experts, dispatch="ragged"), rcfg)
+    return lambda p, tokens_BxS: readme_forward(p, tokens_BxS, rc)[0]
 
 
 @functools.cache
@@ -193,6 +187,7 @@ class _Grouping:
 def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
     doms = list(domain_batches)
     batches = [domain_batches[d] for d in doms]
+    rm = None
     if name == "domain":
         groups = [[np.full(np.shape(b), i) for b in bs] for i, bs in enumerate(batches)]
         names = doms
@@ -221,9 +216,9 @@ def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
     flat_b = [b for bs in batches for b in bs]
     flat_g = [g for gs in groups for g in gs]
     st = group_stats(dense, cfg, flat_b, flat_g, len(names), desc=f"stats {name}")
-    g = _Grouping(name, names, batches, groups, st, name == "domain", name.startswith("chunk"))
-    g.router = rm if name == "router" else None
-    return g
+    return _Grouping(
+        name, names, batches, groups, st, name == "domain", name.startswith("chunk"), rm
+    )
 
 
 def _static_model(dense, cfg, kept_LxK, refit_batches, c: StudyConfig):

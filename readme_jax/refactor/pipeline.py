@@ -393,9 +393,11 @@ def calibrate_recipe(
     recipe: Recipe,
     source: tuple[LlamaConfig, Any, Tokenizer],
     calib_dir: str | Path | None = None,
+    router_model: models.ReadMEModel | None = None,
 ) -> ActivationStats:
     """Statistics of `source` = (cfg, params, tokenizer) on the recipe's calibration text: per
-    domain, or per k-means cluster of the pooled tokens (recipe.clusters)."""
+    domain, or per k-means cluster of the pooled tokens (recipe.clusters), or per group of
+    recipe.cluster_router's router (`router_model` if already loaded)."""
     cfg, dense, tok = source
     rec = recipe.record(tok.name)
     batches = recipe.batches(tok)
@@ -408,7 +410,7 @@ def calibrate_recipe(
             return st
     pooled = [b for bs in batches.values() for b in bs]
     if recipe.cluster_router:
-        groups = _router_groups(recipe, cfg, pooled)
+        groups = _router_groups(router_model or _cluster_router(recipe, cfg), cfg, pooled)
     elif recipe.cluster_chunk:
         groups = chunk_assign(
             dense, cfg, pooled, recipe.clusters, recipe.cluster_chunk, seed=recipe.seed
@@ -481,19 +483,18 @@ def _cluster_router(recipe: Recipe, cfg: LlamaConfig) -> models.ReadMEModel:
     return rm
 
 
-def _router_groups(recipe: Recipe, cfg: LlamaConfig, batches: list[np.ndarray]):
-    rm = _cluster_router(recipe, cfg)
+def _router_groups(rm: models.ReadMEModel, cfg: LlamaConfig, batches: list[np.ndarray]):
     return router_assign(rm.params["router"], rm.rc.router, cfg, batches)
 
 
-def _refit_by_groups(recipe, dense, cfg, params, spec, batches):
+def _refit_by_groups(recipe, dense, cfg, params, spec, batches, rm=None):
     """The refit of experts whose tokens are not grouped by Eq. 4's token oracle
     (reconstruct.target_expert_groups): context clusters by their causal-prefix oracle
     (`construct.prefix_groups`, the target train.target_prefix trains the router towards), router
-    clusters by the router's own choice (`cluster.router_assign`)."""
+    clusters by the choice of `rm`'s router (`cluster.router_assign`)."""
     rows_in = [b for bs in _refit_subset(recipe, batches).values() for b in bs]
-    if recipe.cluster_router:
-        groups, what = _router_groups(recipe, cfg, rows_in), "router clusters"
+    if rm is not None:
+        groups, what = _router_groups(rm, cfg, rows_in), "router clusters"
     else:
         groups, what = prefix_groups(dense, cfg, spec, rows_in, 0.5), "context clusters"
     rows = reconstruct.sequential_refit(
@@ -528,8 +529,9 @@ def build_readme(
     cfg, dense, tok = source
     if calib_dir is None and calib_root is not None:
         calib_dir = cache_dir(recipe, tok.name, calib_root)
+    rm = _cluster_router(recipe, cfg) if recipe.cluster_router else None  # loaded once
     if stats is None:
-        stats = calibrate_recipe(recipe, source, calib_dir)
+        stats = calibrate_recipe(recipe, source, calib_dir, rm)
     mcfg = MoEConfig(len(stats.domains), recipe.top_k, recipe.gate_scaling, recipe.dispatch)
     params, spec = refactor(
         dense,
@@ -543,10 +545,10 @@ def build_readme(
     )
     needs_batches = recipe.refit.mode != "none" or recipe.local.steps > 0
     batches = recipe.batches(tok) if needs_batches else None
-    if recipe.cluster_router:  # start from the router the experts were built around
-        params = {**params, "router": _cluster_router(recipe, cfg).params["router"]}
-    if recipe.refit.mode != "none" and (recipe.cluster_chunk or recipe.cluster_router):
-        params = _refit_by_groups(recipe, dense, cfg, params, spec, batches)
+    if rm is not None:  # start from the router the experts were built around
+        params = {**params, "router": rm.params["router"]}
+    if recipe.refit.mode != "none" and (recipe.cluster_chunk or rm is not None):
+        params = _refit_by_groups(recipe, dense, cfg, params, spec, batches, rm)
     elif recipe.refit.mode != "none":
         params = reconstruct.at_refactor(
             recipe.refit,
