@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from readme_jax.decode.steps import SlotState
-from readme_jax.serve.decode import ServeParams, SlotDecoder
+from readme_jax.serve.decode import PromptChunk, ServeParams, SlotDecoder
 from readme_jax.serve.store import OffloadedExpertStore
 
 
@@ -99,20 +99,18 @@ class ModelBackend:
         """One chunk; waves: [(slot_ids [n, A], weights [n, A], loads)] (streamed by layer
         unless every expert is resident)."""
         self.drop_ahead()
-        toks = list(live.req.prompt[start : start + n])
-        sp = tuple(c[0] for c in _sampling([live]))
-        store = self.store
+        chunk = PromptChunk(
+            row=live.row,
+            start=start,
+            tokens=list(live.req.prompt[start : start + n]),
+            is_last=is_last,
+            sp=tuple(c[0] for c in _sampling([live])),
+        )
         if self.in_graph:
-            return self.decoder.prefill(None, live.row, start, toks, waves, is_last, sp)
+            return self.decoder.prefill(None, chunk, waves)
+        store = self.store
         return self.decoder.prefill(
-            lambda l: store.slots[l],
-            live.row,
-            start,
-            toks,
-            waves,
-            is_last,
-            sp,
-            load_layer=store.load_layer,
+            lambda l: store.slots[l], chunk, waves, load_layer=store.load_layer
         )
 
     def decode(self, rows, slot_NxA, w_NxA, lookahead: bool = False):

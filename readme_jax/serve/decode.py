@@ -119,6 +119,22 @@ def graph_params(sp: ServeParams) -> Params:
     return jax.device_put(steps.decode_layout(sp.rc, full, sp.quant), jax.devices()[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptChunk:
+    """One prompt chunk of one slot row, as the host hands it to `SlotDecoder.prefill`.
+
+    row: the slot row. start: the position of the chunk's first token. tokens: the chunk's
+    tokens (1 to the decoder's chunk size). is_last: the chunk ends the prompt (only then do the
+    next token and its router KV count). sp: the request's sampling (temperature, top_k, top_p,
+    seed, count), scalars."""
+
+    row: int
+    start: int
+    tokens: list[int]
+    is_last: bool
+    sp: tuple
+
+
 class SlotDecoder:
     """Compiled steps over `num_slots` request slots with a context of `max_len` tokens.
 
@@ -163,8 +179,8 @@ class SlotDecoder:
         e, w = steps.route_prompt_jit(self.sp.router, jnp.asarray(buf), rc=self.rc)
         return np.asarray(e)[0, :S], np.asarray(w)[0, :S]  # slice on host: no per-S compile
 
-    def prefill(self, slots, row, start, tokens, waves, is_last, sp_row, load_layer=None):
-        """Dispatch one prefill chunk (at most `chunk` tokens).
+    def prefill(self, slots, chunk: PromptChunk, waves, *, load_layer=None):
+        """Dispatch one prefill chunk (at most `self.chunk` tokens).
 
         slots: None (in-graph experts: one call, `waves` must be one wave without loads), the
         slot buffers (list over L), or a callable layer -> buffer (a store's, read after that
@@ -172,18 +188,19 @@ class SlotDecoder:
         weights [n, A], loads)], weights 0 for tokens/experts outside the wave; before a wave's
         experts run in layer l, `load_layer(expert, slot, l)` is called for each (expert, slot)
         of its `loads`. Returns device (tok, experts, weights) of the token after the chunk."""
-        n, (Q, A) = len(tokens), (self.chunk, self.top_k)
+        n, (Q, A) = len(chunk.tokens), (self.chunk, self.top_k)
         if not 1 <= n <= Q:
             raise ValueError(f"a prefill chunk holds 1..{Q} tokens, got {n}")
         tok = np.zeros(Q, np.int32)
-        tok[:n] = tokens
+        tok[:n] = chunk.tokens
         padded = []
         for slot_ids, weights, loads in waves:
             sl, w = np.zeros((Q, A), np.int32), np.zeros((Q, A), np.float32)
             sl[:n], w[:n] = slot_ids, weights
             padded.append((sl, w, loads))
-        i32, spa = np.int32, _sp_arrays(sp_row)
-        chunk = steps.PrefillChunk(i32(row), i32(start), tok, i32(n), i32(is_last), spa)
+        i32, spa = np.int32, _sp_arrays(chunk.sp)
+        start = i32(chunk.start)
+        step_chunk = steps.PrefillChunk(i32(chunk.row), start, tok, i32(n), i32(chunk.is_last), spa)
         sampled = bool(spa[0] > 0)
         if slots is None:
             ((sl, w, _),) = padded
@@ -192,7 +209,7 @@ class SlotDecoder:
                 None,
                 self.cache,
                 self.rcache,
-                chunk,
+                step_chunk,
                 (sl, w),
                 rc=self.rc,
                 sampled=sampled,
@@ -200,12 +217,10 @@ class SlotDecoder:
             return nxt, e, wt
         slots_at = slots if callable(slots) else slots.__getitem__
         bb = self.params["backbone"]
-        st = steps.pf_begin_jit(bb, self.cache, chunk)
+        st = steps.pf_begin_jit(bb, self.cache, step_chunk)
         x, k_c, v_c = st.x_1xQxD, list(st.k), list(st.v)
         for l, lp in enumerate(bb["layers"]):
-            x, h, k_c[l], v_c[l] = steps.chunk_layer_jit(
-                lp, x, k_c[l], v_c[l], i32(start), rc=self.rc
-            )
+            x, h, k_c[l], v_c[l] = steps.chunk_layer_jit(lp, x, k_c[l], v_c[l], start, rc=self.rc)
             for sl, w, loads in padded:
                 for e, s in loads:
                     load_layer(e, s, l)
@@ -216,7 +231,7 @@ class SlotDecoder:
             self.cache,
             self.rcache,
             steps.ChunkState(x, k_c, v_c),
-            chunk,
+            step_chunk,
             rc=self.rc,
             sampled=sampled,
         )

@@ -59,7 +59,8 @@ def _prefill(d, slots, row, prompt, experts, weights, cuts, split=False):
         e, w = experts[start:end], weights[start:end]
         groups = [[x] for x in np.unique(e)] if split else [np.unique(e).tolist()]
         last = end == len(prompt)
-        out = d.prefill(slots, row, start, prompt[start:end], _waves(e, w, groups), last, GREEDY)
+        chunk = dec.PromptChunk(row, start, prompt[start:end], last, GREEDY)
+        out = d.prefill(slots, chunk, _waves(e, w, groups))
         start = end
     return [np.asarray(x) for x in out]
 
@@ -142,12 +143,8 @@ def test_offloaded_slot_decode_equals_all_resident(model):
         slot_of = {x: s for g in groups for s, x in enumerate(g)}.__getitem__
         toks = d.prefill(
             lambda l: store.slots[l],
-            0,
-            start,
-            prompt[start:end],
+            dec.PromptChunk(0, start, prompt[start:end], end == len(prompt), GREEDY),
             _waves(e, w, groups, slot_of, loads),
-            end == len(prompt),
-            GREEDY,
             load_layer=store.load_layer,
         )
     assert store.loads == sum(len(np.unique(pe[a:b])) for a, b in ((0, 8), (8, 11)))
