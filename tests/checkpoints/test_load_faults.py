@@ -1,5 +1,5 @@
 """One test (or more) per loading fault, each on a checkpoint written as its ecosystem
-writes it (tests/gguf_convert.py for GGUF, the committed HF fixtures of test_load_matrix.py).
+writes it (tests/gguf_convert.py for GGUF, the committed HF fixtures in tests/fixtures/load_*).
 
 Reference values: PyTorch logits and runtime token ids committed by tools/make_load_fixtures.py.
 """
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf_convert import hf_to_gguf
+from load_fixtures import ATOL, fixture, golden, logits_of
 from safetensors.numpy import load_file
-from test_load_matrix import ATOL, fixture, golden, logits_of
 
 import readme_jax as rj
 from readme_jax.checkpoints.errors import CheckpointError, TextError

@@ -15,44 +15,27 @@ import time
 from pathlib import Path
 
 import gguf
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf_convert import hf_to_gguf
+from load_fixtures import ATOL, fixture, golden, logits_of
 from peer import peer_logits_many
 from safetensors.numpy import load_file
 
 from readme_jax.checkpoints.gguf import load_gguf
 from readme_jax.checkpoints.hf import load_hf
 from readme_jax.checkpoints.tokenizer import load_tokenizer
-from readme_jax.model.llama import forward
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 STYLES = ["llama2", "llama3", "smollm2", "mistral"]
 PRE = {"llama3": "llama-bpe", "smollm2": "smollm"}  # what llama.cpp's converter writes for them
-ATOL = 1e-4
 CHAT = [{"role": "user", "content": "Hi there, 12345!"}]
-_forward = jax.jit(forward, static_argnames=("cfg",))
-
-
-def fixture(style: str) -> Path:
-    return FIXTURES / f"load_{style}"
-
-
-def golden(style: str) -> dict:
-    return json.loads((fixture(style) / "golden.json").read_text())
 
 
 @pytest.fixture(scope="session")
 def ggufs(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gguf")
     return {s: hf_to_gguf(fixture(s), out / f"{s}.gguf", pre=PRE.get(s)) for s in STYLES}
-
-
-def logits_of(cfg, params, tokens_BxS) -> np.ndarray:
-    return np.asarray(_forward(params, jnp.asarray(tokens_BxS), cfg)[0], np.float32)
 
 
 @pytest.mark.parametrize("kind", ["hf", "gguf"])
