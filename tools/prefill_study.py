@@ -16,10 +16,10 @@ bundled GGUF; the peer reads a Hugging Face copy of the same weights):
 Each rate is from the fastest of 4 calls, by wall clock and by the process's CPU time (`*_cpu`:
 on a shared machine the CPU time leaves out the waits for a core).
 Ours also in chunks (`chunk<Q>`: the prompt as 512/Q calls of Q tokens into the KV cache), with
-bf16 weights (`bf16`), and with the attention core replaced, for this measurement only:
+bf16 weights (`bf16`), and with the attention changed, for this measurement only:
 `no_attention` (no scores, softmax or weighted sum: what the attention costs) and
-`causal_blocks` (queries in 4 blocks of 128, block i attending to keys 0..128(i+1) only: the
-causal skip PyTorch's fused SDPA makes; valid here because the prompt starts an empty cache).
+`full_scores` (the full [S, M] scores, as before the model's causal-block prefill attention,
+`llama.attend`; `default` is that causal-block path, blocks of `llama.CAUSAL_BLOCK`).
 The peer runs under the peer venv (make peer), 2 threads (1 with --one_core: every process
 pinned to core 0, so neither pays for thread hand-offs on a shared machine).
 """
@@ -47,7 +47,7 @@ VARIANTS = {  # name -> (XLA_FLAGS, our options)
     "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {}),
     "fast_math": ("--xla_cpu_enable_fast_math=true", {}),
     "no_attention": ("", {"attention": "none"}),
-    "causal_blocks": ("", {"attention": "causal_blocks"}),
+    "full_scores": ("", {"attention": "full_scores"}),
     "one_eigen_thread": ("--xla_cpu_multi_thread_eigen=false", {}),
     "chunk128": ("", {"chunk": 128}),
     "chunk256": ("", {"chunk": 256}),
@@ -76,30 +76,12 @@ def _rates(out: dict, key: str, work: float, fn) -> None:
 
 
 def _patch_attention(kind: str) -> None:
-    import jax.numpy as jnp
-
     from readme_jax.model import llama
 
-    full = llama.attention
-
-    def causal_blocks(q_BxSxHxhd, k_BxMxKxhd, v_BxMxKxhd, mask_BxSxM, nb=4):
-        S = q_BxSxHxhd.shape[1]
-        b = S // nb
-        outs = [
-            full(
-                q_BxSxHxhd[:, i * b : (i + 1) * b],
-                k_BxMxKxhd[:, : (i + 1) * b],
-                v_BxMxKxhd[:, : (i + 1) * b],
-                mask_BxSxM[:, i * b : (i + 1) * b, : (i + 1) * b],
-            )
-            for i in range(nb)
-        ]
-        return jnp.concatenate(outs, axis=1)
-
     if kind == "none":
-        llama.attention = lambda q, k, v, mask: q
-    elif kind == "causal_blocks":
-        llama.attention = causal_blocks
+        llama.attend = lambda q, k, v, ctx: q
+    elif kind == "full_scores":
+        llama.causal_block_ends = lambda S, M, block=None: None
 
 
 def child_ours(opts: dict) -> dict:

@@ -96,16 +96,15 @@ CAUSAL_BLOCK = 128
 
 def causal_block_ends(S: int, M: int, block: int | None = None) -> list[int] | None:
     """Ends of the query blocks of the causal-block path for S new tokens over a cache of M
-    positions, or None for the plain path. S >= 2 * block (default CAUSAL_BLOCK): blocks of
-    `block`, the last one shorter where S does not divide; a shorter S is one block when the
-    cache is at least twice as long (its keys are cut to the prompt's S); else (or S > M) the
-    plain path, which would cost about as much."""
+    positions: blocks of `block` (default CAUSAL_BLOCK), the last one shorter where S does not
+    divide. None (the plain path) for S < block, where attention is a small part of the call
+    (decode steps, the engine's default 32-token chunks keep a step without a branch), for
+    S > M, and for one block over exactly its own keys (nothing to skip)."""
     block = block or CAUSAL_BLOCK
-    if S > M:
+    if S < block or S > M:
         return None
-    if S >= 2 * block:
-        return [*range(block, S, block), S]
-    return [S] if M >= 2 * S else None
+    ends = [*range(block, S, block), S]
+    return None if ends == [M] else ends
 
 
 def blocked_attention(q_BxSxHxhd, k_BxMxKxhd, v_BxMxKxhd, mask_BxSxM, ends: list[int]):
