@@ -46,9 +46,11 @@ $(SMOLLM_STAMP): $(STAMP)
 setup: $(STAMP) $(SMOLLM_STAMP)
 
 # Two pytest-xdist workers (CI has 2 cores); --dist loadfile keeps a file's module fixtures in
-# one worker; the 25 slowest tests are listed at the end. TEST_WORKERS=0 runs in this process.
+# one worker; --no-loadscope-reorder keeps tests/conftest.py's order (the longest files of the
+# last run first) instead of xdist's by test count; the 25 slowest tests are listed at the end.
+# TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
-PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test: setup
 	$(PY) $(PYTEST) tests

@@ -1,3 +1,4 @@
+import collections
 import os
 
 # 8 fake CPU devices for the sharding tests; must be set before JAX initialises. Appended, so an
@@ -13,26 +14,39 @@ if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The longest files first (summed test durations of a full run, longest first), so that the
-# two xdist workers (`--dist loadfile` hands out whole files in collection order) end together
-# instead of one running a long file alone at the end. Files not listed keep their order after
-# these; a missing or renamed file only loses its place.
-LONGEST_FIRST = (
-    "test_eval_harness.py",
-    "test_quant.py",
-    "test_multiprocess.py",
-    "test_moe.py",
-    "test_train_mesh.py",
-    "test_train_loop.py",
-    "test_smollm2.py",
-    "test_serve_http.py",
-    "test_load_faults.py",
-    "test_serve_profile.py",
-    "test_config_validation.py",
-    "test_data_chat.py",
-)
+# Order of the files for xdist's `--dist loadfile` (it hands out whole files in collection order
+# when run with `--no-loadscope-reorder`, as `make test` does): the longest first, so that the
+# workers end together instead of one running a long file alone at the end. The seconds per file
+# come from the previous run, kept in pytest's cache (.pytest_cache) by the hooks below; files
+# without a record (a fresh clone, a new file) go first, by test count (xdist's own order).
+_SECONDS_KEY = "readme_jax/seconds_per_file"
+_seconds: dict[str, float] = {}
+
+
+def _file(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    seconds = cache.get(_SECONDS_KEY, {}) if cache is not None else {}
+    count = collections.Counter(_file(item.nodeid) for item in items)
+
+    def rank(item):
+        f = _file(item.nodeid)
+        return (f in seconds, -seconds.get(f, 0.0), -count[f])
+
+    items.sort(key=rank)  # stable: a file's tests stay together, in their order
+
+
+def pytest_runtest_logreport(report):
+    # on the xdist controller, every worker's reports (setup, call and teardown) arrive here
+    _seconds[_file(report.nodeid)] = _seconds.get(_file(report.nodeid), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    cache = getattr(session.config, "cache", None)
+    is_worker = hasattr(session.config, "workerinput")
+    if cache is None or is_worker or not _seconds or exitstatus not in (0, 1):
+        return  # 0: passed, 1: some failed; not interrupted runs (their files are cut short)
+    cache.set(_SECONDS_KEY, {**cache.get(_SECONDS_KEY, {}), **_seconds})
