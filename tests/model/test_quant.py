@@ -26,6 +26,16 @@ def dense():
     return cfg, np_init(llama.param_shapes(cfg), np.random.default_rng(0))
 
 
+@pytest.fixture(scope="module")
+def readme_int8():
+    """The tiny Read-ME model (the one `tiny_serve_model(4, 0)` serves), its int8 Generator and
+    that Generator's greedy tokens of PROMPTS: the reference of the Read-ME tests below (one
+    Generator compiled for all of them)."""
+    m = tiny_readme(num_experts=4, seed=0)
+    gen = Generator(readme_model(m.rc, "int8"), m.params)
+    return m, gen, gen.generate(PROMPTS, 5, eos_ids=[])
+
+
 @pytest.mark.parametrize("shape,n_block,n_contract", [((6, 5, 7), 3, 1), ((4, 6, 5), 2, 1)])
 def test_int8_round_trip_error_is_within_half_a_step_per_channel(shape, n_block, n_contract):
     w = jax.random.normal(jax.random.key(0), shape) * jnp.arange(1, shape[-1] + 1)
@@ -78,27 +88,23 @@ def test_low_bit_dense_model_generates_like_its_reference(dense, mode):
     assert float(jnp.abs(logits - want).max()) < tol * float(jnp.abs(want).max())
 
 
-def test_low_bit_readme_model_generates_and_its_experts_are_int8():
-    m = tiny_readme(num_experts=3, seed=2)
-    gen = Generator(readme_model(m.rc, "int8"), m.params)
+def test_low_bit_readme_model_generates_and_its_experts_are_int8(readme_int8):
+    m, gen, out = readme_int8
     lp = gen.params["backbone"]["layers"][0]
     assert all(isinstance(w, quant.QWeight) for w in lp["expert_gate_up"] + lp["fused_down"])
-    out = gen.generate(PROMPTS, 5, eos_ids=[])
     ref = Generator(readme_model(m.rc, "int8_qwix"), m.params).generate(PROMPTS, 5, eos_ids=[])
     assert out == ref and [len(o) for o in out] == [5, 5]
 
 
-def test_quant_form_is_saved_with_the_model_and_applied_at_load(tmp_path):
-    m = tiny_readme(num_experts=3, seed=1)
+def test_quant_form_is_saved_with_the_model_and_applied_at_load(readme_int8, tmp_path):
+    m, _, ref = readme_int8
     path = models.save_readme(tmp_path / "moe", m.params, m.rc, m.spec, {**m.meta, "quant": "int8"})
     loaded = rj.load(path)
     assert loaded.quant == "int8" and rj.load(path, quant="none").quant == "none"
-    toks = [[5, 6, 7, 8]]
     gen = loaded.generator()
     assert isinstance(gen.params["backbone"]["embed"], quant.QWeight)
-    ref = Generator(readme_model(m.rc, "int8"), m.params).generate(toks, 4, eos_ids=[])
-    assert gen.generate(toks, 4, eos_ids=[]) == ref
-    assert loaded.logits(toks).shape == (1, 4, m.rc.model.vocab_size)
+    assert gen.generate(PROMPTS, 5, eos_ids=[]) == ref
+    assert loaded.logits(PROMPTS[:1]).shape == (1, len(PROMPTS[0]), m.rc.model.vocab_size)
     with pytest.raises(ConfigError):
         rj.load(path, quant="int4")
 
@@ -135,20 +141,21 @@ def test_fused_projection_step_greedy_equals_unfused(dense, monkeypatch):
     assert unfused.generate(PROMPTS, 8, eos_ids=[]) == fused
 
 
-def test_engine_serves_int8_weights_as_the_generator_runs_them():
+# The engine's int8 tests share one engine shape (4 slots, context 64, chunks of 8): its steps
+# compile once for the module.
+ENGINE = dict(max_len=64, num_slots=4, prefill_chunk=8)
+
+
+def test_engine_serves_int8_weights_as_the_generator_runs_them(readme_int8):
     import dataclasses
 
     from readme_jax.serve.engine import generate
     from readme_jax.testing import tiny_serve_model
 
-    sm = tiny_serve_model(num_experts=3, seed=0)
+    sm = tiny_serve_model(num_experts=4, seed=0)  # readme_int8's model, split for serving
     sp8 = dataclasses.replace(sm.params, quant="int8")
-    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
-    kw = dict(max_len=64, num_slots=2, prefill_chunk=8)
-    full = generate(sp8, prompts, 5, capacity=None, **kw)  # every expert resident: in-graph
-    m = tiny_readme(num_experts=3, seed=0)
-    ref = Generator(readme_model(m.rc, "int8"), m.params).generate(prompts, 5, eos_ids=[])
-    assert full.tokens == ref
+    full = generate(sp8, PROMPTS, 5, capacity=None, **ENGINE)  # every expert resident: in-graph
+    assert full.tokens == readme_int8[2]
 
 
 def test_offloaded_int8_experts_serve_as_the_all_resident_int8_model_at_a_quarter_of_the_bytes():
@@ -163,7 +170,7 @@ def test_offloaded_int8_experts_serve_as_the_all_resident_int8_model_at_a_quarte
     sp8 = dataclasses.replace(sm.params, quant="int8")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 97, int(n)).tolist() for n in rng.integers(3, 24, 6)]
-    kw = dict(max_len=64, num_slots=4, prefill_chunk=8)
+    kw = ENGINE
     for sampling in (SamplingParams(), SamplingParams(1.0, 0, 1.0)):
         full = generate(sp8, prompts, 8, sampling, capacity=None, **kw)  # in-graph int8 experts
         be = ModelBackend.for_config(sp8, EngineConfig(capacity=2, **kw).for_experts(4))
