@@ -55,9 +55,18 @@ def _one_step_each_phase(c, tok, teacher, data, fsdp, expert, dispatch=None):
     return losses, jax.device_get(out), ctx.mesh
 
 
-def test_step_on_8_devices_data2_expert4_matches_one_device(tiny):
+@pytest.fixture(scope="module")
+def one_device(tiny):
+    """One step of each phase on one device with the config's dispatch ("auto"): the reference
+    of the mesh test and the blocked side of the dispatch test (one compile for both)."""
     c, tok, teacher = tiny
-    one, p1, m1 = _one_step_each_phase(c, tok, teacher, 1, 1, 1)
+    assert c.train.dispatch == "auto"
+    return _one_step_each_phase(c, tok, teacher, 1, 1, 1)
+
+
+def test_step_on_8_devices_data2_expert4_matches_one_device(tiny, one_device):
+    c, tok, teacher = tiny
+    one, p1, m1 = one_device
     eight, p8, m8 = _one_step_each_phase(c, tok, teacher, 2, 1, 4)
     assert m1.devices.size == 1 and dict(m8.shape) == {"data": 2, "fsdp": 1, "expert": 4}
     np.testing.assert_allclose(eight, one, rtol=2e-5)
@@ -67,7 +76,7 @@ def test_step_on_8_devices_data2_expert4_matches_one_device(tiny):
     chex.assert_trees_all_close(p1, p8, rtol=1e-4, atol=5e-5)
 
 
-def test_blocked_train_dispatch_matches_ragged(tiny):
+def test_blocked_train_dispatch_matches_ragged(tiny, one_device):
     """train.dispatch=auto picks `blocked` on CPU: the same losses and updated parameters."""
     from readme_jax.model.moe import pick_dispatch
 
@@ -75,7 +84,7 @@ def test_blocked_train_dispatch_matches_ragged(tiny):
     assert pick_dispatch("cpu", "train", override="") == "ragged"  # the model's
     c, tok, teacher = tiny
     rag, pr, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "ragged")
-    blk, pb, _ = _one_step_each_phase(c, tok, teacher, 1, 1, 1, "auto")
+    blk, pb, _ = one_device  # dispatch "auto"
     np.testing.assert_allclose(blk, rag, rtol=2e-5)
     chex.assert_trees_all_close(pr, pb, rtol=1e-4, atol=5e-5)
 
