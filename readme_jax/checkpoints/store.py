@@ -14,6 +14,11 @@ keeps a file's size and mtime is therefore caught only on a fresh cache. READMEJ
 verify=False, skips the check; a directory saved before manifests loads with one warning line.
 Train-state checkpoints (train/checkpoint.py) carry the same manifest in each step directory.
 
+Writing holds the model once: `save_model` writes the arrays one at a time, each one storage
+chunk (at most WRITE_PIECE bytes) at a time, straight from the caller's arrays (NumPy, memory-mapped
+files or jax.Array), into a standard orbax checkpoint (`_PiecewiseArrays`; orbax's own handlers
+copy every NumPy array, or move every jax.Array to the host, before writing).
+
 Writing: `check_space` refuses a save that does not fit on its file system before anything is
 written (arrays' bytes + SPACE_MARGIN), and `writing` turns an error of orbax's (async) writer,
 e.g. a full disk, into one CheckpointError and removes orbax's half-written temporary directory.
@@ -27,13 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +57,7 @@ MANIFEST = "manifest.json"
 _CHUNK = 16 << 20  # bytes hashed per read
 SPACE_MARGIN = (0.05, 8 << 20)  # a save needs its arrays' bytes x (1 + 5%) + 8 MiB free
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax writes `<name>.orbax-checkpoint-tmp*`, then renames
+WRITE_PIECE = 16 << 20  # bytes: the largest piece of an array a save writes at once
 _SETTLE_S = 60.0  # after a failed orbax call, how long its other operations may take to end
 log = logging.getLogger(__name__)
 
@@ -233,21 +242,73 @@ def save_model(path: str | Path, params: Any, meta: dict[str, Any]) -> Path:
     # multi-process runs save from one process (train/distributed.py): no barrier with the others
     me = jax.process_index()
     mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    ck = (
-        ocp.StandardCheckpointer(multiprocessing_options=mp)
-        if jax.process_count() > 1
-        else (ocp.StandardCheckpointer())
+    handler = ocp.PyTreeCheckpointHandler(
+        multiprocessing_options=mp, type_handler_registry=_piecewise_registry()
     )
+    ck = ocp.Checkpointer(handler, multiprocessing_options=mp)
+    pieces = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=WRITE_PIECE), params)
     then = "; the directory is an interrupted save: free space, then re-run the stage"
     try:
         with writing("the model's parameters", path / "params", f"params{ORBAX_TMP}*", then=then):
-            ck.save(path / "params", params)
-            ck.wait_until_finished()
+            ck.save(path / "params", args=ocp.args.PyTreeSave(params, save_args=pieces))
     finally:
         ck.close()
     write_manifest(path)
     _write_json_atomic(path / MODEL_JSON, meta)
     return path
+
+
+@functools.cache
+def _piecewise_registry() -> Any:
+    """orbax's type handlers with every array (NumPy or jax.Array) written by `_PiecewiseArrays`."""
+    ocp = orbax()
+    th = ocp.type_handlers
+    arrays = _piecewise_arrays_class(th.NumpyHandler)()
+    scalar = th.ScalarHandler()
+    return th.create_type_handler_registry(
+        (int, scalar),
+        (float, scalar),
+        (np.number, scalar),
+        (np.ndarray, arrays),
+        (jax.Array, arrays),
+        (str, th.StringHandler()),
+    )
+
+
+def _piecewise_arrays_class(numpy_handler: type) -> type:
+    import tensorstore as ts
+
+    class _PiecewiseArrays(numpy_handler):
+        """orbax's NumPy handler (the same files: zarr arrays in OCDBT, read back by any
+        StandardCheckpointer) writing the arrays one at a time, each one storage chunk at a
+        time (chunks of at most WRITE_PIECE bytes: SaveArgs.chunk_byte_size), straight from
+        the caller's arrays. orbax's own handlers copy every NumPy leaf before writing and move
+        every jax.Array to the host at once: a second copy of the model. Here the save holds
+        one chunk beyond the caller's arrays (a jax.Array is viewed on the host, which on CPU
+        is no copy; on an accelerator one leaf is copied at a time)."""
+
+        def __init__(self):
+            super().__init__(deepcopy_host_arrays=False)  # the save is synchronous
+            # the per-array sharding records of orbax's jax.Array handler: none for host arrays
+            self._array_metadata_store = None
+            self._turns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+        async def _open_and_write(self, value: Any, tspec: dict, ts_context: Any) -> None:
+            turn = self._turns.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+            async with turn:  # orbax gathers every array's write at once: one at a time
+                t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+                host = np.asarray(value)
+                for box in _chunk_boxes(host.shape, t.chunk_layout.write_chunk.shape):
+                    await t[box].write(host[box])  # each chunk committed before the next
+
+    return _PiecewiseArrays
+
+
+def _chunk_boxes(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
+    """The index boxes of a regular chunk grid over `shape`, in C order."""
+    starts = [range(0, n, c) for n, c in zip(shape, chunk, strict=True)]
+    for corner in itertools.product(*starts):
+        yield tuple(slice(i, min(i + c, n)) for i, c, n in zip(corner, chunk, shape, strict=True))
 
 
 def write_manifest(path: str | Path) -> None:
