@@ -1,14 +1,14 @@
 """The refactor stage one layer at a time: each layer's experts built and refit into their final
-arrays as the refit reaches it.
+arrays as the refit reaches it. `pipeline.build_readme` (the recipe's refactor stage) and
+tools/scale_test.py both build through `refactor_per_layer`.
 
-`pipeline.refactor` followed by `reconstruct.at_refactor` builds every layer's MoE arrays, then
-rewrites their down rows in a second pass. Here each layer is visited once: its weights are
-fetched (stacked, per-layer or read from disk: `checkpoints.layers`), its features computed and
-its down rows refit (`reconstruct.sequential_refit`), and its attention, shared and expert weights
-written into the preallocated [L, ...] arrays of the Read-ME backbone. `alloc` decides where
-those live: host memory (default) or files on disk (`DiskArrays`, for a model whose MoE does not
-fit beside the working set). The result equals the two passes'
-(tests/refactor/test_refactor_layerwise.py).
+Each layer is visited once: its weights are fetched (stacked, per-layer or read from disk:
+`checkpoints.layers`), its features computed and its down rows refit
+(`reconstruct.sequential_refit`), and its attention, shared and expert weights written into the
+preallocated [L, ...] arrays of the Read-ME backbone. `alloc` decides where those live: host
+memory (default) or files on disk (`DiskArrays`, for a model whose MoE does not fit beside the
+working set). The result equals the whole-model path it replaced, construction of every layer
+then a second pass refitting their down rows (tests/refactor/test_refactor_layerwise.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from readme_jax.refactor.stats import ActivationStats
 
 Params = dict[str, Any]
 Alloc = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
+# (experts, the refit's calibration rows) -> each row's token group [b, S] (-1 = none)
+GroupsFn = Callable[[ExpertSpec, list[np.ndarray]], list[np.ndarray]]
 _DENSE_FFN = ("w_gate_up", "w_down")
 
 
@@ -77,15 +79,18 @@ def experts_spec(stats: ActivationStats, remain_rate: float, con: Construction) 
     return build_spec(stats.groups(), remain_rate, stats.domains, con)
 
 
-def _refit_tokens(dense, cfg, spec: ExpertSpec, domain_batches, n: int):
-    """(batches, token groups) of the refit: as `reconstruct.reconstruct_readme` takes them."""
+def _refit_tokens(dense, cfg, spec: ExpertSpec, domain_batches, n: int, assign=None):
+    """(batches, token groups) of the refit on the first n rows per domain (0 = all): domain e's
+    tokens on expert e; for clustered experts every token on the expert `assign` gives it, by
+    default its Eq. 4 routing target (`reconstruct.target_expert_groups`)."""
     if n:
         domain_batches = {d: reconstruct.first_rows(bs, n) for d, bs in domain_batches.items()}
-    if list(domain_batches) == list(spec.domains):
+    if assign is None and list(domain_batches) == list(spec.domains):
         return reconstruct.domain_groups([domain_batches[d] for d in spec.domains])
-    if all(d.startswith("cluster") for d in spec.domains):
+    if assign is not None or all(d.startswith("cluster") for d in spec.domains):
         batches = [b for bs in domain_batches.values() for b in bs]
-        return batches, reconstruct.target_expert_groups(dense, cfg, spec, batches)
+        assign = assign or (lambda s, rows: reconstruct.target_expert_groups(dense, cfg, s, rows))
+        return batches, assign(spec, batches)
     raise ValueError(f"calibration domains {list(domain_batches)} != experts {spec.domains}")
 
 
@@ -102,21 +107,24 @@ def refactor_per_layer(
     alloc: Alloc | None = None,
     as_jax: bool = True,
     resume_dir: str | Path | None = None,
+    groups: GroupsFn | None = None,
 ) -> tuple[Params, ExpertSpec]:
-    """Read-ME params {"backbone", "router"} and the expert spec: `pipeline.refactor` then
-    `reconstruct.at_refactor(..., with_static=False)` in one pass over the layers.
+    """Read-ME params {"backbone", "router"} (the layer-wise gates included) and the expert spec
+    of `construction` (default: the paper's rule), built and refit in one pass over the layers.
 
+    groups(spec, rows): the refit's token groups when they are not the domains or the Eq. 4
+    target (context clusters, a router's choices: `pipeline.build_readme`).
     alloc(name, shape, dtype): the backbone's [L, ...] layer arrays (default: zeroed host
-    arrays). as_jax: hand each to JAX at the end, one at a time (else the backbone's layers stay
-    the allocated arrays, e.g. memory-mapped files for `save_readme`). domain_batches: the
-    calibration batches (refit.mode "none": unused). Memory beyond those arrays: one dense layer
-    and the refit's working set (`reconstruct.sequential_refit`).
+    arrays; the attention and norm weights of stacked dense layers are then the dense arrays
+    themselves, not copies). as_jax: hand each to JAX at the end, one at a time (else the
+    backbone's layers stay the allocated arrays, e.g. memory-mapped files for `save_readme`).
+    domain_batches: the calibration batches (refit.mode "none": unused). Memory beyond those
+    arrays: one dense layer and the refit's working set (`reconstruct.sequential_refit`).
 
     resume_dir: build the arrays in files there (`DiskArrays`, unless `alloc` is one that
-    reuses its files) and save the refit's progress
-    after each layer; a call with the same arguments after an interruption keeps the finished
-    layers and starts at the next one (the statistics must be the same: the calibrate stage
-    caches them)."""
+    reuses its files) and save the refit's progress after each layer; a call with the same
+    arguments after an interruption keeps the finished layers and starts at the next one (the
+    statistics must be the same: the calibrate stage caches them)."""
     spec = experts_spec(stats, remain_rate, construction or Construction())
     E, L = spec.num_experts, cfg.n_layers
     k_router, k_gates = jax.random.split(jax.random.key(seed))
@@ -129,6 +137,9 @@ def refactor_per_layer(
     D = cfg.dim
     Fs, Fe = spec.shared_idx_LxFs.shape[1], spec.expert_idx_LxExFe.shape[2]
     shapes = {k: (L, *v.shape) for k, v in first.items() if k not in _DENSE_FFN}
+    stacked = isinstance(dense["layers"], dict) and alloc is _host_alloc
+    kept = {k: dense["layers"][k] for k in shapes} if stacked else {}
+    shapes = {k: v for k, v in shapes.items() if k not in kept}
     shapes |= {
         "shared_gate_up": (L, D, 2, Fs),
         "shared_down": (L, Fs, D),
@@ -158,13 +169,14 @@ def refactor_per_layer(
         for l in range(L):
             write(l, None)
     else:
-        batches, groups = _refit_tokens(dense, cfg, spec, domain_batches, refit.calib_sequences)
+        n = refit.calib_sequences
+        batches, tg = _refit_tokens(dense, cfg, spec, domain_batches, n, groups)
         parts = reconstruct.readme_parts(spec)
         desc = "refactor per layer"
         reconstruct.sequential_refit(
-            dense, cfg, batches, groups, parts, refit.ridge, desc, write, resume_dir
+            dense, cfg, batches, tg, parts, refit.ridge, desc, write, resume_dir
         )
-    layers = {}
+    layers = dict(kept)
     for k in list(out):  # one host array at a time becomes a JAX array
         layers[k] = jnp.asarray(out.pop(k)) if as_jax else out.pop(k)
     layers["gate"] = jnp.asarray(gates, dt)

@@ -7,8 +7,9 @@
 `launch/train.py` (the calibrate and refactor stages), serving's on-the-fly build and the
 benchmarks all call `build_readme`, which runs the whole recipe (construction, refit, layer-local
 phase, the static control): the trained and the on-the-fly builds of one config are the same
-model before training. Each step is also a function of its own (`calibration_batches`,
-`calibrate`, `refactor`, `static_control`) for tests and tools. Statistics are cached in
+model before training. Construction and refit run in one pass over the layers, into the final
+arrays (`layerwise.refactor_per_layer`). Each step is also a function of its own
+(`calibration_batches`, `calibrate`, `static_control`) for tests and tools. Statistics are cached in
 `calib_dir` and reused when the recorded recipe matches (`ActivationStats.recipe`).
 """
 
@@ -20,7 +21,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,19 +36,17 @@ from readme_jax.model.config import (
     ReadMEConfig,
     RouterConfig,
 )
-from readme_jax.model.router import init_layerwise_gates, init_router
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor import reconstruct
 from readme_jax.refactor.cluster import chunk_assign, cluster_assign, router_assign
 from readme_jax.refactor.construct import (
     Construction,
-    build_spec,
     prefix_groups,
-    refit_rows,
     static_channels,
     static_pruned,
 )
-from readme_jax.refactor.experts import active_ffn_fraction, build_expert_spec, build_moe_params
+from readme_jax.refactor.experts import active_ffn_fraction
+from readme_jax.refactor.layerwise import refactor_per_layer
 from readme_jax.refactor.local_distill import LocalDistillConfig
 from readme_jax.refactor.local_distill import at_refactor as local_distill_at_refactor
 from readme_jax.refactor.reconstruct import ReconstructConfig
@@ -358,31 +356,6 @@ def calibrate(
     return st
 
 
-def refactor(
-    dense: Any,
-    cfg: LlamaConfig,
-    stats: ActivationStats,
-    remain_rate: float,
-    mcfg: MoEConfig,
-    rcfg: RouterConfig,
-    seed: int = 0,
-    construction: Construction | None = None,
-) -> tuple[dict[str, Any], ExpertSpec]:
-    """Read-ME params {"backbone", "router"} (and layer-wise gates for the baseline); experts by
-    `construction` (default: the paper's rule, which also works on statistics without the
-    activation rate)."""
-    con = construction or Construction()
-    if con == Construction():
-        spec = build_expert_spec(stats.mean_abs_ExLxF, remain_rate, stats.domains)
-    else:
-        spec = build_spec(stats.groups(), remain_rate, stats.domains, con)
-    k_router, k_gates = jax.random.split(jax.random.key(seed))
-    gates = init_layerwise_gates(cfg, spec.num_experts, k_gates)
-    backbone = build_moe_params(dense, spec, gates_LxDxE=gates)  # per-layer: no stacked copy
-    router = init_router(rcfg, cfg, spec.num_experts, k_router, backbone_embed_VxD=dense["embed"])
-    return {"backbone": backbone, "router": router}, spec
-
-
 def cache_dir(recipe: Recipe, tokenizer_name: str, root: str | Path) -> Path:
     """root/calib-<hash of the recipe record>: a statistics cache shared by identical recipes."""
     rec = json.dumps(recipe.record(tokenizer_name), sort_keys=True)
@@ -487,26 +460,16 @@ def _router_groups(rm: models.ReadMEModel, cfg: LlamaConfig, batches: list[np.nd
     return router_assign(rm.params["router"], rm.rc.router, cfg, batches)
 
 
-def _refit_by_groups(recipe, dense, cfg, params, spec, batches, rm=None):
-    """The refit of experts whose tokens are not grouped by Eq. 4's token oracle
-    (reconstruct.target_expert_groups): context clusters by their causal-prefix oracle
+def _refit_groups(recipe: Recipe, dense: Any, cfg: LlamaConfig, rm: models.ReadMEModel | None):
+    """The refit's token groups for experts not grouped by domain or by Eq. 4's token oracle
+    (`layerwise.refactor_per_layer`'s default): context clusters by their causal-prefix oracle
     (`construct.prefix_groups`, the target train.target_prefix trains the router towards), router
-    clusters by the choice of `rm`'s router (`cluster.router_assign`)."""
-    rows_in = [b for bs in _refit_subset(recipe, batches).values() for b in bs]
+    clusters by the choice of `rm`'s router (`cluster.router_assign`); None otherwise."""
     if rm is not None:
-        groups, what = _router_groups(rm, cfg, rows_in), "router clusters"
-    else:
-        groups, what = prefix_groups(dense, cfg, spec, rows_in, 0.5), "context clusters"
-    rows = reconstruct.sequential_refit(
-        dense,
-        cfg,
-        rows_in,
-        groups,
-        reconstruct.readme_parts(spec),
-        recipe.refit.ridge,
-        f"reconstruct Read-ME ({what})",
-    )
-    return {**params, "backbone": refit_rows(params["backbone"], spec, rows)}
+        return lambda spec, rows: _router_groups(rm, cfg, rows)
+    if recipe.cluster_chunk:
+        return lambda spec, rows: prefix_groups(dense, cfg, spec, rows, 0.5)
+    return None
 
 
 def build_readme(
@@ -533,35 +496,22 @@ def build_readme(
     if stats is None:
         stats = calibrate_recipe(recipe, source, calib_dir, rm)
     mcfg = MoEConfig(len(stats.domains), recipe.top_k, recipe.gate_scaling, recipe.dispatch)
-    params, spec = refactor(
+    needs_batches = recipe.refit.mode != "none" or recipe.local.steps > 0
+    batches = recipe.batches(tok) if needs_batches else None
+    params, spec = refactor_per_layer(
         dense,
         cfg,
         stats,
         recipe.remain_rate,
-        mcfg,
         recipe.router,
+        recipe.refit,
+        batches,
         recipe.seed,
         recipe.construction,
+        groups=_refit_groups(recipe, dense, cfg, rm),
     )
-    needs_batches = recipe.refit.mode != "none" or recipe.local.steps > 0
-    batches = recipe.batches(tok) if needs_batches else None
     if rm is not None:  # start from the router the experts were built around
         params = {**params, "router": rm.params["router"]}
-    if recipe.refit.mode != "none" and (recipe.cluster_chunk or rm is not None):
-        params = _refit_by_groups(recipe, dense, cfg, params, spec, batches, rm)
-    elif recipe.refit.mode != "none":
-        params = reconstruct.at_refactor(
-            recipe.refit,
-            dense,
-            cfg,
-            params,
-            spec,
-            stats.mean_abs_ExLxF,
-            batches,
-            "",
-            recipe.top_k,
-            with_static=False,
-        )
     if recipe.local.steps > 0:
         params = local_distill_at_refactor(recipe.local, dense, cfg, params, spec.domains, batches)
     control = (

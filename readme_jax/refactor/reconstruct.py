@@ -46,7 +46,6 @@ from readme_jax.model.config import LlamaConfig
 from readme_jax.model.spec import ExpertSpec
 from readme_jax.refactor.block_solve import _own_parts, solve_blocks
 from readme_jax.refactor.experts import (
-    active_ffn_fraction,
     expert_channel_masks,
     top_channel_masks,
 )
@@ -430,43 +429,6 @@ def target_expert_groups(
     return out
 
 
-def reconstruct_readme(
-    dense: Params,
-    cfg: LlamaConfig,
-    backbone: Params,
-    spec: ExpertSpec,
-    domain_batches: dict[str, Sequence[np.ndarray]],
-    ridge: float,
-) -> Params:
-    """The Read-ME backbone with shared_down / expert_down refit. Domain experts: domain e's
-    calibration tokens on expert e. Clustered experts (`spec.domains` not the batches' domains,
-    recipe with refactor.clustering): every token on the expert of its routing target
-    (`target_expert_groups`). `backbone` has stacked layers (build_moe_params); padded rows stay
-    zero. Raises ValueError when domain experts do not match the calibration domains."""
-    if list(domain_batches) == list(spec.domains):
-        batches, groups = domain_groups([domain_batches[d] for d in spec.domains])
-    elif all(d.startswith("cluster") for d in spec.domains):
-        batches = [b for bs in domain_batches.values() for b in bs]
-        groups = target_expert_groups(dense, cfg, spec, batches)
-    else:
-        raise ValueError(f"calibration domains {list(domain_batches)} != experts {spec.domains}")
-    layers = backbone["layers"]
-    down = {k: np.array(layers[k]) for k in ("shared_down", "expert_down")}
-
-    def write(l: int, r: list[np.ndarray]) -> None:  # each layer's rows into the final arrays
-        down["shared_down"][l, : len(r[0])] = r[0]
-        for e in range(spec.num_experts):
-            down["expert_down"][l, e, : len(r[1 + e])] = r[1 + e]
-
-    parts = readme_parts(spec)
-    sequential_refit(dense, cfg, batches, groups, parts, ridge, "reconstruct Read-ME", write)
-    dt = layers["shared_down"].dtype
-    new = dict(layers)
-    for k in list(down):  # one host copy at a time becomes the array
-        new[k] = jnp.asarray(down.pop(k), dt)
-    return {**backbone, "layers": new}
-
-
 def static_kept(scores_ExLxF: np.ndarray, remain_rate: float) -> np.ndarray:
     """[L, k] kept channel indices of the static baseline (same rule as static_pruned_params)."""
     mask = top_channel_masks(np.asarray(scores_ExLxF).mean(0, keepdims=True), remain_rate)[0]
@@ -480,24 +442,26 @@ def reconstruct_static(
     domain_batches: dict[str, Sequence[np.ndarray]],
     ridge: float,
 ) -> np.ndarray:
-    """Refit down rows [L, k, D] of the static baseline (all domains' tokens, one part)."""
+    """Refit down rows [L, k, D] f32 of the static baseline (all domains' tokens, one part),
+    written layer by layer into the one array returned."""
     batches = [b for bs in domain_batches.values() for b in bs]
     groups = [np.zeros(np.shape(b), int) for b in batches]
-    rows = sequential_refit(
-        dense, cfg, batches, groups, lambda l: ([kept_LxK[l]], [[0]]), ridge, "reconstruct static"
-    )
-    return np.stack([r[0] for r in rows])
+    out = np.zeros((*np.shape(kept_LxK), cfg.dim), np.float32)
 
+    def write(l: int, rows: list[np.ndarray]) -> None:
+        out[l] = rows[0]
 
-def save_static_refit(path: str | Path, kept_LxK: np.ndarray, w_down_LxKxD: np.ndarray) -> None:
-    np.savez(Path(path) / STATIC_REFIT_FILE, kept=kept_LxK, w_down=w_down_LxKxD)
+    parts = lambda l: ([kept_LxK[l]], [[0]])  # noqa: E731
+    sequential_refit(dense, cfg, batches, groups, parts, ridge, "reconstruct static", write)
+    return out
 
 
 def apply_static_refit(
     moe_dir: str | Path, static_params: Params, required: bool = False
 ) -> Params:
-    """The static baseline's params with the refit down rows saved at refactoring time
-    (`moe_dir`/static_refit.npz), or unchanged when there is none (reconstruction off).
+    """The static baseline's params with the refit down rows that run directories refactored
+    before the static control (pipeline.StaticControl) saved in `moe_dir`/static_refit.npz
+    (kept, w_down), or unchanged when there is none (reconstruction off).
 
     required: the Read-ME experts in `moe_dir` were refit, so a comparison needs the static
     baseline refit too. Raises FileNotFoundError then if the rows are missing (the refactor
@@ -546,35 +510,3 @@ def first_rows(batches: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
         out.append(np.asarray(b)[:left])
         left -= len(out[-1])
     return out
-
-
-def at_refactor(
-    rcfg: ReconstructConfig,
-    dense: Params,
-    cfg: LlamaConfig,
-    params: Params,
-    spec: ExpertSpec,
-    scores_ExLxF: np.ndarray,
-    domain_batches: dict[str, Sequence[np.ndarray]],
-    moe_dir: str | Path,
-    top_k: int = 1,
-    with_static: bool = True,
-) -> Params:
-    """The refactor step's hook. Returns the Read-ME params with refit experts, and saves the
-    static baseline's refit rows (the trainer's baseline width: the Read-ME active FFN fraction,
-    channels by the domain-averaged `scores_ExLxF`) to moe_dir/static_refit.npz, where
-    `apply_static_refit` finds them (with_static=False skips that second pass, for runs that
-    train no static baseline). Mode "none": `params` unchanged, nothing saved."""
-    if rcfg.mode == "none":
-        return params
-    if rcfg.calib_sequences:
-        n = rcfg.calib_sequences
-        domain_batches = {d: first_rows(bs, n) for d, bs in domain_batches.items()}
-    backbone = reconstruct_readme(dense, cfg, params["backbone"], spec, domain_batches, rcfg.ridge)
-    if not with_static:
-        return {**params, "backbone": backbone}
-    kept = static_kept(scores_ExLxF, active_ffn_fraction(spec, cfg.ffn_dim, top_k))
-    w = reconstruct_static(dense, cfg, kept, domain_batches, rcfg.ridge)
-    Path(moe_dir).mkdir(parents=True, exist_ok=True)
-    save_static_refit(moe_dir, kept, w)
-    return {**params, "backbone": backbone}

@@ -1,17 +1,27 @@
 """The per-layer refactor (block Grams, Schur solve, MoE arrays filled per layer) against the
-whole-model path it replaced (full [F, F] Grams, one joint solve, stacked copies)."""
+whole-model path it replaced (full [F, F] Grams, one joint solve, stacked copies; construction of
+every layer, then a second pass rewriting their down rows), down to the recipe's refactor stage
+(`pipeline.build_readme`) with each of its options."""
 
+import dataclasses
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from readme_jax.checkpoints import models
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig, MoEConfig, RouterConfig
-from readme_jax.refactor import block_solve, experts, layerwise, pipeline, reconstruct, stats
+from readme_jax.model.config import LlamaConfig, RouterConfig
+from readme_jax.model.router import init_layerwise_gates, init_router
+from readme_jax.refactor import block_solve, construct, experts, layerwise, reconstruct, stats
+from readme_jax.refactor.cluster import router_assign
+from readme_jax.refactor.construct import Construction
+from readme_jax.refactor.pipeline import Recipe, build_readme
 from readme_jax.refactor.targets import top_channel_mask
+from readme_jax.testing import random_checkpoint
 
 CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=40)
 SMOL = LlamaConfig(vocab_size=256, dim=576, n_layers=2, n_heads=9, n_kv_heads=3, ffn_dim=1536)
@@ -274,6 +284,46 @@ def test_per_layer_statistics_equal_the_whole_model_forward(cfg):
         np.testing.assert_array_equal(got.n_tokens, want[2])
 
 
+def _whole_model_build(
+    dense, cfg, st, remain_rate, router_cfg, refit, domain_batches, seed=0, con=None, groups=None
+):
+    """The refactor stage as it was (pipeline.refactor, then reconstruct.at_refactor or, for
+    context and router clusters, pipeline._refit_by_groups): every layer's MoE arrays built and
+    stacked, then their down rows rewritten from the refit's returned rows."""
+    con = con or Construction()
+    if con == Construction():
+        spec = experts.build_expert_spec(st.mean_abs_ExLxF, remain_rate, st.domains)
+    else:
+        spec = construct.build_spec(st.groups(), remain_rate, st.domains, con)
+    k_router, k_gates = jax.random.split(jax.random.key(seed))
+    gates = init_layerwise_gates(cfg, spec.num_experts, k_gates)
+    backbone = experts.build_moe_params(dense, spec, gates_LxDxE=gates)
+    router = init_router(router_cfg, cfg, spec.num_experts, k_router, dense["embed"])
+    if refit.mode == "none":
+        return {"backbone": backbone, "router": router}, spec
+    n = refit.calib_sequences
+    sub = {d: reconstruct.first_rows(bs, n) for d, bs in domain_batches.items()} if n else None
+    sub = sub or domain_batches
+    if groups is None and list(sub) == list(spec.domains):
+        rows_in, tg = reconstruct.domain_groups([sub[d] for d in spec.domains])
+    else:
+        rows_in = [b for bs in sub.values() for b in bs]
+        tg = (groups or (lambda s, r: reconstruct.target_expert_groups(dense, cfg, s, r)))(
+            spec, rows_in
+        )
+    parts = reconstruct.readme_parts(spec)
+    rows = reconstruct.sequential_refit(dense, cfg, rows_in, tg, parts, refit.ridge)
+    return {"backbone": construct.refit_rows(backbone, spec, rows), "router": router}, spec
+
+
+def _assert_same_params(want, got):
+    w, g = jax.tree.leaves_with_path(want), jax.tree.leaves_with_path(got)
+    assert [k for k, _ in w] == [k for k, _ in g]
+    for (k, x), (_, y) in zip(w, g, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=str(k))
+
+
 @pytest.mark.parametrize("mode", ["lstsq", "none"])
 def test_one_pass_refactor_equals_construction_then_refit(mode, tmp_path):
     cfg = CFG
@@ -282,20 +332,13 @@ def test_one_pass_refactor_equals_construction_then_refit(mode, tmp_path):
     domain_batches = {d: _batches(i + 1, cfg, 3) for i, d in enumerate(names)}
     st = stats.collect_stats(p, cfg, domain_batches, {})
     rcfg, refit = RouterConfig(16, 2, 32), reconstruct.ReconstructConfig(mode)
-    want, spec = pipeline.refactor(p, cfg, st, 0.5, MoEConfig(3), rcfg, seed=4)
-    want = reconstruct.at_refactor(
-        refit, p, cfg, want, spec, st.mean_abs_ExLxF, domain_batches, tmp_path, with_static=False
-    )
+    want, spec = _whole_model_build(p, cfg, st, 0.5, rcfg, refit, domain_batches, seed=4)
     for src, alloc in ((p, None), (llama.unstack_layers(p), layerwise.DiskArrays(tmp_path / "a"))):
         got, spec2 = layerwise.refactor_per_layer(
             src, cfg, st, 0.5, rcfg, refit, domain_batches, seed=4, alloc=alloc
         )
         assert spec2.shared_widths.tolist() == spec.shared_widths.tolist()
-        w, g = jax.tree.leaves_with_path(want), jax.tree.leaves_with_path(got)
-        assert [k for k, _ in w] == [k for k, _ in g]
-        for (k, x), (_, y) in zip(w, g, strict=True):
-            assert x.dtype == y.dtype, k
-            np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=str(k))
+        _assert_same_params(want, got)
 
 
 def test_layers_read_from_disk_equal_the_loaded_model(tmp_path):
@@ -352,3 +395,79 @@ def test_an_interrupted_refactor_resumes_at_the_next_layer(tmp_path, monkeypatch
         jax.tree.leaves_with_path(want), jax.tree.leaves_with_path(got), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=str(k))
+
+
+CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
+DOMAINS = f"drama={CORPUS / 'shakespeare'},whaling={CORPUS / 'melville.jsonl'}"
+RECIPES = {  # the recipe options of the refactor stage, each against the whole-model path
+    "paper": {},
+    "no_refit": {"refit": reconstruct.ReconstructConfig("none"), "static_control": True},
+    "refit_subset": {"refit": reconstruct.ReconstructConfig(calib_sequences=1)},
+    "kmeans_clusters": {"clusters": 3},
+    "context_clusters": {"clusters": 3, "cluster_chunk": 8},
+    "core_partition": {
+        "construction": Construction("frequency", "core", "partition", 0.5),
+        "static_control": True,
+    },
+    "core_overlap": {"construction": Construction("magnitude", "core", "overlap", 0.25)},
+    "bfloat16": {"dtype": "bfloat16", "static_control": True, "seed": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    ck = random_checkpoint(vocab=49152, dim=32, layers=2, heads=4, kv_heads=2, ffn=64)
+    cache = str(tmp_path_factory.mktemp("data"))
+    return Recipe(checkpoint=ck, domains=DOMAINS, num_sequences=2, seq_len=32, data_cache=cache)
+
+
+def _old_static_rows(r, src, kept):
+    """The static control's refit as it was: the rows returned per layer, then stacked."""
+    cfg, dense, tok = src
+    n = r.refit.calib_sequences
+    rows_in = [reconstruct.first_rows(bs, n) if n else bs for bs in r.batches(tok).values()]
+    rows_in = [b for bs in rows_in for b in bs]
+    zeros = [np.zeros(np.shape(b), int) for b in rows_in]
+    fn = lambda l: ([kept[l]], [[0]])  # noqa: E731
+    return np.stack(
+        [x[0] for x in reconstruct.sequential_refit(dense, cfg, rows_in, zeros, fn, r.refit.ridge)]
+    )
+
+
+def _check_build(r, src, rm=None):
+    built = build_readme(r, source=src)
+    cfg, dense, tok = src
+    groups = None
+    if rm is not None:
+        groups = lambda s, rows: router_assign(rm.params["router"], rm.rc.router, cfg, rows)  # noqa: E731
+    elif r.cluster_chunk:
+        groups = lambda s, rows: construct.prefix_groups(dense, cfg, s, rows, 0.5)  # noqa: E731
+    args = (r.remain_rate, r.router, r.refit, r.batches(tok), r.seed, r.construction, groups)
+    want, spec = _whole_model_build(dense, cfg, built.stats, *args)
+    if rm is not None:
+        want = {**want, "router": rm.params["router"]}
+    _assert_same_params(want, built.model.params)
+    assert built.model.spec.domains == spec.domains
+    np.testing.assert_array_equal(built.model.spec.expert_idx_LxExFe, spec.expert_idx_LxExFe)
+    assert built.model.meta["recipe"] == r.describe(tok.name)
+    if r.static_control and r.refit.mode != "none":
+        kept = built.static.kept_LxK
+        np.testing.assert_array_equal(built.static.w_down_LxKxD, _old_static_rows(r, src, kept))
+    return built
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_the_recipes_refactor_stage_equals_the_whole_model_path(name, recipe):
+    r = dataclasses.replace(recipe, **RECIPES[name])
+    src = models.load_dense(r.checkpoint, r.dtype, r.scan_layers, r.seed)
+    built = _check_build(r, src)
+    assert built.model.params["backbone"]["layers"]["expert_down"].dtype == np.dtype(r.dtype)
+
+
+def test_experts_refit_around_a_routers_groups_equal_the_whole_model_path(recipe, tmp_path):
+    src = models.load_dense(recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed)
+    k3 = build_readme(dataclasses.replace(recipe, clusters=3), source=src).model
+    k3.params["router"]["head"] = k3.params["router"]["head"] * 50.0
+    path = models.save_readme(tmp_path / "r", k3.params, k3.rc, k3.spec, k3.meta)
+    r = dataclasses.replace(recipe, clusters=3, cluster_router=str(path))
+    _check_build(r, src, models.load_readme(path))

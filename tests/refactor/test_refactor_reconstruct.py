@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from readme_jax.model import llama
-from readme_jax.model.config import LlamaConfig
-from readme_jax.refactor import experts, reconstruct
+from readme_jax.model.config import LlamaConfig, RouterConfig
+from readme_jax.refactor import experts, layerwise, reconstruct, stats
 from readme_jax.train import losses
 
 CFG = LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
@@ -100,11 +100,8 @@ def _gram0(p, lp, batches, groups=None, g=None):
 
 def test_readme_refit_lowers_the_layer_error_on_calibration_tokens():
     p = llama.init_params(CFG, jax.random.key(0))
-    scores = np.random.default_rng(0).random((2, CFG.n_layers, CFG.ffn_dim))
-    spec = experts.build_expert_spec(scores, 0.5, ["a", "b"])
-    moe = experts.build_moe_params(llama.stack_layers(p), spec)
     batches = {"a": _batches(1, 4), "b": _batches(2, 4)}
-    fit = reconstruct.reconstruct_readme(p, CFG, moe, spec, batches, 1e-3)
+    spec, fit = _refit_moe(p, ["a", "b"], batches, 1e-3)
     # first layer: its inputs are the dense model's, so the errors compare directly
     lp = llama.unstack_layers(p)["layers"][0]
     grams = [_gram0(p, lp, batches[d]) for d in spec.domains]
@@ -126,26 +123,38 @@ def test_config_rejects_unknown_mode():
 
 
 def test_static_refit_is_applied_and_a_missing_one_is_refused_when_read_me_was_refit(tmp_path):
-    """The static baseline trains with the refit rows saved at refactoring time; when the
-    Read-ME experts were refit but those rows are missing (the refactor ran without a static
-    baseline configured), it refuses instead of silently comparing against an unrefit baseline."""
+    """A run directory refactored before the static control: the static baseline trains with the
+    refit rows it saved; when the Read-ME experts were refit but those rows are missing (the
+    refactor ran without a static baseline configured), it refuses instead of silently
+    comparing against an unrefit baseline."""
     L, K, D = 2, 3, 4
     params = {"layers": {"w_down": np.zeros((L, K, D), np.float32)}}
     assert reconstruct.apply_static_refit(tmp_path, params) is params  # reconstruction off
     with pytest.raises(FileNotFoundError, match="Rerun the refactor stage"):
         reconstruct.apply_static_refit(tmp_path, params, required=True)
     rows = np.arange(L * K * D, dtype=np.float32).reshape(L, K, D)
-    reconstruct.save_static_refit(tmp_path, np.zeros((L, K), np.int32), rows)
+    np.savez(tmp_path / reconstruct.STATIC_REFIT_FILE, kept=np.zeros((L, K), np.int32), w_down=rows)
     got = reconstruct.apply_static_refit(tmp_path, params, required=True)
     np.testing.assert_array_equal(np.asarray(got["layers"]["w_down"]), rows)
     with pytest.raises(ValueError, match="static width"):
         reconstruct.apply_static_refit(tmp_path, {"layers": {"w_down": np.zeros((L, K + 1, D))}})
 
 
+def _scores(names):
+    return np.random.default_rng(0).random((len(names), CFG.n_layers, CFG.ffn_dim))
+
+
 def _spec_and_moe(p, names):
-    scores = np.random.default_rng(0).random((len(names), CFG.n_layers, CFG.ffn_dim))
-    spec = experts.build_expert_spec(scores, 0.5, names)
+    spec = experts.build_expert_spec(_scores(names), 0.5, names)
     return spec, experts.build_moe_params(llama.stack_layers(p), spec)
+
+
+def _refit_moe(p, names, batches, ridge):
+    """(spec, refit backbone) of the refactor stage with experts from random scores."""
+    st = stats.ActivationStats(names, _scores(names), [1] * len(names), {})
+    refit = reconstruct.ReconstructConfig(ridge=ridge)
+    params, spec = layerwise.refactor_per_layer(p, CFG, st, 0.5, RouterConfig(), refit, batches)
+    return spec, params["backbone"]
 
 
 def test_per_token_groups_in_one_batch_equal_one_batch_per_group():
@@ -189,9 +198,8 @@ def test_clustered_experts_refit_each_token_on_its_target_expert():
     """Experts without domain labels: the first layer's rows solve the joint least squares over
     per-token groups (each token's routing-target expert), and beat plain channel dropping."""
     p = llama.init_params(CFG, jax.random.key(0))
-    spec, moe = _spec_and_moe(p, ["cluster0", "cluster1"])
     batches = {"a": _batches(1, 4), "b": _batches(2, 4)}
-    fit = reconstruct.reconstruct_readme(p, CFG, moe, spec, batches, 1e-3)
+    spec, fit = _refit_moe(p, ["cluster0", "cluster1"], batches, 1e-3)
     pooled = batches["a"] + batches["b"]
     groups = reconstruct.target_expert_groups(p, CFG, spec, pooled)
     assert len(np.unique(np.concatenate([g.ravel() for g in groups]))) == 3  # -1, 0 and 1
@@ -208,5 +216,4 @@ def test_clustered_experts_refit_each_token_on_its_target_expert():
     drop = reconstruct.layer_output_error(grams, w, parts, uses, [w[q] for q in parts])
     assert reconstruct.layer_output_error(grams, w, parts, uses, got) < drop
     with pytest.raises(ValueError, match="calibration domains"):
-        spec_x, moe_x = _spec_and_moe(p, ["x", "y"])
-        reconstruct.reconstruct_readme(p, CFG, moe_x, spec_x, batches, 1e-3)
+        _refit_moe(p, ["x", "y"], batches, 1e-3)
