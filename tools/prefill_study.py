@@ -19,7 +19,9 @@ Ours also in chunks (`chunk<Q>`: the prompt as 512/Q calls of Q tokens into the 
 bf16 weights (`bf16`), and with the attention changed, for this measurement only:
 `no_attention` (no scores, softmax or weighted sum: what the attention costs) and
 `full_scores` (the full [S, M] scores, as before the model's causal-block prefill attention,
-`llama.attend`; `default` is that causal-block path, blocks of `llama.CAUSAL_BLOCK`).
+`llama.attend`; `default` is that causal-block path, blocks of `llama.CAUSAL_BLOCK`); the
+`*cache1024` variants prefill into a cache of 1024 positions (a prompt of 512 with room for
+512 new tokens, as the Generator sizes its cache), not 512.
 The peer runs under the peer venv (make peer), 2 threads (1 with --one_core: every process
 pinned to core 0, so neither pays for thread hand-offs on a shared machine).
 """
@@ -48,6 +50,8 @@ VARIANTS = {  # name -> (XLA_FLAGS, our options)
     "fast_math": ("--xla_cpu_enable_fast_math=true", {}),
     "no_attention": ("", {"attention": "none"}),
     "full_scores": ("", {"attention": "full_scores"}),
+    "cache1024": ("", {"cache_len": 1024}),
+    "full_scores_cache1024": ("", {"attention": "full_scores", "cache_len": 1024}),
     "one_eigen_thread": ("--xla_cpu_multi_thread_eigen=false", {}),
     "chunk128": ("", {"chunk": 128}),
     "chunk256": ("", {"chunk": 256}),
@@ -105,8 +109,10 @@ def child_ours(opts: dict) -> dict:
     step = jax.jit(lambda p, t, c: model.step(p, t, c, None, jnp.array([Q - 1])))
     toks = jnp.asarray(np.random.default_rng(0).integers(100, 20000, (1, S)), jnp.int32)
 
+    M = opts.get("cache_len", S)
+
     def run():
-        c = model.new_cache(1, S)
+        c = model.new_cache(1, M)
         for i in range(0, S, Q):
             logits, c = step(prepared, toks[:, i : i + Q], c)
         jax.block_until_ready((logits, c))
