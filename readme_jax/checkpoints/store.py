@@ -241,7 +241,9 @@ def save_model(path: str | Path, params: Any, meta: dict[str, Any]) -> Path:
         shutil.rmtree(path / "params")
     # multi-process runs save from one process (train/distributed.py): no barrier with the others
     me = jax.process_index()
-    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    mp = ocp.options.MultiprocessingOptions()
+    if jax.process_count() > 1:
+        mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     handler = ocp.PyTreeCheckpointHandler(
         multiprocessing_options=mp, type_handler_registry=_piecewise_registry()
     )
