@@ -12,9 +12,9 @@ import pytest
 
 import readme_jax as rj
 from readme_jax.decode.generator import Generator
-from readme_jax.decode.steps import dense_model
+from readme_jax.decode.steps import dense_model, readme_model
 from readme_jax.model import llama
-from readme_jax.testing import tiny_llama_config
+from readme_jax.testing import tiny_llama_config, tiny_readme
 
 ATOL = 1e-4
 
@@ -77,6 +77,25 @@ def test_cached_prefill_equals_full_scores_and_the_no_cache_forward(monkeypatch)
     np.testing.assert_allclose(blocked, ref, rtol=0, atol=ATOL)
 
 
+def test_readme_generator_tokens_equal_full_scores(monkeypatch):
+    """Read-ME's router and backbone both prefill through `attend`: same logits, same tokens."""
+    m = tiny_readme()
+    prompt = list(np.random.default_rng(3).integers(3, 97, 30))
+
+    def run():
+        gen = Generator(readme_model(m.rc), m.params)
+        toks = jnp.asarray([prompt + [0, 0]], jnp.int32)  # the Generator's bucket: 32
+        logits, _ = gen.model.step(gen.params, toks, gen.model.new_cache(1, 48), None, None)
+        return np.asarray(logits[0, :30]), gen.generate([prompt], 8, eos_ids=[])[0]
+
+    monkeypatch.setattr(llama, "CAUSAL_BLOCK", 8)  # blocks 8, 16, 24, 32
+    blocked_logits, blocked_tokens = run()
+    _full_scores(monkeypatch)
+    full_logits, full_tokens = run()
+    np.testing.assert_allclose(blocked_logits, full_logits, rtol=0, atol=ATOL)
+    assert blocked_tokens == full_tokens
+
+
 def test_prefill_compiles_block_shaped_scores_behind_a_device_cond(monkeypatch):
     """The compiled prefill holds the blocked branch: its score tensors are the blocks', not
     one [S, M] square."""
@@ -93,8 +112,9 @@ def test_prefill_compiles_block_shaped_scores_behind_a_device_cond(monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_prefill_and_greedy_tokens_equal_full_scores(monkeypatch):
-    """The real model on a 300-token prompt (blocks of 128, 128 and 44 queries): last-position
-    logits within float tolerance of the full-scores path, and the same greedy tokens."""
+    """The real model on a 300-token prompt (query blocks of 128, 128 and 44; 48 in the
+    Generator's bucket of 304): last-position logits within float tolerance of the full-scores
+    path, and the same greedy tokens."""
     model = rj.load()
     text = "It is a truth universally acknowledged, that a single man in possession of a good"
     ids = (model.tokenizer.encode(text) * 40)[:300]
