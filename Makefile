@@ -17,7 +17,7 @@ for c in "$(PYTHON)" python3.13 python3.12 python3 \
 done; exit 1
 endef
 
-.PHONY: help setup test test-min demo bench bench-bytes peer lint format fixtures clean data compare scale-test
+.PHONY: help setup test test-durations test-min demo bench bench-bytes peer lint format fixtures clean data compare scale-test
 
 help:
 	@echo "make demo   - set up and run the default Read-ME pipeline on SmolLM2-135M"
@@ -54,6 +54,14 @@ PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PY) $(PYTEST) tests
+
+# After a whole `make test`: its seconds per test file (kept in pytest's cache by
+# tests/conftest.py) into tests/durations.json, the order a fresh clone's `make test` starts from.
+test-durations:
+	$(PY) -c 'import json, pathlib; \
+	  s = json.loads(pathlib.Path(".pytest_cache/v/readme_jax/seconds_per_file").read_text()); \
+	  out = {k: round(v, 1) for k, v in sorted(s.items()) if pathlib.Path(k).exists()}; \
+	  pathlib.Path("tests/durations.json").write_text(json.dumps(out, indent=1) + "\n")'
 
 # The suite against the lowest supported versions (pyproject floors; jax 0.11.2 is what the
 # accelerator image has), in its own venv so the main one is untouched.

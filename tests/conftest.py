@@ -1,5 +1,7 @@
 import collections
+import json
 import os
+from pathlib import Path
 
 # 8 fake CPU devices for the sharding tests; must be set before JAX initialises. Appended, so an
 # XLA_FLAGS that is set (even empty, e.g. exported by make) still gets the device count.
@@ -17,9 +19,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Order of the files for xdist's `--dist loadfile` (it hands out whole files in collection order
 # when run with `--no-loadscope-reorder`, as `make test` does): the longest first, so that the
 # workers end together instead of one running a long file alone at the end. The seconds per file
-# come from the previous run, kept in pytest's cache (.pytest_cache) by the hooks below; files
-# without a record (a fresh clone, a new file) go first, by test count (xdist's own order).
+# come from the previous run, kept in pytest's cache (.pytest_cache) by the hooks below, over
+# tests/durations.json (`make test-durations` writes it from that cache, for fresh clones); files
+# without a record (a new file) go first, by test count (xdist's own order).
 _SECONDS_KEY = "readme_jax/seconds_per_file"
+_DURATIONS = Path(__file__).parent / "durations.json"
 _seconds: dict[str, float] = {}
 
 
@@ -29,7 +33,8 @@ def _file(nodeid: str) -> str:
 
 def pytest_collection_modifyitems(config, items):
     cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
-    seconds = cache.get(_SECONDS_KEY, {}) if cache is not None else {}
+    committed = json.loads(_DURATIONS.read_text()) if _DURATIONS.exists() else {}
+    seconds = {**committed, **(cache.get(_SECONDS_KEY, {}) if cache is not None else {})}
     count = collections.Counter(_file(item.nodeid) for item in items)
 
     def rank(item):
