@@ -58,14 +58,15 @@ def _prefill_then_decode(params, cfg, tokens_BxS, n_first):
     chunk (a prefix already cached: the plain path in the same kind of step)."""
     step = jax.jit(functools.partial(llama.forward, cfg=cfg))
     B, S = tokens_BxS.shape
-    cache = llama.init_cache(cfg, B, 64, per_layer=True)
+    cache = llama.init_cache(cfg, B, 64, per_layer=not cfg.scan_layers)
     a, cache, _ = step(params, tokens_BxS[:, :n_first], cache=cache)
     b, cache, _ = step(params, tokens_BxS[:, n_first:], cache=cache)
     return np.concatenate([np.asarray(a), np.asarray(b)], axis=1)
 
 
-def test_cached_prefill_equals_full_scores_and_the_no_cache_forward(monkeypatch):
-    cfg = tiny_llama_config().replace(scan_layers=False)
+@pytest.mark.parametrize("scan_layers", [False, True])  # unrolled, per-layer KV; lax.scan
+def test_cached_prefill_equals_full_scores_and_the_no_cache_forward(monkeypatch, scan_layers):
+    cfg = tiny_llama_config().replace(scan_layers=scan_layers)
     params = llama.init_params(cfg, jax.random.key(1))
     tokens_BxS = jax.random.randint(jax.random.key(2), (2, 40), 0, cfg.vocab_size)
     monkeypatch.setattr(llama, "CAUSAL_BLOCK", 8)  # 28 tokens: blocks 8, 16, 24, 28
