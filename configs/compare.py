@@ -12,5 +12,8 @@ def get_config() -> ConfigDict:
     # run directories (spaces or commas between them), each with eval/results.json and
     # config.json (launch/train.py with the eval stage)
     c.runs = ""
+    # a run whose static pruned model is the control of runs that trained none (checked: same
+    # held-out windows, same expert-phase tokens); "" = each run's own
+    c.control = ""
     c.out = "docs/compare"  # compare.json, compare.md, ppl_vs_active.png
     return c

@@ -5,6 +5,8 @@ model, training tokens and construction of each run.
   python launch/compare.py --config.runs="runs/compare_rr0.5 runs/compare_rr0.75" \
       --config.out=docs/compare
 
+A run trained without its own static control (train.baselines=none) can borrow another run's
+(same held-out windows and expert-phase tokens, checked): --config.control=RUN.
 `make compare` trains and evaluates the runs first. Writes OUT/compare.json, OUT/compare.md and
 OUT/ppl_vs_active.png (readme_jax/eval/compare.py). Settings: configs/compare.py.
 """
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> str:
     if not runs:
         raise ConfigError('no runs: --config.runs="RUN_A RUN_B" (run directories)')
     command = shlex.join(["python", "launch/compare.py", *argv])
-    text = write_comparison([load_run(r) for r in runs], c.out, command)
+    text = write_comparison([load_run(r, c.control or None) for r in runs], c.out, command)
     print(text)
     return text
 

@@ -11,6 +11,13 @@ else planned from the config), the construction record (moe_init/model.json's "r
 model active/total parameters, perplexity (all tokens and by domain), KL to the teacher and
 `ppl_ci`: the paired 95% bootstrap interval of the mean per-window NLL difference to the static
 pruned model on the same windows (None where per-window NLLs or the control are missing).
+
+A run that trained no static control (`train.baselines=none`) can borrow one from another run
+(`load_run(run, control_run=...)`, `launch/compare.py --config.control=RUN`): allowed only when
+both runs scored the same held-out windows (the dense teacher's per-window NLLs agree) and the
+borrowed static model trained on as many expert-phase tokens as the run's Read-ME; the summary
+names the run it came from ("control_run"). Equal token counts do not prove equal batches: that
+is the caller's to ensure (same data, seed and router steps).
 """
 
 from __future__ import annotations
@@ -126,16 +133,52 @@ def construction(run: Path) -> dict[str, Any] | None:
     return json.loads(meta.read_text()).get("recipe") if meta.exists() else None
 
 
-def load_run(run: str | Path) -> dict[str, Any]:
-    """One run's summary (module doc). Raises CompareError without eval/results.json or
-    config.json."""
-    run = Path(run)
+def _read(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     res_path, cfg_path = run / "eval" / "results.json", run / "config.json"
     for p in (res_path, cfg_path):
         if not p.exists():
             raise CompareError(f"{p} not found: run the train and eval stages for {run} first")
-    res, cfg = json.loads(res_path.read_text()), json.loads(cfg_path.read_text())
-    control = res["models"].get(CONTROL)
+    return json.loads(res_path.read_text()), json.loads(cfg_path.read_text())
+
+
+def _borrow_control(run: Path, res: dict, cfg: dict, control_run: Path) -> dict[str, Any]:
+    """control_run's static pruned model for `run` (module doc); raises CompareError when the
+    windows or the training tokens differ, or control_run has no static model."""
+    c_res, c_cfg = _read(control_run)
+    control = c_res["models"].get(CONTROL)
+    if control is None:
+        raise CompareError(
+            f"{control_run} has no {CONTROL!r}: train it with train.baselines=static"
+        )
+    teacher, c_teacher = res["models"].get("dense teacher"), c_res["models"].get("dense teacher")
+    domains = list(control.get("perplexity") or {})
+    a = window_nlls(teacher, domains) if teacher else None
+    b = window_nlls(c_teacher, domains) if c_teacher else None
+    if a is None or b is None or a.shape != b.shape or np.abs(a - b).max() > 1e-4:
+        raise CompareError(
+            f"{run} and {control_run} scored different held-out windows (domains, eval tokens or "
+            "sequence length differ): the control cannot be borrowed"
+        )
+    mine = train_tokens(run, cfg).get("readme", {}).get("expert")
+    theirs = train_tokens(control_run, c_cfg).get("static", {}).get("expert")
+    if mine != theirs:
+        raise CompareError(
+            f"{control_run}'s static model trained on {theirs} expert-phase tokens, {run}'s "
+            f"Read-ME on {mine}: not a comparison at equal tokens"
+        )
+    return control
+
+
+def load_run(run: str | Path, control_run: str | Path | None = None) -> dict[str, Any]:
+    """One run's summary (module doc); control_run: a run whose static pruned model is the
+    control when `run` has none. Raises CompareError without eval/results.json or config.json,
+    or when the control cannot be borrowed."""
+    run = Path(run)
+    res, cfg = _read(run)
+    control, borrowed = res["models"].get(CONTROL), None
+    if control is None and control_run:
+        control = _borrow_control(run, res, cfg, Path(control_run))
+        res["models"][CONTROL], borrowed = control, str(control_run)
     models = {}
     for name, m in res["models"].items():
         models[name] = {
@@ -152,6 +195,7 @@ def load_run(run: str | Path) -> dict[str, Any]:
         "preset": cfg.get("preset"),
         "train_tokens": train_tokens(run, cfg),
         "construction": construction(run),
+        "control_run": borrowed,
         "eval_note": res["meta"].get("notes", []),
         "models": models,
     }
@@ -199,6 +243,9 @@ def render(runs: list[dict[str, Any]], cmd: str) -> str:
             "",
             f"Training tokens per model: {tok_s or 'n/a'}. " + " ".join(r["eval_note"]),
         ]
+        if r.get("control_run"):
+            src = r["control_run"]
+            lines += ["", f"Static control borrowed from `{src}` (same windows, tokens)."]
         if rec:
             lines += ["", "Construction: " + ", ".join(f"{k} {v}" for k, v in rec.items()) + "."]
         lines += [

@@ -116,13 +116,46 @@ def test_write_comparison_keeps_the_schema(tmp_path, eval_rows):
     text = write_comparison(runs, tmp_path / "out", "make compare")
     got = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert got["command"] == "make compare" and len(got["runs"]) == 1
-    keys = {"run", "remain_rate", "preset", "train_tokens", "construction", "eval_note", "models"}
+    keys = {"run", "remain_rate", "preset", "train_tokens", "construction", "control_run"}
+    keys |= {"eval_note", "models"}
     assert set(got["runs"][0]) == keys
     assert {"active_params", "total_params", "ppl", "ppl_by_domain", "kl", "ppl_ci"} == set(
         got["runs"][0]["models"][CONTROL]
     )
     assert (tmp_path / "out" / "ppl_vs_active.png").stat().st_size > 0
     assert "beats (interval excludes 0)" in text and "ΔNLL vs static" in text
+
+
+def test_a_run_without_a_static_model_borrows_one_at_equal_windows_and_tokens(tmp_path, eval_rows):
+    t_row, m_rows = eval_rows
+    summary = {"readme": {"expert": {"tokens": 64}}, "static": {"expert": {"tokens": 64}}}
+    donor = _run(tmp_path, eval_rows, summary=summary, name="donor")
+    alone = {"Read-ME (trained)": m_rows["Read-ME (trained)"]}
+    run = _run(tmp_path, (t_row, alone), summary={"readme": summary["readme"]}, name="alone")
+    assert load_run(run)["models"]["Read-ME (trained)"]["ppl_ci"] is None  # no control of its own
+    r = load_run(run, control_run=donor)
+    assert r["control_run"] == str(donor)
+    assert (
+        r["models"]["Read-ME (trained)"]["ppl_ci"]
+        == load_run(donor)["models"]["Read-ME (trained)"]["ppl_ci"]
+    )  # the same interval as inside the donor run
+    text = write_comparison([r], tmp_path / "out", "cmd")
+    assert f"borrowed from `{donor}`" in text and "beats (interval excludes 0)" in text
+    # a run with its own control keeps it
+    assert load_run(donor, control_run=run)["control_run"] is None
+    # other windows: the teacher's per-window NLLs differ
+    t_other = json.loads(json.dumps(t_row))
+    t_other["perplexity"]["a"]["window_nll"][0] += 0.5
+    other = _run(tmp_path, (t_other, alone), summary={"readme": summary["readme"]}, name="w")
+    with pytest.raises(CompareError, match="different held-out windows"):
+        load_run(other, control_run=donor)
+    # other token counts
+    more = {"readme": {"expert": {"tokens": 128}}}
+    longer = _run(tmp_path, (t_row, alone), summary=more, name="t")
+    with pytest.raises(CompareError, match="not a comparison at equal tokens"):
+        load_run(longer, control_run=donor)
+    with pytest.raises(CompareError, match="has no 'static pruned dense'"):
+        load_run(run, control_run=longer)
 
 
 def test_a_run_without_evaluation_is_a_user_error(tmp_path):
