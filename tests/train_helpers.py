@@ -17,6 +17,8 @@ from readme_jax.checkpoints import models
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
 from readme_jax.refactor import pipeline as rp
+from readme_jax.refactor.layerwise import refactor_per_layer
+from readme_jax.refactor.reconstruct import ReconstructConfig
 from readme_jax.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +108,8 @@ def build(root: Path):
     stats = rp.calibrate(cfg, dense, batches, recipe, Path(c.run_dir) / "calib")
     mcfg = MoEConfig(len(domains), 1, False, "ragged")
     rcfg = RouterConfig(16, 2, 32)
-    params, spec = rp.refactor(dense, cfg, stats, 0.5, mcfg, rcfg, 0)
+    no_refit = ReconstructConfig("none")  # channel selection only: the refit is not under test
+    params, spec = refactor_per_layer(dense, cfg, stats, 0.5, rcfg, no_refit, None, seed=0)
     models.save_readme(
         Path(c.run_dir) / "moe_init",
         params,
