@@ -141,9 +141,10 @@ def _read(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return json.loads(res_path.read_text()), json.loads(cfg_path.read_text())
 
 
-def _borrow_control(run: Path, res: dict, cfg: dict, control_run: Path) -> dict[str, Any]:
-    """control_run's static pruned model for `run` (module doc); raises CompareError when the
-    windows or the training tokens differ, or control_run has no static model."""
+def _borrow_control(run: Path, res: dict, tokens: dict, control_run: Path) -> dict[str, Any]:
+    """control_run's static pruned model for `run` (its results and `train_tokens`; module
+    doc); raises CompareError when the windows or the training tokens differ, or control_run
+    has no static model."""
     c_res, c_cfg = _read(control_run)
     control = c_res["models"].get(CONTROL)
     if control is None:
@@ -159,7 +160,7 @@ def _borrow_control(run: Path, res: dict, cfg: dict, control_run: Path) -> dict[
             f"{run} and {control_run} scored different held-out windows (domains, eval tokens or "
             "sequence length differ): the control cannot be borrowed"
         )
-    mine = train_tokens(run, cfg).get("readme", {}).get("expert")
+    mine = tokens.get("readme", {}).get("expert")
     theirs = train_tokens(control_run, c_cfg).get("static", {}).get("expert")
     if mine != theirs:
         raise CompareError(
@@ -175,9 +176,10 @@ def load_run(run: str | Path, control_run: str | Path | None = None) -> dict[str
     or when the control cannot be borrowed."""
     run = Path(run)
     res, cfg = _read(run)
+    tokens = train_tokens(run, cfg)
     control, borrowed = res["models"].get(CONTROL), None
     if control is None and control_run:
-        control = _borrow_control(run, res, cfg, Path(control_run))
+        control = _borrow_control(run, res, tokens, Path(control_run))
         res["models"][CONTROL], borrowed = control, str(control_run)
     models = {}
     for name, m in res["models"].items():
@@ -193,7 +195,7 @@ def load_run(run: str | Path, control_run: str | Path | None = None) -> dict[str
         "run": str(run),
         "remain_rate": cfg["refactor"]["remain_rate"],
         "preset": cfg.get("preset"),
-        "train_tokens": train_tokens(run, cfg),
+        "train_tokens": tokens,
         "construction": construction(run),
         "control_run": borrowed,
         "eval_note": res["meta"].get("notes", []),

@@ -83,8 +83,7 @@ def _refit_tokens(dense, cfg, spec: ExpertSpec, domain_batches, n: int, assign=N
     """(batches, token groups) of the refit on the first n rows per domain (0 = all): domain e's
     tokens on expert e; for clustered experts every token on the expert `assign` gives it, by
     default its Eq. 4 routing target (`reconstruct.target_expert_groups`)."""
-    if n:
-        domain_batches = {d: reconstruct.first_rows(bs, n) for d, bs in domain_batches.items()}
+    domain_batches = reconstruct.refit_subset(domain_batches, n)
     if assign is None and list(domain_batches) == list(spec.domains):
         return reconstruct.domain_groups([domain_batches[d] for d in spec.domains])
     if assign is not None or all(d.startswith("cluster") for d in spec.domains):

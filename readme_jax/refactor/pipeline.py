@@ -407,12 +407,6 @@ def calibrate_recipe(
     return st
 
 
-def _refit_subset(recipe: Recipe, batches: dict[str, list[np.ndarray]]):
-    """The refit's calibration rows: the first refit.calib_sequences rows per domain (0 = all)."""
-    n = recipe.refit.calib_sequences
-    return {d: reconstruct.first_rows(bs, n) for d, bs in batches.items()} if n else batches
-
-
 def static_control(
     recipe: Recipe,
     source: tuple[LlamaConfig, Any, Tokenizer],
@@ -433,7 +427,7 @@ def static_control(
         kept = static_channels(stats.groups(), score, width)
     w = None
     if recipe.refit.mode != "none":
-        sub = _refit_subset(recipe, batches or recipe.batches(tok))
+        sub = reconstruct.refit_subset(batches or recipe.batches(tok), recipe.refit.calib_sequences)
         w = reconstruct.reconstruct_static(dense, cfg, kept, sub, recipe.refit.ridge)
     return StaticControl(kept, w)
 

@@ -510,3 +510,10 @@ def first_rows(batches: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
         out.append(np.asarray(b)[:left])
         left -= len(out[-1])
     return out
+
+
+def refit_subset(
+    batches: dict[str, Sequence[np.ndarray]], n: int
+) -> dict[str, Sequence[np.ndarray]]:
+    """The refit's calibration rows: the first n rows of each domain's batches (0 = all)."""
+    return {d: first_rows(bs, n) for d, bs in batches.items()} if n else batches

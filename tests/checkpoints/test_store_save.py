@@ -1,13 +1,11 @@
 """checkpoints/store.py's writer: arrays saved one storage chunk at a time, from the caller's
 arrays, into a standard orbax checkpoint."""
 
-import threading
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import psutil
+from memory_probe import peak_rss_during
 
 from readme_jax.checkpoints import models, store
 from readme_jax.testing import tiny_readme
@@ -52,20 +50,7 @@ def test_a_save_holds_a_few_pieces_beside_the_arrays(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "WRITE_PIECE", 4 << 20)
     store.save_model(tmp_path / "warm", {"a": np.ones((4, 4), np.float32)}, {"kind": "test"})
     tree = {f"w{i}": np.random.default_rng(i).random((8, 1024, 2048), np.float32) for i in range(2)}
-    proc, done = psutil.Process(), threading.Event()
-    base = peak = proc.memory_info().rss
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            done.wait(0.005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        store.save_model(tmp_path / "big", tree, {"kind": "test"})
-    finally:
-        done.set()
-        t.join()
-    assert peak - base < 0.5 * store.tree_nbytes(tree), (peak - base) / 1e6
+    _, grown = peak_rss_during(
+        lambda: store.save_model(tmp_path / "big", tree, {"kind": "test"}), every_s=0.005
+    )
+    assert grown < 0.5 * store.tree_nbytes(tree), grown / 1e6

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from memory_probe import peak_rss_during
 
 from readme_jax.checkpoints import models
 from readme_jax.model import llama
@@ -215,31 +216,6 @@ def test_moe_params_filled_per_layer_equal_the_stacked_gathers():
             np.testing.assert_array_equal(np.asarray(got[k]), v)
 
 
-def _peak_rss_during(fn):
-    """(fn(), peak RSS growth in bytes while it ran), sampled every 10 ms."""
-    import threading
-
-    import psutil
-
-    proc, done = psutil.Process(), threading.Event()
-    base = peak = proc.memory_info().rss
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            done.wait(0.01)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        out = fn()
-    finally:
-        done.set()
-        t.join()
-    return out, peak - base
-
-
 @pytest.mark.skipif(
     not os.environ.get("READMEJAX_PAPER_WIDTH"),
     reason="paper width (D 4096, F 11008): 1-4 min on 2 cores; set READMEJAX_PAPER_WIDTH=1",
@@ -261,7 +237,7 @@ def test_paper_width_layer_refits_within_bounded_time_and_memory():
     batches, groups = reconstruct.domain_groups([_batches(i + 1, cfg, 2, 256) for i in range(4)])
     fn = reconstruct.readme_parts(spec)
     t0 = time.perf_counter()
-    rows, grown = _peak_rss_during(
+    rows, grown = peak_rss_during(
         lambda: reconstruct.sequential_refit(p, cfg, batches, groups, fn, 1e-2)
     )
     wall = time.perf_counter() - t0
