@@ -168,6 +168,11 @@ def get_config(variant: str = "") -> ConfigDict:
     c.train.keep = 3
     c.train.stop_after = 0  # debug: end after N steps as if killed
     c.train.save_router_snapshot = True
+    # each trained model saved also at these expert-phase token counts (comma-separated; 0 =
+    # the starting point) as RUN/snapshots/<model>_<tokens>/, evaluated with the others: the
+    # points of a quality-vs-tokens curve from one run (`launch/compare.py`). A rerun of a
+    # finished run with new counts exports them from the train-state checkpoints still kept.
+    c.train.snapshots = ""
     c.train.num_threads = 2
     # fmt: off
     c.train.presets = ConfigDict({

@@ -11,6 +11,9 @@ else planned from the config), the construction record (moe_init/model.json's "r
 model active/total parameters, perplexity (all tokens and by domain), KL to the teacher and
 `ppl_ci`: the paired 95% bootstrap interval of the mean per-window NLL difference to the static
 pruned model on the same windows (None where per-window NLLs or the control are missing).
+With training snapshots (`train.snapshots`) the summary's "curve" holds each model family's
+perplexity at every evaluated expert-token count, Read-ME's interval against the static model at
+the same count, drawn as OUT/ppl_vs_tokens.png.
 
 A run that trained no static control (`train.baselines=none`) can borrow one from another run
 (`load_run(run, control_run=...)`, `launch/compare.py --config.control=RUN`): allowed only when
@@ -31,7 +34,7 @@ import numpy as np
 
 from readme_jax.errors import UserError
 from readme_jax.eval.paired import paired_bootstrap
-from readme_jax.eval.report import plot_ppl_vs_active
+from readme_jax.eval.report import plot_ppl_vs_active, plot_ppl_vs_tokens
 
 CONTROL = "static pruned dense"
 # models in the order of the tables: teacher, Read-ME through training, then the baselines
@@ -43,6 +46,14 @@ ORDER = [
     "layer-wise-router MoE",
     CONTROL,
 ]
+# the model kinds of a quality-vs-tokens curve: family -> (model name of the final, trained
+# model; of the starting point, if evaluated). Snapshots are named "<family> @ N expert tokens"
+# (eval/pipeline.snapshot_name, train.snapshots).
+FAMILIES = {
+    "Read-ME": ("Read-ME (trained)", "Read-ME (before training)", "readme"),
+    "static pruned dense": (CONTROL, None, "static"),
+    "layer-wise-router MoE": ("layer-wise-router MoE", None, "layerwise"),
+}
 PHASES_OF = {
     "readme": ("router", "expert"),
     "layerwise": ("router", "expert"),
@@ -189,7 +200,10 @@ def load_run(run: str | Path, control_run: str | Path | None = None) -> dict[str
             "ppl": mean_ppl(m),
             "ppl_by_domain": {d: v["ppl"] for d, v in m["perplexity"].items()},
             "kl": _kl(m),
-            "ppl_ci": ppl_ci(m, control) if control and name != CONTROL else None,
+            # snapshots' intervals are against the control at their own tokens ("curve")
+            "ppl_ci": ppl_ci(m, control)
+            if control and name != CONTROL and " @ " not in name
+            else None,
         }
     return {
         "run": str(run),
@@ -200,7 +214,47 @@ def load_run(run: str | Path, control_run: str | Path | None = None) -> dict[str
         "control_run": borrowed,
         "eval_note": res["meta"].get("notes", []),
         "models": models,
+        "curve": token_curve(res["models"], tokens),
     }
+
+
+def _family_points(
+    models: dict[str, Any], tokens: dict[str, dict[str, int]]
+) -> dict[str, dict[int, str]]:
+    """family -> {expert-phase tokens: model name} for every evaluated model of the family."""
+    out: dict[str, dict[int, str]] = {}
+    for fam, (final, start, kind) in FAMILIES.items():
+        pts: dict[int, str] = {}
+        if start and start in models:
+            pts[0] = start
+        for name in models:
+            head, sep, tail = name.partition(" @ ")
+            if sep and head == fam and tail.endswith(" expert tokens"):
+                pts[int(tail.split()[0].replace(",", ""))] = name
+        n = tokens.get(kind, {}).get("expert")
+        if final in models and n is not None:
+            pts[int(n)] = final  # the trained model stands for its own token count
+        if pts:
+            out[fam] = dict(sorted(pts.items()))
+    return out
+
+
+def token_curve(res_models: dict[str, Any], tokens: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """family -> [{"expert_tokens", "model", "ppl", "ppl_ci"}]: each evaluated point of a run's
+    quality-vs-tokens curve; `ppl_ci` (ppl_ci's record) against the static pruned model at the
+    same token count where one was evaluated, else None."""
+    pts = _family_points(res_models, tokens)
+    static = pts.get(CONTROL, {})
+    out: dict[str, Any] = {}
+    for fam, by_tok in pts.items():
+        rows = []
+        for t, name in by_tok.items():
+            m = res_models[name]
+            ctl = res_models.get(static.get(t, ""))
+            ci = ppl_ci(m, ctl) if ctl is not None and fam != CONTROL else None
+            rows.append({"expert_tokens": t, "model": name, "ppl": mean_ppl(m), "ppl_ci": ci})
+        out[fam] = rows
+    return out
 
 
 def _ci_cell(ci: dict[str, Any] | None) -> str:
@@ -266,8 +320,36 @@ def render(runs: list[dict[str, Any]], cmd: str) -> str:
                 f"{kl} | {_ci_cell(m.get('ppl_ci'))} | {per} |"
             )
         lines += ["", f"Verdict: {verdict(r)}.", ""]
+        lines += _curve_table(r)
     lines += ["![held-out perplexity vs active parameters](ppl_vs_active.png)", ""]
+    if any(len(v) > 1 for r in runs for v in (r.get("curve") or {}).values()):
+        lines += ["![held-out perplexity vs training tokens](ppl_vs_tokens.png)", ""]
     return "\n".join(lines)
+
+
+def _curve_table(r: dict[str, Any]) -> list[str]:
+    """The run's perplexity at each evaluated token count (train.snapshots), if more than one."""
+    curve = r.get("curve") or {}
+    toks = sorted({p["expert_tokens"] for v in curve.values() for p in v})
+    if len(toks) < 2:
+        return []
+    dense = r["models"].get("dense teacher", {}).get("ppl")
+    lines = [
+        "Along training (expert-phase tokens; ΔNLL against the static model at the same tokens):",
+        "",
+        "| expert tokens | " + " | ".join(curve) + " | Read-ME vs static [95% CI] |",
+        "|---|" + "---|" * (len(curve) + 1),
+    ]
+    for t in toks:
+        cells, ci = [], None
+        for fam, pts in curve.items():
+            p = next((p for p in pts if p["expert_tokens"] == t), None)
+            x = f" ({p['ppl'] / dense:.2f}x)" if p and dense else ""
+            cells.append(f"{p['ppl']:.2f}{x}" if p else "–")
+            if p and fam == "Read-ME":
+                ci = p["ppl_ci"]
+        lines.append(f"| {t:,} | " + " | ".join(cells) + f" | {_ci_cell(ci)} |")
+    return [*lines, ""]
 
 
 def series(runs: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
@@ -275,20 +357,32 @@ def series(runs: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     out: dict[str, list[tuple[float, float]]] = {}
     for r in runs:
         for name, m in r["models"].items():
-            if name == "dense teacher" and name in out:
+            if (name == "dense teacher" and name in out) or " @ " in name:  # not snapshots
                 continue
             out.setdefault(name, []).append((m["active_params"], m["ppl"]))
     return {k: sorted(v) for k, v in out.items()}
 
 
+def curves(runs: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """ "<family>, remain rate r" -> [(expert tokens, ppl)] over the runs, for the plot."""
+    out = {}
+    for r in runs:
+        for fam, pts in (r.get("curve") or {}).items():
+            label = f"{fam}, remain rate {r['remain_rate']}"
+            out[label] = [(p["expert_tokens"], p["ppl"]) for p in pts]
+    return out
+
+
 def write_comparison(runs: list[dict[str, Any]], out: str | Path, command: str) -> str:
-    """OUT/compare.json ({"command", "runs"}), OUT/compare.md and OUT/ppl_vs_active.png, runs
+    """OUT/compare.json ({"command", "runs"}), OUT/compare.md, OUT/ppl_vs_active.png and, when
+    a run evaluated more than one token count (train.snapshots), OUT/ppl_vs_tokens.png; runs
     sorted by remain rate; returns the markdown."""
     runs = sorted(runs, key=lambda r: r["remain_rate"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps({"command": command, "runs": runs}, indent=2))
     plot_ppl_vs_active(series(runs), out / "ppl_vs_active.png")
+    plot_ppl_vs_tokens(curves(runs), out / "ppl_vs_tokens.png")
     text = render(runs, command)
     (out / "compare.md").write_text(text)
     return text

@@ -68,10 +68,37 @@ def load_any(path: Path) -> tuple[str, Any, Any, dict]:
     return models.load_project(path)
 
 
+# RUN/snapshots/<output>_<tokens>/ (train.snapshots): "<family> @ <tokens> expert tokens"
+FAMILY = {
+    "moe_trained": "Read-ME",
+    "baseline_layerwise": "layer-wise-router MoE",
+    "baseline_static": "static pruned dense",
+}
+
+
+def snapshot_name(path: Path) -> str | None:
+    """The table name of a training snapshot directory, or None for any other model."""
+    base, _, tokens = Path(path).name.rpartition("_")
+    if Path(path).parent.name != "snapshots" or base not in FAMILY or not tokens.isdigit():
+        return None
+    return f"{FAMILY[base]} @ {int(tokens):,} expert tokens"
+
+
 def discover(run: Path, skip: tuple[str, ...] = ()) -> list[Path]:
+    """The models of a run directory in table order; then its training snapshots (by model,
+    then tokens) unless `skip` names "snapshots"."""
     order = ["moe_init", "moe_router", "moe_trained", "baseline_layerwise", "baseline_static"]
     found = models.list_models(run, skip)
-    return sorted(found, key=lambda p: (order.index(p.name) if p.name in order else 99, p.name))
+    found = sorted(found, key=lambda p: (order.index(p.name) if p.name in order else 99, p.name))
+    if "snapshots" in skip:
+        return found
+    snaps = [p for p in models.list_models(run / "snapshots", skip) if snapshot_name(p)]
+    return found + sorted(snaps, key=_snapshot_key)
+
+
+def _snapshot_key(path: Path) -> tuple[str, int]:
+    base, _, tokens = path.name.rpartition("_")
+    return base, int(tokens)
 
 
 def _active_params(kind: str, cfg, meta: dict, params) -> tuple[int, int]:
@@ -199,7 +226,7 @@ def _meta(c) -> dict[str, Any]:
 def _load_for_eval(path: Path) -> tuple:
     """(name, logits_fn, eval params, kind, config, params, meta) of one model directory."""
     kind, mc, params, meta = load_any(path)
-    name = NICE.get(path.name, meta.get("label", path.name))
+    name = snapshot_name(path) or NICE.get(path.name, meta.get("label", path.name))
     if kind == "dense":
         fn, p = dense_logits_fn(mc.replace(scan_layers=False)), llama.unstack_layers(params)
         return name, fn, p, kind, mc, params, meta
@@ -244,6 +271,8 @@ def run_eval(c, run: Path, checkpoints: list[Path] | None = None) -> dict[str, A
         row = rows[name]
         row["kind"] = kind
         row["total_params"], row["active_params"] = _active_params(kind, mc, meta, params)
+        if "expert_tokens" in meta:  # trained models and snapshots (train.snapshots)
+            row["expert_tokens"] = meta["expert_tokens"]
         if do_mmlu:
             row["mmlu"] = _mmlu(fn, p, tok, cfg, c)
         results["models"][name] = row

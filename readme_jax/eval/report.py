@@ -427,6 +427,24 @@ def plot_ppl_vs_active(series: Mapping[str, list], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_ppl_vs_tokens(curves: Mapping[str, list], path: Path) -> Path | None:
+    """curves: label -> [(expert-phase tokens, ppl)]; None when no label has two points."""
+    if not any(len(pts) > 1 for pts in curves.values()):
+        return None
+    fig, (ax,) = _figure()
+    for name, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set(
+        title="held-out perplexity vs training tokens",
+        xlabel="expert-phase training tokens (thousands)",
+        ylabel="perplexity (all tokens)",
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------- report
 def make_plots(results: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
     """All plots whose data is present: name -> PNG path."""

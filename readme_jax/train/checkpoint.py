@@ -130,5 +130,26 @@ class TrainCheckpoints:
             )
         return None
 
+    def restore_step(self, step: int, abstract_for: Callable[[dict[str, Any]], Any]) -> Any:
+        """The state saved as `step` (abstract_for as in restore_latest). Raises
+        CheckpointError when the step is not kept or does not restore."""
+        if step not in self.steps():
+            raise CheckpointError(
+                f"no train-state checkpoint of step {step} in {self.dir} (kept: {self.steps()})"
+            )
+        try:
+            store.verify_files(self.dir / str(step), remember=False)
+            meta = self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_for(meta.meta)))
+            state = self.mgr.restore(step, args=args).state
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"train-state checkpoint {self.dir / str(step)} does not restore "
+                f"({type(e).__name__}: {str(e)[:400]})"
+            ) from e
+        return jax.block_until_ready(state)
+
     def close(self) -> None:
         self.mgr.close()

@@ -71,6 +71,8 @@ class TrainConfig:
     baselines: tuple[str, ...] = ()
     stop_after: int = 0  # debug: end this invocation after N steps, as if killed (no save)
     save_router_snapshot: bool = True  # RUN/moe_router/ after the first router phase
+    # models saved along training at these expert-phase token counts (RUN/snapshots/)
+    snapshots: tuple[int, ...] = ()
     num_threads: int = 2  # grain read threads
 
     def phase_batch(self, phase: str) -> int:
@@ -104,6 +106,33 @@ class TrainConfig:
     def tokens_per_step(self, phase: str = "expert") -> int:
         return self.phase_batch(phase) * self.seq_len
 
+    def expert_tokens_at(self) -> dict[int, int]:
+        """{global step: expert-phase tokens trained once that step is done}, for every step
+        that ends an expert-phase step, plus step 0 (0 tokens). Router steps count in the
+        global step (the static baseline skips their batches) but add no expert tokens."""
+        out, g, tok = {0: 0}, 0, 0
+        for _, phase, n in self.schedule():
+            for _ in range(n):
+                g += 1
+                if phase == "expert":
+                    tok += self.tokens_per_step("expert")
+                    out[g] = tok
+        return out
+
+    def snapshot_steps(self) -> dict[int, int]:
+        """{global step: expert tokens} of the requested snapshots (`snapshots`). Raises
+        TrainConfigError for a count that no expert step ends on."""
+        at = {tok: g for g, tok in self.expert_tokens_at().items()}
+        bad = [t for t in self.snapshots if t not in at]
+        if bad:
+            per, total = self.tokens_per_step("expert"), max(at)
+            raise TrainConfigError(
+                f"train.snapshots={list(self.snapshots)}: {bad} is not reached at the end of an "
+                f"expert step; choose multiples of {per} tokens (batch_size x seq_len) from 0 to "
+                f"{total} (rounds x expert_steps x {per})"
+            )
+        return {at[t]: t for t in self.snapshots}
+
 
 def _get(c: Any, key: str, default: Any = None) -> Any:
     return c[key] if key in c else default
@@ -132,9 +161,22 @@ def resolve(c: Any) -> TrainConfig:
         # "none" clears a preset's baselines from the command line (an empty flag value cannot)
         b = tuple(x.strip() for x in b.split(",") if x.strip() and x.strip() != "none")
     kw["baselines"] = tuple(b)
+    kw["snapshots"] = _int_list(kw.get("snapshots", ()), "train.snapshots")
     tc = TrainConfig(**kw)
     validate(tc)
     return tc
+
+
+def _int_list(v: Any, key: str) -> tuple[int, ...]:
+    """'0,98304' (or a sequence of ints) as a sorted tuple of distinct non-negative ints."""
+    items = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else list(v)
+    try:
+        out = sorted({int(x) for x in items})
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"{key}={v!r}: expected comma-separated token counts") from None
+    if out and out[0] < 0:
+        raise TrainConfigError(f"{key}={v!r}: token counts must be >= 0")
+    return tuple(out)
 
 
 def validate(tc: TrainConfig) -> None:
@@ -167,6 +209,7 @@ def validate(tc: TrainConfig) -> None:
         raise TrainConfigError(f"train.domain_target must be in [0, 1], got {tc.domain_target}")
     if not 0 < tc.target_top_frac <= 1:
         raise TrainConfigError(f"train.target_top_frac must be in (0, 1], got {tc.target_top_frac}")
+    tc.snapshot_steps()  # every requested count on an expert-step boundary
     if tc.keep < 1:
         raise TrainConfigError(
             f"train.keep={tc.keep} is out of range: allowed >= 1 (train-state checkpoints kept "

@@ -9,6 +9,7 @@ Reads RUN/moe_init/ (refactor stage) and the dense teacher named by c.model.chec
   RUN/moe_router/                 Read-ME after the first router phase (router trained only)
   RUN/moe_trained/                the trained Read-ME model (save_readme)
   RUN/baseline_layerwise/, RUN/baseline_static/   baselines, same data and backbone tokens
+  RUN/snapshots/<output>_<tokens>/  each model at the expert-phase token counts of train.snapshots
 
 The pieces: train/context.py loads what every model kind shares (`build_context`),
 train/variants.py builds each kind's starting point (`make_variant`), train/step.py the jitted
@@ -24,6 +25,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +211,44 @@ class _Run:
         self.pos = {"phase_index": 0, "phase_step": 0, "global_step": 0, "data": None}
         self.state = None
         self.done_this_run = 0
+        self.snaps = self.tc.snapshot_steps()  # {global step: expert tokens}
+
+    def snapshot(self, params: dict, tokens: int) -> None:
+        """The model after `tokens` expert-phase tokens -> RUN/snapshots/<output>_<tokens>/."""
+        out = snapshot_dir(self.ctx.run, self.kind, tokens)
+        if not models.exists(out):
+            _save(self.ctx, self.kind, params, out, f"{tokens} expert tokens", tokens)
+
+    def export_snapshots(self) -> None:
+        """Requested snapshots not on disk yet, from the starting point (0 tokens) or the
+        train-state checkpoint of their step; a step whose checkpoint is gone is named in a
+        warning (keep more with train.keep, or rerun with the snapshot requested)."""
+        kept = set(self.ckpts.steps())
+        for g, tokens in sorted(self.snaps.items()):
+            if models.exists(snapshot_dir(self.ctx.run, self.kind, tokens)):
+                continue
+            if g == 0:
+                self.snapshot(self.params if self.params is not None else self.var_params(), 0)
+            elif g in kept:
+                self.snapshot(self.restore_step(g)["params"], tokens)
+            else:
+                warnings.warn(
+                    f"{self.kind}: no snapshot at {tokens} expert tokens: the train-state "
+                    f"checkpoint of step {g} is not kept in {self.wdir / 'ckpt'} (kept: "
+                    f"{sorted(kept) or 'none'})",
+                    stacklevel=2,
+                )
+
+    def var_params(self) -> dict:
+        return place(make_variant(self.ctx, self.kind).params, self.ctx.mesh)
+
+    def restore_step(self, step: int) -> dict:
+        def abstract(meta):
+            return self.phase(self.sched[meta["phase_index"]][1]).abstract_state(
+                self.p_abs, self.ctx.mesh
+            )
+
+        return self.ckpts.restore_step(step, abstract)
 
     def phase(self, name: str) -> Phase:
         if name not in self.phases:
@@ -298,6 +338,8 @@ class _Run:
                 g = self.pos["global_step"]
                 if ps + 1 == n or (self.tc.save_every and g % self.tc.save_every == 0):
                     self.ckpts.save(g, self.state, dict(self.pos) | {"init": self.init_id})
+                if g in self.snaps:
+                    self.snapshot(self.state["params"], self.snaps[g])
                 self.done_this_run += 1
                 if self.tc.stop_after and self.done_this_run >= self.tc.stop_after:
                     n_done = self.done_this_run
@@ -348,6 +390,12 @@ def train_variant(ctx: Context, kind: str) -> dict:
     wdir = ctx.run / "train" / kind
     if ctx.c.resume and models.exists(out_dir):
         print(f"[train] {out_dir} exists; skipping {kind} (resume)")
+        if ctx.tc.snapshots and _missing_snapshots(ctx, kind):
+            run = _Run(ctx, kind)
+            try:
+                run.export_snapshots()
+            finally:
+                run.ckpts.close()
         return summarize(wdir / "metrics.jsonl", ctx.peak_flops)
     if not ctx.c.resume and wdir.exists() and dist.is_primary():
         shutil.rmtree(wdir)
@@ -355,24 +403,49 @@ def train_variant(ctx: Context, kind: str) -> dict:
     wdir.mkdir(parents=True, exist_ok=True)
     run = _Run(ctx, kind)
     try:
+        if 0 in run.snaps:  # the starting point, before a restore replaces it
+            run.snapshot(run.params, 0)
         if ctx.c.resume:
             run.restore()
         elif dist.is_primary():
             run.metrics.unlink(missing_ok=True)
         if not run.run():
             return {"stopped": True, "step": run.pos["global_step"]}
-        _save(ctx, kind, run.state["params"], out_dir, "trained")
+        _save(
+            ctx,
+            kind,
+            run.state["params"],
+            out_dir,
+            "trained",
+            max(ctx.tc.expert_tokens_at().values()),
+        )
+        run.export_snapshots()  # any a resumed run could not save on its way
     finally:
         run.ckpts.close()
     return summarize(run.metrics, ctx.peak_flops)
 
 
-def _save(ctx: Context, kind: str, params: dict, out: Path, stage: str) -> None:
+def snapshot_dir(run: Path, kind: str, tokens: int) -> Path:
+    """Where model `kind` after `tokens` expert-phase tokens is saved (train.snapshots)."""
+    return Path(run) / "snapshots" / f"{OUTPUTS[kind]}_{tokens}"
+
+
+def _missing_snapshots(ctx: Context, kind: str) -> bool:
+    return any(not models.exists(snapshot_dir(ctx.run, kind, t)) for t in ctx.tc.snapshots)
+
+
+def _save(
+    ctx: Context, kind: str, params: dict, out: Path, stage: str, tokens: int | None = None
+) -> None:
+    """Save a trained kind's params as a model directory; `tokens` = its expert-phase tokens
+    (model.json "expert_tokens"; the full schedule's for the final model)."""
     params = dist.to_host(saved_layout(params))  # every process joins the gather
     if not dist.is_primary():
         return
     recipe = ctx.model.meta.get("recipe")
     extra = {"stage": stage, "train": dataclasses.asdict(ctx.tc), "recipe": recipe}
+    if tokens is not None:
+        extra["expert_tokens"] = int(tokens)
     if kind == "static":
         ffn_dim = int(jax.tree.leaves(params["layers"]["w_down"])[0].shape[1])
         cfg = ctx.teacher_cfg.replace(ffn_dim=ffn_dim)

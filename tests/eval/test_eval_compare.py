@@ -21,6 +21,7 @@ from readme_jax.eval.compare import (
 )
 from readme_jax.eval.domains import evaluate_domains_many
 from readme_jax.eval.perplexity import dense_logits_fn
+from readme_jax.eval.pipeline import discover, snapshot_name
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig
 from readme_jax.testing import tiny_readme
@@ -117,13 +118,42 @@ def test_write_comparison_keeps_the_schema(tmp_path, eval_rows):
     got = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert got["command"] == "make compare" and len(got["runs"]) == 1
     keys = {"run", "remain_rate", "preset", "train_tokens", "construction", "control_run"}
-    keys |= {"eval_note", "models"}
+    keys |= {"eval_note", "models", "curve"}
     assert set(got["runs"][0]) == keys
     assert {"active_params", "total_params", "ppl", "ppl_by_domain", "kl", "ppl_ci"} == set(
         got["runs"][0]["models"][CONTROL]
     )
     assert (tmp_path / "out" / "ppl_vs_active.png").stat().st_size > 0
     assert "beats (interval excludes 0)" in text and "ΔNLL vs static" in text
+    assert not (tmp_path / "out" / "ppl_vs_tokens.png").exists()  # one token count: no curve
+
+
+def test_snapshots_make_a_curve_paired_with_the_control_at_equal_tokens(tmp_path, eval_rows):
+    """Snapshots (train.snapshots) named "<family> @ N expert tokens": each Read-ME point's
+    interval is against the static model at the same count; the trained models stand for the
+    run's own count; the untrained Read-ME for 0."""
+    t_row, m_rows = json.loads(json.dumps(eval_rows))
+    good, bad = m_rows["Read-ME (trained)"], m_rows[CONTROL]
+    rows = {
+        "Read-ME (before training)": bad,
+        "Read-ME @ 64 expert tokens": bad,
+        "static pruned dense @ 64 expert tokens": good,
+        "Read-ME (trained)": good,
+        CONTROL: bad,
+    }
+    summary = {"readme": {"expert": {"tokens": 128}}, "static": {"expert": {"tokens": 128}}}
+    r = load_run(_run(tmp_path, (t_row, rows), summary=summary))
+    curve = r["curve"]
+    assert [p["expert_tokens"] for p in curve["Read-ME"]] == [0, 64, 128]
+    assert [p["expert_tokens"] for p in curve[CONTROL]] == [64, 128]
+    assert curve["Read-ME"][0]["ppl_ci"] is None  # no static model evaluated at 0 tokens
+    at64, at128 = curve["Read-ME"][1]["ppl_ci"], curve["Read-ME"][2]["ppl_ci"]
+    assert at64["nll_diff"][0] > 0 > at128["nll_diff"][0]  # worse at 64, better at 128
+    assert at128 == r["models"]["Read-ME (trained)"]["ppl_ci"]
+    assert r["models"]["Read-ME @ 64 expert tokens"]["ppl_ci"] is None  # not vs the final control
+    text = write_comparison([r], tmp_path / "out", "cmd")
+    assert (tmp_path / "out" / "ppl_vs_tokens.png").stat().st_size > 0
+    assert "| 64 | " in text and "ppl_vs_tokens.png" in text
 
 
 def test_a_run_without_a_static_model_borrows_one_at_equal_windows_and_tokens(tmp_path, eval_rows):
@@ -162,3 +192,16 @@ def test_a_run_without_evaluation_is_a_user_error(tmp_path):
     (tmp_path / "r").mkdir()
     with pytest.raises(CompareError, match="eval stages"):
         load_run(tmp_path / "r")
+
+
+def test_the_eval_stage_finds_snapshots_after_the_run_models_by_model_and_tokens(tmp_path):
+    snaps = ["snapshots/" + n for n in ("moe_trained_640", "moe_trained_64", "baseline_static_0")]
+    for d in ["moe_trained", "moe_init", "baseline_static", *snaps, "snapshots/other_5"]:
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "model.json").write_text("{}")
+    got = [str(p.relative_to(tmp_path)) for p in discover(tmp_path)]
+    assert got == ["moe_init", "moe_trained", "baseline_static", "snapshots/baseline_static_0",
+                   "snapshots/moe_trained_64", "snapshots/moe_trained_640"]  # fmt: skip
+    assert snapshot_name(tmp_path / "snapshots/moe_trained_64") == "Read-ME @ 64 expert tokens"
+    assert snapshot_name(tmp_path / "moe_trained") is None
+    assert [p.name for p in discover(tmp_path, ("snapshots",))][-1] == "baseline_static"

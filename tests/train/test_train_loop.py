@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 from train_helpers import build, copy_run
 
 from readme_jax.checkpoints import models, store
@@ -18,7 +19,7 @@ from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.data import make_iterator
 from readme_jax.train import context, loop
 from readme_jax.train import mesh as meshlib
-from readme_jax.train.config import resolve
+from readme_jax.train.config import TrainConfig, TrainConfigError, resolve
 from readme_jax.train.variants import make_variant
 
 
@@ -265,3 +266,53 @@ def test_damaged_bytes_in_a_train_state_checkpoint_are_named(full_run, tiny, tmp
             loop.run_training(c2, only, tokenizer=tok, teacher=teacher)
     assert "differs from its checksum" in str(e.value) and f"remove {ck2.parent}" in str(e.value)
     assert not (only / "moe_trained").exists()
+
+
+def test_snapshot_token_counts_map_to_the_steps_that_end_them():
+    tc = TrainConfig(rounds=2, router_steps=2, expert_steps=3, batch_size=2, seq_len=8,
+                     snapshots=(0, 16, 80))  # fmt: skip
+    # steps 1-2 router, 3-5 expert (16 tokens each), 6-7 router, 8-10 expert
+    assert tc.expert_tokens_at() == {0: 0, 3: 16, 4: 32, 5: 48, 8: 64, 9: 80, 10: 96}
+    assert tc.snapshot_steps() == {0: 0, 3: 16, 9: 80}
+    for bad in ((20,), (112,)):
+        with pytest.raises(TrainConfigError, match="multiples of 16 tokens"):
+            TrainConfig(rounds=2, router_steps=2, expert_steps=3, batch_size=2, seq_len=8,
+                        snapshots=bad).snapshot_steps()  # fmt: skip
+    with pytest.raises(TrainConfigError, match="comma-separated token counts"):
+        resolve(ConfigDict({"train": {"snapshots": "0,many"}}))
+
+
+def test_snapshots_are_the_models_at_their_step_and_a_rerun_exports_kept_ones(tiny, tmp_path):
+    """Snapshots at 0 and 2 expert steps (static control too), the final count equal to the
+    trained model; deleted and asked again on a finished run, the kept checkpoint of its step
+    gives the same weights; a count whose checkpoint is gone is named in a warning."""
+    c, tok, teacher = tiny
+    c = copy_run(c, tmp_path / "r")
+    run = Path(c.run_dir)
+    tc = resolve(c)
+    per = tc.tokens_per_step("expert")  # steps 3-4 and 7-8 are the expert steps
+    c.train.baselines = "static"
+    c.train.snapshots = f"0,{2 * per},{4 * per}"
+    loop.run_training(c, run, tokenizer=tok, teacher=teacher)
+    snap = run / "snapshots"
+    names = sorted(p.name for p in snap.iterdir())
+    want = [f"{o}_{t}" for o in ("baseline_static", "moe_trained") for t in (0, 2 * per, 4 * per)]
+    assert names == sorted(want)
+    a, b = _leaves(store.load_params(run / "moe_init")), _leaves(store.load_params(snap / want[3]))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    a, b = _leaves(_params(c)), _leaves(store.load_params(snap / want[5]))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    mid = _leaves(store.load_params(snap / want[4]))
+    assert not all(np.array_equal(a[k], mid[k]) for k in a)  # trained further after it
+    assert store.read_meta(snap / want[4])["expert_tokens"] == 2 * per
+    assert store.read_meta(run / "moe_trained")["expert_tokens"] == 4 * per
+    static0 = store.read_meta(snap / "baseline_static_0")
+    assert static0["kind"] == "dense_llama" and static0["config"]["ffn_dim"] == 32
+    # a finished run asked again: step 4 (2 expert steps) is kept, step 7 (3) is not
+    shutil.rmtree(snap / want[4])
+    c.train.snapshots = f"{2 * per},{3 * per}"
+    with pytest.warns(UserWarning, match=r"step 7 is not kept"):
+        loop.run_training(c, run, tokenizer=tok, teacher=teacher)
+    again = _leaves(store.load_params(snap / want[4]))
+    assert all(np.array_equal(mid[k], again[k]) for k in mid)
+    assert not (snap / f"moe_trained_{3 * per}").exists()
