@@ -69,6 +69,10 @@ def get_config(variant: str = "") -> ConfigDict:
     # router groups the calibration tokens instead of k-means; the experts are built around the
     # router's partition, refit on it, and the model starts from that router
     c.refactor.cluster_router = ""
+    # with clustering: N > 0 trains the router first, N router steps over k-means clusters in
+    # RUN/route/, then builds the experts around its partition (cluster_router) and trains them
+    # with the router frozen (train/router_first.py; measured in docs/results.md §2)
+    c.refactor.router_first_steps = 0
     # expert construction (refactor/construct.py; docs/logbook/construction.md): the channel
     # score ("magnitude" = mean |h|, the paper's; "frequency" = activation rate, CMoE's), the
     # shared rule ("intersection" of the experts' top sets, the paper's; "core" = the top

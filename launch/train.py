@@ -17,7 +17,6 @@ import json
 import logging as pylogging
 import os
 import sys
-import time
 from pathlib import Path
 
 from absl import logging
@@ -27,11 +26,12 @@ from readme_jax import cli
 from readme_jax.checkpoints import models
 from readme_jax.eval.pipeline import run_eval
 from readme_jax.model.config import ConfigError
-from readme_jax.refactor.experts import write_refactor_report
-from readme_jax.refactor.pipeline import Recipe, build_readme, calibrate_recipe
+from readme_jax.refactor.pipeline import Recipe
+from readme_jax.refactor.stage import calibrate_and_refactor
 from readme_jax.train import config as train_config
 from readme_jax.train.dry_run import dry_run
 from readme_jax.train.loop import run_training
+from readme_jax.train.router_first import train_router_first, use_router_first
 
 _CONFIG = cli.define_config(
     "configs/smollm2_135m.py", "Run config (ml_collections); override with --config.x=y"
@@ -59,47 +59,17 @@ def _init_distributed(c) -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def stage_calibrate_refactor(c, run: Path, stages: list[str]) -> None:
-    """run/calib (statistics) and, with the refactor stage, run/moe_init and run/reports."""
-    moe_dir = run / "moe_init"
-    if c.resume and models.exists(moe_dir):
-        print(f"[calibrate/refactor] {moe_dir} exists; skipping (resume)")
-        return
-    recipe = Recipe.from_config(c)
-    t0 = time.time()
-    source = models.load_dense(recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed)
-    print(
-        f"[load] {c.model.checkpoint or 'SmolLM2-135M-Instruct (bundled GGUF)'}: "
-        f"{source[0].param_count() / 1e6:.1f}M params, {time.time() - t0:.1f}s"
-    )
-    stats = calibrate_recipe(recipe, source, run / "calib")
-    print(
-        f"[calibrate] experts from {', '.join(stats.domains)}; tokens {stats.n_tokens} -> "
-        f"{run / 'calib'}"
-    )
-    if "refactor" not in stages:
-        return
-    built = build_readme(recipe, source=source, stats=stats)
-    built.save(moe_dir)
-    m = built.model
-    F = source[0].ffn_dim
-    rep = write_refactor_report(run / "reports", m.spec, stats.n_tokens, F)
-    sw = rep["shared_widths"]
-    print(
-        f"[refactor] shared channels per layer {min(sw)}-{max(sw)} of {F}; active FFN "
-        f"fraction {rep['active_ffn_fraction']:.3f}; MoE checkpoint -> {moe_dir}"
-    )
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     pylogging.getLogger("jax").setLevel(pylogging.WARNING)
     c = _CONFIG.value
     stages = _stage_list(c.stages)
+    run = Path(c.run_dir)
+    if c.refactor.router_first_steps:  # the route stage's router, frozen in training
+        use_router_first(c, run)
     Recipe.from_config(c)  # every value checked before any work: ConfigError naming the key
     train_config.resolve(c)
-    run = Path(c.run_dir)
     if not c.dry_run:
         _init_distributed(c)
     primary = dist.is_primary()
@@ -109,8 +79,11 @@ def main(argv):
     if c.dry_run:
         dry_run(c)
         return
+    if c.refactor.router_first_steps and "refactor" in stages:
+        if not (c.resume and models.exists(run / "moe_init")):
+            train_router_first(c, run)
     if ("calibrate" in stages or "refactor" in stages) and primary:  # one process writes
-        stage_calibrate_refactor(c, run, stages)
+        calibrate_and_refactor(c, run, refactor="refactor" in stages)
     dist.barrier("refactor")
     if "train" in stages:
         run_training(c, run)
