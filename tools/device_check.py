@@ -13,14 +13,12 @@ rewritten after each, so a run cut short still reports what it measured):
   decode     dense vs Read-ME decode tokens/s at batch 1 and 8, all experts resident, next to
              the HBM bound (bytes a step must read / measured bandwidth); `decode.steps.DecodeModel`
   load       host->device expert load bandwidth from `pinned_host` (`OffloadedExpertStore`)
-  cache      the serving engine (`serve.engine.Engine`) on one recorded trace: on-demand vs
-             prefetch at C = 2..6 with Belady and LRU, measured wall time, next to the cost
-             model's prediction (`serve.bench.costmodel.CostClock`) for the same steps, with the
-             datasheet H200 profile and with the bandwidths measured above (run last for a
-             shape, in at most 60% of the time left)
-  train      one training step of the MoE (forward + backward + SGD update): model FLOP
-             utilisation (PaLM appendix B: 6 N_active + 12 L H hd S FLOPs per token)
-
+  cache      the serving engine (`serve.engine.Engine`) on one trace: on-demand vs prefetch at
+             C = 2..6 with Belady and LRU, measured wall time beside the cost model's prediction
+             (`serve.bench.costmodel.CostClock`) with the H200 datasheet and the measured
+             bandwidths (last for a shape, in at most 60% of the time left)
+  train      one MoE training step (forward + backward + SGD update): model FLOP utilisation
+             (PaLM appendix B: 6 N_active + 12 L H hd S FLOPs per token)
 Outputs: $OUT/device_check.json and $OUT/device_check.md (or --out DIR).
 """
 
@@ -125,10 +123,7 @@ def build_model(name: str, dtype: str = "bfloat16", seed: int = 0) -> Model:
 
 def nbytes(tree) -> int:
     return int(
-        sum(
-            np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
-            for x in jax.tree.leaves(tree)
-        )
+        sum(getattr(x, "nbytes", None) or np.asarray(x).nbytes for x in jax.tree.leaves(tree))
     )
 
 
@@ -377,18 +372,12 @@ def _f(x, unit: str = "", scale: float = 1.0, d: int = 2) -> str:
 
 def _cache_md(cache: dict) -> list[str]:
     """The engine grid: measured wall time beside each cost-model prediction."""
-    runs = cache["runs"]
-    hws = (
-        [k[len("predicted_s_") :] for k in runs[0] if k.startswith("predicted_s_")] if runs else []
-    )
-    lines = [
-        "| policy | C | prefetch | hit ratio | loads | measured s | tok/s | "
-        + " | ".join(f"predicted s ({h})" for h in hws)
-        + " |",
-        "|---" * (7 + len(hws)) + "|",
-    ]
+    runs, pre = cache["runs"], "predicted_s_"
+    hws = [k.removeprefix(pre) for k in (runs[0] if runs else {}) if k.startswith(pre)]
+    head = "| policy | C | prefetch | hit ratio | loads | measured s | tok/s | "
+    lines = [head + " | ".join(f"predicted s ({h})" for h in hws) + " |", "|---" * (7 + len(hws))]
     for r in runs:
-        pred = " | ".join(f"{r['predicted_s_' + h]:.3f}" for h in hws)
+        pred = " | ".join(f"{r[pre + h]:.3f}" for h in hws)
         lines.append(
             f"| {r['policy']} | {r['capacity']} | {r['prefetch']} | "
             f"{r['hit_ratio']:.3f} | {r['loads']} | {r['makespan_s']:.3f} | "
@@ -397,6 +386,9 @@ def _cache_md(cache: dict) -> list[str]:
     if "cut_short" in cache:
         lines.append(f"\n({cache['cut_short']})")
     return [*lines, ""]
+
+
+DECODE_HEAD = "| model | batch | tok/s | ms/step | HBM bound tok/s | of bound |"
 
 
 def markdown(rep: dict) -> str:
@@ -431,10 +423,7 @@ def markdown(rep: dict) -> str:
                 "",
             ]
         if "decode" in sh:
-            lines += [
-                "| model | batch | tok/s | ms/step | HBM bound tok/s | of bound |",
-                "|---|---|---|---|---|---|",
-            ]
+            lines += [DECODE_HEAD, "|---" * 6]
             for r in sh["decode"]["rows"]:
                 lines.append(
                     f"| {r['model']} | {r['batch']} | {r['tok_s']:.1f} | "
@@ -444,14 +433,12 @@ def markdown(rep: dict) -> str:
             lines.append("")
         if "load" in sh:
             ld = sh["load"]
-            for k in ("whole_expert", "per_layer_store"):
-                if k in ld:
-                    lines.append(
-                        f"- expert load ({k}, from {ld['host_memory_kind']}): "
-                        f"{_f(ld[k]['bytes_per_expert'], ' MB', 1e6, 1)} in "
-                        f"{_f(ld[k]['median_s'], ' ms', 1e-3)} = "
-                        f"{_f(ld[k]['bytes_per_s'], ' GB/s', 1e9)}"
-                    )
+            for k, x in ((k, ld[k]) for k in ("whole_expert", "per_layer_store") if k in ld):
+                lines.append(
+                    f"- expert load ({k}, from {ld['host_memory_kind']}): "
+                    f"{_f(x['bytes_per_expert'], ' MB', 1e6, 1)} in "
+                    f"{_f(x['median_s'], ' ms', 1e-3)} = {_f(x['bytes_per_s'], ' GB/s', 1e9)}"
+                )
             lines.append("")
         if "cache" in sh:
             lines += _cache_md(sh["cache"])

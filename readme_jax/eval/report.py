@@ -410,39 +410,34 @@ def _ppl_vs_active_series(results: Mapping[str, Any]) -> dict[str, list[tuple[fl
     return pts if len(pts) >= 2 else {}
 
 
-def plot_ppl_vs_active(series: Mapping[str, list], path: Path) -> Path | None:
-    if not series:
-        return None
+def _plot_lines(series: Mapping[str, list], path: Path, scale: float, **labels) -> Path | None:
+    """One line per name through its (x, y) points (x divided by `scale`), titled by `labels`
+    (matplotlib's `Axes.set` keywords)."""
     fig, (ax,) = _figure()
     for name, pts in series.items():
         pts = sorted(pts)
-        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=name)
-    ax.set(
-        title="perplexity vs active parameters",
-        xlabel="active parameters (M)",
-        ylabel="perplexity (mean over domains)",
-    )
+        ax.plot([p[0] / scale for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set(**labels)
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_ppl_vs_active(series: Mapping[str, list], path: Path) -> Path | None:
+    """series: model -> [(active parameters, ppl)]; None when empty."""
+    if not series:
+        return None
+    labels = dict(title="perplexity vs active parameters", xlabel="active parameters (M)")
+    return _plot_lines(series, path, 1e6, ylabel="perplexity (mean over domains)", **labels)
 
 
 def plot_ppl_vs_tokens(curves: Mapping[str, list], path: Path) -> Path | None:
     """curves: label -> [(expert-phase tokens, ppl)]; None when no label has two points."""
     if not any(len(pts) > 1 for pts in curves.values()):
         return None
-    fig, (ax,) = _figure()
-    for name, pts in curves.items():
-        pts = sorted(pts)
-        ax.plot([p[0] / 1e3 for p in pts], [p[1] for p in pts], "o-", label=name)
-    ax.set(
-        title="held-out perplexity vs training tokens",
-        xlabel="expert-phase training tokens (thousands)",
-        ylabel="perplexity (all tokens)",
-    )
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _plot_lines(curves, path, 1e3, title="held-out perplexity vs training tokens",
+                       xlabel="expert-phase training tokens (thousands)",
+                       ylabel="perplexity (all tokens)")  # fmt: skip
 
 
 # ---------------------------------------------------------------- report
