@@ -38,6 +38,9 @@ def get_config(variant: str = "") -> ConfigDict:
     c.model.checkpoint = ""  # "" = bundled SmolLM2 GGUF; or a .gguf file / HF directory
     c.model.dtype = "float32"
     c.model.scan_layers = False
+    # calibrate/refactor read a Hugging Face checkpoint's layers one at a time from its files
+    # (memory of one layer, not the model: paper-width conversions on one host; domain experts)
+    c.model.layers_on_disk = False
 
     c.data = ConfigDict()
     # domain names, or name=/path (folder of .txt, .jsonl, .parquet). "chat": conversations the

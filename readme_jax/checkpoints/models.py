@@ -38,6 +38,7 @@ from readme_jax.checkpoints import store
 from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.checkpoints.gguf import load_gguf
 from readme_jax.checkpoints.hf import load_hf
+from readme_jax.checkpoints.layers import open_hf
 from readme_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
 from readme_jax.model import llama
 from readme_jax.model.config import LlamaConfig, ReadMEConfig
@@ -203,10 +204,23 @@ def load_dense(
     dtype: str = "float32",
     scan_layers: bool = False,
     seed: int = 0,
+    layers_on_disk: bool = False,
 ) -> tuple[LlamaConfig, Any, Tokenizer]:
     """(cfg, params, tokenizer) of a dense Llama: bundled, random, GGUF, HF or our dense dir.
-    `seed` only matters for "random:"."""
+    `seed` only matters for "random:". layers_on_disk: a Hugging Face directory's decoder
+    layers stay in its safetensors files, read one at a time when used (`layers.open_hf`: the
+    per-layer conversion's memory); CheckpointError for any other kind of checkpoint or with
+    scan_layers."""
     found = discover(checkpoint)
+    if layers_on_disk:
+        if found.kind != "hf" or scan_layers:
+            raise CheckpointError(
+                f"model.layers_on_disk=True reads the layers of a Hugging Face directory one at a "
+                f"time (without model.scan_layers); {found.path} is a {found.kind} checkpoint: "
+                "set model.layers_on_disk=False"
+            )
+        cfg, params = open_hf(found.path, dtype)
+        return cfg, params, load_tokenizer(found.path)
     if found.kind == "random":
         cfg = random_config(found.spec, dtype, scan_layers)
         return cfg, llama.init_params(cfg, jax.random.key(seed)), load_tokenizer()

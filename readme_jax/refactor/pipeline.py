@@ -93,6 +93,10 @@ class Recipe:
     local: layer-local distillation after it (refactor/local_distill.py; 0 steps = off).
     static_control: also build the static-pruning control of the same rule and refit
     (`Built.static`; the trainer's static baseline).
+    layers_on_disk: a Hugging Face checkpoint's decoder layers are read one at a time from its
+    files (`models.load_dense`), so the conversion holds one layer of the dense model, not all
+    of them; domain experts only (clustering, the layer-local phase and the static control read
+    the whole model). It does not change the model built.
     """
 
     checkpoint: str = ""
@@ -107,6 +111,7 @@ class Recipe:
     cluster_router: str = ""
     dtype: str = "float32"
     scan_layers: bool = False
+    layers_on_disk: bool = False
     data_cache: str | None = None
     top_k: int = 1
     gate_scaling: bool = False
@@ -153,6 +158,14 @@ class Recipe:
             )
         if self.cluster_router and self.cluster_chunk:
             raise ConfigError("cluster_router and cluster_chunk exclude each other: choose one")
+        whole = {"refactor.clustering": self.clusters, "refactor.local_steps": self.local.steps,
+                 "train.baselines=static": self.static_control}  # fmt: skip
+        needs = [k for k, v in whole.items() if v]
+        if self.layers_on_disk and needs:
+            raise ConfigError(
+                f"model.layers_on_disk=True converts one layer at a time, but {', '.join(needs)} "
+                "reads the whole dense model: turn those off or set model.layers_on_disk=False"
+            )
         if self.local.steps > 0 and self.clusters:
             raise ConfigError(
                 "refactor.local_steps > 0 needs one expert per domain, but refactor.clustering "
@@ -182,6 +195,7 @@ class Recipe:
             cluster_router=c.refactor.get("cluster_router", "") if k else "",
             dtype=c.model.dtype,
             scan_layers=c.model.scan_layers,
+            layers_on_disk=bool(c.model.get("layers_on_disk", False)),
             data_cache=c.data.cache or None,
             top_k=c.moe.top_k,
             gate_scaling=c.moe.gate_scaling,
@@ -466,6 +480,14 @@ def _refit_groups(recipe: Recipe, dense: Any, cfg: LlamaConfig, rm: models.ReadM
     return None
 
 
+def load_source(recipe: Recipe) -> tuple[LlamaConfig, Any, Tokenizer]:
+    """(cfg, dense params, tokenizer) of the recipe's checkpoint (`models.load_dense`; with
+    recipe.layers_on_disk the decoder layers stay in the checkpoint's files)."""
+    return models.load_dense(
+        recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed, recipe.layers_on_disk
+    )
+
+
 def build_readme(
     recipe: Recipe,
     calib_dir: str | Path | None = None,
@@ -480,9 +502,7 @@ def build_readme(
     phase if any, and (recipe.static_control) the static control of the same rule. Raises
     ConfigError (`Recipe.check`) before loading."""
     recipe.check()
-    source = source or models.load_dense(
-        recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed
-    )
+    source = source or load_source(recipe)
     cfg, dense, tok = source
     if calib_dir is None and calib_root is not None:
         calib_dir = cache_dir(recipe, tok.name, calib_root)

@@ -15,7 +15,7 @@ from typing import Any
 
 from readme_jax.checkpoints import models
 from readme_jax.refactor.experts import write_refactor_report
-from readme_jax.refactor.pipeline import Recipe, build_readme, calibrate_recipe
+from readme_jax.refactor.pipeline import Recipe, build_readme, calibrate_recipe, load_source
 
 
 def calibrate_and_refactor(c: Any, run: str | Path, refactor: bool = True) -> None:
@@ -29,7 +29,7 @@ def calibrate_and_refactor(c: Any, run: str | Path, refactor: bool = True) -> No
         return
     recipe = Recipe.from_config(c)
     t0 = time.time()
-    source = models.load_dense(recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed)
+    source = load_source(recipe)
     print(
         f"[load] {c.model.checkpoint or 'SmolLM2-135M-Instruct (bundled GGUF)'}: "
         f"{source[0].param_count() / 1e6:.1f}M params, {time.time() - t0:.1f}s"

@@ -4,12 +4,22 @@ benchmark share, on a random teacher and real text (tests/fixtures/corpus)."""
 import dataclasses
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from readme_jax.checkpoints import models
+from readme_jax.checkpoints.errors import CheckpointError
+from readme_jax.checkpoints.layers import HFLayers
+from readme_jax.model.config import ConfigError
 from readme_jax.refactor.construct import Construction, kept_channels, static_channels
-from readme_jax.refactor.pipeline import Recipe, StaticControl, build_readme, parse_domains
+from readme_jax.refactor.pipeline import (
+    Recipe,
+    StaticControl,
+    build_readme,
+    load_source,
+    parse_domains,
+)
 from readme_jax.testing import random_checkpoint
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
@@ -95,7 +105,6 @@ def test_parse_domains_needs_two():
 def test_experts_built_around_a_trained_router(recipe, tmp_path):
     """refactor.cluster_router: the calibration tokens grouped by a saved model's router, the
     experts built and refit on those groups, and the new model starts from that router."""
-    from readme_jax.model.config import ConfigError
     from readme_jax.refactor.cluster import router_assign
 
     src = models.load_dense(recipe.checkpoint, recipe.dtype, recipe.scan_layers, recipe.seed)
@@ -118,3 +127,24 @@ def test_experts_built_around_a_trained_router(recipe, tmp_path):
         build_readme(dataclasses.replace(r, clusters=2), source=src)
     with pytest.raises(ConfigError, match="refactor.clustering"):
         dataclasses.replace(recipe, cluster_router=str(path)).check()
+
+
+def test_layers_read_from_the_checkpoint_files_build_the_same_model(tmp_path):
+    """model.layers_on_disk: the calibrate and refactor stages read a Hugging Face checkpoint's
+    layers one at a time and build the model that the whole loaded checkpoint builds."""
+    ck = Path(__file__).resolve().parents[1] / "fixtures" / "load_llama2"
+    r = Recipe(checkpoint=str(ck), domains=DOMAINS, num_sequences=2, seq_len=32,
+               data_cache=str(tmp_path / "data"))  # fmt: skip
+    lazy = dataclasses.replace(r, layers_on_disk=True)
+    assert isinstance(load_source(lazy)[1]["layers"], HFLayers)
+    a, b = build_readme(r).model, build_readme(lazy).model
+    assert a.meta["recipe"] == b.meta["recipe"]
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="refactor.clustering"):
+        dataclasses.replace(lazy, clusters=2).check()
+    rand = dataclasses.replace(
+        lazy, checkpoint="random:vocab=64,dim=32,layers=2,heads=4,kv_heads=2,ffn=64"
+    )
+    with pytest.raises(CheckpointError, match="Hugging Face directory"):
+        load_source(rand)
