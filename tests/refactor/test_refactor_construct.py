@@ -208,11 +208,11 @@ def test_router_grouping_follows_the_router_and_scores_its_model(tmp_path):
     bs = [np.random.default_rng(s).integers(0, 64, (2, 16)) for s in range(4)]
     bs[3][1, 9:] = -1
     groups = router_assign(m.params["router"], m.rc.router, cfg, bs)
+    # jitted: one program per shape (eager, every op compiles on its own)
+    fwd = jax.jit(readme_forward, static_argnums=2)
     for t, g in zip(bs, groups, strict=True):
         want = np.argmax(
-            np.asarray(
-                readme_forward(m.params, jnp.asarray(np.maximum(t, 0)), m.rc)[1]["router_logits"]
-            ),
+            np.asarray(fwd(m.params, jnp.asarray(np.maximum(t, 0)), m.rc)[1]["router_logits"]),
             -1,
         )
         np.testing.assert_array_equal(g, np.where(t >= 0, want, -1))
@@ -230,7 +230,7 @@ def test_router_grouping_follows_the_router_and_scores_its_model(tmp_path):
     )
     row = res["models"][f"model {tmp_path / 'moe'}"]
     toks = jnp.asarray(stream[:16][None])
-    logits = readme_forward(m.params, toks, m.rc)[0][0, :-1]
+    logits = fwd(m.params, toks, m.rc)[0][0, :-1]
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, toks[0, 1:, None], -1)[:, 0]
     np.testing.assert_allclose(row["window_nll"][0], float(nll.mean()), rtol=1e-4)
     rebuilt = res["models"]["router magnitude/intersection +refit"]
