@@ -102,8 +102,11 @@ data: setup
 
 # Read-ME vs the dense teacher, the layer-wise-router MoE and static pruning at equal training
 # tokens, at remain rates 0.5 and 0.75 (preset "compare": ~35 min per rate on 2 CPU cores, each
-# stage resumable), then one table and the perplexity-vs-active-parameters plot in docs/compare/.
+# stage resumable), then one table, the perplexity-vs-active-parameters plot and the
+# perplexity-vs-tokens curve (each model also saved and evaluated at COMPARE_SNAPSHOTS expert
+# tokens: 0 = before training, the static control's too) in docs/compare/.
 COMPARE_RATES ?= 0.5 0.75
+COMPARE_SNAPSHOTS ?= 0,12288
 # examples per offline lm_eval task in the downstream table (launch/downstream.py)
 DOWNSTREAM_LIMIT ?= 200
 compare: setup
@@ -112,7 +115,7 @@ compare: setup
 	  $(PY) launch/train.py --config configs/smollm2_135m.py --config.preset=compare \
 	    --config.run_dir=runs/compare_rr$$rr --config.refactor.remain_rate=$$rr \
 	    --config.stages=calibrate,refactor,train,eval --config.eval.skip_models=none \
-	    --config.eval.mmlu_limit=0 || exit 1; \
+	    --config.train.snapshots=$(COMPARE_SNAPSHOTS) --config.eval.mmlu_limit=0 || exit 1; \
 	done
 	$(PY) launch/compare.py --config.runs="$(foreach r,$(COMPARE_RATES),runs/compare_rr$(r))" \
 	  --config.out=docs/compare
