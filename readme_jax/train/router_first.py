@@ -27,6 +27,7 @@ import readme_jax.train.distributed as dist
 from readme_jax.checkpoints import models
 from readme_jax.model.config import ConfigError
 from readme_jax.refactor.stage import calibrate_and_refactor
+from readme_jax.train.config import resolve
 from readme_jax.train.loop import run_training
 
 # the route stage's own experts: those the measured router was trained toward
@@ -62,6 +63,12 @@ def use_router_first(c: Any, run: str | Path) -> Path:
     c.refactor.cluster_router = str(out)
     c.train.router_steps = 0
     c.train.domain_target = 0.0
+    if "layerwise" in resolve(c).baselines:
+        raise ConfigError(
+            "train.baselines includes layerwise, whose gates train in the router phase, which "
+            "refactor.router_first_steps turns off (train.router_steps=0): an untrained "
+            "baseline. Use --config.train.baselines=static (or none)"
+        )
     return out
 
 

@@ -72,3 +72,7 @@ def test_router_first_needs_clustered_experts(tmp_path):
     c.refactor.clustering = False
     with pytest.raises(ConfigError, match="refactor.clustering=True"):
         route_config(c, Path(c.run_dir))
+    c.refactor.clustering = True
+    c.train.baselines = "layerwise,static"  # its gates would never train
+    with pytest.raises(ConfigError, match="baselines=static"):
+        use_router_first(c, Path(c.run_dir))
