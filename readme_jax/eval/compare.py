@@ -202,7 +202,7 @@ def load_run(run: str | Path, control_run: str | Path | None = None) -> dict[str
             "kl": _kl(m),
             # snapshots' intervals are against the control at their own tokens ("curve")
             "ppl_ci": ppl_ci(m, control)
-            if control and name != CONTROL and " @ " not in name
+            if control and name != CONTROL and not _snapshot_family(name)
             else None,
         }
     return {
@@ -218,6 +218,13 @@ def load_run(run: str | Path, control_run: str | Path | None = None) -> dict[str
     }
 
 
+def _snapshot_family(name: str) -> str | None:
+    """The family of a snapshot's model name ("<family> @ N expert tokens",
+    eval/pipeline.snapshot_name), None for any other model."""
+    head, sep, _ = name.partition(" @ ")
+    return head if sep and head in FAMILIES else None
+
+
 def _family_points(
     models: dict[str, Any], tokens: dict[str, dict[str, int]]
 ) -> dict[str, dict[int, str]]:
@@ -227,10 +234,9 @@ def _family_points(
         pts: dict[int, str] = {}
         if start and start in models:
             pts[0] = start
-        for name in models:
-            head, sep, tail = name.partition(" @ ")
-            if sep and head == fam and tail.endswith(" expert tokens"):
-                pts[int(tail.split()[0].replace(",", ""))] = name
+        for name, m in models.items():
+            if _snapshot_family(name) == fam:
+                pts[int(m["expert_tokens"])] = name  # from its model.json
         n = tokens.get(kind, {}).get("expert")
         if final in models and n is not None:
             pts[int(n)] = final  # the trained model stands for its own token count
@@ -357,7 +363,7 @@ def series(runs: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     out: dict[str, list[tuple[float, float]]] = {}
     for r in runs:
         for name, m in r["models"].items():
-            if (name == "dense teacher" and name in out) or " @ " in name:  # not snapshots
+            if (name == "dense teacher" and name in out) or _snapshot_family(name):
                 continue
             out.setdefault(name, []).append((m["active_params"], m["ppl"]))
     return {k: sorted(v) for k, v in out.items()}

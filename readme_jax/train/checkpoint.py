@@ -104,16 +104,7 @@ class TrainCheckpoints:
         steps = self.steps()
         for i, step in reversed(list(enumerate(steps))):
             try:
-                store.verify_files(self.dir / str(step), remember=False)
-                meta = self.mgr.restore(
-                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-                ).meta
-                abstract = abstract_for(meta)
-                state = self.mgr.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-                ).state
-                jax.block_until_ready(state)
-                return step, state, meta
+                return step, *self._restore(step, abstract_for)
             except Exception as e:  # a damaged or partial checkpoint: fall back to the previous
                 why = f"{type(e).__name__}: {str(e)[:400]}"
                 failed.append(why)
@@ -130,6 +121,13 @@ class TrainCheckpoints:
             )
         return None
 
+    def _restore(self, step: int, abstract_for: Callable[[dict[str, Any]], Any]):
+        """(state, meta) of `step`, its files checked against the manifest first."""
+        store.verify_files(self.dir / str(step), remember=False)
+        meta = self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_for(meta)))
+        return jax.block_until_ready(self.mgr.restore(step, args=args).state), meta
+
     def restore_step(self, step: int, abstract_for: Callable[[dict[str, Any]], Any]) -> Any:
         """The state saved as `step` (abstract_for as in restore_latest). Raises
         CheckpointError when the step is not kept or does not restore."""
@@ -138,10 +136,7 @@ class TrainCheckpoints:
                 f"no train-state checkpoint of step {step} in {self.dir} (kept: {self.steps()})"
             )
         try:
-            store.verify_files(self.dir / str(step), remember=False)
-            meta = self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_for(meta.meta)))
-            state = self.mgr.restore(step, args=args).state
+            return self._restore(step, abstract_for)[0]
         except CheckpointError:
             raise
         except Exception as e:
@@ -149,7 +144,6 @@ class TrainCheckpoints:
                 f"train-state checkpoint {self.dir / str(step)} does not restore "
                 f"({type(e).__name__}: {str(e)[:400]})"
             ) from e
-        return jax.block_until_ready(state)
 
     def close(self) -> None:
         self.mgr.close()

@@ -227,10 +227,12 @@ class _Run:
         for g, tokens in sorted(self.snaps.items()):
             if models.exists(snapshot_dir(self.ctx.run, self.kind, tokens)):
                 continue
-            if g == 0:
-                self.snapshot(self.params if self.params is not None else self.var_params(), 0)
+            if g == 0:  # the starting point (rebuilt once training has consumed it)
+                if self.params is None:
+                    self.params = place(make_variant(self.ctx, self.kind).params, self.ctx.mesh)
+                self.snapshot(self.params, 0)
             elif g in kept:
-                self.snapshot(self.restore_step(g)["params"], tokens)
+                self.snapshot(self.ckpts.restore_step(g, self._abstract_state)["params"], tokens)
             else:
                 warnings.warn(
                     f"{self.kind}: no snapshot at {tokens} expert tokens: the train-state "
@@ -239,31 +241,20 @@ class _Run:
                     stacklevel=2,
                 )
 
-    def var_params(self) -> dict:
-        return place(make_variant(self.ctx, self.kind).params, self.ctx.mesh)
-
-    def restore_step(self, step: int) -> dict:
-        def abstract(meta):
-            return self.phase(self.sched[meta["phase_index"]][1]).abstract_state(
-                self.p_abs, self.ctx.mesh
-            )
-
-        return self.ckpts.restore_step(step, abstract)
-
     def phase(self, name: str) -> Phase:
         if name not in self.phases:
             self.phases[name] = Phase(self.ctx, self.var, name, self.p_abs)
         return self.phases[name]
 
+    def _abstract_state(self, meta: dict) -> Any:
+        """The train state's shapes and shardings at a checkpoint's record (its phase's
+        optimizer state)."""
+        ph = self.phase(self.sched[meta["phase_index"]][1])
+        return ph.abstract_state(self.p_abs, self.ctx.mesh)
+
     def restore(self) -> None:
         """Continue from the newest checkpoint that restores (metrics after it are dropped)."""
-
-        def abstract(meta):
-            return self.phase(self.sched[meta["phase_index"]][1]).abstract_state(
-                self.p_abs, self.ctx.mesh
-            )
-
-        got = self.ckpts.restore_latest(abstract)
+        got = self.ckpts.restore_latest(self._abstract_state)
         if got is None:
             if dist.is_primary():
                 self.metrics.unlink(missing_ok=True)

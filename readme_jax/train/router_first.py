@@ -34,9 +34,13 @@ from readme_jax.train.loop import run_training
 ROUTE_REFACTOR = {"shared": "intersection", "calib_sequences": 8, "cluster_router": ""}
 
 
-def route_config(c: Any, run: Path) -> Any:
-    """The config of the route stage (module doc, step 1) for run config `c`. Raises
-    ConfigError unless `c` clusters its experts (refactor.clustering=True)."""
+def route_dir(run: str | Path) -> Path:
+    """The route stage's run directory (module doc, step 1) of run directory `run`."""
+    return Path(run) / "route"
+
+
+def _check(c: Any) -> int:
+    """refactor.router_first_steps, checked: ConfigError unless `c` clusters its experts."""
     steps = int(c.refactor.router_first_steps)
     if not c.refactor.clustering:
         raise ConfigError(
@@ -45,8 +49,15 @@ def route_config(c: Any, run: Path) -> Any:
         )
     if steps < 0:
         raise ConfigError(f"refactor.router_first_steps={steps} is out of range: allowed >= 0")
+    return steps
+
+
+def route_config(c: Any, run: Path) -> Any:
+    """The config of the route stage (module doc, step 1) for run config `c`. Raises
+    ConfigError unless `c` clusters its experts (refactor.clustering=True)."""
+    steps = _check(c)
     r = copy.deepcopy(c)
-    r.run_dir = str(run / "route")
+    r.run_dir = str(route_dir(run))
     r.refactor.router_first_steps = 0
     r.refactor.update(ROUTE_REFACTOR)
     r.train.update(rounds=1, router_steps=steps, expert_steps=0, baselines="none",
@@ -58,8 +69,9 @@ def use_router_first(c: Any, run: str | Path) -> Path:
     """Point run config `c` at the route stage's router (no work): refactor.cluster_router =
     RUN/route/moe_trained, train.router_steps = 0 (the router trains in the route stage only,
     so no domain-label target either: train.domain_target = 0). Returns that directory. Raises
-    ConfigError as `route_config`."""
-    out = Path(route_config(c, Path(run)).run_dir) / "moe_trained"
+    ConfigError as `route_config`, and for the layer-wise baseline (its gates would not train)."""
+    _check(c)
+    out = route_dir(run) / "moe_trained"
     c.refactor.cluster_router = str(out)
     c.train.router_steps = 0
     c.train.domain_target = 0.0
@@ -74,11 +86,10 @@ def use_router_first(c: Any, run: str | Path) -> Path:
 
 def train_router_first(c: Any, run: str | Path, *, tokenizer=None, teacher=None) -> Path:
     """Step 1 of the module doc in RUN/route/ (skipped where done, with c.resume); `c` as
-    `use_router_first` leaves it. Every process calls it (the router trains on all of them).
+    `use_router_first` left it. Every process calls it (the router trains on all of them).
     Returns the router's model directory."""
-    run = Path(run)
-    r = route_config(c, run)
-    out = Path(r.run_dir) / "moe_trained"
+    r = route_config(c, Path(run))
+    out = route_dir(run) / "moe_trained"
     if not (c.resume and models.exists(out)):
         if dist.is_primary():
             calibrate_and_refactor(r, r.run_dir)
@@ -88,4 +99,4 @@ def train_router_first(c: Any, run: str | Path, *, tokenizer=None, teacher=None)
     steps = c.refactor.router_first_steps
     print(f"[route] router trained first ({steps} steps over k-means clusters) -> {out}; "
           "the experts are built around it and trained with it frozen")  # fmt: skip
-    return use_router_first(c, run)
+    return out

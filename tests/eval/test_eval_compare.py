@@ -136,8 +136,8 @@ def test_snapshots_make_a_curve_paired_with_the_control_at_equal_tokens(tmp_path
     good, bad = m_rows["Read-ME (trained)"], m_rows[CONTROL]
     rows = {
         "Read-ME (before training)": bad,
-        "Read-ME @ 64 expert tokens": bad,
-        "static pruned dense @ 64 expert tokens": good,
+        "Read-ME @ 64 expert tokens": {**bad, "expert_tokens": 64},
+        "static pruned dense @ 64 expert tokens": {**good, "expert_tokens": 64},
         "Read-ME (trained)": good,
         CONTROL: bad,
     }
