@@ -77,7 +77,8 @@ def get_config(variant: str = "") -> ConfigDict:
     # with the router frozen (train/router_first.py; measured in docs/results.md §2)
     c.refactor.router_first_steps = 0
     # expert construction (refactor/construct.py; docs/logbook/construction.md): the channel
-    # score ("magnitude" = mean |h|, the paper's; "frequency" = activation rate, CMoE's), the
+    # score ("magnitude" = mean |h|, the paper's; "frequency" = activation rate, CMoE's; "obs" =
+    # the output error its removal leaves after the refit, ZipLM's structured OBS), the
     # shared rule ("intersection" of the experts' top sets, the paper's; "core" = the top
     # shared_frac of the kept channels by the pooled score) and, with "core", the experts
     # ("overlap" = each group's own top channels; "partition" = disjoint, balanced)

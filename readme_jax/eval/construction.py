@@ -215,7 +215,16 @@ def _grouping(name, dense, cfg, domain_batches, c: StudyConfig) -> _Grouping:
         raise ValueError(f"grouping {name!r}: expected 'domain', 'kmeansE', 'chunkE' or 'router'")
     flat_b = [b for bs in batches for b in bs]
     flat_g = [g for gs in groups for g in gs]
-    st = group_stats(dense, cfg, flat_b, flat_g, len(names), desc=f"stats {name}")
+    obs = any(parse_construction(n).score == "obs" for n in c.constructions)
+    st = group_stats(
+        dense,
+        cfg,
+        flat_b,
+        flat_g,
+        len(names),
+        desc=f"stats {name}",
+        obs_ridge=c.ridge if obs else None,
+    )
     return _Grouping(
         name, names, batches, groups, st, name == "domain", name.startswith("chunk"), rm
     )

@@ -6,9 +6,11 @@ shared expert is the intersection of the M_d, expert d is M_d minus it. That is 
 (refactor/experts.py), the "intersection" rule here. This module adds the rules of the
 construction study (docs/logbook/construction.md):
 
-  score      how a group ranks channels: "magnitude" (mean |h|, the paper's) or "frequency"
+  score      how a group ranks channels: "magnitude" (mean |h|, the paper's), "frequency"
              (the share of the group's tokens for which the channel is among the token's own top
-             `remain_rate` channels: CMoE's activation rate, arXiv 2502.04416 section 3.1)
+             `remain_rate` channels: CMoE's activation rate, arXiv 2502.04416 section 3.1) or
+             "obs" (the output error the channel's removal leaves after the refit of the others:
+             the structured OBS criterion of ZipLM and SlimGPT, `stats.obs_scores`)
   shared     "intersection" (the paper's) or "core": the Fs channels with the highest pooled
              score over all calibration tokens (CMoE's shared core), Fs = shared_frac x kept
   experts    with "core": each group's W = kept - Fs channels outside the core: "overlap", the
@@ -42,7 +44,7 @@ from readme_jax.refactor.experts import build_expert_spec, expert_channel_masks
 from readme_jax.refactor.stats import GroupStats
 from readme_jax.refactor.targets import coverage_ffn, union_masks
 
-SCORES = ("magnitude", "frequency")
+SCORES = ("magnitude", "frequency", "obs")
 SHARED_RULES = ("intersection", "core")
 EXPERT_RULES = ("overlap", "partition")
 

@@ -357,14 +357,15 @@ def calibrate(
     domain_batches: dict[str, list[np.ndarray]],
     recipe: dict[str, Any],
     out_dir: str | Path | None = None,
+    obs_ridge: float | None = None,
 ) -> ActivationStats:
-    """Per-domain activation statistics (mean |h| and activation rate); reuses
-    out_dir/stats.json if its recipe matches and it has both scores."""
+    """Per-domain activation statistics (mean |h|, activation rate, and with `obs_ridge` the
+    OBS score); reuses out_dir/stats.json if its recipe matches and it has the scores asked."""
     if out_dir is not None and (Path(out_dir) / "stats.json").exists():
         st = ActivationStats.load(out_dir)
-        if st.recipe == recipe and st.rate_ExLxF is not None:
+        if st.recipe == recipe and st.has("frequency") and (obs_ridge is None or st.has("obs")):
             return st
-    st = collect_stats(params, cfg, domain_batches, recipe)
+    st = collect_stats(params, cfg, domain_batches, recipe, obs_ridge)
     if out_dir is not None:
         st.save(out_dir)
     return st
@@ -388,12 +389,13 @@ def calibrate_recipe(
     cfg, dense, tok = source
     rec = recipe.record(tok.name)
     batches = recipe.batches(tok)
+    obs = recipe.refit.ridge if recipe.construction.score == "obs" else None
     if not recipe.clusters:
-        return calibrate(cfg, dense, batches, rec, calib_dir)
+        return calibrate(cfg, dense, batches, rec, calib_dir, obs)
     if calib_dir is not None and (Path(calib_dir) / "stats.json").exists():
         st = ActivationStats.load(calib_dir)
         saved = {k: v for k, v in st.recipe.items() if k != "clustering"}
-        if saved == rec and st.rate_ExLxF is not None:
+        if saved == rec and st.has("frequency") and (obs is None or st.has("obs")):
             return st
     pooled = [b for bs in batches.values() for b in bs]
     if recipe.cluster_router:
@@ -404,18 +406,15 @@ def calibrate_recipe(
         )
     else:
         groups = cluster_assign(dense, cfg, pooled, recipe.clusters, seed=recipe.seed)
-    g = group_stats(dense, cfg, pooled, groups, recipe.clusters, desc="calibrate clusters")
+    g = group_stats(
+        dense, cfg, pooled, groups, recipe.clusters, desc="calibrate clusters", obs_ridge=obs
+    )
     sizes = g.n_tokens.astype(int).tolist()
     method = {"method": "spherical k-means", "proj_per_layer": 8, "seed": recipe.seed}
     if recipe.cluster_router:
         method = {"method": "router top-1", "router": recipe.cluster_router}
-    st = ActivationStats(
-        [f"cluster{j}" for j in range(recipe.clusters)],
-        g.mean_abs_ExLxF,
-        sizes,
-        {**rec, "clustering": {**method, "sizes": sizes}},
-        g.rate_ExLxF,
-    )
+    names = [f"cluster{j}" for j in range(recipe.clusters)]
+    st = ActivationStats.of(names, g, {**rec, "clustering": {**method, "sizes": sizes}})
     if calib_dir is not None:
         st.save(calib_dir)
     return st

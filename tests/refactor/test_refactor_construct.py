@@ -112,6 +112,71 @@ def test_group_stats_match_mean_abs_and_count_each_tokens_top_channels():
     assert gs.rate_ExLxF.min() >= 0 and gs.rate_ExLxF.max() <= 1
 
 
+def test_obs_score_is_the_error_left_once_the_other_rows_are_refit():
+    # the ridge refit of every row but j (refactor/reconstruct.py's objective), solved directly:
+    # the error it leaves is the OBS score, channel by channel
+    rng = np.random.default_rng(0)
+    T, Fh, D, ridge = 40, 6, 3, 0.05
+    h = rng.normal(size=(T, Fh)) * rng.uniform(0.2, 2.0, Fh)
+    h[:, 5] = h[:, 4] + 0.01 * rng.normal(size=T)  # a near-copy: cheap to drop either
+    w = rng.normal(size=(Fh, D))
+    got = stats.obs_scores(h.T @ h, T, w, ridge)
+    A = h.T @ h / T
+    lam = ridge * np.diagonal(A).mean()
+    for j in range(Fh):
+        r = [i for i in range(Fh) if i != j]
+        # min over rows W'_r of ||h_r W'_r - h w||^2 / T + lam ||W'_r - w_r||^2, W'_j = 0
+        wr = np.linalg.solve(A[np.ix_(r, r)] + lam * np.eye(Fh - 1), A[r] @ w + lam * w[r])
+        err = np.sum((h[:, r] @ wr - h @ w) ** 2) / T + lam * (
+            np.sum((wr - w[r]) ** 2) + w[j] @ w[j]
+        )
+        np.testing.assert_allclose(got[j], err, rtol=1e-8)
+    # the near-copies score far below what their size alone says
+    energy = np.diagonal(A) * np.sum(w**2, 1)
+    assert got[4] < 0.2 * energy[4] and got[5] < 0.2 * energy[5]
+    with pytest.raises(ValueError, match="ridge > 0"):
+        stats.obs_scores(h.T @ h, T, w, 0.0)
+
+
+def test_group_stats_obs_per_group_and_pooled_from_the_grams():
+    p = _params()
+    bs = _batches(2)
+    bs[1][1, 5:] = -1
+    groups = [np.zeros((2, 8), int), np.ones((2, 8), int)]
+    gs = stats.group_stats(p, CFG, bs, groups, 2, 0.5, obs_ridge=0.01)
+    assert gs.obs_ExLxF.shape == (2, 2, F) and gs.obs_LxF.shape == (2, F)
+    # h of every token and layer, from the forward with the FFN's activations returned
+    h_per = []
+    for b in bs:
+        toks = jnp.asarray(np.maximum(b, 0), jnp.int32)
+        gu_h = llama.forward(p, toks, CFG, ffn=_ffn_with_h, return_hidden=True)[2]
+        h_per.append(np.asarray(gu_h, np.float64))  # [L, B, S, F]
+    for l in range(2):
+        w = np.asarray(p["layers"]["w_down"][l], np.float64)
+        rows = [h_per[i][l][bs[i] >= 0] for i in range(2)]
+        for e in range(2):
+            want = stats.obs_scores(rows[e].T @ rows[e], len(rows[e]), w, 0.01)
+            np.testing.assert_allclose(gs.obs_ExLxF[e, l], want, rtol=2e-4)
+        allr = np.concatenate(rows)
+        want = stats.obs_scores(allr.T @ allr, len(allr), w, 0.01)
+        np.testing.assert_allclose(gs.obs_LxF[l], want, rtol=2e-4)
+        np.testing.assert_allclose(gs.pooled("obs")[l], want, rtol=2e-4)
+    # a construction and its static control both read it; without it they refuse
+    spec = construct.build_spec(gs, 0.5, ["a", "b"], construct.Construction("obs", "core"))
+    fs = int(spec.shared_widths[0])
+    np.testing.assert_array_equal(
+        np.sort(spec.shared_idx_LxFs, -1), construct.static_channels(gs, "obs", fs)
+    )
+    with pytest.raises(ValueError, match="no OBS score"):
+        construct.static_channels(_stats(), "obs", 4)
+
+
+def _ffn_with_h(lp, x, layer):
+    gu = jnp.einsum("bsd,dgf->bsgf", x, lp["w_gate_up"])
+    h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+    return h @ lp["w_down"], h
+
+
 def test_window_nll_averages_to_the_perplexity():
     p = llama.unstack_layers(_params())
     toks = np.random.default_rng(3).integers(0, 64, 64)
