@@ -304,7 +304,7 @@ def main() -> None:
     )
     if a.json:
         out = {"args": vars(a), "checkpoint_bytes": ckpt_bytes, "moe_bytes": moe_bytes}
-        out |= {"stages": meter.rows, "widths": widths, "conversion_peak_gb": peak}
+        out |= {"stages": meter.rows, "widths": widths, "conversion_peak_gb": peak, "tokens": toks}
         out["conversion_peak_anon_gb"] = anon
         Path(a.json).write_text(json.dumps(out, indent=2))
 
