@@ -303,7 +303,49 @@ def _piecewise_arrays_class(numpy_handler: type) -> type:
                 for box in _chunk_boxes(host.shape, t.chunk_layout.write_chunk.shape):
                     await t[box].write(host[box])  # each chunk committed before the next
 
+        async def deserialize(self, infos, args=None):
+            """The arrays read one at a time, each one storage chunk at a time, into a buffer
+            aligned for XLA (`aligned_empty`), which a CPU device then uses without a copy
+            (`jax.device_put` aliases aligned host memory): a load holds the model once plus
+            one chunk, where orbax's reader returns unaligned arrays that every device_put
+            copies (the model plus its largest leaf). Falls back to orbax's reader for the
+            reads it builds differently (e.g. a dtype cast)."""
+            from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+            args = args or [None] * len(infos)
+            if any(a is not None and getattr(a, "dtype", None) is not None for a in args):
+                return await super().deserialize(infos, args)
+            out = []
+            for info in infos:
+                await info.await_path_creation()
+                spec = ts_utils.build_array_read_spec(
+                    info,
+                    use_ocdbt=info.is_ocdbt_checkpoint,
+                    metadata_key=self._metadata_key,
+                    raise_array_data_missing_error=info.raise_array_data_missing_error,
+                )
+                t = await ts.open(ts.Spec(spec.json), open=True, context=info.ts_context)
+                host = aligned_empty(tuple(t.shape), t.dtype.numpy_dtype)
+                for box in _chunk_boxes(host.shape, t.chunk_layout.read_chunk.shape):
+                    host[box] = await t[box].read()
+                out.append(host)
+            return out
+
     return _PiecewiseArrays
+
+
+# XLA:CPU uses a host buffer in place when it is aligned to this many bytes
+XLA_ALIGN = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array whose data starts on an XLA_ALIGN-byte boundary (NumPy's own
+    allocations are 16-byte aligned, which makes every `jax.device_put` on CPU a copy)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + XLA_ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % XLA_ALIGN
+    return raw[off : off + n].view(dtype).reshape(shape)
 
 
 def _chunk_boxes(shape: tuple[int, ...], chunk: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
@@ -434,11 +476,18 @@ def load_params(path: str | Path, abstract: Any | None = None, verify: bool | No
         raise CheckpointError(f"{path} has no params/ directory")
     if verify if verify is not None else os.environ.get("READMEJAX_VERIFY", "1") != "0":
         verify_files(path)
-    ck = ocp.StandardCheckpointer()
+    multi = jax.process_count() > 1
+    if multi:
+        ck = ocp.StandardCheckpointer()
+    else:  # NumPy leaves read chunk by chunk into aligned buffers (`_PiecewiseArrays`)
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_piecewise_registry())
+        ck = ocp.Checkpointer(handler)
     try:
         # multi-process: the saving process's devices may not be ours; each restores a copy
-        target = _local_target(ck, path / "params") if jax.process_count() > 1 else None
-        restored = ck.restore(path / "params", target)
+        if multi:
+            restored = ck.restore(path / "params", _local_target(ck, path / "params"))
+        else:
+            restored = ck.restore(path / "params")
     except Exception as e:
         raise CheckpointError(
             f"could not restore {path / 'params'}: {type(e).__name__}: {e}"
@@ -458,7 +507,8 @@ def load_params(path: str | Path, abstract: Any | None = None, verify: bool | No
                 )
     # orbax restores NumPy arrays without a target; on device once, or every jitted call that
     # takes them copies them in again. One leaf at a time, each host copy dropped as soon as it
-    # is on device: the model is held once plus one leaf, not twice.
+    # is on device: the model is held once plus one leaf, not twice (on CPU, aligned leaves are
+    # used in place: once).
     leaves, treedef = jax.tree.flatten(restored)
     del restored
     for i in range(len(leaves)):
