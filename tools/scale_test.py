@@ -37,6 +37,8 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # one line per stage instead of progress bars
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import psutil
 
@@ -45,6 +47,7 @@ from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.decode.generator import Generator
 from readme_jax.decode.steps import readme_model
 from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
+from readme_jax.model.readme import readme_forward
 from readme_jax.refactor import layerwise, pipeline, reconstruct
 
 GB = 1e9
@@ -209,9 +212,32 @@ def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
     return {"shared_width_mean": float(sw.mean()), "expert_width_mean": float(ew.mean())}
 
 
+def _prompt(m: models.ReadMEModel) -> list[int]:
+    return [1, *(np.arange(1, 8) * 997 % m.rc.model.vocab_size).tolist()]
+
+
 def generate(m: models.ReadMEModel, n: int) -> list[int]:
-    prompt = [1, *(np.arange(1, 8) * 997 % m.rc.model.vocab_size).tolist()]
-    return Generator(readme_model(m.rc), m.params).generate([prompt], n)[0]
+    """n greedy tokens through the serving decode step (its decode layout is a second copy of
+    the weights: per-layer lists, experts trimmed, shared + expert fused)."""
+    return Generator(readme_model(m.rc), m.params).generate([_prompt(m)], n)[0]
+
+
+def generate_forward(m: models.ReadMEModel, n: int) -> list[int]:
+    """n greedy tokens by the model's own full forward (router + stacked backbone, as loaded; no
+    KV cache, no second copy of the weights): one compiled forward over the prompt plus n
+    positions, causal, so the positions not yet generated do not change the logits read."""
+    ids = _prompt(m)
+    p = len(ids)
+    fwd = jax.jit(lambda params, t: readme_forward(params, t, m.rc)[0])
+    toks = np.zeros((1, p + n), np.int32)
+    toks[0, :p] = ids
+    out = []
+    for i in range(n):
+        logits = fwd(m.params, jnp.asarray(toks))
+        nxt = int(jnp.argmax(logits[0, p + i - 1]))
+        toks[0, p + i] = nxt
+        out.append(nxt)
+    return out
 
 
 def main() -> None:
@@ -262,6 +288,18 @@ def main() -> None:
         "--min-free-gb", type=float, default=1.0, help="abort when the machine has less left"
     )
     ap.add_argument("--json", default="", help="also write the figures to this file")
+    ap.add_argument(
+        "--generate",
+        choices=("decode", "forward"),
+        default="decode",
+        help="the serving decode step (a second copy of the weights in its layout) or the "
+        "model's own forward without a cache (the weights once)",
+    )
+    ap.add_argument(
+        "--from-moe",
+        default="",
+        help="skip writing and converting: load this Read-ME model directory and generate",
+    )
     a = ap.parse_args()
     if a.resume and a.consume_checkpoint:  # a rerun could not open the consumed checkpoint
         ap.error("--resume and --consume-checkpoint cannot be combined")
@@ -274,6 +312,16 @@ def main() -> None:
     finished = False
     if not (a.keep or a.resume):
         meter.on_abort = lambda: shutil.rmtree(work, ignore_errors=True)
+    gen = generate_forward if a.generate == "forward" else generate
+    if a.from_moe:  # the model of an earlier conversion: its load and generation only
+        m = meter.stage("load MoE", models.load_readme, a.from_moe)
+        toks = meter.stage("generate", gen, m, a.new_tokens)
+        moe_bytes = sum(f.stat().st_size for f in Path(a.from_moe).rglob("*") if f.is_file())
+        print(f"tokens {toks}; MoE on disk {moe_bytes / GB:.2f} GB ({a.generate})")
+        if a.json:
+            out = {"args": vars(a), "moe_bytes": moe_bytes, "stages": meter.rows, "tokens": toks}
+            Path(a.json).write_text(json.dumps(out, indent=2))
+        return
     try:
         shard = cfg.param_count() * 2 // (cfg.n_layers + 1) if a.consume_checkpoint else 5 * GB
         tensors = random_tensor(a.channel_spread, a.seed)
@@ -284,7 +332,7 @@ def main() -> None:
         widths = convert(a, meter, ckpt, moe_dir)
         gc.collect()
         m = meter.stage("load MoE", models.load_readme, moe_dir)
-        toks = meter.stage("generate", generate, m, a.new_tokens)
+        toks = meter.stage("generate", gen, m, a.new_tokens)
         moe_bytes = sum(f.stat().st_size for f in moe_dir.rglob("*") if f.is_file())
         finished = True
     except CheckpointError as e:  # e.g. no room on disk for the Read-ME model: say where

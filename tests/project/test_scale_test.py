@@ -33,3 +33,27 @@ def test_small_scale_conversion_runs_end_to_end(tmp_path):
     assert w["shared_width_mean"] + w["expert_width_mean"] == 352 // 2
     assert res["moe_bytes"] > 0 and res["checkpoint_bytes"] > 0
     assert not work.exists()  # the work directory (checkpoint, arrays, model) is removed
+
+
+def test_forward_generation_of_a_kept_model_equals_the_decode_steps(tmp_path):
+    work = tmp_path / "work"
+    base = [
+        sys.executable, str(ROOT / "tools/scale_test.py"), "--new-tokens", "4",
+        "--min-free-gb", "0", "--json", str(tmp_path / "a.json"),
+    ]  # fmt: skip
+    small = ["--layers", "2", "--dim", "128", "--ffn", "352", "--heads", "4", "--vocab", "512"]
+    small += ["--seqs", "2", "--seq-len", "32", "--dir", str(work), "--keep"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(base + small, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    decode = json.loads((tmp_path / "a.json").read_text())["tokens"]
+    again = base[:-1] + [str(tmp_path / "b.json"), "--from-moe", str(work / "moe_init")]
+    r = subprocess.run(
+        again + ["--generate", "forward"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert [s["stage"] for s in res["stages"]] == ["load MoE", "generate"]
+    assert res["tokens"] == decode and len(decode) == 4
+    assert (work / "moe_init").exists()  # a model given with --from-moe is not deleted
