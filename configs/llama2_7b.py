@@ -56,6 +56,9 @@ def get_config():
     c.calib.num_sequences = 16  # 16 x 4096 tokens per domain (paper)
     c.calib.seq_len = 4096
     c.refactor.remain_rate = 0.5
+    # the paper's channel score: the OBS score's per-layer Grams would be 8 x F^2 f64 (7.8 GB)
+    # and 2 T F^2 = 1.1e14 multiply-adds per layer over the 7 x 16 x 4096 calibration tokens
+    c.refactor.score = "magnitude"
     c.router.dim = 512  # paper: 512-wide embedding, 4 heads, MLP 512
     c.router.n_heads = 4
     c.router.ffn_dim = 512

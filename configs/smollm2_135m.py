@@ -82,7 +82,10 @@ def get_config(variant: str = "") -> ConfigDict:
     # shared rule ("intersection" of the experts' top sets, the paper's; "core" = the top
     # shared_frac of the kept channels by the pooled score) and, with "core", the experts
     # ("overlap" = each group's own top channels; "partition" = disjoint, balanced)
-    c.refactor.score = "magnitude"
+    # default "obs": before training Read-ME 33.29 -> 31.61 on the default domains, after 24,576
+    # expert tokens 30.27 -> 29.02 (router-built experts), static pruning 33.03 -> 31.43
+    # (docs/logbook/construction.md, "Channels chosen by the error they leave")
+    c.refactor.score = "obs"
     c.refactor.shared = "intersection"
     c.refactor.experts = "overlap"
     c.refactor.shared_frac = 0.5

@@ -117,7 +117,8 @@ class Recipe:
     gate_scaling: bool = False
     dispatch: str = "ragged"
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
-    construction: Construction = dataclasses.field(default_factory=Construction)
+    # the default run config's (configs/smollm2_135m.py): the OBS score with the paper's rule
+    construction: Construction = dataclasses.field(default_factory=lambda: Construction("obs"))
     refit: ReconstructConfig = dataclasses.field(
         default_factory=lambda: ReconstructConfig(calib_sequences=8)
     )
