@@ -30,8 +30,14 @@ from readme_jax.refactor.stage import calibrate_and_refactor
 from readme_jax.train.config import resolve
 from readme_jax.train.loop import run_training
 
-# the route stage's own experts: those the measured router was trained toward
-ROUTE_REFACTOR = {"shared": "intersection", "calib_sequences": 8, "cluster_router": ""}
+# the route stage's own experts: those the measured router was trained toward (the magnitude
+# score, whatever the run's own construction uses)
+ROUTE_REFACTOR = {
+    "score": "magnitude",
+    "shared": "intersection",
+    "calib_sequences": 8,
+    "cluster_router": "",
+}
 
 
 def route_dir(run: str | Path) -> Path:

@@ -72,6 +72,8 @@ def test_router_first_needs_clustered_experts(tmp_path):
     with pytest.raises(ConfigError, match="refactor.clustering=True"):
         route_config(c, Path(c.run_dir))
     c.refactor.clustering = True
+    r = route_config(c, Path(c.run_dir)).refactor  # the measured router's targets, pinned
+    assert (r.score, r.shared, r.calib_sequences) == ("magnitude", "intersection", 8)
     c.train.baselines = "layerwise,static"  # its gates would never train
     with pytest.raises(ConfigError, match="baselines=static"):
         use_router_first(c, Path(c.run_dir))
