@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from readme_jax.checkpoints import models
 from readme_jax.checkpoints.tokenizer import Tokenizer, prompt_ids, with_end_ids
 from readme_jax.decode.generator import Generator, dense_logits
-from readme_jax.decode.steps import dense_model, readme_model, validate_tokens
+from readme_jax.decode.steps import LAYOUTS, dense_model, readme_model, validate_tokens
 from readme_jax.model import quant as quant_lib
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import ConfigError, LlamaConfig
 from readme_jax.model.readme import readme_forward
 from readme_jax.model.sampling import SamplingParams
 
@@ -26,6 +26,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     readme: Any = None  # ReadMEConfig for a Read-ME MoE checkpoint, else None (dense)
     quant: str = "none"  # the matmul weights' form when generating (model/quant.py)
+    layout: str = "trimmed"  # the decode layout when generating (decode/steps.py LAYOUTS)
 
     @property
     def is_moe(self) -> bool:
@@ -46,9 +47,11 @@ class LoadedModel:
     def generator(self) -> Generator:
         if not hasattr(self, "_gen"):
             if self.is_moe:
-                self._gen = Generator(readme_model(self.readme, self.quant), self.params)
-            else:
-                self._gen = Generator(dense_model(self.cfg, self.quant), self.params)
+                model = readme_model(self.readme, self.quant, self.layout)
+            else:  # the dense stacked layout is the scan over the stored layers
+                cfg = self.cfg.replace(scan_layers=self.layout == "stacked")
+                model = dense_model(cfg, self.quant)
+            self._gen = Generator(model, self.params)
         return self._gen
 
     def generate(
@@ -88,6 +91,7 @@ def load(
     path: str | Path | None = None,
     dtype: str = "float32",
     quant: str | None = None,
+    layout: str = "trimmed",
     **cfg_overrides,
 ) -> LoadedModel:
     """Load a model: None = bundled SmolLM2 GGUF; a GGUF file; a Hugging Face directory; or a
@@ -96,10 +100,17 @@ def load(
 
     quant: the matmul weights' form for generating and logits, one of model/quant.py's
     QUANT_MODES ("int8", "bf16", ...); None takes the one saved in the model's model.json
-    ("quant", see `models.saved_quant`), else "none". Raises ConfigError for an unknown one."""
+    ("quant", see `models.saved_quant`), else "none". Raises ConfigError for an unknown one.
+
+    layout: how the generator holds the weights (decode/steps.py `readme_model`): "trimmed"
+    (per-layer arrays, Read-ME's experts trimmed and fused: the fastest step, a second copy of
+    the weights beside the loaded ones) or "stacked" (the loaded arrays, the layers as a scan:
+    the weights once, for a model that fills the host). Raises ConfigError for another."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     kind, cfg, params, tok, meta = models.load_any(path, dtype, **cfg_overrides)
     q = quant_lib.check_mode(models.saved_quant(meta) if quant is None else quant)
     if kind == "readme_moe":  # end ids of the source tokenizer (older saves kept one)
         cfg = cfg.replace(model=with_end_ids(cfg.model, tok))
-        return LoadedModel(cfg.model, params, tok, cfg, q)
-    return LoadedModel(with_end_ids(cfg, tok), params, tok, quant=q)
+        return LoadedModel(cfg.model, params, tok, cfg, q, layout)
+    return LoadedModel(with_end_ids(cfg, tok), params, tok, quant=q, layout=layout)

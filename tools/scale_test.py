@@ -25,6 +25,7 @@ available memory falls below it, before the kernel's OOM killer would pick a pro
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -216,10 +217,11 @@ def _prompt(m: models.ReadMEModel) -> list[int]:
     return [1, *(np.arange(1, 8) * 997 % m.rc.model.vocab_size).tolist()]
 
 
-def generate(m: models.ReadMEModel, n: int) -> list[int]:
-    """n greedy tokens through the serving decode step (its decode layout is a second copy of
-    the weights: per-layer lists, experts trimmed, shared + expert fused)."""
-    return Generator(readme_model(m.rc), m.params).generate([_prompt(m)], n)[0]
+def generate(m: models.ReadMEModel, n: int, layout: str = "trimmed") -> list[int]:
+    """n greedy tokens through the Generator's cached decode step. layout "trimmed": the serving
+    decode layout, a second copy of the weights (per-layer lists, experts trimmed, shared +
+    expert fused); "stacked": the loaded arrays, the layers as a scan (the weights once)."""
+    return Generator(readme_model(m.rc, layout=layout), m.params).generate([_prompt(m)], n)[0]
 
 
 def generate_forward(m: models.ReadMEModel, n: int) -> list[int]:
@@ -293,10 +295,11 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write the figures to this file")
     ap.add_argument(
         "--generate",
-        choices=("decode", "forward"),
+        choices=("decode", "stacked", "forward"),
         default="decode",
-        help="the serving decode step (a second copy of the weights in its layout) or the "
-        "model's own forward without a cache (the weights once)",
+        help="decode: the cached decode step in the serving layout (a second copy of the "
+        "weights); stacked: the cached decode step over the loaded arrays (the weights once); "
+        "forward: the model's own forward without a cache, one per token (the weights once)",
     )
     ap.add_argument(
         "--from-moe",
@@ -315,7 +318,11 @@ def main() -> None:
     finished = False
     if not (a.keep or a.resume):
         meter.on_abort = lambda: shutil.rmtree(work, ignore_errors=True)
-    gen = generate_forward if a.generate == "forward" else generate
+    gen = {
+        "decode": generate,
+        "stacked": functools.partial(generate, layout="stacked"),
+        "forward": generate_forward,
+    }[a.generate]
     if a.from_moe:  # the model of an earlier conversion: its load and generation only
         m = meter.stage("load MoE", models.load_readme, a.from_moe)
         toks = meter.stage("generate", gen, m, a.new_tokens)

@@ -13,6 +13,11 @@ routed-expert weights come from one of two sources, a parameter of every step:
 The Generator and the all-resident engine both run the in-graph source (the same FFN, the same
 layout); the engine with C < E experts on device runs the slots.
 
+The Generator can also run Read-ME in the stored layout (`readme_model(..., layout="stacked")`):
+the layers as a `lax.scan` over the arrays as loaded ([L, ...], experts zero-padded to the widest),
+with a stacked KV cache. It builds no second copy of the backbone, so serving holds the weights
+once (a paper-width model on one host); each token reads the padding too.
+
 Engine steps end with an epilogue: sample the next token per row (per-request keys), then route
 it, so the host knows every request's next experts before the next step (expert batching and
 the Belady cache need them). Their shapes come from the engine's configuration only (N slots,
@@ -32,7 +37,7 @@ import numpy as np
 
 from readme_jax.errors import UserError
 from readme_jax.model import llama, moe, quant, readme
-from readme_jax.model.config import LlamaConfig
+from readme_jax.model.config import ConfigError, LlamaConfig
 from readme_jax.model.readme import ReadMEConfig
 from readme_jax.model.router import init_router_cache
 from readme_jax.model.sampling import sample_rows
@@ -105,11 +110,22 @@ def decode_layout(rc: ReadMEConfig, params: Params, quant_mode: str = "none") ->
     }
 
 
-def readme_cache(rc: ReadMEConfig, batch: int, max_len: int) -> Params:
-    """Backbone and router KV caches, one array per layer (the unrolled decode's layout)."""
+def readme_cache(rc: ReadMEConfig, batch: int, max_len: int, per_layer: bool = True) -> Params:
+    """Backbone and router KV caches. per_layer: one backbone array per layer (the unrolled
+    decode's layout), else [L, B, M, K, hd] (the stacked layout's scan); the router's is always
+    per layer."""
     return {
-        "backbone": llama.init_cache(rc.model, batch, max_len, per_layer=True),
+        "backbone": llama.init_cache(rc.model, batch, max_len, per_layer=per_layer),
         "router": init_router_cache(rc.router, rc.model, batch, max_len, per_layer=True),
+    }
+
+
+def stacked_layout(params: Params, quant_mode: str = "none") -> Params:
+    """{"backbone", "router"} for the stacked decode: the backbone's arrays as stored (no copy
+    with quant_mode "none"), the small router per layer."""
+    return {
+        "backbone": quant.quantize_params(params["backbone"], quant_mode),
+        "router": llama.unstack_layers(params["router"]),
     }
 
 
@@ -129,11 +145,23 @@ def backbone(rc: ReadMEConfig, bb: Params, tokens_BxS, cache, routing, num_new_B
     return out, cache
 
 
-def readme_model(rc: ReadMEConfig, quant_mode: str = "none") -> DecodeModel:
+LAYOUTS = ("trimmed", "stacked")
+
+
+def readme_model(
+    rc: ReadMEConfig, quant_mode: str = "none", layout: str = "trimmed"
+) -> DecodeModel:
     """Read-ME for the Generator: each step routes its tokens (the router has its own KV
     cache), then the backbone runs them with the in-graph experts (`quant_mode`: see
-    decode_layout)."""
+    decode_layout).
+
+    layout "trimmed": `decode_layout` (per-layer lists, experts trimmed, shared + expert fused
+    for top-1; the fastest step, a second copy of the weights while the stored arrays live);
+    "stacked": `stacked_layout` (the stored arrays, the layers as a scan; the weights once, the
+    padding read). Both give the same tokens. Raises ConfigError for another layout."""
     quant.check_mode(quant_mode)
+    if layout not in LAYOUTS:
+        raise ConfigError(f"decode layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
 
     def step(params, tokens_BxS, cache, num_new_B, last_B=None):
         _, routing, rcache = readme.route(
@@ -150,12 +178,13 @@ def readme_model(rc: ReadMEConfig, quant_mode: str = "none") -> DecodeModel:
         )
         return logits, {"backbone": bcache, "router": rcache}
 
-    rc = rc.replace(model=rc.model.replace(scan_layers=False))
+    stacked = layout == "stacked"
+    rc = rc.replace(model=rc.model.replace(scan_layers=stacked))
     return DecodeModel(
         rc.model,
         step,
-        lambda b, m: readme_cache(rc, b, m),
-        lambda p: decode_layout(rc, p, quant_mode),
+        lambda b, m: readme_cache(rc, b, m, per_layer=not stacked),
+        lambda p: stacked_layout(p, quant_mode) if stacked else decode_layout(rc, p, quant_mode),
     )
 
 

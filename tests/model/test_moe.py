@@ -182,10 +182,14 @@ def test_expert_parallel_shards_tokens_over_data_and_experts_over_expert(T, want
 
 # B=1: the fused single-token switch; B=2: select conds. P=40: the prompt runs through
 # switched blocks. Two pairs cover each path of each (the other two pairs added 30 s, no path).
-@pytest.mark.parametrize(("B", "P"), [(1, 5), (2, 40)])
-def test_readme_cached_decode_equals_greedy_reforward(B, P):
+@pytest.mark.parametrize(
+    ("B", "P", "layout"),
+    [(1, 5, "trimmed"), (2, 40, "trimmed"), (1, 5, "stacked"), (2, 40, "stacked")],
+)
+def test_readme_cached_decode_equals_greedy_reforward(B, P, layout):
     """Generator (prefill with last-position logits, then cached decode steps) gives the
-    greedy tokens of a full re-forward per token."""
+    greedy tokens of a full re-forward per token, in the trimmed decode layout and in the
+    stored (stacked) one, whose prepared backbone is the stored arrays themselves."""
     from readme_jax.decode.generator import Generator
     from readme_jax.decode.steps import readme_model
     from readme_jax.model.config import ReadMEConfig, RouterConfig
@@ -199,7 +203,14 @@ def test_readme_cached_decode_equals_greedy_reforward(B, P):
     params = {"backbone": mp, "router": router}
     prompts = [[5, 17, 33, 2 + b, 60, *range(7, 7 + P - 5)] for b in range(B)]
     assert (B * P > moe.SELECT_SWITCH_MIN) == (P == 40)  # which prompt path select takes
-    gen = Generator(readme_model(rc), params)
+    gen = Generator(readme_model(rc, layout=layout), params)
+    if layout == "stacked":  # no second copy of the backbone
+        assert all(
+            a is b
+            for a, b in zip(
+                jax.tree.leaves(gen.params["backbone"]), jax.tree.leaves(mp), strict=True
+            )
+        )
     got = gen.generate(prompts, 6, eos_ids=[])
 
     @jax.jit  # one program at one width (eager ops would compile one per op and shape)

@@ -130,6 +130,26 @@ def test_quant_form_is_saved_with_the_model_and_applied_at_load(readme_int8, tmp
         rj.load(path, quant="int4")
 
 
+def test_stacked_layout_generates_the_trimmed_tokens_from_the_loaded_arrays(readme_int8, tmp_path):
+    """layout="stacked": the generator runs the loaded arrays (no second copy) and gives the
+    trimmed layout's greedy tokens; in int8 its stacked experts are QWeights and it generates."""
+    m, _, _ = readme_int8
+    path = models.save_readme(tmp_path / "moe", m.params, m.rc, m.spec, m.meta)
+    ref = rj.load(path).generator().generate(PROMPTS, 5, eos_ids=[])
+    stacked = rj.load(path, layout="stacked")
+    gen = stacked.generator()
+    pairs = zip(
+        *(jax.tree.leaves(t["backbone"]) for t in (gen.params, stacked.params)), strict=True
+    )
+    assert all(a is b for a, b in pairs)
+    assert gen.generate(PROMPTS, 5, eos_ids=[]) == ref
+    low = rj.load(path, quant="int8", layout="stacked").generator()
+    assert isinstance(low.params["backbone"]["layers"]["expert_gate_up"], quant.QWeight)
+    assert [len(o) for o in low.generate(PROMPTS, 5, eos_ids=[])] == [5, 5]
+    with pytest.raises(ConfigError, match="layout"):
+        rj.load(path, layout="unrolled")
+
+
 def _unfused_ffn(lp, x_BxSxD, layer=None):
     gate, up = lp["w_gate_up"][:, 0], lp["w_gate_up"][:, 1]
     return (jax.nn.silu(x_BxSxD @ gate) * (x_BxSxD @ up)) @ lp["w_down"], None

@@ -35,7 +35,7 @@ def test_small_scale_conversion_runs_end_to_end(tmp_path):
     assert not work.exists()  # the work directory (checkpoint, arrays, model) is removed
 
 
-def test_forward_generation_of_a_kept_model_equals_the_decode_steps(tmp_path):
+def test_forward_and_stacked_generation_of_a_kept_model_equal_the_decode_steps(tmp_path):
     work = tmp_path / "work"
     base = [
         sys.executable, str(ROOT / "tools/scale_test.py"), "--new-tokens", "4",
@@ -47,13 +47,14 @@ def test_forward_generation_of_a_kept_model_equals_the_decode_steps(tmp_path):
     r = subprocess.run(base + small, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     decode = json.loads((tmp_path / "a.json").read_text())["tokens"]
-    again = base[:-1] + [str(tmp_path / "b.json"), "--from-moe", str(work / "moe_init")]
-    r = subprocess.run(
-        again + ["--generate", "forward"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "b.json").read_text())
-    assert [s["stage"] for s in res["stages"]] == ["load MoE", "generate"]
-    assert res["tokens"] == decode and len(decode) == 4
+    for how in ("forward", "stacked"):
+        again = base[:-1] + [str(tmp_path / f"{how}.json"), "--from-moe", str(work / "moe_init")]
+        r = subprocess.run(
+            again + ["--generate", how], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads((tmp_path / f"{how}.json").read_text())
+        assert [s["stage"] for s in res["stages"]] == ["load MoE", "generate"]
+        assert res["tokens"] == decode and len(decode) == 4, how
     assert (work / "moe_init").exists()  # a model given with --from-moe is not deleted
