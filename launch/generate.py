@@ -5,6 +5,8 @@
       --expert_capacity 2 --cache_policy belady     # experts offloaded to host, C=2 on device
   python launch/generate.py --checkpoint path/to/hf_dir --prompt "Once upon a time" \
       --temperature 0.8 --top_p 0.95 --max_new_tokens 64
+  python launch/generate.py --checkpoint big_hf_dir --dtype bfloat16 --layout stacked --prompt "..."
+      # a model that fills the host: the weights held once
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ flags.DEFINE_bool(
     "Serve a Read-ME checkpoint through the serving engine (default: "
     "on when --checkpoint holds a Read-ME MoE).",
 )
+flags.DEFINE_enum(
+    "layout",
+    "trimmed",
+    ["trimmed", "stacked"],
+    "Without the engine: the decode layout (trimmed: fastest, a second copy of the weights; "
+    "stacked: the loaded arrays as a scan, the weights held once).",
+)
 flags.DEFINE_integer("expert_capacity", None, "MoE: expert slots on the device (default: all).")
 flags.DEFINE_enum("cache_policy", "belady", ["belady", "lru", "lfu", "random"], "MoE cache policy.")
 flags.DEFINE_bool("prefetch", True, "MoE: prefetch the next step's experts.")
@@ -54,7 +63,7 @@ def main(argv):
         is_moe = bool(ck) and _is_readme(ck)
     if is_moe:
         return _generate_moe(sp)
-    model = rj.load(ck, dtype=FLAGS.dtype)
+    model = rj.load(ck, dtype=FLAGS.dtype, layout=FLAGS.layout)
     ids = prompt_ids(model.tokenizer, FLAGS.prompt, FLAGS.chat)
     gen = model.generator()
     eos = set(model.cfg.eos_ids)
