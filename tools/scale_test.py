@@ -43,10 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
+from readme_jax.api import LoadedModel
 from readme_jax.checkpoints import hf, layers, models
 from readme_jax.checkpoints.errors import CheckpointError
 from readme_jax.decode.generator import Generator
-from readme_jax.decode.steps import readme_model
+from readme_jax.decode.steps import LAYOUTS, readme_model
+from readme_jax.eval.bytes_bench import read_bandwidth_gbs, token_bytes
 from readme_jax.model.config import LlamaConfig, MoEConfig, ReadMEConfig, RouterConfig
 from readme_jax.model.readme import readme_forward
 from readme_jax.refactor import layerwise, pipeline, reconstruct
@@ -214,7 +216,7 @@ def convert(a, meter: RssMeter, ckpt: Path, moe_dir: Path) -> dict:
 
 
 def _prompt(m: models.ReadMEModel) -> list[int]:
-    return [1, *(np.arange(1, 8) * 997 % m.rc.model.vocab_size).tolist()]
+    return _prompt_ids(m.rc.model.vocab_size)
 
 
 def generate(m: models.ReadMEModel, n: int, layout: str = "trimmed") -> list[int]:
@@ -243,6 +245,57 @@ def generate_forward(m: models.ReadMEModel, n: int) -> list[int]:
         toks[0, p + i] = nxt
         out.append(nxt)
     return out
+
+
+def serve_dense(a, meter: RssMeter, ckpt: Path) -> dict:
+    """The written dense checkpoint served in bf16 through the Generator in decode layout
+    `a.serve_dense`: stages "load" (readme_jax.load) and "generate" (the layout prepared, the
+    decode step compiled, a.new_tokens greedy tokens), as `readme_jax.load(...,
+    layout=)` serves it. Returns the serving figures: weight
+    bytes, steady RSS (after generating) and stage peaks as multiples of them, decode tokens/s
+    after the first token, and the batch-1 bound (read bandwidth / weight bytes per token)."""
+    bw = read_bandwidth_gbs()  # before the load: its 1 GB buffer is freed again
+    # readme_jax.load's dense path without a tokenizer (the random checkpoint has none)
+    cfg, params = meter.stage("load", hf.load_hf, ckpt, "bfloat16")
+    m = LoadedModel(cfg, params, tokenizer=None, layout=a.serve_dense)
+    del params
+    wbytes = sum(x.nbytes for x in jax.tree.leaves(m.params))
+    per_token = token_bytes(m.params)
+    times: list[float] = []
+
+    def run() -> list[int]:
+        toks = []
+        for step in m.generator().stream([_prompt_ids(cfg.vocab_size)], a.new_tokens, eos_ids=[]):
+            times.append(time.perf_counter())
+            toks.append(int(step[0]))
+        return toks
+
+    toks = meter.stage("generate", run)
+    load, gen = meter.rows[-2], meter.rows[-1]
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    out = {
+        "layout": a.serve_dense,
+        "weight_bytes": wbytes,
+        "token_bytes": per_token,
+        "bandwidth_gbs": bw,
+        "decode_tok_s": rate,
+        "bound_tok_s": bw * GB / per_token,
+        "load_peak_x": load["peak_anon_gb"] * GB / wbytes,
+        "generate_peak_x": gen["peak_anon_gb"] * GB / wbytes,
+        "steady_x": gen["rss_after_gb"] * GB / wbytes,
+        "tokens": toks,
+    }
+    print(
+        f"dense bf16, layout {a.serve_dense}: weights {wbytes / GB:.2f} GB; load peak "
+        f"{out['load_peak_x']:.2f}x, generate peak {out['generate_peak_x']:.2f}x (anonymous), "
+        f"steady {out['steady_x']:.2f}x; decode {rate:.3f} tok/s, bound {out['bound_tok_s']:.2f} "
+        f"({rate / out['bound_tok_s']:.0%}); tokens {toks}"
+    )
+    return out
+
+
+def _prompt_ids(vocab: int) -> list[int]:
+    return [1, *(np.arange(1, 8) * 997 % vocab).tolist()]
 
 
 def main() -> None:
@@ -302,6 +355,15 @@ def main() -> None:
         "forward: the model's own forward without a cache, one per token (the weights once)",
     )
     ap.add_argument(
+        "--serve-dense",
+        choices=LAYOUTS,
+        default=None,
+        help="no conversion: serve the dense checkpoint (written, or --from-dense) in bf16 "
+        "through the Generator in this decode layout; prints load time, peak and steady memory "
+        "against the weight bytes, and decode tokens/s against the bandwidth bound",
+    )
+    ap.add_argument("--from-dense", default="", help="with --serve-dense: an existing checkpoint")
+    ap.add_argument(
         "--from-moe",
         default="",
         help="skip writing and converting: load this Read-ME model directory and generate",
@@ -331,6 +393,22 @@ def main() -> None:
         if a.json:
             out = {"args": vars(a), "moe_bytes": moe_bytes, "stages": meter.rows, "tokens": toks}
             Path(a.json).write_text(json.dumps(out, indent=2))
+        return
+    if a.serve_dense:
+        src = Path(a.from_dense) if a.from_dense else ckpt
+        try:
+            if not a.from_dense:
+                meter.stage(
+                    "write", hf.write_hf, ckpt, cfg, random_tensor(a.channel_spread, a.seed)
+                )
+            res = serve_dense(a, meter, src)
+        finally:
+            if not (a.keep or a.from_dense):
+                shutil.rmtree(work, ignore_errors=True)
+        if a.json:
+            Path(a.json).write_text(
+                json.dumps({"args": vars(a), "stages": meter.rows} | res, indent=2)
+            )
         return
     try:
         shard = cfg.param_count() * 2 // (cfg.n_layers + 1) if a.consume_checkpoint else 5 * GB

@@ -58,3 +58,39 @@ def test_forward_and_stacked_generation_of_a_kept_model_equal_the_decode_steps(t
         assert [s["stage"] for s in res["stages"]] == ["load MoE", "generate"]
         assert res["tokens"] == decode and len(decode) == 4, how
     assert (work / "moe_init").exists()  # a model given with --from-moe is not deleted
+
+
+def test_dense_serving_in_both_layouts_gives_the_same_tokens_and_the_stacked_holds_one_copy(
+    tmp_path,
+):
+    """--serve-dense: the written bf16 checkpoint loaded and served in each decode layout; the
+    same greedy tokens, figures against the weight bytes, and the stacked layout's steady memory
+    below the trimmed one's (the trimmed layout adds a second copy of the weights)."""
+    work = tmp_path / "work"
+    base = [
+        sys.executable, str(ROOT / "tools/scale_test.py"), "--layers", "2", "--dim", "1024",
+        "--ffn", "2816", "--heads", "8", "--vocab", "512", "--new-tokens", "4",
+        "--min-free-gb", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = {}
+    for layout, more in [
+        ("trimmed", ["--dir", str(work), "--keep"]),
+        ("stacked", ["--from-dense", str(work / "dense_hf")]),
+    ]:
+        out = tmp_path / f"{layout}.json"
+        cmd = base + ["--serve-dense", layout, "--json", str(out), *more]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        res[layout] = json.loads(out.read_text())
+    t, s = res["trimmed"], res["stacked"]
+    assert [x["stage"] for x in t["stages"]] == ["write", "load", "generate"]
+    assert [x["stage"] for x in s["stages"]] == ["load", "generate"]
+    assert t["tokens"] == s["tokens"] and len(s["tokens"]) == 4
+    assert t["weight_bytes"] == s["weight_bytes"] > 0
+    assert s["token_bytes"] <= s["weight_bytes"] and s["bound_tok_s"] > 0
+    assert s["decode_tok_s"] > 0
+    # steady: the loaded weights (+ runtime) vs those plus the decode layout's copy of the
+    # layers (96% of the weights at these widths)
+    gap = (t["steady_x"] - s["steady_x"]) * s["weight_bytes"]
+    assert gap > 0.5 * s["weight_bytes"], (t["steady_x"], s["steady_x"], s["weight_bytes"])
