@@ -389,9 +389,15 @@ def main() -> None:
         m = meter.stage("load MoE", models.load_readme, a.from_moe)
         toks = meter.stage("generate", gen, m, a.new_tokens)
         moe_bytes = sum(f.stat().st_size for f in Path(a.from_moe).rglob("*") if f.is_file())
-        print(f"tokens {toks}; MoE on disk {moe_bytes / GB:.2f} GB ({a.generate})")
+        # in memory: the zero padding of the stacked experts, compressed on disk, is held in full
+        wbytes = sum(x.nbytes for x in jax.tree.leaves(m.params))
+        print(
+            f"tokens {toks}; MoE on disk {moe_bytes / GB:.2f} GB, in memory {wbytes / GB:.2f} GB "
+            f"({a.generate})"
+        )
         if a.json:
-            out = {"args": vars(a), "moe_bytes": moe_bytes, "stages": meter.rows, "tokens": toks}
+            out = {"args": vars(a), "moe_bytes": moe_bytes, "weight_bytes": wbytes}
+            out |= {"stages": meter.rows, "tokens": toks}
             Path(a.json).write_text(json.dumps(out, indent=2))
         return
     if a.serve_dense:

@@ -57,6 +57,7 @@ def test_forward_generation_of_a_kept_model_equals_the_decode_steps(tmp_path):
         res = json.loads((tmp_path / f"{how}.json").read_text())
         assert [s["stage"] for s in res["stages"]] == ["load MoE", "generate"]
         assert res["tokens"] == decode and len(decode) == 4, how
+        assert res["weight_bytes"] > 0
     assert (work / "moe_init").exists()  # a model given with --from-moe is not deleted
 
 
