@@ -17,7 +17,7 @@ for c in "$(PYTHON)" python3.13 python3.12 python3 \
 done; exit 1
 endef
 
-.PHONY: help setup test test-durations test-min demo bench bench-bytes peer lint format fixtures clean data compare scale-test
+.PHONY: help setup test test-durations test-min demo bench bench-bytes peer lint format fixtures clean data compare scale-test bench-paper
 
 help:
 	@echo "make demo   - set up and run the default Read-ME pipeline on SmolLM2-135M"
@@ -25,6 +25,8 @@ help:
 	@echo "make test-min - the test suite in $(MIN) against the lowest supported versions (jax 0.11.2)"
 	@echo "make bench  - speed benchmarks (ours vs PyTorch peer, MoE vs dense)"
 	@echo "make compare - Read-ME vs baselines at equal tokens, remain rates 0.5 and 0.75 (~1.5 h)"
+	@echo "make scale-test LAYERS=8 - convert a random Llama-2-width checkpoint, stage by stage"
+	@echo "make bench-paper - serve a Llama-2-width dense model in bf16 in each decode layout"
 	@echo "make lint   - ruff"
 
 # --no-compile: pip does not byte-compile every installed module (Python compiles the ones a run
@@ -152,6 +154,13 @@ bench-bytes: setup
 # time and peak RSS of each stage; SCALE_ARGS passes more flags (e.g. --max-rss-gb 20).
 scale-test: setup
 	$(PY) tools/scale_test.py $(if $(LAYERS),--layers $(LAYERS)) $(SCALE_ARGS)
+
+# A random Llama-2-width dense checkpoint (LAYERS layers, default 8) served in bf16 in each decode
+# layout, one process each: load time, peak and steady memory against the weight bytes, decode
+# tokens/s against the bandwidth bound (about 3 min and 12 GB at 8 layers on 2 cores).
+bench-paper: setup
+	$(PY) tools/scale_test.py --layers $(or $(LAYERS),8) --serve-dense both --new-tokens 16 \
+	  --dir runs/bench_paper --json runs/bench_paper.json
 
 fixtures: peer
 	$(PEER)/bin/python tools/make_fixtures.py

@@ -31,6 +31,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -294,6 +296,44 @@ def serve_dense(a, meter: RssMeter, ckpt: Path) -> dict:
     return out
 
 
+def serve_dense_layouts(a) -> list[dict]:
+    """`--serve-dense both`: each decode layout served in its own process (the memory figures are
+    per process), the first writing the checkpoint that the second reads; prints a markdown
+    table and returns the rows (serve_dense's figures)."""
+    work = Path(a.dir)
+    base = [sys.executable, str(Path(__file__).resolve())]
+    for flag in ("layers", "dim", "ffn", "heads", "vocab", "new_tokens", "seed", "channel_spread"):
+        base += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+    base += ["--max-rss-gb", str(a.max_rss_gb), "--min-free-gb", str(a.min_free_gb)]
+    rows = []
+    try:
+        for i, layout in enumerate(LAYOUTS):
+            out = work / f"serve_{layout}.json"
+            src = (
+                ["--dir", str(work), "--keep"]
+                if i == 0
+                else ["--from-dense", str(work / "dense_hf")]
+            )
+            work.mkdir(parents=True, exist_ok=True)
+            cmd = base + ["--serve-dense", layout, "--json", str(out), *src]
+            if subprocess.run(cmd).returncode != 0:
+                raise SystemExit(f"the {layout} layout's process failed")
+            rows.append(json.loads(out.read_text()))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    head = "layout | load s / peak | generate peak | steady | decode tok/s | bound tok/s | of bound"
+    print(f"\n| {head} |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        load = next(s["wall_s"] for s in r["stages"] if s["stage"] == "load")
+        rate, bound = r["decode_tok_s"], r["bound_tok_s"]
+        cells = [r["layout"], f"{load:.0f} / {r['load_peak_x']:.2f}x"]
+        cells += [f"{r['generate_peak_x']:.2f}x", f"{r['steady_x']:.2f}x"]
+        cells += [f"{rate:.2f}", f"{bound:.2f}", f"{rate / bound:.0%}"]
+        print("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def _prompt_ids(vocab: int) -> list[int]:
     return [1, *(np.arange(1, 8) * 997 % vocab).tolist()]
 
@@ -356,11 +396,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--serve-dense",
-        choices=LAYOUTS,
+        choices=(*LAYOUTS, "both"),
         default=None,
         help="no conversion: serve the dense checkpoint (written, or --from-dense) in bf16 "
         "through the Generator in this decode layout; prints load time, peak and steady memory "
-        "against the weight bytes, and decode tokens/s against the bandwidth bound",
+        "against the weight bytes, and decode tokens/s against the bandwidth bound. both: each "
+        "layout in its own process, one table (make bench-paper)",
     )
     ap.add_argument("--from-dense", default="", help="with --serve-dense: an existing checkpoint")
     ap.add_argument(
@@ -399,6 +440,11 @@ def main() -> None:
             out = {"args": vars(a), "moe_bytes": moe_bytes, "weight_bytes": wbytes}
             out |= {"stages": meter.rows, "tokens": toks}
             Path(a.json).write_text(json.dumps(out, indent=2))
+        return
+    if a.serve_dense == "both":
+        rows = serve_dense_layouts(a)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
         return
     if a.serve_dense:
         src = Path(a.from_dense) if a.from_dense else ckpt

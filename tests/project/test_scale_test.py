@@ -64,27 +64,21 @@ def test_forward_generation_of_a_kept_model_equals_the_decode_steps(tmp_path):
 def test_dense_serving_in_both_layouts_gives_the_same_tokens_and_the_stacked_holds_one_copy(
     tmp_path,
 ):
-    """--serve-dense: the written bf16 checkpoint loaded and served in each decode layout; the
-    same greedy tokens, figures against the weight bytes, and the stacked layout's steady memory
-    below the trimmed one's (the trimmed layout adds a second copy of the weights)."""
-    work = tmp_path / "work"
-    base = [
+    """--serve-dense both: the written bf16 checkpoint loaded and served in each decode layout,
+    each in its own process; the same greedy tokens, figures against the weight bytes, and the
+    stacked layout's steady memory below the trimmed one's (the trimmed layout adds a second copy
+    of the weights)."""
+    work, out = tmp_path / "work", tmp_path / "serve.json"
+    cmd = [
         sys.executable, str(ROOT / "tools/scale_test.py"), "--layers", "2", "--dim", "1024",
         "--ffn", "2816", "--heads", "8", "--vocab", "512", "--new-tokens", "4",
-        "--min-free-gb", "0",
+        "--min-free-gb", "0", "--serve-dense", "both", "--dir", str(work), "--json", str(out),
     ]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    res = {}
-    for layout, more in [
-        ("trimmed", ["--dir", str(work), "--keep"]),
-        ("stacked", ["--from-dense", str(work / "dense_hf")]),
-    ]:
-        out = tmp_path / f"{layout}.json"
-        cmd = base + ["--serve-dense", layout, "--json", str(out), *more]
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        res[layout] = json.loads(out.read_text())
-    t, s = res["trimmed"], res["stacked"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    t, s = json.loads(out.read_text())["rows"]
+    assert (t["layout"], s["layout"]) == ("trimmed", "stacked")
     assert [x["stage"] for x in t["stages"]] == ["write", "load", "generate"]
     assert [x["stage"] for x in s["stages"]] == ["load", "generate"]
     assert t["tokens"] == s["tokens"] and len(s["tokens"]) == 4
@@ -95,3 +89,5 @@ def test_dense_serving_in_both_layouts_gives_the_same_tokens_and_the_stacked_hol
     # layers (96% of the weights at these widths)
     gap = (t["steady_x"] - s["steady_x"]) * s["weight_bytes"]
     assert gap > 0.5 * s["weight_bytes"], (t["steady_x"], s["steady_x"], s["weight_bytes"])
+    assert "| stacked |" in r.stdout  # the table
+    assert not work.exists()  # the written checkpoint is removed without --keep
