@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from readme_jax.checkpoints import models
 from readme_jax.checkpoints.tokenizer import Tokenizer, prompt_ids, with_end_ids
 from readme_jax.decode.generator import Generator, dense_logits
-from readme_jax.decode.steps import LAYOUTS, dense_model, readme_model, validate_tokens
+from readme_jax.decode.steps import check_layout, dense_model, readme_model, validate_tokens
 from readme_jax.model import quant as quant_lib
-from readme_jax.model.config import ConfigError, LlamaConfig
+from readme_jax.model.config import LlamaConfig
 from readme_jax.model.readme import readme_forward
 from readme_jax.model.sampling import SamplingParams
 
@@ -106,8 +106,7 @@ def load(
     (per-layer arrays, Read-ME's experts trimmed and fused: the fastest step, a second copy of
     the weights beside the loaded ones) or "stacked" (the loaded arrays, the layers as a scan:
     the weights once, for a model that fills the host). Raises ConfigError for another."""
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    check_layout(layout)
     kind, cfg, params, tok, meta = models.load_any(path, dtype, **cfg_overrides)
     q = quant_lib.check_mode(models.saved_quant(meta) if quant is None else quant)
     if kind == "readme_moe":  # end ids of the source tokenizer (older saves kept one)

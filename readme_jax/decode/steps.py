@@ -148,6 +148,13 @@ def backbone(rc: ReadMEConfig, bb: Params, tokens_BxS, cache, routing, num_new_B
 LAYOUTS = ("trimmed", "stacked")
 
 
+def check_layout(layout: str) -> str:
+    """`layout` if it is one of LAYOUTS, else ConfigError."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"decode layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    return layout
+
+
 def readme_model(
     rc: ReadMEConfig, quant_mode: str = "none", layout: str = "trimmed"
 ) -> DecodeModel:
@@ -160,8 +167,7 @@ def readme_model(
     "stacked": `stacked_layout` (the stored arrays, the layers as a scan; the weights once, the
     padding read). Both give the same tokens. Raises ConfigError for another layout."""
     quant.check_mode(quant_mode)
-    if layout not in LAYOUTS:
-        raise ConfigError(f"decode layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    check_layout(layout)
 
     def step(params, tokens_BxS, cache, num_new_B, last_B=None):
         _, routing, rcache = readme.route(
